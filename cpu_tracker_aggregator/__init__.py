@@ -1,0 +1,1 @@
+"""Aggregator role: polls members' reports, checks each, publishes the network mean with its interval."""

@@ -1,0 +1,42 @@
+"""``python -m cpu_tracker_aggregator status``: the dashboard's picture in a terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.schema import Dashboard
+
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float | None], lo: float = 0.0, hi: float = 100.0) -> str:
+    """One character per value, ' ' for a gap (no figure)."""
+    span = max(hi - lo, 1e-9)
+    return "".join(
+        " " if v is None else BARS[min(len(BARS) - 1, max(0, int((v - lo) / span * len(BARS))))] for v in values
+    )
+
+
+def status_text(dashboard_file: Path, width: int = 60) -> str:
+    try:
+        dash = Dashboard.model_validate_json(Path(dashboard_file).read_bytes())
+    except FileNotFoundError:
+        return f"No dashboard yet at {dashboard_file}: is the aggregator running?"
+    c = dash.counts
+    lines = [f"cpu_tracker network status at {dash.generated_at.isoformat(timespec='seconds')}", dash.message]
+    if dash.estimate:
+        e = dash.estimate
+        lines.append(f"  mean {e.mean:.2f} %   95 % interval [{e.ci95_low:.2f}, {e.ci95_high:.2f}]   "
+                     f"standard error {e.standard_error:.3f}")
+    lines.append(f"  members: {c.fresh} fresh, {c.stale} stale, {c.rejected} rejected, {c.legacy} legacy")
+    for reason, n in c.rejected_by_reason.items():
+        lines.append(f"    rejected {n} x {reason}")
+    p = dash.privacy
+    if p.epsilon_max is not None:
+        lines.append(f"  privacy: epsilon {p.epsilon_min:g}-{p.epsilon_max:g} per release for one "
+                     f"{p.privacy_unit_s:g} s sample; noise scale {p.noise_scale_min:.3g}-{p.noise_scale_max:.3g}")
+    r = dash.history.recent
+    last_hour = [m for t, m in zip(r.t, r.mean) if t >= (r.t[-1] if r.t else 0) - 3600]
+    step = max(1, len(last_hour) // width)
+    lines.append(f"  last hour: |{sparkline(last_hour[::step][-width:])}|")
+    return "\n".join(lines)

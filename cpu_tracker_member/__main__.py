@@ -1,0 +1,30 @@
+"""Run the member role against any SyftBox workspace.
+
+    python -m cpu_tracker_member [--config SYFTBOX_CONFIG] [--once]   # sample and publish
+    python -m cpu_tracker_member status [--config SYFTBOX_CONFIG]     # ledger, budget, raw vs published
+"""
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["status"]:
+        import argparse
+
+        from cpu_tracker_member.status import status_text
+        from shared.app import app_dir, load_workspace
+        from shared.schema import utc_now
+        from shared.settings import load_settings
+
+        args = argparse.ArgumentParser(prog="cpu_tracker_member status")
+        args.add_argument("--config")
+        ns = args.parse_args(argv[1:])
+        print(status_text(load_workspace(ns.config), load_settings(app_dir()), utc_now()))
+        return 0
+    from shared.app import main as app_main
+
+    return app_main(argv, forced_role="member")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

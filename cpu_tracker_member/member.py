@@ -1,0 +1,187 @@
+"""The member: sample CPU over the whole window, record the spend, publish a DP mean for the aggregator only.
+
+Nothing below ``run_member`` reads the clock or psutil by itself: callers pass ``read``, ``clock``,
+``sleep`` and ``wall``, so tests drive it with fixed values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from threading import Event
+from typing import Callable
+
+from shared import __version__
+from shared.atomic import atomic_write_json, atomic_write_text
+from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend
+from shared.logs import Problems
+from shared.paths import Paths
+from shared.permissions import ensure_permissions
+from shared.privacy import clipped_mean, laplace_release, mean_sensitivity
+from shared.schema import MemberReport, PrivacyUnit, Window, utc_now
+from shared.settings import Settings
+
+BOUNDS = (0.0, 100.0)
+RAW_KEEP = 2000  # raw window means kept for the owner's `status`
+
+log = logging.getLogger("cpu_tracker.member")
+
+
+def sample_window(
+    n: int,
+    period: float,
+    *,
+    read: Callable[[], float],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    stop: Event | None = None,
+) -> list[float]:
+    """Take ``n`` readings on a fixed grid ``period`` seconds apart, starting one period from now. Each
+    ``read()`` (``psutil.cpu_percent()``) measures since the previous call, so consecutive windows cover time
+    without gaps provided ``read`` was primed. Returns fewer than ``n`` only if ``stop`` is set."""
+    t0 = clock()
+    out: list[float] = []
+    for k in range(1, n + 1):
+        delay = t0 + k * period - clock()
+        if delay > 0:
+            if stop is not None:
+                if stop.wait(delay):
+                    break
+            else:
+                sleep(delay)
+        out.append(float(read()))
+    return out
+
+
+def build_report(
+    samples: list[float], start: datetime, end: datetime, settings: Settings, *, random_state: int | None = None
+) -> tuple[float, MemberReport]:
+    """The raw (private) clipped mean and the report carrying its Laplace release. Pure but for the noise."""
+    n = len(samples)
+    raw = clipped_mean(samples, *BOUNDS)
+    release = laplace_release(
+        raw, epsilon=settings.epsilon, sensitivity=mean_sensitivity(*BOUNDS, n), random_state=random_state
+    )
+    report = MemberReport(
+        app_version=__version__,
+        created_at=end,
+        bounds=BOUNDS,
+        window=Window(start=start, end=end, n_samples=n, sample_period_s=settings.sample_period_s),
+        release=release,
+        privacy_unit=PrivacyUnit(seconds=settings.sample_period_s),
+        cpu=release.value,
+        timestamp=end.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    return raw, report
+
+
+@dataclass
+class Member:
+    """Publishes one window at a time. All file I/O of the member role lives here."""
+
+    paths: Paths
+    settings: Settings
+    problems: Problems
+    _ledger: Ledger | None = None
+
+    def ledger(self) -> Ledger | None:
+        """The ledger, loaded once; None (and releases paused) while it is unreadable."""
+        if self._ledger is None:
+            try:
+                self._ledger = Ledger(self.paths.ledger_file, self.settings.budgets)
+                self.problems.clear("ledger", "privacy ledger readable again: releases resume")
+            except (LedgerCorrupt, OSError) as e:
+                self.problems.report("ledger", f"privacy ledger unusable, releases paused: {e}", logging.ERROR)
+        return self._ledger
+
+    def ensure_folder(self) -> None:
+        """(Re)create the report folder and its permission files; say so if something had to be repaired."""
+        folder = self.paths.report_dir()
+        try:
+            if folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(f"{folder} is a file; remove it so the report folder can be created")
+            fixed = ensure_permissions(folder, self.paths.email, [self.settings.aggregator])
+            self.problems.clear("perms", "report folder permissions in order again")
+            if fixed and self._ledger is not None:  # first start writes them silently
+                log.warning("repaired %s in %s (missing or changed)", ", ".join(fixed), folder)
+        except OSError as e:
+            self.problems.report("perms", f"cannot set up {folder}: {e}. Check disk space and permissions.")
+
+    def publish(self, samples: list[float], start: datetime, end: datetime) -> MemberReport | None:
+        """Spend budget for the window, then write the report. Returns the report, or None if nothing was
+        published (budget exhausted, ledger unusable, disk trouble: each logged once)."""
+        self.ensure_folder()
+        ledger = self.ledger()
+        if ledger is None or not samples:
+            return None
+        raw, report = build_report(samples, start, end, self.settings)
+        spend = Spend(
+            released_at=report.created_at,
+            window_start=start,
+            window_end=end,
+            epsilon=report.release.epsilon,
+            delta=report.release.delta,
+            mechanism=report.release.mechanism,
+            n_samples=report.window.n_samples,
+        )
+        try:
+            ledger.admit(spend)
+            self.problems.clear("budget", "privacy budget available again: releases resume")
+        except BudgetExceeded as e:
+            self.problems.report("budget", str(e))
+            return None
+        except OSError as e:
+            self.problems.report("ledger-write", f"cannot record the release in the ledger, not publishing: {e}")
+            return None
+        self.problems.clear("ledger-write")
+        try:
+            atomic_write_json(self.paths.report_file(), report.model_dump(mode="json"))
+            self.problems.clear("report-write", "report written again")
+        except OSError as e:
+            self.problems.report("report-write", f"cannot write {self.paths.report_file()}: {e}. Free disk space.")
+            return None
+        self._keep_raw(raw, report)
+        return report
+
+    def _keep_raw(self, raw: float, report: MemberReport) -> None:
+        line = json.dumps(
+            {"window_end": report.window.end.isoformat(), "raw_mean": raw, "released": report.release.value,
+             "epsilon": report.release.epsilon, "n_samples": report.window.n_samples}
+        )
+        path = self.paths.raw_file
+        try:
+            lines = path.read_text().splitlines()[-(RAW_KEEP - 1):] if path.exists() else []
+            atomic_write_text(path, "\n".join([*lines, line]) + "\n", durable=False)
+        except OSError as e:
+            self.problems.report("raw-write", f"cannot keep the raw mean in {path}: {e}")
+
+
+def run_member(
+    member: Member,
+    stop: Event,
+    *,
+    read: Callable[[], float],
+    wall: Callable[[], datetime] = utc_now,
+    clock: Callable[[], float] = time.monotonic,
+    once: bool = False,
+) -> None:
+    """Prime ``read``, then sample and publish window after window until ``stop`` is set."""
+    s = member.settings
+    member.ensure_folder()
+    read()  # psutil's first reading is meaningless: discard it
+    start = wall()
+    while not stop.is_set():
+        samples = sample_window(s.samples_per_window, s.sample_period_s, read=read, clock=clock, stop=stop)
+        end = wall()
+        if len(samples) == s.samples_per_window:
+            report = member.publish(samples, start, end)
+            if report is not None:
+                log.info("published window ending %s (n=%d, epsilon=%g)", end.isoformat(timespec="seconds"),
+                         len(samples), s.epsilon)
+        start = end
+        if once:
+            return

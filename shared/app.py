@@ -1,0 +1,160 @@
+"""The long-lived process SyftBox starts through ``run.sh``: one instance per datasite, member and/or
+aggregator loops in threads, settings re-read when their file changes.
+
+    python -m shared.app [--config SYFTBOX_CONFIG] [--role member|aggregator|both] [--once]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import IO
+
+from shared import APP_NAME
+from shared.logs import Problems, setup_logging
+from shared.paths import Paths
+from shared.settings import SETTINGS_FILE, Settings, SettingsError, load_settings
+
+log = logging.getLogger("cpu_tracker")
+SETTINGS_POLL_S = 10.0
+
+
+def app_dir() -> Path:
+    """The app folder: SyftBox runs run.sh with it as the working directory (the Go client also names it)."""
+    return Path(os.environ.get("SYFTBOX_APP_DIR") or Path.cwd())
+
+
+def load_workspace(config: str | None) -> Paths:
+    """The datasite's paths from the SyftBox client config (``--config`` or SYFTBOX_CLIENT_CONFIG_PATH)."""
+    from syftbox.lib import Client
+
+    client = Client.load(config)
+    return Paths(data_dir=Path(client.workspace.data_dir), email=str(client.email), app_name=APP_NAME)
+
+
+def acquire_lock(path: Path) -> IO | None:
+    """An exclusive lock held for the life of the process, or None if another instance holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _settings_stamp(folder: Path) -> tuple:
+    try:
+        st = (folder / SETTINGS_FILE).stat()
+        return (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return ()
+
+
+def run_roles(paths: Paths, settings: Settings, stop: threading.Event, *, roles: set[str], once: bool) -> None:
+    """Start the requested roles' loops and wait for them (``once``: one window / one tick each)."""
+    threads = []
+    if "member" in roles:
+        import psutil
+
+        from cpu_tracker_member.member import Member, run_member
+
+        member = Member(paths, settings, Problems(logging.getLogger("cpu_tracker.member")))
+        threads.append(threading.Thread(
+            target=run_member, args=(member, stop), kwargs={"read": psutil.cpu_percent, "once": once},
+            name="member", daemon=True,
+        ))
+    if "aggregator" in roles:
+        from cpu_tracker_aggregator.aggregator import Aggregator, run_aggregator
+
+        agg = Aggregator(paths, settings, Problems(logging.getLogger("cpu_tracker.aggregator")))
+        threads.append(threading.Thread(
+            target=run_aggregator, args=(agg, stop), kwargs={"once": once}, name="aggregator", daemon=True
+        ))
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)
+
+
+def roles_for(settings: Settings, email: str, forced: str | None) -> set[str]:
+    role = forced or settings.role
+    if role == "both":
+        return {"member", "aggregator"}
+    if role in ("member", "aggregator"):
+        return {role}
+    return {"member"} | ({"aggregator"} if email == settings.aggregator else set())
+
+
+def main(argv: list[str] | None = None, *, forced_role: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cpu_tracker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="SyftBox client config (default: $SYFTBOX_CLIENT_CONFIG_PATH)")
+    parser.add_argument("--role", choices=["member", "aggregator", "both"], default=forced_role)
+    parser.add_argument("--once", action="store_true", help="one window / one tick, then exit")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        paths = load_workspace(args.config)
+    except Exception as e:  # the syftbox client raises several kinds; all mean the same to the user
+        log.error("cannot load the SyftBox client config (%s): %s. Pass --config or set "
+                  "SYFTBOX_CLIENT_CONFIG_PATH.", args.config or os.environ.get("SYFTBOX_CLIENT_CONFIG_PATH"), e)
+        return 2
+    lock = acquire_lock(paths.lock_file)
+    if lock is None:
+        log.info("another cpu_tracker instance already runs for %s; exiting", paths.email)
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    folder = app_dir()
+    problems = Problems(log)
+    try:
+        while not stop.is_set():
+            stamp = _settings_stamp(folder)
+            try:
+                settings = load_settings(folder)
+                problems.clear("settings", "settings valid again")
+            except SettingsError as e:
+                problems.report("settings", f"{e} (waiting for the settings to be fixed)", logging.ERROR)
+                if args.once:
+                    return 2
+                stop.wait(SETTINGS_POLL_S)
+                continue
+            roles = roles_for(settings, paths.email, args.role)
+            log.info("cpu_tracker for %s: roles %s, aggregator %s, epsilon %g per %gs window",
+                     paths.email, "+".join(sorted(roles)), settings.aggregator, settings.epsilon, settings.interval_s)
+            run_stop = threading.Event()
+            watcher = threading.Thread(target=_watch, args=(folder, stamp, stop, run_stop), daemon=True)
+            watcher.start()
+            run_roles(paths, settings, run_stop, roles=roles, once=args.once)
+            run_stop.set()
+            if args.once:
+                break
+            if not stop.is_set():
+                log.info("settings changed: restarting with the new settings")
+    finally:
+        lock.close()
+    return 0
+
+
+def _watch(folder: Path, stamp: tuple, stop: threading.Event, run_stop: threading.Event) -> None:
+    """Set ``run_stop`` when the process must stop or the settings file changes."""
+    while not run_stop.is_set():
+        if stop.wait(SETTINGS_POLL_S) or _settings_stamp(folder) != stamp:
+            run_stop.set()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Every path the app reads or writes, in one place, so member and aggregator never drift apart.
+
+```txt
+<data_dir>/
+├── private/cpu_tracker/                     <-- never synced: outside datasites/
+│   ├── app.lock                             one running instance per datasite
+│   ├── member/ledger.jsonl                  privacy ledger (every release, append-only)
+│   ├── member/raw.jsonl                     raw window means, for the owner's eyes only
+│   ├── aggregator/history.json              network history (survives restarts)
+│   └── aggregator/members.json              per-member status, for the operator only
+└── datasites/
+    ├── <member>/app_data/cpu_tracker/
+    │   ├── cpu_tracker.json                 the DP report (MemberReport)
+    │   ├── syftperm.yaml, syft.pub.yaml     owner: all; the aggregator: read; nobody else
+    └── <aggregator>/public/cpu_tracker/
+        ├── dashboard.json                   network figure (Dashboard), world-readable
+        ├── dashboard.schema.json, member_report.schema.json
+        └── syftperm.yaml, syft.pub.yaml     world-readable
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared import APP_NAME
+
+REPORT_FILE = "cpu_tracker.json"
+DASHBOARD_FILE = "dashboard.json"
+DASHBOARD_SCHEMA_FILE = "dashboard.schema.json"
+REPORT_SCHEMA_FILE = "member_report.schema.json"
+PAGE_FILE = "index.html"
+SYFTPERM_FILE = "syftperm.yaml"
+SYFT_PUB_FILE = "syft.pub.yaml"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Paths of one datasite's workspace. Pure: building it touches no file."""
+
+    data_dir: Path
+    email: str
+    app_name: str = APP_NAME
+
+    @property
+    def datasites(self) -> Path:
+        return self.data_dir / "datasites"
+
+    @property
+    def my_datasite(self) -> Path:
+        return self.datasites / self.email
+
+    # -- private, never synced ------------------------------------------------------------------
+    @property
+    def private(self) -> Path:
+        return self.data_dir / "private" / self.app_name
+
+    @property
+    def lock_file(self) -> Path:
+        return self.private / "app.lock"
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.private / "member" / "ledger.jsonl"
+
+    @property
+    def raw_file(self) -> Path:
+        return self.private / "member" / "raw.jsonl"
+
+    @property
+    def history_file(self) -> Path:
+        return self.private / "aggregator" / "history.json"
+
+    @property
+    def members_status_file(self) -> Path:
+        return self.private / "aggregator" / "members.json"
+
+    # -- synced ---------------------------------------------------------------------------------
+    def report_dir(self, member: str | None = None) -> Path:
+        """The member's report folder (``member`` defaults to this datasite)."""
+        return self.datasites / (member or self.email) / "app_data" / self.app_name
+
+    def report_file(self, member: str | None = None) -> Path:
+        return self.report_dir(member) / REPORT_FILE
+
+    def public_dir(self, aggregator: str | None = None) -> Path:
+        return self.datasites / (aggregator or self.email) / "public" / self.app_name
+
+    @property
+    def dashboard_file(self) -> Path:
+        return self.public_dir() / DASHBOARD_FILE
+
+
+def is_synced(path: Path, data_dir: Path) -> bool:
+    """True when ``path`` lies in the tree SyftBox uploads (everything under ``datasites/``)."""
+    try:
+        Path(path).resolve().relative_to((Path(data_dir) / "datasites").resolve())
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,226 @@
+"""Wire formats: the member report and the aggregator's dashboard.
+
+Compatibility contract (as in google/differential-privacy's dp_event.py): fields are never removed or
+renamed, new fields are optional, meanings never change; ``schema_version`` changes only with a breaking
+change. Readers ignore fields they do not know. The committed JSON Schemas in ``shared/schemas/`` are
+generated from these models (``python -m shared.schema``) and a test fails when they differ.
+
+Times are tz-aware UTC, ISO 8601. A report names its release mechanism in ``release.mechanism``; a new
+mechanism (Gaussian, secure aggregation, histograms) is a new release model beside ``LaplaceRelease``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+REPORT_KIND = "cpu_tracker.member_report"
+DASHBOARD_KIND = "cpu_tracker.dashboard"
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def to_utc(dt: datetime) -> datetime:
+    """Aware ``dt`` in UTC (naive input is taken as UTC)."""
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Member report
+# ---------------------------------------------------------------------------------------------------
+class Window(_Wire):
+    """The span of CPU activity a release summarises: samples taken every ``sample_period_s``."""
+
+    start: AwareDatetime = Field(description="When the first sample's span began (UTC).")
+    end: AwareDatetime = Field(description="When the last sample was taken (UTC).")
+    n_samples: int = Field(ge=1, description="Number of CPU samples averaged (public: fixed by the schedule).")
+    sample_period_s: float = Field(gt=0, description="Seconds each sample covers.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Window":
+        if self.end <= self.start:
+            raise ValueError(f"window end must be after start, got start={self.start} end={self.end}")
+        return self
+
+    @property
+    def seconds(self) -> float:
+        return (self.end - self.start).total_seconds()
+
+
+class PrivacyUnit(_Wire):
+    """What one release's epsilon protects."""
+
+    name: Literal["cpu_sample"] = "cpu_sample"
+    seconds: float = Field(gt=0, description="Length of activity one sample covers.")
+    description: str = Field(
+        default="the CPU utilisation of one sample period; longer activity: see group privacy in the README"
+    )
+
+
+class LaplaceRelease(_Wire):
+    """A value released with the Laplace mechanism (diffprivlib.mechanisms.Laplace, unbiased, delta = 0)."""
+
+    mechanism: Literal["laplace"] = "laplace"
+    value: float = Field(description="The released (noisy) mean, in percent. Not clamped: may leave the bounds.")
+    epsilon: float = Field(gt=0, description="Epsilon spent by this release, for the privacy unit.")
+    delta: float = Field(default=0.0, ge=0, le=0, description="Pure DP: always 0.")
+    sensitivity: float = Field(gt=0, description="L1 sensitivity of the mean: (upper - lower) / n_samples.")
+    noise_scale: float = Field(gt=0, description="Laplace scale b = sensitivity / epsilon.")
+    noise_std: float = Field(gt=0, description="Standard deviation of the noise, sqrt(2) * b.")
+    implementation: str = Field(default="", description="Library and version that drew the noise.")
+
+    @property
+    def noise_variance(self) -> float:
+        return 2.0 * self.noise_scale**2
+
+
+Release = LaplaceRelease  # becomes a discriminated union on `mechanism` when a second mechanism lands
+
+
+class MemberReport(_Wire):
+    """One member's differentially private CPU mean for one window. Written to
+    ``datasites/<member>/app_data/cpu_tracker/cpu_tracker.json``, readable by the aggregator only."""
+
+    schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Changes only with a breaking change.")
+    kind: Literal["cpu_tracker.member_report"] = REPORT_KIND
+    app_version: str = Field(description="Version of the app that wrote it.")
+    created_at: AwareDatetime = Field(description="When the report was written (UTC).")
+    metric: Literal["cpu_percent_mean"] = Field(
+        default="cpu_percent_mean", description="Mean of psutil.cpu_percent() samples, clipped to bounds."
+    )
+    bounds: tuple[float, float] = Field(default=(0.0, 100.0), description="Clipping bounds of each sample.")
+    window: Window
+    release: Release
+    privacy_unit: PrivacyUnit
+    cpu: float | None = Field(default=None, description="Legacy (tutorial) key: equals release.value.")
+    timestamp: str | None = Field(default=None, description="Legacy (tutorial) key: created_at, 'YYYY-MM-DD HH:MM:SS' UTC.")
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] < v[1]):
+            raise ValueError(f"bounds must be finite and increasing, got {v}")
+        return v
+
+
+class LegacyReport(_Wire):
+    """The tutorial's report, ``{"cpu": 34.3, "timestamp": "2024-12-14 06:38:53"}``: accepted and counted,
+    but never used in the estimate (its noise is undeclared and truncated, hence biased)."""
+
+    cpu: float
+    timestamp: datetime
+
+    @property
+    def created_at(self) -> datetime:
+        return to_utc(self.timestamp)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dashboard
+# ---------------------------------------------------------------------------------------------------
+class Estimate(_Wire):
+    mean: float = Field(description="Network mean CPU (percent): unweighted mean of the fresh members' releases.")
+    standard_error: float = Field(ge=0, description="Standard deviation of the DP noise in `mean`.")
+    ci95_low: float = Field(description="Lower end of the 95 % interval (exact for the summed noise).")
+    ci95_high: float = Field(description="Upper end of the 95 % interval.")
+    members: int = Field(ge=1, description="Fresh members counted.")
+    method: str = Field(description="How the figure and interval were computed.")
+
+
+class Counts(_Wire):
+    fresh: int = Field(ge=0, description="Valid reports recent enough to count.")
+    stale: int = Field(ge=0, description="Valid reports too old to count.")
+    rejected: int = Field(ge=0, description="Report files refused by validation.")
+    legacy: int = Field(ge=0, description="Tutorial-format reports: accepted, not counted in the estimate.")
+    rejected_by_reason: dict[str, int] = Field(default_factory=dict, description="Rejections per reason.")
+
+
+class PrivacySummary(_Wire):
+    mechanisms: dict[str, int] = Field(default_factory=dict, description="Fresh members per release mechanism.")
+    epsilon_min: float | None = Field(default=None, description="Smallest epsilon per release among fresh members.")
+    epsilon_max: float | None = Field(default=None, description="Largest epsilon per release among fresh members.")
+    noise_scale_min: float | None = None
+    noise_scale_max: float | None = None
+    privacy_unit_s: float | None = Field(default=None, description="Longest sample period (the unit) in use.")
+    window_s_max: float | None = Field(default=None, description="Longest release window in use (seconds).")
+
+
+class AggregatorSettings(_Wire):
+    tick_s: float
+    stale_after_s: float
+    min_members: int
+
+
+class Series(_Wire):
+    """Column-wise history: point i is (t[i], mean[i], ci95_low[i], ci95_high[i], members[i]).
+    ``mean`` is null where no figure could be published (a gap); a missing stretch of ``t`` means the
+    aggregator was not running."""
+
+    resolution_s: float
+    t: list[int] = Field(default_factory=list, description="Unix seconds (UTC).")
+    mean: list[float | None] = Field(default_factory=list)
+    ci95_low: list[float | None] = Field(default_factory=list)
+    ci95_high: list[float | None] = Field(default_factory=list)
+    members: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "Series":
+        n = len(self.t)
+        if any(len(c) != n for c in (self.mean, self.ci95_low, self.ci95_high, self.members)):
+            raise ValueError("history columns must have equal lengths")
+        return self
+
+
+class History(_Wire):
+    recent: Series = Field(description="Every tick, full resolution, last 24 h.")
+    coarse: Series = Field(description="Averages of `recent` per 5 minutes, last 30 days.")
+
+
+class Dashboard(_Wire):
+    """The network figure, published world-readable at
+    ``datasites/<aggregator>/public/cpu_tracker/dashboard.json``. Holds no member email and no
+    per-member value."""
+
+    schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Changes only with a breaking change.")
+    kind: Literal["cpu_tracker.dashboard"] = DASHBOARD_KIND
+    app_version: str
+    generated_at: AwareDatetime
+    status: Literal["ok", "too_few_members"] = Field(description="ok: `estimate` is set.")
+    message: str = Field(description="One sentence for people: the figure, or why there is none.")
+    estimate: Estimate | None = None
+    counts: Counts
+    privacy: PrivacySummary
+    settings: AggregatorSettings
+    history: History
+
+
+def json_schemas() -> dict[str, dict]:
+    """The JSON Schemas of the wire formats, by file name."""
+    return {
+        "member_report.schema.json": MemberReport.model_json_schema(mode="serialization"),
+        "dashboard.schema.json": Dashboard.model_json_schema(mode="serialization"),
+    }
+
+
+def schema_text(schema: dict) -> str:
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":  # regenerate the committed schemas
+    for name, schema in json_schemas().items():
+        (SCHEMA_DIR / name).write_text(schema_text(schema))
+        print(f"wrote {SCHEMA_DIR / name}")
