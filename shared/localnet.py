@@ -25,7 +25,7 @@ Facts checked by running syftbox 0.4.0 here (Debian 12, Python 3.11):
   each client runs in its own session and is stopped by process group.
 - Readiness: the client's own API, ``GET http://127.0.0.1:Q/sync/state?path_glob=<email>/syftperm.yaml``,
   lists that file with status "synced" once the first sync cycle (download everything, then upload) has
-  uploaded the datasite's root permission file. About 2-3 s after launch.
+  uploaded the datasite's root permission file: 2-5 s after launch for a 2-3 client network.
 - App scheduler: every 5 s it runs ``sh run.sh`` in each folder of ``D/apps/`` (symlinks followed) that it is not
   already running; it first chmods run.sh +x (in the source folder, for a symlinked app). cwd is the app folder
   (with a symlink, ``pwd`` prints the resolved target), stdin inherited, stdout+stderr to
@@ -36,8 +36,9 @@ Facts checked by running syftbox 0.4.0 here (Debian 12, Python 3.11):
 - ``syftbox app install <local folder> --config C`` works with no TTY (about 1 s): it only symlinks
   ``D/apps/<folder name>`` to the folder (no copy, no pre/post-install step). Clients that install the same
   folder by symlink share it, logs/<name>.log and any file the app writes next to run.sh included.
-- Sync: a file in ``datasites/A/app_data/x/`` whose syftperm.yaml grants read to B alone reached B's
-  ``datasites/A/app_data/x/`` in about 2 s, never reached C, and is stored in plain text on the server at
+- Sync (1 s loop on each client): a file in ``datasites/A/app_data/x/`` whose syftperm.yaml grants read to B
+  alone was on the server about 1 s after it was written and at B's ``datasites/A/app_data/x/`` after 1-2.1 s
+  (creation or update alike), never reached C, and is stored in plain text on the server at
   ``server/snapshot/A/app_data/x/``. Files under ``D/private/`` (outside datasites/) are never uploaded.
 
 Stopping: SIGTERM to every client's process group (that holds run.sh and its children), then to the server's,
@@ -59,10 +60,10 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, TypeVar
+from typing import Self, TypeVar
 
 __all__ = ["Datasite", "LocalNetwork", "free_port"]
 
@@ -144,20 +145,19 @@ class LocalNetwork:
         return f"http://{HOST}:{self.server_port}"
 
     def start(self, timeout: float = 60) -> None:
-        """Start the server, wait until it answers HTTP, then start every client and wait until each has
+        """Start the server and wait until it answers HTTP; then start every client and wait until each has
         created its datasite and finished one sync cycle (see the module docstring). Fills ``self.sites``.
 
-        Raises TimeoutError if that takes over ``timeout`` seconds in all, RuntimeError if a process exits;
-        either way everything started so far is stopped first.
+        Each of the two waits lasts at most ``timeout`` s, then raises TimeoutError; a process that exits
+        raises RuntimeError. Either way everything started so far is stopped first.
         """
         if self._procs:
             raise RuntimeError("network already started")
         self._prepare_root()
-        deadline = time.monotonic() + timeout
         started = time.monotonic()
         try:
-            self._start_server(deadline)
-            self._start_clients(deadline)
+            self._start_server(timeout)
+            self._start_clients(timeout)
         except BaseException:
             self.stop()
             raise
@@ -233,7 +233,7 @@ class LocalNetwork:
             self.log(f"localnet: killing {len(strays)} stray processes: {strays}")
             _kill_pids(strays, grace)
 
-    def __enter__(self) -> LocalNetwork:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -249,18 +249,18 @@ class LocalNetwork:
         self.logs.mkdir()
         self.server_data.mkdir()
 
-    def _start_server(self, deadline: float) -> None:
+    def _start_server(self, timeout: float) -> None:
         self.server_port = free_port()
         argv = [str(self.venv_bin / "uvicorn"), "syftbox.server.server:app", "--host", HOST]
         argv += ["--port", str(self.server_port)]
         self._spawn("server", argv, self.server_data, {"SYFTBOX_DATA_FOLDER": str(self.server_data)})
-        self.wait_for(self._server_answers, deadline - time.monotonic(), what=f"server at {self.server_url}")
+        self.wait_for(self._server_answers, timeout, what=f"the server to answer at {self.server_url}")
         self.log(f"localnet: server up at {self.server_url}, data in {self.server_data}")
 
     def _server_answers(self) -> bool:
         return _get_json(f"{self.server_url}/info") is not None
 
-    def _start_clients(self, deadline: float) -> None:
+    def _start_clients(self, timeout: float) -> None:
         for email in self.emails:
             home = self.root / email
             home.mkdir()
@@ -270,15 +270,22 @@ class LocalNetwork:
             argv += ["--server", self.server_url, "--config", str(site.config_path)]
             argv += ["--port", str(site.port), "--no-open-dir"]
             self._spawn(email, argv, home, self.client_env)
-        for site in self.sites.values():
-            self.wait_for(partial(_client_synced, site), deadline - time.monotonic(), what=f"{site.email} synced")
+        self.wait_for(self._all_synced, timeout, what=f"{len(self.sites)} clients to finish a first sync")
+
+    def _all_synced(self) -> bool:
+        return all(_client_synced(site) for site in self.sites.values())
 
     def _spawn(self, name: str, argv: list[str], cwd: Path, extra_env: Mapping[str, str]) -> None:
         """Start ``argv`` in a new session (its own process group), stdin /dev/null, output to logs/<name>.log."""
         with open(self.logs / f"{name}.log", "ab") as out:
             self._procs[name] = subprocess.Popen(
-                argv, cwd=cwd, env=self._env(extra_env), stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                argv,
+                cwd=cwd,
+                env=self._env(extra_env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def _env(self, extra: Mapping[str, str]) -> dict[str, str]:
@@ -300,7 +307,13 @@ class LocalNetwork:
     def _cli_install(self, site: Datasite, src: Path) -> None:
         argv = [str(self.venv_bin / "syftbox"), "app", "install", str(src), "--config", str(site.config_path)]
         done = subprocess.run(
-            argv, cwd=site.data_dir.parent, env=self._env({}), stdin=subprocess.DEVNULL, capture_output=True, timeout=60
+            argv,
+            cwd=site.data_dir.parent,
+            env=self._env({}),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+            check=False,
         )
         if done.returncode != 0:
             output = (done.stdout + done.stderr).decode(errors="replace")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 from shared.schema import LaplaceRelease
@@ -43,11 +44,11 @@ def clipped_mean(samples: Sequence[float], lower: float, upper: float) -> float:
 
 
 def laplace_release(
-    raw_mean: float, *, epsilon: float, sensitivity: float, random_state: int | None = None
+    raw_mean: float, *, epsilon: float, sensitivity: float, random_state=None
 ) -> LaplaceRelease:
     """Release ``raw_mean`` with diffprivlib's unbiased Laplace mechanism (not the truncated noise of
-    ``diffprivlib.tools.mean``). ``random_state=None`` draws from the system's cryptographic RNG; pass an
-    int only in tests."""
+    ``diffprivlib.tools.mean``). ``random_state=None`` draws from the system's cryptographic RNG; pass a seed
+    or a numpy RandomState only in tests."""
     import diffprivlib
     from diffprivlib.mechanisms import Laplace
 
@@ -131,6 +132,12 @@ def noise_half_width(laplace_scales: Iterable[float], gauss_std: float = 0.0, le
     groups = Counter(float(b) for b in laplace_scales if b > 0)
     if not groups and gauss_std <= 0:
         return 0.0
+    return _half_width(tuple(sorted(groups.items())), float(gauss_std), float(level))
+
+
+@lru_cache(maxsize=256)  # members' scales rarely change from one tick to the next
+def _half_width(groups: tuple[tuple[float, int], ...], gauss_std: float, level: float) -> float:
+    groups = Counter(dict(groups))
     sd = math.sqrt(sum(2 * b * b * m for b, m in groups.items()) + gauss_std**2)
     coverage = _abs_cdf(groups, gauss_std)
     lo, hi = 0.0, 10.0 * sd

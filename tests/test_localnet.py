@@ -1,12 +1,12 @@
 """End-to-end check of shared.localnet on a real 3-client SyftBox network: the relay delivers a file only to
 the datasite its syftperm.yaml names, and never uploads anything outside datasites/.
 
-Needs a venv with syftbox==0.4.0 and uvicorn: CPU_TRACKER_TEST_VENV (default /tmp/vtest).
+Runs syftbox from the test's own environment (run.sh installs syftbox==0.4.0 there).
 """
 
 from __future__ import annotations
 
-import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import pytest
 
 from shared.localnet import Datasite, LocalNetwork
 
-VENV = Path(os.environ.get("CPU_TRACKER_TEST_VENV", "/tmp/vtest"))
+VENV = Path(sys.prefix)
 OWNER, READER, OUTSIDER = "owner@example.org", "reader@example.org", "outsider@example.org"
 SYNC_TIMEOUT = 30
 
@@ -30,9 +30,7 @@ READER_ONLY_PERM = f"""\
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory):
-    if not (VENV / "bin" / "syftbox").exists():
-        pytest.skip(f"no syftbox in {VENV}; set CPU_TRACKER_TEST_VENV")
-    with LocalNetwork(tmp_path_factory.mktemp("localnet"), VENV / "bin", [OWNER, READER, OUTSIDER], log=print) as n:
+    with LocalNetwork(tmp_path_factory.mktemp("localnet"), VENV / "bin", [OWNER, READER, OUTSIDER]) as n:
         yield n
 
 
