@@ -555,11 +555,18 @@ PROPERTY = hyp_settings(
     max_examples=300, derandomize=True, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+OFFSETS = st.builds(timezone, st.timedeltas(timedelta(hours=-23, minutes=-59), timedelta(hours=23, minutes=59)))
+TIMES = (  # ISO strings, aware and naive, with the extremes of datetime (where conversions overflow)
+    st.datetimes(timezones=OFFSETS).map(datetime.isoformat)
+    | st.datetimes().map(datetime.isoformat)
+    | st.builds(lambda d, tz: d.replace(tzinfo=tz).isoformat(), st.sampled_from([datetime.min, datetime.max, END]), OFFSETS)
+)
+NUMBERS = (
+    st.integers() | st.integers(-(2**1100), 2**1100) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([0, 1, -1, 100, 2**53 + 1, 10**400, 1e308, -1e308, 5e-324])
+)
 JSON_SCALARS = (
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
-    | st.datetimes(timezones=st.builds(timezone, st.timedeltas(timedelta(hours=-23, minutes=-59),
-                                                               timedelta(hours=23, minutes=59)))).map(datetime.isoformat)
+    st.none() | st.booleans() | NUMBERS | st.text(max_size=20) | TIMES
     | st.sampled_from(["2024-12-14 06:38:53", "laplace", "cpu_sample", "cpu_percent_mean", "cpu_tracker.member_report"])
 )
 JSON_VALUES = st.recursive(
@@ -604,7 +611,10 @@ def test_arbitrary_json_only_raises_rejected(obj) -> None:
 
 
 @PROPERTY
-@given(st.dictionaries(st.sampled_from(["cpu", "timestamp", "schema_version", "other"]), JSON_VALUES, max_size=4))
+@given(st.fixed_dictionaries({}, optional={
+    "cpu": st.floats(0, 100) | JSON_VALUES, "timestamp": TIMES | JSON_VALUES, "schema_version": JSON_VALUES,
+    "other": JSON_VALUES,
+}))
 def test_arbitrary_legacy_shaped_objects_only_raise_rejected(obj: dict) -> None:
     assume(not _hits_known_bug(obj))
     _never_raises_but_rejected(json.dumps(obj).encode())
