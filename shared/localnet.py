@@ -69,7 +69,7 @@ __all__ = ["Datasite", "LocalNetwork", "free_port"]
 
 HOST = "127.0.0.1"
 TAG_VAR = "SYFTBOX_LOCALNET_ROOT"
-APP_COPY_IGNORE = shutil.ignore_patterns("logs", "__pycache__", ".venv", "*.pyc")
+APP_COPY_IGNORE = shutil.ignore_patterns("logs", "__pycache__", ".venv", "*.pyc", ".git")
 
 T = TypeVar("T")
 
@@ -170,6 +170,7 @@ class LocalNetwork:
         *,
         emails: Iterable[str] | None = None,
         symlink: bool = True,
+        files: Mapping[str, str] | None = None,
     ) -> None:
         """Install the app folder ``app_src`` (it must hold run.sh) as ``apps/<name>`` of the given clients (all
         by default). The clients' schedulers then start its run.sh within about 5 s.
@@ -177,7 +178,8 @@ class LocalNetwork:
         ``symlink=True`` does what ``syftbox app install <folder>`` does: a symlink to the folder, made by that
         very command when ``name`` is the folder's name. All clients then share one folder (its logs/ too).
         ``symlink=False`` gives each client its own copy (without logs/, __pycache__, .venv), moved into apps/
-        in one step so the scheduler never sees half a copy.
+        in one step so the scheduler never sees half a copy. ``files`` (copies only): name -> text of extra
+        files placed in each copy before it is moved in, e.g. a settings file.
         """
         src = Path(app_src).resolve()
         if not (src / "run.sh").is_file():
@@ -187,12 +189,14 @@ class LocalNetwork:
             dest = site.apps / name
             if dest.exists() or dest.is_symlink():
                 raise FileExistsError(dest)
+            if files and symlink:
+                raise ValueError("extra files need symlink=False (a symlinked app folder is shared)")
             if symlink and name == src.name:
                 self._cli_install(site, src)
             elif symlink:
                 dest.symlink_to(src, target_is_directory=True)
             else:
-                self._copy_app(src, dest)
+                self._copy_app(src, dest, files or {})
             self.log(f"localnet: installed {src.name} as {dest}")
 
     def server_files(self) -> Path:
@@ -319,10 +323,12 @@ class LocalNetwork:
             output = (done.stdout + done.stderr).decode(errors="replace")
             raise RuntimeError(f"syftbox app install failed for {site.email}:\n{output}")
 
-    def _copy_app(self, src: Path, dest: Path) -> None:
+    def _copy_app(self, src: Path, dest: Path, files: Mapping[str, str]) -> None:
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".staging-") as staging:
             copy = Path(staging) / dest.name
             shutil.copytree(src, copy, symlinks=True, ignore=APP_COPY_IGNORE)
+            for name, text in files.items():
+                (copy / name).write_text(text)
             copy.rename(dest)
 
     def _tag(self) -> bytes:
