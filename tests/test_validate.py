@@ -562,7 +562,8 @@ TIMES = (  # ISO strings, aware and naive, with the extremes of datetime (where 
     | st.builds(lambda d, tz: d.replace(tzinfo=tz).isoformat(), st.sampled_from([datetime.min, datetime.max, END]), OFFSETS)
 )
 NUMBERS = (
-    st.integers() | st.integers(-(2**1100), 2**1100) | st.floats(allow_nan=False, allow_infinity=False)
+    st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.integers(-(2**1100), 2**1100) | st.integers(2**1023, 2**1100)  # beyond float range: JSON allows them
     | st.sampled_from([0, 1, -1, 100, 2**53 + 1, 10**400, 1e308, -1e308, 5e-324])
 )
 JSON_SCALARS = (
@@ -609,18 +610,40 @@ def test_arbitrary_json_only_raises_rejected(obj) -> None:
     _never_raises_but_rejected(json.dumps(obj).encode())
 
 
+NUMERIC_PATHS = [p for p in VALID_PATHS if type(get(_valid(), p)) in (int, float)]
+TIME_PATHS = [("created_at",), ("window", "start"), ("window", "end")]
+
+
 @PROPERTY
-@given(st.fixed_dictionaries({}, optional={
-    "cpu": st.floats(0, 100) | JSON_VALUES, "timestamp": TIMES | JSON_VALUES, "schema_version": JSON_VALUES,
-    "other": JSON_VALUES,
-}))
+@given(st.fixed_dictionaries({"cpu": st.floats(0, 100) | NUMBERS, "timestamp": TIMES}))
+def test_well_formed_legacy_with_any_time_only_raises_rejected(obj: dict) -> None:
+    assume(not _hits_known_bug(obj))
+    _never_raises_but_rejected(json.dumps(obj).encode())
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.sampled_from(NUMERIC_PATHS), NUMBERS) | st.tuples(st.sampled_from(TIME_PATHS), TIMES),
+                min_size=1, max_size=2))
+def test_valid_report_with_any_numbers_and_times_only_raises_rejected(changes) -> None:
+    obj = valid()
+    for path, value in changes:
+        obj = with_value(obj, path, value)
+    assume(not _hits_known_bug(obj))
+    _never_raises_but_rejected(json.dumps(obj).encode())
+
+
+@PROPERTY
+@given(st.fixed_dictionaries(
+    {"cpu": st.floats(0, 100) | NUMBERS | JSON_VALUES, "timestamp": TIMES | JSON_VALUES},
+    optional={"schema_version": JSON_VALUES, "other": JSON_VALUES},
+))
 def test_arbitrary_legacy_shaped_objects_only_raise_rejected(obj: dict) -> None:
     assume(not _hits_known_bug(obj))
     _never_raises_but_rejected(json.dumps(obj).encode())
 
 
 @PROPERTY
-@given(st.lists(st.tuples(st.sampled_from(VALID_PATHS), JSON_VALUES), min_size=1, max_size=3))
+@given(st.lists(st.tuples(st.sampled_from(VALID_PATHS), NUMBERS | TIMES | JSON_VALUES), min_size=1, max_size=3))
 def test_valid_report_with_arbitrary_values_only_raises_rejected(changes) -> None:
     obj = valid()
     for path, value in changes:

@@ -1,0 +1,111 @@
+"""``./run.sh demo``: a whole SyftBox network on this machine, with the app installed as a user would.
+
+    ./run.sh demo [--members 3] [--interval 20] [--duration SECONDS] [--root DIR]
+
+Starts a real SyftBox relay server and one client per datasite on 127.0.0.1 (3 members and 1 aggregator
+by default, in a temporary folder), copies the app into each client's apps/ folder with a settings file,
+lets SyftBox's scheduler start it, prints the network figure as it arrives, serves the aggregator's public
+folder (the live page) on 127.0.0.1, and stops everything on Ctrl-C or after ``--duration``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from shared.localnet import LocalNetwork, free_port
+from shared.paths import Paths
+
+REPO = Path(__file__).resolve().parents[1]
+AGG = "aggregator@demo.example.org"
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve(folder: Path) -> tuple[ThreadingHTTPServer, str]:
+    """Serve ``folder`` on 127.0.0.1 in a daemon thread; returns the server and its URL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), functools.partial(QuietHandler, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_port}/"
+
+
+def figure_line(dash: dict) -> str:
+    c = dash["counts"]
+    counts = f"fresh {c['fresh']}, stale {c['stale']}, rejected {c['rejected']}"
+    e = dash.get("estimate")
+    if not e:
+        return f"{dash['generated_at'][11:19]}  no figure yet ({counts}): {dash['message']}"
+    return (f"{dash['generated_at'][11:19]}  network CPU {e['mean']:6.2f} %  95 % interval "
+            f"[{e['ci95_low']:6.2f}, {e['ci95_high']:6.2f}]  ({counts})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="./run.sh demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--members", type=int, default=3, help="member datasites (default 3)")
+    p.add_argument("--interval", type=float, default=20.0, help="release interval in seconds (default 20)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    p.add_argument("--root", type=Path, default=None, help="folder for everything (default: a temporary one)")
+    args = p.parse_args(argv)
+    root = args.root or Path(tempfile.mkdtemp(prefix="cpu_tracker_demo_"))
+    members = [f"member{i}@demo.example.org" for i in range(1, args.members + 1)]
+    settings = f'aggregator = "{AGG}"\ninterval_s = {args.interval}\ntick_s = {min(10.0, args.interval / 2)}\n'
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    print(f"demo: everything lives in {root}")
+    net = LocalNetwork(root, Path(sys.prefix) / "bin", [*members, AGG], log=lambda line: print(line.replace("localnet", "demo")))
+    httpd = None
+    try:
+        net.start()
+        net.install_app(REPO, symlink=False, emails=members, files={"cpu_tracker.toml": settings})
+        net.install_app(REPO, symlink=False, emails=[AGG], files={"cpu_tracker.toml": settings + 'role = "aggregator"\n'})
+        agg = Paths(net.sites[AGG].data_dir, AGG)
+        httpd, url = serve(agg.public_dir())
+        print(f"demo: relay server {net.server_url}; {len(members)} members publish every {args.interval:g} s")
+        print(f"demo: live page   {url}index.html")
+        print(f"demo: dashboard   {agg.dashboard_file}")
+        print(f"demo: app logs    {root}/<client>/apps/cpu_tracker/logs/   (Ctrl-C stops everything)")
+        watch(agg, stop, args.duration)
+    finally:
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        net.stop()
+        if args.root is None:
+            shutil.rmtree(root, ignore_errors=True)
+        print("demo: stopped")
+    return 0
+
+
+def watch(agg: Paths, stop: threading.Event, duration: float | None) -> None:
+    """Print a line each time the dashboard changes, until ``stop`` or ``duration``."""
+    deadline = time.monotonic() + duration if duration else None
+    last = None
+    while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+        try:
+            dash = json.loads(agg.dashboard_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            dash = None
+        line = figure_line(dash) if dash else None
+        if line and line[8:] != last:  # print when the figure or the counts change, not every tick
+            last = line[8:]
+            print(line, flush=True)
+        stop.wait(1.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
