@@ -21,7 +21,7 @@ from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend
 from shared.logs import Problems
 from shared.paths import Paths
 from shared.permissions import ensure_permissions
-from shared.privacy import clipped_mean, laplace_release, mean_sensitivity
+from shared.privacy import laplace_release, mean_sensitivity
 from shared.schema import MemberReport, PrivacyUnit, Window, utc_now
 from shared.settings import Settings
 
@@ -31,46 +31,43 @@ RAW_KEEP = 2000  # raw window means kept for the owner's `status`
 log = logging.getLogger("cpu_tracker.member")
 
 
-def sample_window(
-    n: int,
-    period: float,
+def measure_window(
+    interval_s: float,
     *,
     read: Callable[[], float],
     clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
     stop: Event | None = None,
-) -> list[float]:
-    """Take ``n`` readings on a fixed grid ``period`` seconds apart, starting one period from now. Each
-    ``read()`` (``psutil.cpu_percent()``) measures since the previous call, so consecutive windows cover time
-    without gaps provided ``read`` was primed. Returns fewer than ``n`` only if ``stop`` is set."""
-    t0 = clock()
-    out: list[float] = []
-    for k in range(1, n + 1):
-        delay = t0 + k * period - clock()
-        if delay > 0:
-            if stop is not None:
-                if stop.wait(delay):
-                    break
-            else:
-                sleep(delay)
-        out.append(float(read()))
-    return out
+) -> float | None:
+    """Wait ``interval_s`` seconds, then return the CPU utilisation (percent) over them, or None if ``stop``
+    was set first. ``read`` is ``psutil.cpu_percent``, which measures since its previous call: one reading at
+    each window's end covers the window exactly, provided ``read`` was primed once before the first window.
+
+    That reading is the mean of the window's n = interval / sample period per-sample utilisations (each in
+    [0, 100]): the statistic the privacy analysis is about, computed from the kernel's busy-time counters
+    instead of n wake-ups (exact, no missed samples, and about 1/200 of the CPU cost)."""
+    deadline = clock() + interval_s
+    while (left := deadline - clock()) > 0:
+        if stop is not None and stop.wait(left):
+            return None
+        if stop is None:
+            time.sleep(left)
+    return float(read())
 
 
 def build_report(
-    samples: list[float], start: datetime, end: datetime, settings: Settings, *, random_state: int | None = None
+    raw_mean: float, n_samples: int, start: datetime, end: datetime, settings: Settings, *, random_state=None
 ) -> tuple[float, MemberReport]:
-    """The raw (private) clipped mean and the report carrying its Laplace release. Pure but for the noise."""
-    n = len(samples)
-    raw = clipped_mean(samples, *BOUNDS)
+    """The raw (private, clipped) mean of ``n_samples`` sample periods and the report carrying its Laplace
+    release. Pure but for the noise."""
+    raw = min(max(float(raw_mean), BOUNDS[0]), BOUNDS[1])
     release = laplace_release(
-        raw, epsilon=settings.epsilon, sensitivity=mean_sensitivity(*BOUNDS, n), random_state=random_state
+        raw, epsilon=settings.epsilon, sensitivity=mean_sensitivity(*BOUNDS, n_samples), random_state=random_state
     )
     report = MemberReport(
         app_version=__version__,
         created_at=end,
         bounds=BOUNDS,
-        window=Window(start=start, end=end, n_samples=n, sample_period_s=settings.sample_period_s),
+        window=Window(start=start, end=end, n_samples=n_samples, sample_period_s=settings.sample_period_s),
         release=release,
         privacy_unit=PrivacyUnit(seconds=settings.sample_period_s),
         cpu=release.value,
@@ -111,14 +108,14 @@ class Member:
         except OSError as e:
             self.problems.report("perms", f"cannot set up {folder}: {e}. Check disk space and permissions.")
 
-    def publish(self, samples: list[float], start: datetime, end: datetime) -> MemberReport | None:
+    def publish(self, raw_mean: float, start: datetime, end: datetime) -> MemberReport | None:
         """Spend budget for the window, then write the report. Returns the report, or None if nothing was
         published (budget exhausted, ledger unusable, disk trouble: each logged once)."""
         self.ensure_folder()
         ledger = self.ledger()
-        if ledger is None or not samples:
+        if ledger is None:
             return None
-        raw, report = build_report(samples, start, end, self.settings)
+        raw, report = build_report(raw_mean, self.settings.samples_per_window, start, end, self.settings)
         spend = Spend(
             released_at=report.created_at,
             window_start=start,
@@ -169,19 +166,19 @@ def run_member(
     clock: Callable[[], float] = time.monotonic,
     once: bool = False,
 ) -> None:
-    """Prime ``read``, then sample and publish window after window until ``stop`` is set."""
+    """Prime ``read``, then measure and publish window after window until ``stop`` is set. Windows are
+    back to back: each starts where the previous one ended, so no activity is missed or counted twice."""
     s = member.settings
     member.ensure_folder()
     read()  # psutil's first reading is meaningless: discard it
     start = wall()
     while not stop.is_set():
-        samples = sample_window(s.samples_per_window, s.sample_period_s, read=read, clock=clock, stop=stop)
+        raw = measure_window(s.interval_s, read=read, clock=clock, stop=stop)
+        if raw is None:
+            return
         end = wall()
-        if len(samples) == s.samples_per_window:
-            report = member.publish(samples, start, end)
-            if report is not None:
-                log.info("published window ending %s (n=%d, epsilon=%g)", end.isoformat(timespec="seconds"),
-                         len(samples), s.epsilon)
+        if member.publish(raw, start, end) is not None:
+            log.info("published window ending %s (epsilon %g)", end.isoformat(timespec="seconds"), s.epsilon)
         start = end
         if once:
             return

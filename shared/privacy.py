@@ -36,13 +36,6 @@ def laplace_scale(sensitivity: float, epsilon: float) -> float:
     return sensitivity / epsilon
 
 
-def clipped_mean(samples: Sequence[float], lower: float, upper: float) -> float:
-    """Mean of ``samples`` after clipping each to [lower, upper]."""
-    if not samples:
-        raise ValueError("samples must not be empty")
-    return sum(min(max(float(s), lower), upper) for s in samples) / len(samples)
-
-
 def laplace_release(
     raw_mean: float, *, epsilon: float, sensitivity: float, random_state=None
 ) -> LaplaceRelease:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from syftbox.lib.permissions import ComputedPermission, PermissionType, SyftPermission
 
-from cpu_tracker_member.member import Member, run_member, sample_window
+from cpu_tracker_member.member import Member, measure_window, run_member
 from shared.paths import is_synced
 from shared.schema import MemberReport
 from shared.settings import Budget
@@ -33,28 +33,32 @@ def publish_windows(member: Member, values, windows: int = 1, wall=None) -> None
         run_member(member, threading.Event(), read=read, wall=wall, clock=FakeClock(), once=True)
 
 
-def test_sample_window_takes_n_readings_on_a_grid():
-    t = [0.0]
-    slept = []
+def test_measure_window_waits_the_interval_then_reads_once():
+    t, waits = [0.0], []
 
-    def clock():
-        return t[0]
+    class Stop:
+        def wait(self, d):
+            waits.append(d)
+            t[0] += d
+            return False
 
-    def sleep(d):
-        slept.append(round(d, 9))
-        t[0] += d
+    reads = iter([42.0, 7.0])
+    assert measure_window(20.0, read=lambda: next(reads), clock=lambda: t[0], stop=Stop()) == 42.0
+    assert waits == [20.0] and t[0] == 20.0
 
-    values = iter(range(10))
-    assert sample_window(5, 0.1, read=lambda: next(values), clock=clock, sleep=sleep) == [0, 1, 2, 3, 4]
-    assert slept == [0.1] * 5
+
+def test_measure_window_returns_none_when_stopped():
+    stop = threading.Event()
+    stop.set()
+    assert measure_window(5.0, read=lambda: 1.0, stop=stop) is None
 
 
 def test_first_reading_is_discarded_and_raw_mean_is_private(paths_for, settings, problems):
     paths = paths_for(ME)
     member = Member(paths, settings, problems)
-    publish_windows(member, [10.0, 30.0])  # 10 samples alternating: mean 20, the primer 0.0 is not used
+    publish_windows(member, [20.0, 30.0])  # the primer 0.0 is not used: the first window reads 20
     raw = json.loads(paths.raw_file.read_text().splitlines()[-1])
-    assert raw["raw_mean"] == 20.0 and raw["n_samples"] == 10
+    assert raw["raw_mean"] == 20.0 and raw["n_samples"] == 10  # 1 s of 0.1 s samples
     report = MemberReport.model_validate_json(paths.report_file().read_bytes())
     assert report.window.n_samples == 10 and report.release.value == raw["released"]
     assert report.release.sensitivity == pytest.approx(10.0) and report.release.noise_scale == pytest.approx(20.0)

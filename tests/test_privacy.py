@@ -12,7 +12,6 @@ import pytest
 from shared.privacy import (
     NoisyValue,
     activity_epsilon,
-    clipped_mean,
     estimate_mean,
     laplace_release,
     laplace_scale,
@@ -34,12 +33,6 @@ def test_sensitivity_and_scale():
 def test_sensitivity_refuses_bad_arguments(bad):
     with pytest.raises(ValueError, match="must"):
         mean_sensitivity(**bad)
-
-
-def test_clipped_mean_clips_each_sample():
-    assert clipped_mean([-5, 50, 150], 0, 100) == 50
-    with pytest.raises(ValueError):
-        clipped_mean([], 0, 100)
 
 
 def _draws(true_value: float, n: int, seed: int, scale: float = 1.0) -> np.ndarray:

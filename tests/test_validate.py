@@ -1,6 +1,6 @@
 """Validation of one member report file (``cpu_tracker_aggregator.validate``): every reason, every boundary.
 
-The valid report is the one the member app writes (the real ``build_report``, fixed samples and seed). The
+The valid report is the one the member app writes (the real ``build_report``, fixed raw mean and seed). The
 mutations are derived from it and from the models (which fields are required, which accept null), in the spirit
 of Flower's ``product(all, all) - valid``: exhaustive, with the expected outcome computed, not guessed.
 The committed corpus in ``tests/corpus/`` holds one file per nasty case, named after its expected reason.
@@ -38,7 +38,7 @@ SETTINGS = Settings(aggregator="agg@example.org")
 START = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 END = START + timedelta(seconds=SETTINGS.interval_s)
 NOW = END + timedelta(seconds=1)  # whole seconds, so legacy timestamps ("YYYY-MM-DD HH:MM:SS") can sit on boundaries
-SAMPLES = [float((7 * i) % 101) for i in range(SETTINGS.samples_per_window)]
+RAW_MEAN = 49.595  # the window's (private) mean CPU; the release adds Laplace noise to it
 TUTORIAL = {"cpu": 34.3, "timestamp": "2024-12-14 06:38:53"}
 CORPUS = Path(__file__).parent / "corpus"
 CORPUS_NOW = datetime(2025, 1, 1, 12, 0, 21, tzinfo=timezone.utc)  # see tests/corpus/README.md
@@ -53,7 +53,7 @@ Path_ = tuple  # a path into the report dict: keys and list indices
 
 @functools.cache
 def _valid() -> dict:
-    _, report = build_report(SAMPLES, START, END, SETTINGS, random_state=1)
+    _, report = build_report(RAW_MEAN, SETTINGS.samples_per_window, START, END, SETTINGS, random_state=1)
     return report.model_dump(mode="json")
 
 
@@ -161,7 +161,9 @@ def test_the_member_apps_report_is_accepted() -> None:
 
 
 def test_build_report_is_deterministic_with_a_seed() -> None:
-    assert build_report(SAMPLES, START, END, SETTINGS, random_state=1)[1].model_dump(mode="json") == _valid()
+    again = build_report(RAW_MEAN, SETTINGS.samples_per_window, START, END, SETTINGS, random_state=1)[1]
+    assert again.model_dump(mode="json") == _valid()
+    assert _valid()["window"]["n_samples"] == 200 and _valid()["release"]["value"] != RAW_MEAN
 
 
 @pytest.mark.parametrize(
