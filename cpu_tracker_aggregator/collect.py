@@ -89,7 +89,7 @@ class Collector:
                 raise Rejected("not_a_file")
             if st.st_size > self.settings.max_report_bytes:
                 raise Rejected("too_large", f"{st.st_size} bytes > {self.settings.max_report_bytes}")
-            own = os.path.realpath(os.path.join(self.datasites, member))
+            own = os.path.join(os.path.realpath(self.datasites), member)  # a symlinked member folder fails too
             if os.path.commonpath([own, os.path.realpath(path)]) != own:
                 raise Rejected("symlink", "a folder on the way is a symlink leading outside the member's folder")
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)

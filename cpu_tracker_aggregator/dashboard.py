@@ -161,7 +161,7 @@ def build_dashboard(
         message=message,
         estimate=estimate,
         counts=counts,
-        privacy=privacy_summary(reports),
+        privacy=privacy_summary(reports if estimate else []),  # below min_members: not one member's settings
         settings=AggregatorSettings(
             tick_s=settings.tick_s, stale_after_s=settings.stale_after_s, min_members=settings.min_members
         ),

@@ -74,7 +74,7 @@ def parse_report(data: bytes, *, now: datetime, settings: Settings) -> Accepted:
     if not isinstance(obj, dict):
         raise Rejected("not_an_object", f"top level is {type(obj).__name__}")
     if "schema_version" in obj:
-        if obj.get("schema_version") != SCHEMA_VERSION:
+        if type(obj["schema_version"]) is not int or obj["schema_version"] != SCHEMA_VERSION:
             raise Rejected("schema_version", f"schema_version {obj.get('schema_version')!r}, supported: {SCHEMA_VERSION}")
         report = _model(MemberReport, obj)
         _check_consistent(report, settings)

@@ -47,7 +47,9 @@ class Window(_Wire):
 
     start: AwareDatetime = Field(description="When the first sample's span began (UTC).")
     end: AwareDatetime = Field(description="When the last sample was taken (UTC).")
-    n_samples: int = Field(ge=1, description="Number of CPU samples averaged (public: fixed by the schedule).")
+    n_samples: int = Field(
+        ge=1, le=10**9, description="Number of sample periods averaged (public: fixed by the schedule)."
+    )
     sample_period_s: float = Field(gt=0, description="Seconds each sample covers.")
 
     @model_validator(mode="after")
@@ -124,9 +126,14 @@ class LegacyReport(_Wire):
     cpu: float
     timestamp: datetime
 
+    @field_validator("timestamp")
+    @classmethod
+    def _utc(cls, v: datetime) -> datetime:
+        return to_utc(v)  # naive: taken as UTC; out-of-range offsets fail here, as a schema error
+
     @property
     def created_at(self) -> datetime:
-        return to_utc(self.timestamp)
+        return self.timestamp
 
 
 # ---------------------------------------------------------------------------------------------------

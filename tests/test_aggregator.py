@@ -361,14 +361,6 @@ def test_committed_schemas_match_the_models(name: str) -> None:
     )
 
 
-# ---------------------------------------------------------------------------------------------------
-# Known bug (strict xfail: it turns into a failure once fixed; then drop the marker)
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG collect.py Collector._parse: `own = os.path.realpath(<datasites>/<member>)` resolves a member folder "
-    "that is itself a symlink, so datasites/alias@x -> datasites/m0@x passes the 'inside the member's folder' "
-    "check and m0's report is counted twice. Fix: own = os.path.join(os.path.realpath(self.datasites), member) "
-    "(or lstat the member folder and reject a symlink)."))
 def test_a_symlinked_datasite_folder_is_rejected_not_counted_twice(ws: Workspace) -> None:
     (ws.data_dir / "datasites" / "alias@example.org").symlink_to(
         ws.data_dir / "datasites" / FRESH[0], target_is_directory=True)

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings as hyp_settings, strategies as st
+from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
 from cpu_tracker_aggregator.validate import (
     MAX_NOISE_SCALE,
@@ -502,27 +502,12 @@ def test_member_folder_names(name: str, ok: bool) -> None:
 # The committed corpus
 # ---------------------------------------------------------------------------------------------------
 CORPUS_FILES = sorted(CORPUS.glob("*.json"))
-# BUG (validate.py): these inputs raise OverflowError out of parse_report instead of Rejected; see the
-# known-bug tests below. Strict xfail: the test starts failing (XPASS) once the bug is fixed; drop the entry then.
-CORPUS_KNOWN_BUGS = {
-    "schema.n_samples_beyond_float.json": "validate._check_consistent: int n_samples * float overflows",
-    "schema.legacy_timestamp_beyond_utc_range.json": "LegacyReport.created_at: astimezone(utc) overflows",
-}
-
-
-def _corpus_param(path: Path):
-    marks = ()
-    if path.name in CORPUS_KNOWN_BUGS:
-        marks = pytest.mark.xfail(raises=OverflowError, strict=True, reason=CORPUS_KNOWN_BUGS[path.name])
-    return pytest.param(path, id=path.name, marks=marks)
-
-
 def expected_from_name(name: str) -> str:
     head, second = name.split(".")[:2]
     return f"accepted:{second}" if head == "accepted" else head
 
 
-@pytest.mark.parametrize("path", [_corpus_param(p) for p in CORPUS_FILES])
+@pytest.mark.parametrize("path", CORPUS_FILES, ids=[p.name for p in CORPUS_FILES])
 def test_corpus(path: Path) -> None:
     assert outcome(path.read_bytes(), now=CORPUS_NOW) == expected_from_name(path.name)
 
@@ -532,28 +517,18 @@ def test_corpus_names_and_coverage() -> None:
     assert expected <= set(REASONS) | {"accepted:report", "accepted:legacy"}, expected - set(REASONS)
     assert BYTES_REASONS <= expected, f"corpus lacks: {sorted(BYTES_REASONS - expected)}"
     assert {"accepted:report", "accepted:legacy"} <= expected
-    assert set(CORPUS_KNOWN_BUGS) <= {p.name for p in CORPUS_FILES}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Known bugs: parse_report must only ever raise Rejected. Strict xfail: these fail loudly (XPASS) once fixed.
+# Found once: parse_report must only ever raise Rejected, whatever the numbers and times.
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.xfail(raises=OverflowError, strict=True, reason=(
-    "BUG validate.py _check_consistent: n_samples is an unbounded int; `w.n_samples * w.sample_period_s` and "
-    "`(hi - lo) / w.n_samples` raise OverflowError for n_samples >= ~1e309. Fix: Window.n_samples "
-    "Field(ge=1, le=10**9) in shared/schema.py (-> 'schema'), or catch OverflowError around _check_consistent."))
 @pytest.mark.parametrize("n", [10**309, 10**400], ids=["1e309", "1e400"])
-def test_known_bug_huge_n_samples_is_rejected_not_raised(n: int) -> None:
+def test_huge_n_samples_is_rejected_not_raised(n: int) -> None:
     assert outcome(encode(with_value(valid(), ("window", "n_samples"), n))) == "schema"
 
 
-@pytest.mark.xfail(raises=OverflowError, strict=True, reason=(
-    "BUG validate.py parse_report / shared/schema.py LegacyReport.created_at: to_utc() calls astimezone(utc), "
-    "which raises OverflowError for aware timestamps near datetime.min/max. It runs outside _model(), so it "
-    "escapes. Fix: a LegacyReport field_validator('timestamp') returning to_utc(v) (then _model maps the "
-    "OverflowError to 'schema'), or compute legacy.created_at inside a try in parse_report."))
 @pytest.mark.parametrize("ts", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00"])
-def test_known_bug_legacy_timestamp_out_of_utc_range_is_rejected_not_raised(ts: str) -> None:
+def test_legacy_timestamp_out_of_utc_range_is_rejected_not_raised(ts: str) -> None:
     assert outcome(encode({"cpu": 34.3, "timestamp": ts})) == "schema"
 
 
@@ -596,18 +571,6 @@ def _never_raises_but_rejected(data: bytes) -> None:
         assert accepted.is_fresh(NOW, SETTINGS.stale_after_s) in (True, False)  # the collector's next step
 
 
-def _hits_known_bug(obj) -> bool:
-    """Inputs of the two KNOWN BUGS above (test_known_bug_*), excluded so that the properties keep guarding
-    everything else. Without this filter the properties below find both bugs. Make it `return False` once fixed."""
-    if not isinstance(obj, dict):
-        return False
-    window = obj.get("window")
-    if isinstance(window, dict) and isinstance(window.get("n_samples"), int) and abs(window["n_samples"]) > 2**1000:
-        return True
-    ts = obj.get("timestamp")
-    return "schema_version" not in obj and isinstance(ts, str) and (ts[:4] in ("0001", "9999"))
-
-
 @PROPERTY
 @given(st.binary(max_size=2000))
 def test_arbitrary_bytes_only_raise_rejected(data: bytes) -> None:
@@ -617,7 +580,6 @@ def test_arbitrary_bytes_only_raise_rejected(data: bytes) -> None:
 @PROPERTY
 @given(JSON_VALUES)
 def test_arbitrary_json_only_raises_rejected(obj) -> None:
-    assume(not _hits_known_bug(obj))
     _never_raises_but_rejected(json.dumps(obj).encode())
 
 
@@ -628,7 +590,6 @@ TIME_PATHS = [("created_at",), ("window", "start"), ("window", "end")]
 @PROPERTY
 @given(st.fixed_dictionaries({"cpu": st.floats(0, 100) | NUMBERS, "timestamp": TIMES}))
 def test_well_formed_legacy_with_any_time_only_raises_rejected(obj: dict) -> None:
-    assume(not _hits_known_bug(obj))
     _never_raises_but_rejected(json.dumps(obj).encode())
 
 
@@ -639,7 +600,6 @@ def test_valid_report_with_any_numbers_and_times_only_raises_rejected(changes) -
     obj = valid()
     for path, value in changes:
         obj = with_value(obj, path, value)
-    assume(not _hits_known_bug(obj))
     _never_raises_but_rejected(json.dumps(obj).encode())
 
 
@@ -649,7 +609,6 @@ def test_valid_report_with_any_numbers_and_times_only_raises_rejected(changes) -
     optional={"schema_version": JSON_VALUES, "other": JSON_VALUES},
 ))
 def test_arbitrary_legacy_shaped_objects_only_raise_rejected(obj: dict) -> None:
-    assume(not _hits_known_bug(obj))
     _never_raises_but_rejected(json.dumps(obj).encode())
 
 
@@ -662,7 +621,6 @@ def test_valid_report_with_arbitrary_values_only_raises_rejected(changes) -> Non
             obj = with_value(obj, path, value)
         except (KeyError, IndexError, TypeError):  # an earlier change replaced a container on the way
             pass
-    assume(not _hits_known_bug(obj))
     _never_raises_but_rejected(json.dumps(obj).encode())
 
 
