@@ -1,7 +1,12 @@
 """Finding and checking every member's report, re-reading only what changed since the last tick.
 
 A file is re-parsed only when its (inode, size, mtime) changes; otherwise the cached outcome is reused
-and only its freshness, which depends on the time, is re-evaluated. Each file is handled in its own
+and only its freshness, which depends on the time, is re-evaluated.
+
+Freshness is judged on the aggregator's own clock, so a member whose clock is off by minutes is neither
+dropped nor kept forever: a report is fresh while the aggregator first saw its current content less
+than ``stale_after_s`` ago, provided the report's own time is no further than ``future_tolerance_s +
+stale_after_s`` in the past (an old file found at start-up is not fresh). Each file is handled in its own
 ``try``: one bad file never stops a tick.
 """
 
@@ -37,7 +42,7 @@ class Collector:
     datasites: Path
     app_name: str
     settings: Settings
-    _cache: dict[str, tuple[tuple[int, int, int], Accepted | Rejected]] = field(default_factory=dict)
+    _cache: dict[str, tuple[tuple[int, int, int], Accepted | Rejected, datetime]] = field(default_factory=dict)
 
     def collect(self, now: datetime) -> list[MemberOutcome]:
         outcomes = []
@@ -68,16 +73,19 @@ class Collector:
         sig = (st.st_ino, st.st_size, st.st_mtime_ns)
         cached = self._cache.get(member)
         if cached is not None and cached[0] == sig:
-            result = cached[1]
+            _, result, seen_at = cached
         else:
-            result = self._parse(member, path, st, now)
+            result, seen_at = self._parse(member, path, st, now), now
             if not (isinstance(result, Rejected) and result.reason == "future"):  # time may cure it
-                self._cache[member] = (sig, result)
+                self._cache[member] = (sig, result, seen_at)
         if isinstance(result, Rejected):
             return MemberOutcome(member, "rejected", reason=result.reason, detail=result.detail)
         if result.kind == "legacy":
             return MemberOutcome(member, "legacy", accepted=result)
-        fresh = result.is_fresh(now, self.settings.stale_after_s)
+        s = self.settings
+        fresh = (now - seen_at).total_seconds() <= s.stale_after_s and result.is_fresh(
+            now, s.stale_after_s + s.future_tolerance_s
+        )
         return MemberOutcome(member, "fresh" if fresh else "stale", accepted=result)
 
     def _parse(self, member: str, path: str, st: os.stat_result, now: datetime) -> Accepted | Rejected:

@@ -56,7 +56,7 @@ class Settings(BaseModel):
     )
     tick_s: float = Field(default=10.0, ge=0.5, le=3600, description="Aggregator polling period (seconds).")
     stale_after_s: float = Field(
-        default=60.0, gt=0, description="A report whose window ended longer ago than this is stale."
+        default=60.0, gt=0, description="A member is stale once no new report from it was seen for this long."
     )
     future_tolerance_s: float = Field(
         default=300.0, ge=0, description="How far in the future a report's time may lie (clock skew)."

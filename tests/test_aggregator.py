@@ -269,8 +269,8 @@ def test_unchanged_files_are_not_read_again(ws: Workspace, parse_calls: list[byt
     second = agg.tick(NOW + timedelta(seconds=10))
     assert parse_calls == []
     assert second.counts == first.counts and second.estimate == first.estimate
-    # freshness still follows the clock without re-reading
-    late = agg.tick(END + timedelta(seconds=make_settings().stale_after_s + 1))
+    # freshness still follows the (aggregator's) clock without re-reading
+    late = agg.tick(NOW + timedelta(seconds=make_settings().stale_after_s + 1))
     assert parse_calls == [] and late.counts.fresh == 0 and late.counts.stale == len(FRESH) + 1
 
 
@@ -367,3 +367,32 @@ def test_a_symlinked_datasite_folder_is_rejected_not_counted_twice(ws: Workspace
     dash = ws.aggregator().tick(NOW)
     assert dash.counts.fresh == len(FRESH)
     assert dash.counts.rejected_by_reason.get("symlink") == EXPECTED_REASONS["symlink"] + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Clock trouble: freshness follows the aggregator's clock
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("skew_s", [-240, -60, 60, 240])
+def test_member_clock_off_by_minutes_is_counted_while_alive(tmp_path: Path, skew_s: int) -> None:
+    """A member whose clock is off by up to 4 minutes (either way) counts while its report keeps changing,
+    and goes stale once it stops, after stale_after_s of the aggregator's own time."""
+    w = Workspace(tmp_path, tmp_path / "outside", Paths(data_dir=tmp_path, email=AGG))
+    agg = w.aggregator(min_members=1)
+    now = NOW
+    for i in range(3):  # the member publishes every 20 s of real time, stamped with its own skewed clock
+        w.write_report(FRESH[0], level=30.0, seed=i, end=now + timedelta(seconds=skew_s))
+        assert agg.tick(now).counts.fresh == 1, f"honest member dropped at publish {i}"
+        now += timedelta(seconds=20)
+    stale_after = make_settings().stale_after_s
+    assert agg.tick(now + timedelta(seconds=stale_after - 20)).counts.fresh == 1
+    dead = agg.tick(now + timedelta(seconds=stale_after))
+    assert (dead.counts.fresh, dead.counts.stale) == (0, 1)
+
+
+def test_an_old_report_found_at_start_up_is_not_fresh(tmp_path: Path) -> None:
+    w = Workspace(tmp_path, tmp_path / "outside", Paths(data_dir=tmp_path, email=AGG))
+    s = make_settings()
+    w.write_report(FRESH[0], level=30.0, seed=1, end=NOW - timedelta(seconds=s.stale_after_s + s.future_tolerance_s + 1))
+    w.write_report(FRESH[1], level=30.0, seed=2, end=NOW - timedelta(seconds=s.stale_after_s + s.future_tolerance_s))
+    c = w.aggregator(min_members=1).tick(NOW).counts
+    assert (c.fresh, c.stale) == (1, 1)
