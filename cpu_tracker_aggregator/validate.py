@@ -30,7 +30,7 @@ REASONS = {
     "schema": "fields missing or of the wrong type",
     "inconsistent": "privacy parameters do not agree with each other",
     "epsilon_out_of_range": "epsilon above the accepted maximum",
-    "noise_out_of_range": "noise scale too large to carry information",
+    "noise_out_of_range": "noise scale above the accepted maximum",
     "implausible_value": "value impossible for its own noise scale",
     "future": "time too far in the future",
     "symlink": "report is a symlink or lies outside the member's folder",
@@ -38,7 +38,6 @@ REASONS = {
     "bad_folder_name": "datasite folder name is not an email",
     "unreadable": "file could not be read",
 }
-MAX_NOISE_SCALE = 100.0  # percent points: noisier than this, a release says nothing about a 0-100 value
 PLAUSIBLE_SCALES = 30.0  # |noise| > 30 b has probability e^-30 ~ 1e-13 for honest Laplace noise
 EMAIL = re.compile(r"^[^@/\\\s]+@[^@/\\\s]+$")
 
@@ -157,8 +156,8 @@ def _check_consistent(r: MemberReport, settings: Settings) -> None:
         raise Rejected("inconsistent", f"noise_std {rel.noise_std} != sqrt(2) * noise_scale")
     if rel.epsilon > settings.max_epsilon:
         raise Rejected("epsilon_out_of_range", f"epsilon {rel.epsilon} > {settings.max_epsilon}")
-    if rel.noise_scale > MAX_NOISE_SCALE:
-        raise Rejected("noise_out_of_range", f"noise scale {rel.noise_scale} > {MAX_NOISE_SCALE}")
+    if rel.noise_scale > settings.max_noise_scale:
+        raise Rejected("noise_out_of_range", f"noise scale {rel.noise_scale} > {settings.max_noise_scale}")
     margin = PLAUSIBLE_SCALES * rel.noise_scale
     if not lo - margin <= rel.value <= hi + margin:
         raise Rejected("implausible_value", f"value {rel.value} outside [{lo - margin:.4g}, {hi + margin:.4g}]")

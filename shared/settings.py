@@ -64,6 +64,12 @@ class Settings(BaseModel):
     min_members: int = Field(default=3, ge=1, description="Fewest fresh members for a network figure.")
     max_report_bytes: int = Field(default=16384, ge=1024, description="Reports larger than this are rejected.")
     max_epsilon: float = Field(default=10.0, gt=0, description="Reports claiming more epsilon are rejected.")
+    max_noise_scale: float = Field(
+        default=10.0,
+        gt=0,
+        description="Reports with a larger Laplace scale (points) are rejected; bounds one member's influence "
+        "on the network mean to (100 + 30 * max_noise_scale) / members.",
+    )
     history_points: int = Field(default=8640, ge=10, description="Full-resolution history points kept.")
 
     @model_validator(mode="after")
