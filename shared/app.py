@@ -23,6 +23,7 @@ from shared.settings import SETTINGS_FILE, Settings, SettingsError, load_setting
 
 log = logging.getLogger("cpu_tracker")
 SETTINGS_POLL_S = 10.0
+RESTART_S = 30.0
 
 
 def app_dir() -> Path:
@@ -62,9 +63,24 @@ def _settings_stamp(folder: Path) -> tuple:
         return ()
 
 
-def run_roles(paths: Paths, settings: Settings, stop: threading.Event, *, roles: set[str], once: bool) -> None:
-    """Start the requested roles' loops and wait for them (``once``: one window / one tick each)."""
-    threads = []
+def _guarded(target, stop: threading.Event, failed: list[str]):
+    """Run ``target``; on an unexpected exception log it with its traceback, note it, and stop the run."""
+
+    def run(*args, **kwargs) -> None:
+        try:
+            target(*args, **kwargs)
+        except Exception:
+            log.exception("%s stopped by an unexpected error (restarting in %g s)", target.__name__, RESTART_S)
+            failed.append(target.__name__)
+            stop.set()
+
+    return run
+
+
+def run_roles(paths: Paths, settings: Settings, stop: threading.Event, *, roles: set[str], once: bool) -> list[str]:
+    """Run the requested roles' loops until ``stop`` (``once``: one window / one tick each). Returns the names
+    of the loops that failed with an unexpected error (the others are then stopped too)."""
+    threads, failed = [], []
     if "member" in roles:
         import psutil
 
@@ -72,7 +88,8 @@ def run_roles(paths: Paths, settings: Settings, stop: threading.Event, *, roles:
 
         member = Member(paths, settings, Problems(logging.getLogger("cpu_tracker.member")))
         threads.append(threading.Thread(
-            target=run_member, args=(member, stop), kwargs={"read": psutil.cpu_percent, "once": once},
+            target=_guarded(run_member, stop, failed), args=(member, stop),
+            kwargs={"read": psutil.cpu_percent, "once": once},
             name="member", daemon=True,
         ))
     if "aggregator" in roles:
@@ -80,13 +97,15 @@ def run_roles(paths: Paths, settings: Settings, stop: threading.Event, *, roles:
 
         agg = Aggregator(paths, settings, Problems(logging.getLogger("cpu_tracker.aggregator")))
         threads.append(threading.Thread(
-            target=run_aggregator, args=(agg, stop), kwargs={"once": once}, name="aggregator", daemon=True
+            target=_guarded(run_aggregator, stop, failed), args=(agg, stop), kwargs={"once": once},
+            name="aggregator", daemon=True,
         ))
     for t in threads:
         t.start()
     for t in threads:
         while t.is_alive():
-            t.join(0.5)
+            t.join(5.0)  # lock waits are interrupted by signals: SIGTERM still stops us at once
+    return failed
 
 
 def roles_for(settings: Settings, email: str, forced: str | None) -> set[str]:
@@ -138,11 +157,13 @@ def main(argv: list[str] | None = None, *, forced_role: str | None = None) -> in
             run_stop = threading.Event()
             watcher = threading.Thread(target=_watch, args=(folder, stamp, stop, run_stop), daemon=True)
             watcher.start()
-            run_roles(paths, settings, run_stop, roles=roles, once=args.once)
+            failed = run_roles(paths, settings, run_stop, roles=roles, once=args.once)
             run_stop.set()
             if args.once:
-                break
-            if not stop.is_set():
+                return 1 if failed else 0
+            if failed:
+                stop.wait(RESTART_S)
+            elif not stop.is_set():
                 log.info("settings changed: restarting with the new settings")
     finally:
         lock.close()

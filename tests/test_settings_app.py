@@ -108,3 +108,17 @@ def test_once_publishes_a_report(tmp_path):
                 env_extra={"CPU_TRACKER_AGGREGATOR": "a@x.org", "CPU_TRACKER_INTERVAL_S": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     assert Paths(tmp_path / "data", "m@x.org").report_file().exists()
+
+
+def test_an_unexpected_error_in_a_loop_is_logged_and_stops_the_run(caplog):
+    import threading
+
+    from shared.app import _guarded
+
+    def member_loop():
+        raise RuntimeError("boom")
+
+    stop, failed = threading.Event(), []
+    _guarded(member_loop, stop, failed)()
+    assert failed == ["member_loop"] and stop.is_set()
+    assert "member_loop stopped by an unexpected error" in caplog.text and "boom" in caplog.text
