@@ -10,9 +10,11 @@ from collections import Counter
 from datetime import datetime
 from typing import Sequence
 
-from cpu_tracker_aggregator.collect import MemberOutcome
+import numpy as np
+
+from cpu_tracker_aggregator.collect import FreshReleases, Snapshot
 from shared import __version__
-from shared.privacy import NoisyValue, estimate_mean
+from shared.privacy import _half_width
 from shared.schema import (
     AggregatorSettings,
     Counts,
@@ -32,51 +34,65 @@ METHOD = (
 RECENT_S = 24 * 3600
 COARSE_S = 30 * 24 * 3600
 COARSE_STEP_S = 300
+LEVEL = 0.95
 
 
-def fresh_reports(outcomes: Sequence[MemberOutcome]) -> list[MemberReport]:
-    return [o.accepted.report for o in outcomes if o.status == "fresh"]  # type: ignore[union-attr,misc]
+def releases_of(reports: Sequence[MemberReport]) -> FreshReleases:
+    """Reports as the columns the estimate is computed from."""
+    col = lambda f: np.array([f(r) for r in reports], dtype=float)  # noqa: E731
+    return FreshReleases(
+        values=col(lambda r: r.release.value), noise_scales=col(lambda r: r.release.noise_scale),
+        epsilons=col(lambda r: r.release.epsilon), privacy_unit_s=col(lambda r: r.privacy_unit.seconds),
+        window_s=col(lambda r: r.window.seconds), mechanisms=dict(Counter(r.release.mechanism for r in reports)),
+    )
 
 
 def network_estimate(reports: Sequence[MemberReport], min_members: int) -> Estimate | None:
     """The network mean with its exact 95 % interval, or None with fewer than ``min_members`` reports."""
-    if len(reports) < max(1, min_members):
+    return estimate(releases_of(reports), min_members)
+
+
+def estimate(fresh: FreshReleases, min_members: int) -> Estimate | None:
+    """As ``shared.privacy.estimate_mean`` for Laplace releases, on columns: the unweighted mean, its standard
+    error sqrt(sum 2 b_i^2) / k, and the interval from the exact distribution of the summed noise, whose
+    half width is computed once per distinct set of noise scales (cached)."""
+    k = len(fresh)
+    if k < max(1, min_members):
         return None
-    est = estimate_mean([NoisyValue(r.release.value, laplace_scale=r.release.noise_scale) for r in reports])
+    values, scales = fresh.values, fresh.noise_scales
+    mean = float(values.sum()) / k
+    se = math.sqrt(float(np.dot(scales, scales)) * 2.0) / k
+    lo, hi = float(scales.min()), float(scales.max())
+    if lo == hi:
+        groups = ((lo / k, k),) if lo > 0 else ()
+    else:
+        distinct, counts = np.unique(scales[scales > 0] / k, return_counts=True)
+        groups = tuple(zip(map(float, distinct), map(int, counts)))
+    half = _half_width(groups, 0.0, LEVEL) if groups else 0.0
     return Estimate(
-        mean=est.mean,
-        standard_error=est.standard_error,
-        ci95_low=est.ci_low,
-        ci95_high=est.ci_high,
-        members=est.members,
-        method=METHOD,
+        mean=mean, standard_error=se, ci95_low=mean - half, ci95_high=mean + half, members=k, method=METHOD
     )
 
 
-def count(outcomes: Sequence[MemberOutcome]) -> Counts:
-    by_status = Counter(o.status for o in outcomes)
-    return Counts(
-        fresh=by_status["fresh"],
-        stale=by_status["stale"],
-        rejected=by_status["rejected"],
-        legacy=by_status["legacy"],
-        rejected_by_reason=dict(sorted(Counter(o.reason for o in outcomes if o.status == "rejected").items())),
-    )
+def counts(snapshot: Snapshot) -> Counts:
+    return Counts(**snapshot.counts, rejected_by_reason=snapshot.rejected_by_reason)
 
 
 def privacy_summary(reports: Sequence[MemberReport]) -> PrivacySummary:
-    if not reports:
+    return privacy_of(releases_of(reports))
+
+
+def privacy_of(fresh: FreshReleases) -> PrivacySummary:
+    if not len(fresh):
         return PrivacySummary()
-    eps = [r.release.epsilon for r in reports]
-    scales = [r.release.noise_scale for r in reports]
     return PrivacySummary(
-        mechanisms=dict(Counter(r.release.mechanism for r in reports)),
-        epsilon_min=min(eps),
-        epsilon_max=max(eps),
-        noise_scale_min=min(scales),
-        noise_scale_max=max(scales),
-        privacy_unit_s=max(r.privacy_unit.seconds for r in reports),
-        window_s_max=max(r.window.seconds for r in reports),
+        mechanisms=dict(fresh.mechanisms),
+        epsilon_min=float(fresh.epsilons.min()),
+        epsilon_max=float(fresh.epsilons.max()),
+        noise_scale_min=float(fresh.noise_scales.min()),
+        noise_scale_max=float(fresh.noise_scales.max()),
+        privacy_unit_s=float(fresh.privacy_unit_s.max()),
+        window_s_max=float(fresh.window_s.max()),
     )
 
 
@@ -88,6 +104,7 @@ def add_point(history: History, t: datetime, estimate: Estimate | None, members:
     """``history`` with the point for ``t`` added, the current 5-minute average refreshed, and points older
     than 24 h (recent) or 30 days (coarse) dropped. A tick without a figure adds a null point (a gap)."""
     ts = int(t.timestamp())
+    history = _before(history, ts)  # our clock stepped back: later points are dropped, times stay increasing
     recent = _append(
         history.recent, ts, _round(estimate.mean) if estimate else None,
         _round(estimate.ci95_low) if estimate else None, _round(estimate.ci95_high) if estimate else None, members,
@@ -121,6 +138,15 @@ def _trim(s: Series, since: int, keep: int | None) -> Series:
     return s if first == 0 else s.model_copy(update={k: getattr(s, k)[first:] for k in COLUMNS})
 
 
+def _before(history: History, ts: int) -> History:
+    """``history`` without the points at or after ``ts`` (the open 5-minute bucket is recomputed anyway)."""
+    def cut(s: Series, limit: int) -> Series:
+        keep = next((i for i, t in enumerate(s.t) if t >= limit), len(s.t))
+        return s if keep == len(s.t) else s.model_copy(update={k: getattr(s, k)[:keep] for k in COLUMNS})
+
+    return History(recent=cut(history.recent, ts), coarse=cut(history.coarse, ts - ts % COARSE_STEP_S + 1))
+
+
 def _drop_last(s: Series) -> Series:
     return s.model_copy(update={k: getattr(s, k)[:-1] for k in COLUMNS})
 
@@ -138,32 +164,29 @@ def _bucket_average(recent: Series, bucket: int) -> tuple[float | None, float | 
     return avg(recent.mean), avg(recent.ci95_low), avg(recent.ci95_high), members
 
 
-def build_dashboard(
-    outcomes: Sequence[MemberOutcome], history: History, now: datetime, settings: Settings
-) -> Dashboard:
-    reports = fresh_reports(outcomes)
-    estimate = network_estimate(reports, settings.min_members)
-    counts = count(outcomes)
-    if estimate is not None:
+def build_dashboard(snapshot: Snapshot, history: History, now: datetime, settings: Settings) -> Dashboard:
+    est = estimate(snapshot.fresh, settings.min_members)
+    c = counts(snapshot)
+    if est is not None:
         message = (
-            f"Network CPU {estimate.mean:.1f} % (95 % interval {estimate.ci95_low:.1f} to {estimate.ci95_high:.1f}) "
-            f"from {estimate.members} members."
+            f"Network CPU {est.mean:.1f} % (95 % interval {est.ci95_low:.1f} to {est.ci95_high:.1f}) "
+            f"from {est.members} members."
         )
     else:
         message = (
-            f"No figure: {counts.fresh} fresh member report(s), at least {settings.min_members} are needed "
+            f"No figure: {c.fresh} fresh member report(s), at least {settings.min_members} are needed "
             f"so that no single member's value can be read off the network figure."
         )
     return Dashboard(
         app_version=__version__,
         generated_at=now,
-        status="ok" if estimate else "too_few_members",
+        status="ok" if est else "too_few_members",
         message=message,
-        estimate=estimate,
-        counts=counts,
-        privacy=privacy_summary(reports if estimate else []),  # below min_members: not one member's settings
+        estimate=est,
+        counts=c,
+        privacy=privacy_of(snapshot.fresh) if est else PrivacySummary(),  # below min_members: not one member's
         settings=AggregatorSettings(
             tick_s=settings.tick_s, stale_after_s=settings.stale_after_s, min_members=settings.min_members
         ),
-        history=add_point(history, now, estimate, counts.fresh, settings),
+        history=add_point(history, now, est, c.fresh, settings),
     )

@@ -6,8 +6,10 @@ Nothing below ``run_member`` reads the clock or psutil by itself: callers pass `
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +18,7 @@ from threading import Event
 from typing import Callable
 
 from shared import __version__
-from shared.atomic import atomic_write_json, atomic_write_text
+from shared.atomic import atomic_write_json, atomic_write_text, remove_stale_temps
 from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend
 from shared.logs import Problems
 from shared.paths import Paths
@@ -95,23 +97,34 @@ class Member:
                 self.problems.report("ledger", f"privacy ledger unusable, releases paused: {e}", logging.ERROR)
         return self._ledger
 
-    def ensure_folder(self) -> None:
-        """(Re)create the report folder and its permission files; say so if something had to be repaired."""
+    def ensure_folder(self) -> bool:
+        """(Re)create the report folder and its permission files; say so if something had to be repaired.
+        False (logged once) when they cannot be put in order: then nothing may be published there, since a
+        report without its permission files would fall under whatever a parent folder grants."""
         folder = self.paths.report_dir()
         try:
             if folder.exists() and not folder.is_dir():
                 raise NotADirectoryError(f"{folder} is a file; remove it so the report folder can be created")
             fixed = ensure_permissions(folder, self.paths.email, [self.settings.aggregator])
-            self.problems.clear("perms", "report folder permissions in order again")
-            if fixed and self._ledger is not None:  # first start writes them silently
-                log.warning("repaired %s in %s (missing or changed)", ", ".join(fixed), folder)
+            if not os.access(folder, os.W_OK):  # found before spending budget on a report that cannot be written
+                read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
+                raise OSError(errno.EROFS if read_only else errno.EACCES,
+                              "Read-only file system" if read_only else "Permission denied", str(folder))
         except OSError as e:
-            self.problems.report("perms", f"cannot set up {folder}: {e}. Check disk space and permissions.")
+            self.problems.report(
+                "perms", f"cannot set up {folder}: {e}. Check disk space and permissions; not publishing until then."
+            )
+            return False
+        self.problems.clear("perms", "report folder permissions in order again")
+        if fixed and self._ledger is not None:  # first start writes them silently
+            log.warning("repaired %s in %s (missing or changed)", ", ".join(fixed), folder)
+        return True
 
     def publish(self, raw_mean: float, start: datetime, end: datetime) -> MemberReport | None:
         """Spend budget for the window, then write the report. Returns the report, or None if nothing was
         published (budget exhausted, ledger unusable, disk trouble: each logged once)."""
-        self.ensure_folder()
+        if not self.ensure_folder():
+            return None
         ledger = self.ledger()
         if ledger is None:
             return None
@@ -129,7 +142,12 @@ class Member:
             ledger.admit(spend)
             self.problems.clear("budget", "privacy budget available again: releases resume")
         except BudgetExceeded as e:
-            self.problems.report("budget", str(e))
+            if "budget" not in self.problems.active:  # once per pause, whichever budget binds at each window
+                self.problems.report("budget", f"{e}; releases resume by themselves once the span rolls past")
+            return None
+        except LedgerCorrupt as e:  # edited into garbage while running: pause, as at start
+            self._ledger = None
+            self.problems.report("ledger", f"privacy ledger unusable, releases paused: {e}", logging.ERROR)
             return None
         except OSError as e:
             self.problems.report("ledger-write", f"cannot record the release in the ledger, not publishing: {e}")
@@ -153,7 +171,7 @@ class Member:
         try:
             lines = path.read_text().splitlines()[-(RAW_KEEP - 1):] if path.exists() else []
             atomic_write_text(path, "\n".join([*lines, line]) + "\n", durable=False)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: the file was edited into something not UTF-8
             self.problems.report("raw-write", f"cannot keep the raw mean in {path}: {e}")
 
 
@@ -169,6 +187,8 @@ def run_member(
     """Prime ``read``, then measure and publish window after window until ``stop`` is set. Windows are
     back to back: each starts where the previous one ended, so no activity is missed or counted twice."""
     s = member.settings
+    for folder in (member.paths.report_dir(), member.paths.ledger_file.parent):
+        remove_stale_temps(folder)  # left by a kill mid-write; this process holds the instance lock
     member.ensure_folder()
     read()  # psutil's first reading is meaningless: discard it
     start = wall()
@@ -177,7 +197,12 @@ def run_member(
         if raw is None:
             return
         end = wall()
-        if member.publish(raw, start, end) is not None:
+        if end <= start:  # the wall clock was stepped back: this window cannot be dated, so it is not released
+            member.problems.report(
+                "clock", f"the clock went back from {start.isoformat()} to {end.isoformat()}: window skipped; "
+                "windows that re-use time already spent are charged again by the ledger")
+        elif member.publish(raw, start, end) is not None:
+            member.problems.clear("clock")
             log.info("published window ending %s (epsilon %g)", end.isoformat(timespec="seconds"), s.epsilon)
         start = end
         if once:

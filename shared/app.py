@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from shared import APP_NAME
+from shared.atomic import remove_stale_temps
 from shared.logs import Problems, setup_logging
 from shared.paths import Paths
 from shared.settings import SETTINGS_FILE, Settings, SettingsError, load_settings
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None, *, forced_role: str | None = None) -> in
     if lock is None:
         log.info("another cpu_tracker instance already runs for %s; exiting", paths.email)
         return 0
+    for owned in (paths.report_dir(), paths.public_dir(), paths.ledger_file.parent, paths.history_file.parent):
+        remove_stale_temps(owned)  # left by a kill mid-write: with the lock held, no one else is writing there
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None, *, forced_role: str | None = None) -> in
                 stop.wait(SETTINGS_POLL_S)
                 continue
             roles = roles_for(settings, paths.email, args.role)
+            if "member" in roles:
+                _warn_if_rejected(settings)
             log.info("cpu_tracker for %s: roles %s, aggregator %s, epsilon %g per %gs window",
                      paths.email, "+".join(sorted(roles)), settings.aggregator, settings.epsilon, settings.interval_s)
             run_stop = threading.Event()
@@ -168,6 +173,15 @@ def main(argv: list[str] | None = None, *, forced_role: str | None = None) -> in
     finally:
         lock.close()
     return 0
+
+
+def _warn_if_rejected(settings: Settings) -> None:
+    """A member whose noise scale exceeds what a default aggregator accepts would publish for nothing."""
+    scale = 100.0 / settings.samples_per_window / settings.epsilon
+    if scale > settings.max_noise_scale:
+        log.warning("noise scale %.3g points (100 / %d samples / epsilon %g) exceeds max_noise_scale %g: an "
+                    "aggregator with that limit rejects every report; raise interval_s or epsilon",
+                    scale, settings.samples_per_window, settings.epsilon, settings.max_noise_scale)
 
 
 def _watch(folder: Path, stamp: tuple, stop: threading.Event, run_stop: threading.Event) -> None:

@@ -12,12 +12,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+TEMP_SUFFIX = ".tmp"  # SyftBox's default _.syftignore excludes *.tmp: a half-written temp file is never uploaded
+
 
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically. Creates the parent folder. ``durable`` also fsyncs the folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as e:
+        raise _about(e, path) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -25,14 +30,40 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(e, OSError):
+            raise _about(e, path) from e
         raise
     if durable:
         _fsync_dir(path.parent)
+
+
+def _about(e: OSError, path: Path) -> OSError:
+    """``e`` naming the target file, not the random temp name: the same fault gives the same message (so it is
+    logged once), and the message names the file the user knows. Keeps the subclass (PermissionError, ...)."""
+    return OSError(e.errno, e.strerror or str(e), str(path)) if e.errno else e
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Delete the temp files ``atomic_write_bytes`` leaves behind when the process is killed mid-write. Call it
+    only while no other process writes into ``folder`` (the app holds its instance lock). Returns their names."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_write_text(path: Path, text: str, **kw: Any) -> None:

@@ -199,6 +199,22 @@ class LocalNetwork:
                 self._copy_app(src, dest, files or {})
             self.log(f"localnet: installed {src.name} as {dest}")
 
+    def stop_server(self, grace: float = 10) -> None:
+        """Stop the relay server only (SIGTERM, SIGKILL after ``grace`` s); the clients keep running and retry.
+        Its data folder (snapshot/, file.db) stays, so start_server() brings the same relay back."""
+        proc = self._procs.pop("server", None)
+        if proc is not None:
+            _stop_groups([proc], grace)
+            self.log(f"localnet: server at {self.server_url} stopped")
+
+    def start_server(self, timeout: float = 60) -> None:
+        """Start the relay server again on the same port with the same data, after stop_server()."""
+        if "server" in self._procs:
+            raise RuntimeError("server already running")
+        if not self.server_port:
+            raise RuntimeError("start() the network first")
+        self._start_server(timeout, port=self.server_port)
+
     def server_files(self) -> Path:
         """The folder where the relay stores every uploaded file, as ``<email>/<path in that datasite>``."""
         return self.server_data / "snapshot"
@@ -253,8 +269,8 @@ class LocalNetwork:
         self.logs.mkdir()
         self.server_data.mkdir()
 
-    def _start_server(self, timeout: float) -> None:
-        self.server_port = free_port()
+    def _start_server(self, timeout: float, port: int | None = None) -> None:
+        self.server_port = port or free_port()
         argv = [str(self.venv_bin / "uvicorn"), "syftbox.server.server:app", "--host", HOST]
         argv += ["--port", str(self.server_port)]
         self._spawn("server", argv, self.server_data, {"SYFTBOX_DATA_FOLDER": str(self.server_data)})

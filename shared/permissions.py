@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -36,10 +37,15 @@ def syft_pub(readers: Sequence[str]) -> dict:
 
 def permission_files(owner: str, readers: Sequence[str]) -> dict[str, bytes]:
     """File name -> exact bytes of both permission files."""
-    return {
-        SYFTPERM_FILE: yaml.safe_dump(syftperm_rules(owner, readers), sort_keys=False).encode(),
-        SYFT_PUB_FILE: yaml.safe_dump(syft_pub(readers), sort_keys=False).encode(),
-    }
+    return dict(_permission_files(owner, tuple(readers)))
+
+
+@lru_cache(maxsize=16)  # checked every window / tick: dump the YAML once, not every time
+def _permission_files(owner: str, readers: tuple[str, ...]) -> tuple[tuple[str, bytes], ...]:
+    return (
+        (SYFTPERM_FILE, yaml.safe_dump(syftperm_rules(owner, readers), sort_keys=False).encode()),
+        (SYFT_PUB_FILE, yaml.safe_dump(syft_pub(readers), sort_keys=False).encode()),
+    )
 
 
 def ensure_permissions(folder: Path, owner: str, readers: Sequence[str]) -> list[str]:

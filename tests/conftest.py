@@ -50,3 +50,16 @@ class FakeWall:
     def __call__(self) -> datetime:
         self.now += self.step
         return self.now
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long", action="store_true", default=False,
+        help="longer randomized runs of the fault and hostile-input tests (more kills, rewrites, examples)",
+    )
+
+
+@pytest.fixture
+def long_run(request: pytest.FixtureRequest) -> bool:
+    """True under ``--long``: randomized fault tests run 10x more iterations (same seeds)."""
+    return bool(request.config.getoption("--long"))

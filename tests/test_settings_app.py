@@ -122,3 +122,12 @@ def test_an_unexpected_error_in_a_loop_is_logged_and_stops_the_run(caplog):
     _guarded(member_loop, stop, failed)()
     assert failed == ["member_loop"] and stop.is_set()
     assert "member_loop stopped by an unexpected error" in caplog.text and "boom" in caplog.text
+
+
+def test_a_member_too_noisy_for_the_aggregator_is_warned(caplog):
+    from shared.app import _warn_if_rejected
+
+    _warn_if_rejected(Settings(aggregator="a@x.org"))
+    assert "exceeds max_noise_scale" not in caplog.text
+    _warn_if_rejected(Settings(aggregator="a@x.org", interval_s=1.0))  # 10 samples: scale 20 > 10
+    assert "exceeds max_noise_scale" in caplog.text

@@ -1,0 +1,1 @@
+"""Benchmarks of cpu_tracker: ``./run.sh bench`` (``python -m tests.bench``). See __main__.py."""
