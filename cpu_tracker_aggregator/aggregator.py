@@ -95,7 +95,7 @@ class Aggregator:
             if self._members_pending is not None:
                 _atomic_write_chunks(self.paths.members_status_file, members_json_chunks(self._members_pending, now))
                 self._members_pending = None
-            atomic_write_text(self.paths.history_file, history + "\n", durable=False)  # as the dashboard
+            atomic_write_text(self.paths.history_file, history + "\n")  # durable: it must outlive the dashboard
             self.problems.clear("private", "private status written again")
         except OSError as e:  # the per-member status is retried next tick, even if nothing changes
             self.problems.report("private", f"cannot write {self.paths.private}: {e}. History may be lost on restart.")
