@@ -77,9 +77,12 @@ class BudgetExceeded(RuntimeError):
 # Pure budget arithmetic
 # ---------------------------------------------------------------------------------------------------
 def _arrays(spends: Iterable[Spend]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows = [(s.window_start.timestamp(), s.window_end.timestamp(), s.epsilon) for s in spends]
-    arr = np.array(rows, dtype=float).reshape(-1, 3)
+    arr = np.array([_row(s) for s in spends], dtype=float).reshape(-1, 3)
     return arr[:, 0], arr[:, 1], arr[:, 2]
+
+
+def _row(s: Spend) -> tuple[float, float, float]:
+    return (s.window_start.timestamp(), s.window_end.timestamp(), s.epsilon)
 
 
 def _sum_at_or_above(keys: np.ndarray, eps: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -120,7 +123,11 @@ def spent_in_span(spends: Sequence[Spend], start: datetime, end: datetime) -> fl
 
 def check_budgets(spends: Sequence[Spend], new: Spend, budgets: Sequence[Budget]) -> None:
     """Raise BudgetExceeded for the first budget that ``new`` would break."""
-    arrays = _arrays([*spends, new])
+    _check_arrays(_arrays([*spends, new]), budgets)
+
+
+def _check_arrays(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], budgets: Sequence[Budget]) -> None:
+    """``check_budgets`` on (starts, ends, epsilons) whose last entry is the new release."""
     for budget in budgets:
         spent = _worst(*arrays, budget.horizon_s)
         if spent > budget.epsilon * (1 + 1e-9):
@@ -137,7 +144,7 @@ class Ledger:
         self.path = Path(path)
         self.budgets = tuple(budgets)
         with _locked(self.path, create=True) as fd:
-            self.spends: list[Spend] = _read_locked(fd, self.path)
+            self.spends = _read_locked(fd, self.path)
             self._seen = _signature(fd)
 
     @property
@@ -150,15 +157,31 @@ class Ledger:
         became unreadable."""
         with _locked(self.path, create=True) as fd:
             self._catch_up(fd, new.released_at)
-            check_budgets(self._relevant(new), new, self.budgets)
+            _check_arrays(self._relevant_arrays(new), self.budgets)
             _append(fd, new.model_dump_json().encode("utf-8") + b"\n")
-            self.spends.append(new)
+            self._spends.append(new)
+            self._rows.append(_row(new))
             self._seen = _signature(fd)
             self._maybe_compact(new.released_at)
 
-    def _relevant(self, new: Spend) -> list[Spend]:
-        since = new.window_start - self.retention
-        return [s for s in self.spends if s.window_end > since]
+    @property
+    def spends(self) -> list[Spend]:
+        return self._spends
+
+    @spends.setter
+    def spends(self, spends: list[Spend]) -> None:
+        """Keeps each release's (start, end, epsilon) in seconds beside it: converting every retained release's
+        times at each admit was most of a release's cost after a day of them."""
+        self._spends = list(spends)
+        self._rows = [_row(s) for s in self._spends]
+
+    def _relevant_arrays(self, new: Spend) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(starts, ends, epsilons) of the releases within retention of ``new``, then ``new`` itself."""
+        arr = np.array([*self._rows, _row(new)], dtype=float).reshape(-1, 3)
+        keep = arr[:, 1] > (new.window_start - self.retention).timestamp()
+        keep[-1] = True
+        arr = arr[keep]
+        return arr[:, 0], arr[:, 1], arr[:, 2]
 
     def _catch_up(self, fd: int, now: datetime) -> None:
         """If the file is not as this process left it (another process appended; it was deleted, truncated or
@@ -182,9 +205,10 @@ class Ledger:
         self._seen = _signature(fd)
 
     def _maybe_compact(self, now: datetime) -> None:
-        since = now - self.retention
-        keep = [s for s in self.spends if s.window_end > since]
-        if len(self.spends) > 2 * len(keep) + 100:
+        since = (now - self.retention).timestamp()
+        kept = sum(1 for row in self._rows if row[1] > since)
+        if len(self._rows) > 2 * kept + 100:
+            keep = [s for s, row in zip(self._spends, self._rows) if row[1] > since]
             try:
                 atomic_write_text(self.path, "".join(s.model_dump_json() + "\n" for s in keep))
             except OSError as e:  # the release is recorded: compaction can wait for the next one
