@@ -14,7 +14,7 @@ import numpy as np
 
 from cpu_tracker_aggregator.collect import FreshReleases, Snapshot
 from shared import __version__
-from shared.privacy import _half_width
+from shared.privacy import grouped_half_width
 from shared.schema import (
     AggregatorSettings,
     Counts,
@@ -68,7 +68,7 @@ def estimate(fresh: FreshReleases, min_members: int) -> Estimate | None:
     else:
         distinct, counts = np.unique(scales[scales > 0] / k, return_counts=True)
         groups = tuple(zip(map(float, distinct), map(int, counts)))
-    half = _half_width(groups, 0.0, LEVEL) if groups else 0.0
+    half = grouped_half_width(groups, 0.0, LEVEL) if groups else 0.0
     return Estimate(
         mean=mean, standard_error=se, ci95_low=mean - half, ci95_high=mean + half, members=k, method=METHOD
     )

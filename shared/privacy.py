@@ -125,11 +125,12 @@ def noise_half_width(laplace_scales: Iterable[float], gauss_std: float = 0.0, le
     groups = Counter(float(b) for b in laplace_scales if b > 0)
     if not groups and gauss_std <= 0:
         return 0.0
-    return _half_width(tuple(sorted(groups.items())), float(gauss_std), float(level))
+    return grouped_half_width(tuple(sorted(groups.items())), float(gauss_std), float(level))
 
 
 @lru_cache(maxsize=256)  # members' scales rarely change from one tick to the next
-def _half_width(groups: tuple[tuple[float, int], ...], gauss_std: float, level: float) -> float:
+def grouped_half_width(groups: tuple[tuple[float, int], ...], gauss_std: float, level: float) -> float:
+    """``noise_half_width`` for Laplace scales given as sorted (scale, count) pairs (hashable: cached)."""
     groups = Counter(dict(groups))
     sd = math.sqrt(sum(2 * b * b * m for b, m in groups.items()) + gauss_std**2)
     coverage = _abs_cdf(groups, gauss_std)

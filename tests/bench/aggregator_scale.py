@@ -158,7 +158,7 @@ def _aggregator(root: Path):
     from shared.paths import Paths
     from shared.settings import Settings
 
-    shared.privacy._half_width.cache_clear()  # a new aggregator computes its interval afresh
+    shared.privacy.grouped_half_width.cache_clear()  # a new aggregator computes its interval afresh
     gc.collect()
     return Aggregator(Paths(data_dir=root, email=AGG), Settings(aggregator=AGG), Problems(logging.getLogger("b")))
 
