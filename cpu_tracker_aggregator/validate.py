@@ -21,7 +21,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import ValidationError
 
-from shared.schema import SCHEMA_VERSION, LaplaceRelease, LegacyReport, MemberReport, PrivacyUnit, Window, to_utc
+from shared.schema import SCHEMA_VERSION, LaplaceRelease, LegacyReport, MemberReport, PrivacyUnit, Window
 from shared.settings import Settings
 
 REASONS = {

@@ -13,7 +13,6 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from threading import Event
 from typing import Callable
 

@@ -663,9 +663,8 @@ def test_ledger_short_write_is_rolled_back(tmp_path: Path, monkeypatch: pytest.M
     real_write = os.write
 
     def short_then_full(fd: int, data) -> int:
-        if real_write(fd, bytes(data)[:17]) and True:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return 0
+        real_write(fd, bytes(data)[:17])  # part of the line lands, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", short_then_full)
     with pytest.raises(OSError):
