@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: relay server {net.server_url}; {len(members)} members publish every {args.interval:g} s")
         print(f"demo: live page   {url}index.html")
         print(f"demo: dashboard   {agg.dashboard_file}")
-        print(f"demo: app logs    {root}/<client>/apps/cpu_tracker/logs/   (Ctrl-C stops everything)")
+        print(f"demo: app logs    {net.root}/<datasite>/data/apps/cpu_tracker/logs/   (Ctrl-C stops everything)")
         watch(agg, stop, args.duration)
     finally:
         if httpd is not None:
