@@ -6,8 +6,6 @@ import bisect
 import functools
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,7 +17,7 @@ from pydantic import ValidationError
 
 from cpu_tracker_aggregator.collect import Collector, Snapshot, members_json_chunks
 from cpu_tracker_aggregator.dashboard import COLUMNS, build_dashboard, empty_history
-from shared.atomic import atomic_write_text, write_if_changed
+from shared.atomic import atomic_write_chunks, atomic_write_text, write_if_changed
 from shared.logs import Problems
 from shared.paths import Paths
 from shared.permissions import ensure_permissions
@@ -93,31 +91,14 @@ class Aggregator:
             self._members_pending = snapshot
         try:
             if self._members_pending is not None:
-                _atomic_write_chunks(self.paths.members_status_file, members_json_chunks(self._members_pending, now))
+                # derived state, rewritten by the next change and at every start: no fsync
+                atomic_write_chunks(self.paths.members_status_file, members_json_chunks(self._members_pending, now),
+                                    durable=False, fsync=False)
                 self._members_pending = None
             atomic_write_text(self.paths.history_file, history + "\n")  # durable: it must outlive the dashboard
             self.problems.clear("private", "private status written again")
         except OSError as e:  # the per-member status is retried next tick, even if nothing changes
             self.problems.report("private", f"cannot write {self.paths.private}: {e}. History may be lost on restart.")
-
-
-def _atomic_write_chunks(path: Path, chunks) -> None:
-    """Replace ``path`` with the concatenated ``chunks`` through a temp file and a rename, without holding the
-    whole text. Not fsynced: members.json is derived state, written again by the next tick that changes
-    anything and by the first tick after every start."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.writelines(chunks)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class HistoryJSON:

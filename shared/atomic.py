@@ -10,13 +10,20 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 TEMP_SUFFIX = ".tmp"  # SyftBox's default _.syftignore excludes *.tmp: a half-written temp file is never uploaded
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically. Creates the parent folder. ``durable`` also fsyncs the folder."""
+    atomic_write_chunks(path, [data], durable=durable)
+
+
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes], *, durable: bool = True, fsync: bool = True) -> None:
+    """Replace ``path`` with the concatenated ``chunks`` atomically, without holding the whole content.
+    ``fsync`` flushes the file to disk before the rename; ``durable`` also fsyncs the folder after it. Leave
+    both off only for derived state that the next write recreates anyway."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,9 +32,10 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
         raise _about(e, path) from e
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            f.writelines(chunks)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException as e:
