@@ -618,6 +618,16 @@ def assert_each_logged_once(caplog: pytest.LogCaptureFixture, needle: str) -> li
     return hits
 
 
+def new_member(paths: Paths, settings: Settings) -> Member:
+    return Member(paths, settings, Problems(logging.getLogger("cpu_tracker.member")))
+
+
+def member_on(data_dir: Path) -> tuple[Paths, Settings, Member, MemberAudit, FakeWall]:
+    """A member of ``data_dir`` with the fault tests' settings, its auditor and a wall clock from T0."""
+    paths, settings = Paths(data_dir=data_dir, email=ME), member_settings()
+    return paths, settings, new_member(paths, settings), MemberAudit(paths, settings), FakeWall(T0)
+
+
 def drive(member: Member, wall: FakeWall, windows: int, value: float = 30.0) -> list[MemberReport | None]:
     out = []
     for _ in range(windows):
@@ -630,11 +640,7 @@ def test_member_disk_full_then_freed(tiny_fs: Path, caplog: pytest.LogCaptureFix
     """A full disk: each problem logged once with what to do, nothing half-written, the ledger intact (a
     short write of its line is rolled back), no report without a ledger record; then it resumes by itself."""
     caplog.set_level(logging.INFO)
-    paths = Paths(data_dir=tiny_fs, email=ME)
-    settings = member_settings()
-    member = Member(paths, settings, Problems(logging.getLogger("cpu_tracker.member")))
-    audit = MemberAudit(paths, settings)
-    wall = FakeWall(T0)
+    paths, settings, member, audit, wall = member_on(tiny_fs)
     assert all(drive(member, wall, 3))
     good = paths.report_file().read_bytes()
     filler = fill(tiny_fs)
@@ -679,18 +685,14 @@ def test_member_read_only_then_writable(tiny_fs: Path, caplog: pytest.LogCapture
     """The file system turns read-only while the member runs, and later at a start: logged once, nothing
     published, state kept; writable again: resumes by itself."""
     caplog.set_level(logging.INFO)
-    paths = Paths(data_dir=tiny_fs, email=ME)
-    settings = member_settings()
-    member = Member(paths, settings, Problems(logging.getLogger("cpu_tracker.member")))
-    audit = MemberAudit(paths, settings)
-    wall = FakeWall(T0)
+    paths, settings, member, audit, wall = member_on(tiny_fs)
     assert all(drive(member, wall, 2))
     remount(tiny_fs, "ro")
     try:
         assert not any(drive(member, wall, 5))
         assert_each_logged_once(caplog, "Read-only file system")
         caplog.clear()
-        restarted = Member(paths, settings, Problems(logging.getLogger("cpu_tracker.member")))
+        restarted = new_member(paths, settings)
         assert not any(drive(restarted, wall, 5))
         assert_each_logged_once(caplog, "Read-only file system")
     finally:
@@ -758,7 +760,7 @@ def test_member_repairs_what_it_owns(tmp_path: Path, caplog: pytest.LogCaptureFi
     caplog.set_level(logging.INFO)
     paths = Paths(data_dir=tmp_path, email=ME)
     settings = member_settings()
-    member = Member(paths, settings, Problems(logging.getLogger("cpu_tracker.member")))
+    member = new_member(paths, settings)
     audit = MemberAudit(paths, settings)
     wall = FakeWall(T0)
     folder = paths.report_dir()
@@ -806,7 +808,7 @@ def test_deleted_private_folder_keeps_the_budget(tmp_path: Path, caplog: pytest.
     from memory before the next release, so the spent budget is never forgotten, even across a restart."""
     paths = Paths(data_dir=tmp_path, email=ME)
     settings = member_settings(budgets=(Budget(horizon_s=3600, epsilon=2.0),))
-    member = Member(paths, settings, Problems(logging.getLogger("cpu_tracker.member")))
+    member = new_member(paths, settings)
     wall = FakeWall(T0)
     assert all(drive(member, wall, 3))  # 1.5 of the 2.0 per hour
     recorded = load_spends(paths.ledger_file)
@@ -816,7 +818,7 @@ def test_deleted_private_folder_keeps_the_budget(tmp_path: Path, caplog: pytest.
     assert len(load_spends(paths.ledger_file)) == 4
     assert any("lost 3 release" in m for m in messages(caplog))
     assert not any(drive(member, wall, 2))
-    restarted = Member(paths, settings, Problems(logging.getLogger("cpu_tracker.member")))
+    restarted = new_member(paths, settings)
     assert not any(drive(restarted, wall, 5)), "a restart after the deletion overspent the hourly budget"
     MemberAudit(paths, settings).check()
 
@@ -875,7 +877,7 @@ def test_member_clock_stepped_back_never_overspends(tmp_path: Path, step_back_s:
     back = forward[-1] - step_back_s
     offsets = [*forward, *[back + 20 * i for i in range(12)], *[back - step_back_s + 20 * i for i in range(40)]]
     stop, read = stop_after(len(offsets), lambda i: 40.0)
-    member = Member(paths, settings, Problems(logging.getLogger("cpu_tracker.member")))
+    member = new_member(paths, settings)
     run_member(member, stop, read=read, wall=ScriptedWall(offsets), clock=FakeClock(step=20.0))
     audit = MemberAudit(paths, settings)
     audit.check()
