@@ -29,6 +29,19 @@ REPO = Path(__file__).resolve().parents[1]
 AGG = "aggregator@demo.example.org"
 
 
+def install_tracker(net: LocalNetwork, members: list[str], aggregator: str, settings: str) -> None:
+    """Install this app into every client as a user would: a copy with ``settings`` as its cpu_tracker.toml;
+    the aggregator's copy also says ``role = "aggregator"`` (it publishes no report of its own)."""
+    net.install_app(REPO, symlink=False, emails=members, files={"cpu_tracker.toml": settings})
+    net.install_app(REPO, symlink=False, emails=[aggregator],
+                    files={"cpu_tracker.toml": settings + 'role = "aggregator"\n'})
+
+
+def site_paths(net: LocalNetwork, email: str) -> Paths:
+    """The app's paths in ``email``'s client of ``net``."""
+    return Paths(data_dir=net.sites[email].data_dir, email=email)
+
+
 class QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
@@ -71,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     httpd = None
     try:
         net.start()
-        net.install_app(REPO, symlink=False, emails=members, files={"cpu_tracker.toml": settings})
-        net.install_app(REPO, symlink=False, emails=[AGG], files={"cpu_tracker.toml": settings + 'role = "aggregator"\n'})
-        agg = Paths(net.sites[AGG].data_dir, AGG)
+        install_tracker(net, members, AGG, settings)
+        agg = site_paths(net, AGG)
         httpd, url = serve(agg.public_dir())
         print(f"demo: relay server {net.server_url}; {len(members)} members publish every {args.interval:g} s")
         print(f"demo: live page   {url}index.html")

@@ -11,13 +11,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from shared.demo import install_tracker, site_paths
 from shared.localnet import LocalNetwork
-from shared.paths import Paths
 from shared.schema import SCHEMA_DIR
 
 pytestmark = pytest.mark.network
 
-REPO = Path(__file__).resolve().parents[1]
 MEMBERS = ["m1@example.org", "m2@example.org", "m3@example.org"]
 AGG = "agg@example.org"
 SETTINGS = f'aggregator = "{AGG}"\ninterval_s = 4\ntick_s = 2\nstale_after_s = 30\n'
@@ -30,13 +29,11 @@ def schema(name: str) -> dict:
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     with LocalNetwork(tmp_path_factory.mktemp("e2e"), Path(sys.prefix) / "bin", [*MEMBERS, AGG], log=lambda _: None) as n:
-        n.install_app(REPO, symlink=False, emails=MEMBERS, files={"cpu_tracker.toml": SETTINGS})
-        n.install_app(REPO, symlink=False, emails=[AGG], files={"cpu_tracker.toml": SETTINGS + 'role = "aggregator"\n'})
+        install_tracker(n, MEMBERS, AGG, SETTINGS)
         yield n
 
 
-def paths(net: LocalNetwork, email: str) -> Paths:
-    return Paths(data_dir=net.sites[email].data_dir, email=email)
+paths = site_paths
 
 
 def dashboard(net: LocalNetwork) -> dict | None:

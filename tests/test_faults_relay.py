@@ -19,15 +19,14 @@ from pathlib import Path
 import pytest
 
 from shared.ledger import load_spends
+from shared.demo import install_tracker, site_paths
 from shared.localnet import LocalNetwork
-from shared.paths import Paths
 from shared.schema import Dashboard, MemberReport
 from shared.settings import Settings
 from tests.test_faults import worst_spans
 
 pytestmark = pytest.mark.network
 
-REPO = Path(__file__).resolve().parents[1]
 MEMBERS = ["m1@example.org", "m2@example.org", "m3@example.org"]
 AGG = "agg@example.org"
 INTERVAL_S, STALE_AFTER_S = 2, 8
@@ -38,13 +37,11 @@ SETTINGS = f'aggregator = "{AGG}"\ninterval_s = {INTERVAL_S}\ntick_s = 1\nstale_
 def net(tmp_path_factory):
     with LocalNetwork(tmp_path_factory.mktemp("relay"), Path(sys.prefix) / "bin", [*MEMBERS, AGG],
                       log=lambda _: None) as n:
-        n.install_app(REPO, symlink=False, emails=MEMBERS, files={"cpu_tracker.toml": SETTINGS})
-        n.install_app(REPO, symlink=False, emails=[AGG], files={"cpu_tracker.toml": SETTINGS + 'role = "aggregator"\n'})
+        install_tracker(n, MEMBERS, AGG, SETTINGS)
         yield n
 
 
-def paths(net: LocalNetwork, email: str) -> Paths:
-    return Paths(data_dir=net.sites[email].data_dir, email=email)
+paths = site_paths
 
 
 def dashboard(net: LocalNetwork) -> Dashboard | None:

@@ -28,14 +28,13 @@ from pathlib import Path
 import pytest
 
 from cpu_tracker_member.member import Member, run_member
+from shared.demo import install_tracker, site_paths
 from shared.localnet import Datasite, LocalNetwork
 from shared.logs import Problems
-from shared.paths import Paths
 from shared.settings import Settings
 
 pytestmark = pytest.mark.network
 
-REPO = Path(__file__).resolve().parents[1]
 MEMBERS = ["m1@example.org", "m2@example.org", "m3@example.org"]
 PROBE, OUTSIDER, AGG = "probe@example.org", "outsider@example.org", "agg@example.org"
 ALL_MEMBERS = [*MEMBERS, PROBE]
@@ -53,8 +52,7 @@ def probe_value(i: int) -> float:
 def net(tmp_path_factory):
     with LocalNetwork(tmp_path_factory.mktemp("secrecy"), Path(sys.prefix) / "bin", [*ALL_MEMBERS, OUTSIDER, AGG],
                       log=lambda _: None) as n:
-        n.install_app(REPO, symlink=False, emails=MEMBERS, files={"cpu_tracker.toml": SETTINGS})
-        n.install_app(REPO, symlink=False, emails=[AGG], files={"cpu_tracker.toml": SETTINGS + 'role = "aggregator"\n'})
+        install_tracker(n, MEMBERS, AGG, SETTINGS)
         probe = paths(n, PROBE)
         canary = probe.private / "member" / "canary.txt"
         canary.parent.mkdir(parents=True)
@@ -77,8 +75,7 @@ def net(tmp_path_factory):
         yield n
 
 
-def paths(net: LocalNetwork, email: str) -> Paths:
-    return Paths(data_dir=net.sites[email].data_dir, email=email)
+paths = site_paths
 
 
 def dashboard(path: Path) -> dict | None:

@@ -19,14 +19,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from tests.bench.common import REPO, Result, Row
+from tests.bench.common import Result, Row
 
 AGG = "aggregator@bench.example.org"
 
 
 def run(ctx) -> Result:
+    from shared.demo import install_tracker, site_paths
     from shared.localnet import LocalNetwork
-    from shared.paths import Paths
 
     interval, observe = (6.0, 40.0) if ctx.quick else (20.0, 210.0)
     tick = min(10.0, interval / 2)  # as the demo
@@ -39,9 +39,8 @@ def run(ctx) -> Result:
     polled: dict[tuple[str, str], float] = {}  # the same, on this process's clock when the poll saw it
     started = time.monotonic()
     with LocalNetwork(root / "net", Path(sys.prefix) / "bin", [*members, AGG], log=ctx.log) as net:
-        net.install_app(REPO, symlink=False, emails=members, files={"cpu_tracker.toml": settings})
-        net.install_app(REPO, symlink=False, emails=[AGG], files={"cpu_tracker.toml": settings + 'role = "aggregator"\n'})
-        agg = Paths(net.sites[AGG].data_dir, AGG)
+        install_tracker(net, members, AGG, settings)
+        agg = site_paths(net, AGG)
         net.wait_for(lambda: _fresh(agg) == len(members), timeout=600, interval=0.5, what="3 fresh members")
         setup_s = time.monotonic() - started
         ctx.log(f"e2e_latency: network up and every member counted after {setup_s:.0f} s; observing {observe:.0f} s")
@@ -51,7 +50,7 @@ def run(ctx) -> Result:
             _poll(agg, seen, polled)
             time.sleep(0.25)
         stopped_at = time.time()
-        released = {m: _releases(Paths(net.sites[m].data_dir, m)) for m in members}
+        released = {m: _releases(site_paths(net, m)) for m in members}
     goal = interval + 15
     latencies, poll_latencies, missed = [], [], 0
     for m, ends in released.items():
