@@ -131,3 +131,20 @@ def test_a_member_too_noisy_for_the_aggregator_is_warned(caplog):
     assert "exceeds max_noise_scale" not in caplog.text
     _warn_if_rejected(Settings(aggregator="a@x.org", interval_s=1.0))  # 10 samples: scale 20 > 10
     assert "exceeds max_noise_scale" in caplog.text
+
+
+def test_a_changed_settings_file_stops_the_run_for_a_reload(tmp_path, monkeypatch):
+    """The README promises settings changes are picked up within SETTINGS_POLL_S (10 s)."""
+    import threading
+
+    import shared.app as app
+
+    monkeypatch.setattr(app, "SETTINGS_POLL_S", 0.05)
+    (tmp_path / "cpu_tracker.toml").write_text('aggregator = "a@x.org"\n')
+    stop, run_stop = threading.Event(), threading.Event()
+    watcher = threading.Thread(target=app._watch, args=(tmp_path, app._settings_stamp(tmp_path), stop, run_stop))
+    watcher.start()
+    assert not run_stop.wait(0.3)  # unchanged: the run goes on
+    (tmp_path / "cpu_tracker.toml").write_text('aggregator = "b@x.org"\nepsilon = 0.25\n')
+    assert run_stop.wait(5)
+    watcher.join(5)
