@@ -4,8 +4,10 @@
 #   ./run.sh demo       a whole local SyftBox network on 127.0.0.1 with the app installed in every client
 #   ./run.sh test       the whole test suite (pytest arguments may follow)
 #   ./run.sh bench      the benchmarks
+#   ./run.sh env [runtime|test]   build (once) and print the path of that environment
 # It prepares its own Python environment, shared by every copy of the app on this machine and keyed by the
-# dependency pins in pyproject.toml, so a second start takes seconds.
+# dependency pins in pyproject.toml, so a second start takes seconds. The app runs from this folder
+# (PYTHONPATH), never from a copy installed in the shared environment.
 set -eu
 APP_DIR=$(cd "$(dirname "$0")" && pwd)
 cd "$APP_DIR"
@@ -28,22 +30,26 @@ PY=$(find_python "$CLEAN_PATH") || PY=$(find_python "$PATH") || {
     sleep 60; exit 1
 }
 
-REQS=$("$PY" - <<'PYEOF'
-import tomllib
-p = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))
-PYEOF
-)
-KEY=$(printf '%s\n%s\n' "$("$PY" -c 'import sys; print(sys.version)')" "$REQS" | sha256sum | cut -c1-16)
+# Two environments, each keyed by its own pins: "runtime" holds what the app runs (what SyftBox starts, and the
+# demo); "test" adds the test extra (pytest, hypothesis, selenium, ...) for `test` and `bench`.
 ENV_ROOT=${CPU_TRACKER_ENV_ROOT:-${SYFTBOX_CPU_TRACKER_ENV_ROOT:-${HOME:-/tmp}/.cache/cpu_tracker}}
-ENV="$ENV_ROOT/env-$KEY"
 mkdir -p "$ENV_ROOT"
 
-if [ ! -f "$ENV/.ready" ]; then
+# ensure_env runtime|test: sets ENV to a ready environment with that kind's pins, building it once per machine.
+ensure_env() {
+    REQS=$("$PY" - "$1" <<'PYEOF'
+import sys, tomllib
+p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(p["dependencies"] + (p["optional-dependencies"]["test"] if sys.argv[1] == "test" else [])))
+PYEOF
+)
+    KEY=$(printf '%s\n%s\n' "$("$PY" -c 'import sys; print(sys.version)')" "$REQS" | sha256sum | cut -c1-16)
+    ENV="$ENV_ROOT/env-$KEY"
+    [ -f "$ENV/.ready" ] && return 0
     (
         flock 9
         if [ ! -f "$ENV/.ready" ]; then
-            echo "cpu_tracker: preparing the Python environment in $ENV (once per machine)"
+            echo "cpu_tracker: preparing the $1 Python environment in $ENV (once per machine)"
             rm -rf "$ENV"
             printf '%s\n' "$REQS" > "$ENV_ROOT/requirements-$KEY.txt"
             if command -v uv >/dev/null 2>&1; then
@@ -54,15 +60,21 @@ if [ ! -f "$ENV/.ready" ]; then
             touch "$ENV/.ready"
         fi
     ) 9>"$ENV_ROOT/.lock" || { sleep 30; exit 1; }
-fi
+}
+
+case "${1:-}" in
+    test|bench) ensure_env test ;;
+    env)        ensure_env "${2:-runtime}" ;;
+    *)          ensure_env runtime ;;
+esac
 
 export PYTHONPATH="$APP_DIR${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 case "${1:-}" in
-    demo)  shift; exec "$ENV/bin/python" -m shared.demo "$@" ;;
+    demo)  shift; exec "$ENV/bin/python" -m tests.localnet.demo "$@" ;;
     test)  shift; exec "$ENV/bin/python" -m pytest "$@" ;;
     bench) shift; exec "$ENV/bin/python" -m tests.bench "$@" ;;
     env)   echo "$ENV" ;;
-    "")    exec "$ENV/bin/python" -m shared.app ;;
+    "")    exec "$ENV/bin/python" -m shared.runner cpu_tracker_member.member cpu_tracker_aggregator.aggregator ;;
     *)     echo "usage: ./run.sh [demo|test|bench|env] [args...]" >&2; exit 2 ;;
 esac

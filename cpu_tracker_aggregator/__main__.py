@@ -7,23 +7,24 @@
 import sys
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
         import argparse
 
         from cpu_tracker_aggregator.status import status_text
-        from shared.app import load_workspace
+        from shared.runner import load_workspace
 
         args = argparse.ArgumentParser(prog="cpu_tracker_aggregator status")
         args.add_argument("--config")
         ns = args.parse_args(argv[1:])
-        paths = load_workspace(ns.config)
-        print(status_text(paths.dashboard_file))
+        print(status_text(load_workspace(ns.config).dashboard_file))
         return 0
-    from shared.app import main as app_main
+    from cpu_tracker_aggregator.aggregator import ROLE
+    from shared.runner import main as run_main
 
-    return app_main(argv, forced_role="aggregator")
+    return run_main(argv, roles=[ROLE], prog="cpu_tracker_aggregator", forced_role="aggregator")
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

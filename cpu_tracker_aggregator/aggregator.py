@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import bisect
 import functools
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,12 +14,13 @@ from typing import Callable
 from pydantic import ValidationError
 
 from cpu_tracker_aggregator.collect import Collector, Snapshot, members_json_chunks
-from cpu_tracker_aggregator.dashboard import COLUMNS, build_dashboard, empty_history
-from shared.atomic import atomic_write_chunks, atomic_write_text, write_if_changed
+from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history
+from shared.atomic import atomic_write_bytes, atomic_write_chunks, write_if_changed
 from shared.logs import Problems
 from shared.paths import Paths
 from shared.permissions import ensure_permissions
-from shared.schema import Dashboard, History, Series, json_schemas, schema_text, utc_now
+from shared.runner import Role
+from shared.schema import Dashboard, History, json_schemas, schema_text, utc_now
 from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.aggregator")
@@ -36,7 +35,6 @@ class Aggregator:
     collector: Collector = field(init=False)
     history: History = field(init=False)
     _members_pending: Snapshot | None = field(init=False, default=None)
-    _history_json: HistoryJSON = field(init=False, default_factory=lambda: HistoryJSON())
     _published_once: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -63,12 +61,11 @@ class Aggregator:
         snapshot = self.collector.collect(now)
         dashboard = build_dashboard(snapshot, self.history, now, self.settings)
         self.history = dashboard.history
-        history = self._history_json.encode(self.history)  # the bulk of both files (24 h + 30 days of points)
-        self._write_private(snapshot, now, history)  # first: a crash must never take back a published point
-        self._publish(dashboard, history)
+        self._write_private(snapshot, now)  # first: a crash must never take back a published point
+        self._publish(dashboard)
         return dashboard
 
-    def _publish(self, dashboard: Dashboard, history: str) -> None:
+    def _publish(self, dashboard: Dashboard) -> None:
         folder = self.paths.public_dir()
         try:
             fixed = ensure_permissions(folder, self.paths.email, ["*"])
@@ -77,15 +74,14 @@ class Aggregator:
             self._published_once = True
             for name, data in _static_files().items():
                 write_if_changed(folder / name, data)
-            head = json.dumps(dashboard.model_dump(mode="json", exclude={"history"}), allow_nan=False, ensure_ascii=False)
             # rewritten every tick: after a crash the old file or the new one is there, which is all that matters,
             # so the folder is not fsynced (the file is)
-            atomic_write_text(self.paths.dashboard_file, f'{head[:-1]}, "history": {history}}}\n', durable=False)
+            atomic_write_bytes(self.paths.dashboard_file, dashboard.model_dump_json().encode() + b"\n", durable=False)
             self.problems.clear("publish", "dashboard published again")
         except OSError as e:
             self.problems.report("publish", f"cannot publish to {folder}: {e}. Check disk space and permissions.")
 
-    def _write_private(self, snapshot: Snapshot, now: datetime, history: str) -> None:
+    def _write_private(self, snapshot: Snapshot, now: datetime) -> None:
         """History every tick; the per-member status only when it changed (writing it is O(members))."""
         if snapshot.members_lines is not None:
             self._members_pending = snapshot
@@ -95,42 +91,11 @@ class Aggregator:
                 atomic_write_chunks(self.paths.members_status_file, members_json_chunks(self._members_pending, now),
                                     durable=False, fsync=False)
                 self._members_pending = None
-            atomic_write_text(self.paths.history_file, history + "\n")  # durable: it must outlive the dashboard
+            # durable: it must outlive the dashboard
+            atomic_write_bytes(self.paths.history_file, self.history.model_dump_json().encode() + b"\n")
             self.problems.clear("private", "private status written again")
         except OSError as e:  # the per-member status is retried next tick, even if nothing changes
             self.problems.report("private", f"cannot write {self.paths.private}: {e}. History may be lost on restart.")
-
-
-class HistoryJSON:
-    """The history as JSON text (exactly ``json.dumps(history.model_dump(mode="json"))``), re-encoding only the
-    points that changed since the last call: a tick adds a point, drops the oldest and refreshes the open
-    5-minute bucket, so re-encoding 2 x 8,640 points every tick would be almost all waste."""
-
-    def __init__(self):
-        self._columns: dict[tuple[str, str], tuple[list, list[str]]] = {}  # -> (values, their JSON texts)
-
-    def encode(self, history: History) -> str:
-        return f'{{"recent": {self._series("recent", history.recent)}, "coarse": {self._series("coarse", history.coarse)}}}'
-
-    def _series(self, name: str, series: Series) -> str:
-        old_t = self._columns.get((name, "t"), ([], []))[0]
-        dropped = bisect.bisect_left(old_t, series.t[0]) if series.t else len(old_t)  # t only grows
-        columns = ", ".join(f'"{col}": [{", ".join(self._column((name, col), getattr(series, col), dropped))}]'
-                            for col in COLUMNS)
-        return f'{{"resolution_s": {json.dumps(series.resolution_s)}, {columns}}}'
-
-    def _column(self, key: tuple[str, str], values: list, dropped: int) -> list[str]:
-        old, texts = self._columns.get(key, ([], []))
-        kept = min(len(old) - dropped, len(values))
-        while kept > 0 and old[dropped : dropped + kept] != values[:kept]:  # usually equal at once, or after 1
-            kept -= 1
-        fresh = values[kept:]
-        if len(fresh) > 64:  # numbers and nulls hold no ", ": one C call for the lot, split
-            texts = texts[dropped : dropped + kept] + json.dumps(fresh, allow_nan=False)[1:-1].split(", ")
-        else:
-            texts = texts[dropped : dropped + kept] + [json.dumps(v, allow_nan=False) for v in fresh]
-        self._columns[key] = (list(values), texts)
-        return texts
 
 
 @functools.cache
@@ -159,5 +124,9 @@ def run_aggregator(
         stop.wait(max(0.0, agg.settings.tick_s - (time.monotonic() - started)))
 
 
-def load_members_status(paths: Paths) -> dict:
-    return json.loads(paths.members_status_file.read_text())
+def run(paths: Paths, settings: Settings, stop: Event, *, once: bool = False) -> None:
+    """The aggregator role as the runner starts it: the real clock."""
+    run_aggregator(Aggregator(paths, settings, Problems(log)), stop, once=once)
+
+
+ROLE = Role("aggregator", run)

@@ -6,25 +6,12 @@ Nothing here names a member: the dashboard carries counts and network figures on
 from __future__ import annotations
 
 import math
-from collections import Counter
 from datetime import datetime
-from typing import Sequence
-
-import numpy as np
 
 from cpu_tracker_aggregator.collect import FreshReleases, Snapshot
 from shared import __version__
-from shared.privacy import grouped_half_width
-from shared.schema import (
-    AggregatorSettings,
-    Counts,
-    Dashboard,
-    Estimate,
-    History,
-    MemberReport,
-    PrivacySummary,
-    Series,
-)
+from shared.privacy import estimate_mean
+from shared.schema import AggregatorSettings, Counts, Dashboard, Estimate, History, PrivacySummary, Series
 from shared.settings import Settings
 
 METHOD = (
@@ -37,49 +24,18 @@ COARSE_STEP_S = 300
 LEVEL = 0.95
 
 
-def releases_of(reports: Sequence[MemberReport]) -> FreshReleases:
-    """Reports as the columns the estimate is computed from."""
-    col = lambda f: np.array([f(r) for r in reports], dtype=float)  # noqa: E731
-    return FreshReleases(
-        values=col(lambda r: r.release.value), noise_scales=col(lambda r: r.release.noise_scale),
-        epsilons=col(lambda r: r.release.epsilon), privacy_unit_s=col(lambda r: r.privacy_unit.seconds),
-        window_s=col(lambda r: r.window.seconds), mechanisms=dict(Counter(r.release.mechanism for r in reports)),
-    )
-
-
-def network_estimate(reports: Sequence[MemberReport], min_members: int) -> Estimate | None:
-    """The network mean with its exact 95 % interval, or None with fewer than ``min_members`` reports."""
-    return estimate(releases_of(reports), min_members)
-
-
 def estimate(fresh: FreshReleases, min_members: int) -> Estimate | None:
-    """As ``shared.privacy.estimate_mean`` for Laplace releases, on columns: the unweighted mean, its standard
-    error sqrt(sum 2 b_i^2) / k, and the interval from the exact distribution of the summed noise, whose
-    half width is computed once per distinct set of noise scales (cached)."""
-    k = len(fresh)
-    if k < max(1, min_members):
+    """The network mean with its exact 95 % interval (``shared.privacy.estimate_mean``), or None with fewer than
+    ``min_members`` fresh members."""
+    if len(fresh) < max(1, min_members):
         return None
-    values, scales = fresh.values, fresh.noise_scales
-    mean = float(values.sum()) / k
-    se = math.sqrt(float(np.dot(scales, scales)) * 2.0) / k
-    lo, hi = float(scales.min()), float(scales.max())
-    if lo == hi:
-        groups = ((lo / k, k),) if lo > 0 else ()
-    else:
-        distinct, counts = np.unique(scales[scales > 0] / k, return_counts=True)
-        groups = tuple(zip(map(float, distinct), map(int, counts)))
-    half = grouped_half_width(groups, 0.0, LEVEL) if groups else 0.0
-    return Estimate(
-        mean=mean, standard_error=se, ci95_low=mean - half, ci95_high=mean + half, members=k, method=METHOD
-    )
+    e = estimate_mean(fresh.values, fresh.noise_scales, LEVEL)
+    return Estimate(mean=e.mean, standard_error=e.standard_error, ci95_low=e.ci_low, ci95_high=e.ci_high,
+                    members=e.members, method=METHOD)
 
 
 def counts(snapshot: Snapshot) -> Counts:
     return Counts(**snapshot.counts, rejected_by_reason=snapshot.rejected_by_reason)
-
-
-def privacy_summary(reports: Sequence[MemberReport]) -> PrivacySummary:
-    return privacy_of(releases_of(reports))
 
 
 def privacy_of(fresh: FreshReleases) -> PrivacySummary:

@@ -21,7 +21,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import ValidationError
 
-from shared.schema import SCHEMA_VERSION, LaplaceRelease, LegacyReport, MemberReport, PrivacyUnit, Window
+from shared.schema import CPU_BOUNDS, SCHEMA_VERSION, LaplaceRelease, LegacyReport, MemberReport, PrivacyUnit, Window
 from shared.settings import Settings
 
 REASONS = {
@@ -115,8 +115,8 @@ def parse_report(data: bytes, *, now: datetime, settings: Settings) -> Accepted:
         accepted = _accepted(report)
     elif {"cpu", "timestamp"} <= obj.keys():
         legacy = _model(LegacyReport, obj)
-        if not 0.0 <= legacy.cpu <= 100.0:  # the tutorial clamps its noisy mean into the bounds
-            raise Rejected("implausible_value", f"legacy cpu {legacy.cpu} outside [0, 100]")
+        if not CPU_BOUNDS[0] <= legacy.cpu <= CPU_BOUNDS[1]:  # the tutorial clamps its noisy mean into the bounds
+            raise Rejected("implausible_value", f"legacy cpu {legacy.cpu} outside {list(CPU_BOUNDS)}")
         accepted = Accepted("legacy", legacy.created_at, legacy.created_at, legacy.cpu, source=legacy)
     else:
         raise Rejected("schema", "neither a member report nor a tutorial report (no schema_version, cpu, timestamp)")
@@ -192,8 +192,8 @@ def _check_numbers(bounds: tuple[float, float], n_samples: int, sample_period_s:
                    epsilon: float, sensitivity: float, noise_scale: float, noise_std: float, cpu: float | None,
                    settings: Settings) -> None:
     lo, hi = bounds
-    if (lo, hi) != (0.0, 100.0):
-        raise Rejected("inconsistent", f"bounds {bounds} are not (0, 100)")
+    if (lo, hi) != CPU_BOUNDS:
+        raise Rejected("inconsistent", f"bounds {bounds} are not {CPU_BOUNDS}")
     if n_samples * sample_period_s > 1.5 * window_s + 1.0:
         raise Rejected("inconsistent", f"{n_samples} samples of {sample_period_s} s cannot fit in {window_s:.1f} s")
     if not isclose(sensitivity, (hi - lo) / n_samples, rel_tol=REL, abs_tol=ABS):

@@ -7,12 +7,13 @@
 import sys
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
         import argparse
 
         from cpu_tracker_member.status import status_text
-        from shared.app import app_dir, load_workspace
+        from shared.runner import app_dir, load_workspace
         from shared.schema import utc_now
         from shared.settings import load_settings
 
@@ -21,10 +22,11 @@ def main(argv: list[str]) -> int:
         ns = args.parse_args(argv[1:])
         print(status_text(load_workspace(ns.config), load_settings(app_dir()), utc_now()))
         return 0
-    from shared.app import main as app_main
+    from cpu_tracker_member.member import ROLE
+    from shared.runner import main as run_main
 
-    return app_main(argv, forced_role="member")
+    return run_main(argv, roles=[ROLE], prog="cpu_tracker_member", forced_role="member")
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -22,11 +22,11 @@ from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend
 from shared.logs import Problems
 from shared.paths import Paths
 from shared.permissions import ensure_permissions
-from shared.privacy import laplace_release, mean_sensitivity
-from shared.schema import MemberReport, PrivacyUnit, Window, utc_now
+from shared.privacy import laplace_release, laplace_scale, mean_sensitivity
+from shared.runner import Role
+from shared.schema import CPU_BOUNDS, MemberReport, PrivacyUnit, Window, utc_now
 from shared.settings import Settings
 
-BOUNDS = (0.0, 100.0)
 RAW_KEEP = 2000  # raw window means kept for the owner's `status`
 
 log = logging.getLogger("cpu_tracker.member")
@@ -55,19 +55,24 @@ def measure_window(
     return float(read())
 
 
+def noise_scale(settings: Settings) -> float:
+    """The Laplace scale (points) of every release these settings make."""
+    return laplace_scale(mean_sensitivity(*CPU_BOUNDS, settings.samples_per_window), settings.epsilon)
+
+
 def build_report(
     raw_mean: float, n_samples: int, start: datetime, end: datetime, settings: Settings, *, random_state=None
 ) -> tuple[float, MemberReport]:
     """The raw (private, clipped) mean of ``n_samples`` sample periods and the report carrying its Laplace
     release. Pure but for the noise."""
-    raw = min(max(float(raw_mean), BOUNDS[0]), BOUNDS[1])
+    raw = min(max(float(raw_mean), CPU_BOUNDS[0]), CPU_BOUNDS[1])
     release = laplace_release(
-        raw, epsilon=settings.epsilon, sensitivity=mean_sensitivity(*BOUNDS, n_samples), random_state=random_state
+        raw, epsilon=settings.epsilon, sensitivity=mean_sensitivity(*CPU_BOUNDS, n_samples), random_state=random_state
     )
     report = MemberReport(
         app_version=__version__,
         created_at=end,
-        bounds=BOUNDS,
+        bounds=CPU_BOUNDS,
         window=Window(start=start, end=end, n_samples=n_samples, sample_period_s=settings.sample_period_s),
         release=release,
         privacy_unit=PrivacyUnit(seconds=settings.sample_period_s),
@@ -206,3 +211,23 @@ def run_member(
         start = end
         if once:
             return
+
+
+def warn_if_rejected(settings: Settings) -> None:
+    """A member whose noise scale exceeds what a default aggregator accepts would publish for nothing."""
+    scale = noise_scale(settings)
+    if scale > settings.max_noise_scale:
+        log.warning("noise scale %.3g points (100 / %d samples / epsilon %g) exceeds max_noise_scale %g: an "
+                    "aggregator with that limit rejects every report; raise interval_s or epsilon",
+                    scale, settings.samples_per_window, settings.epsilon, settings.max_noise_scale)
+
+
+def run(paths: Paths, settings: Settings, stop: Event, *, once: bool = False) -> None:
+    """The member role as the runner starts it: psutil's counters, the real clocks."""
+    import psutil
+
+    warn_if_rejected(settings)
+    run_member(Member(paths, settings, Problems(log)), stop, read=psutil.cpu_percent, once=once)
+
+
+ROLE = Role("member", run)

@@ -91,11 +91,3 @@ class Paths:
     def dashboard_file(self) -> Path:
         return self.public_dir() / DASHBOARD_FILE
 
-
-def is_synced(path: Path, data_dir: Path) -> bool:
-    """True when ``path`` lies in the tree SyftBox uploads (everything under ``datasites/``)."""
-    try:
-        Path(path).resolve().relative_to((Path(data_dir) / "datasites").resolve())
-        return True
-    except ValueError:
-        return False

@@ -13,7 +13,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from shared.schema import LaplaceRelease
 
@@ -77,19 +77,6 @@ def activity_epsilon(activity_s: float, *, epsilon: float, sample_period_s: floa
 # The network estimate and its exact interval
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class NoisyValue:
-    """A released value and its noise: Laplace with ``laplace_scale`` and/or Gaussian with ``gauss_std``."""
-
-    value: float
-    laplace_scale: float = 0.0
-    gauss_std: float = 0.0
-
-    @property
-    def variance(self) -> float:
-        return 2.0 * self.laplace_scale**2 + self.gauss_std**2
-
-
-@dataclass(frozen=True)
 class MeanEstimate:
     mean: float
     standard_error: float
@@ -98,39 +85,43 @@ class MeanEstimate:
     members: int
 
 
-def estimate_mean(values: Sequence[NoisyValue], level: float = 0.95) -> MeanEstimate:
-    """Unweighted mean of the releases: unbiased for the mean of the members' true values. The interval is
-    mean ± h with P(|noise of the mean| <= h) = ``level`` computed from the exact distribution of the
-    summed noise (not a normal approximation)."""
+def estimate_mean(values: Sequence[float], laplace_scales: Sequence[float], level: float = 0.95) -> MeanEstimate:
+    """The one network estimator: the unweighted mean of k releases value_i = x_i + Laplace(0, b_i), unbiased for
+    the mean of the x_i, with standard error sqrt(sum 2 b_i^2) / k and the interval mean +- h where
+    P(|noise of the mean| <= h) = ``level`` under the exact distribution of the summed noise (not a normal
+    approximation). The half width is computed once per distinct set of scales (cached): members' scales rarely
+    change from one tick to the next."""
+    import numpy as np
+
+    values, scales = np.asarray(values, dtype=float), np.asarray(laplace_scales, dtype=float)
     k = len(values)
     if k == 0:
         raise ValueError("need at least one value")
-    mean = sum(v.value for v in values) / k
-    se = math.sqrt(sum(v.variance for v in values)) / k
-    half = noise_half_width(
-        [v.laplace_scale / k for v in values if v.laplace_scale > 0],
-        math.sqrt(sum(v.gauss_std**2 for v in values)) / k,
-        level,
-    )
+    if scales.shape != values.shape or not np.all(scales >= 0):
+        raise ValueError(f"need one scale >= 0 per value, got {scales.shape} scales for {values.shape} values")
+    mean = float(values.sum()) / k
+    se = math.sqrt(2.0 * float(np.dot(scales, scales))) / k
+    lo, hi = float(scales.min()), float(scales.max())
+    if lo == hi:  # the usual case (every member on the default settings): no sort
+        groups = ((lo / k, k),) if lo > 0 else ()
+    else:
+        distinct, counts = np.unique(scales[scales > 0] / k, return_counts=True)
+        groups = tuple(zip(map(float, distinct), map(int, counts)))
+    half = grouped_half_width(groups, 0.0, level) if groups else 0.0
     return MeanEstimate(mean=mean, standard_error=se, ci_low=mean - half, ci_high=mean + half, members=k)
 
 
-def noise_half_width(laplace_scales: Iterable[float], gauss_std: float = 0.0, level: float = 0.95) -> float:
-    """h with P(|sum_i L_i + G| <= h) = level, for independent L_i ~ Laplace(0, b_i), G ~ N(0, gauss_std^2).
+@lru_cache(maxsize=256)  # members' scales rarely change from one tick to the next
+def grouped_half_width(groups: tuple[tuple[float, int], ...], gauss_std: float, level: float) -> float:
+    """h with P(|sum_i L_i + G| <= h) = level, for independent L_i ~ Laplace(0, b_i) given as sorted (b, count)
+    pairs (hashable: cached) and G ~ N(0, gauss_std^2).
 
     Uses Gil-Pelaez inversion of the characteristic function prod_i 1/(1 + b_i^2 t^2) * exp(-s^2 t^2 / 2):
     P(|X| <= h) = (2/pi) * integral_0^inf sin(h t) phi(t) / t dt."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got level={level}")
-    groups = Counter(float(b) for b in laplace_scales if b > 0)
     if not groups and gauss_std <= 0:
         return 0.0
-    return grouped_half_width(tuple(sorted(groups.items())), float(gauss_std), float(level))
-
-
-@lru_cache(maxsize=256)  # members' scales rarely change from one tick to the next
-def grouped_half_width(groups: tuple[tuple[float, int], ...], gauss_std: float, level: float) -> float:
-    """``noise_half_width`` for Laplace scales given as sorted (scale, count) pairs (hashable: cached)."""
     groups = Counter(dict(groups))
     sd = math.sqrt(sum(2 * b * b * m for b, m in groups.items()) + gauss_std**2)
     coverage = _abs_cdf(groups, gauss_std)

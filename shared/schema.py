@@ -23,8 +23,7 @@ SCHEMA_VERSION = 1
 REPORT_KIND = "cpu_tracker.member_report"
 DASHBOARD_KIND = "cpu_tracker.dashboard"
 SCHEMA_DIR = Path(__file__).parent / "schemas"
-
-
+CPU_BOUNDS = (0.0, 100.0)  # psutil.cpu_percent() is a percentage: every sample is clipped to these bounds
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
@@ -104,7 +103,7 @@ class MemberReport(_Wire):
     metric: Literal["cpu_percent_mean"] = Field(
         default="cpu_percent_mean", description="Mean of psutil.cpu_percent() samples, clipped to bounds."
     )
-    bounds: tuple[float, float] = Field(default=(0.0, 100.0), description="Clipping bounds of each sample.")
+    bounds: tuple[float, float] = Field(default=CPU_BOUNDS, description="Clipping bounds of each sample.")
     window: Window
     release: Release
     privacy_unit: PrivacyUnit

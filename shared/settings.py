@@ -88,11 +88,15 @@ class Settings(BaseModel):
     def samples_per_window(self) -> int:
         return round(self.interval_s / self.sample_period_s)
 
-    def runs_member(self) -> bool:
-        return self.role in ("auto", "member", "both")
-
-    def runs_aggregator(self, email: str) -> bool:
-        return self.role in ("aggregator", "both") or (self.role == "auto" and email == self.aggregator)
+    def roles(self, email: str, forced: str | None = None) -> frozenset[str]:
+        """The roles datasite ``email`` runs: ``forced`` (a command-line override) or the ``role`` setting;
+        ``auto`` is the member everywhere, plus the aggregator on the datasite named by ``aggregator``."""
+        role = forced or self.role
+        if role == "both":
+            return frozenset({"member", "aggregator"})
+        if role != "auto":
+            return frozenset({role})
+        return frozenset({"member", "aggregator"} if email == self.aggregator else {"member"})
 
 
 class SettingsError(ValueError):

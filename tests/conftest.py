@@ -8,11 +8,22 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from pathlib import Path
+
 from shared.logs import Problems
 from shared.paths import Paths
 from shared.settings import Settings
 
 AGG = "agg@example.org"
+
+
+def is_synced(path: Path, data_dir: Path) -> bool:
+    """True when ``path`` lies in the tree SyftBox uploads (everything under ``datasites/``)."""
+    try:
+        Path(path).resolve().relative_to((Path(data_dir) / "datasites").resolve())
+        return True
+    except ValueError:
+        return False
 
 
 @pytest.fixture

@@ -33,13 +33,14 @@ import jsonschema
 import pytest
 
 import cpu_tracker_aggregator.collect as collect_module
-from cpu_tracker_aggregator.aggregator import Aggregator, load_members_status
+from cpu_tracker_aggregator.aggregator import Aggregator
 from cpu_tracker_member.member import build_report
 from shared.atomic import atomic_write_json
 from shared.logs import Problems
-from shared.paths import DASHBOARD_SCHEMA_FILE, REPORT_SCHEMA_FILE, Paths, is_synced
+from shared.paths import DASHBOARD_SCHEMA_FILE, REPORT_SCHEMA_FILE, Paths
 from shared.schema import SCHEMA_DIR, Dashboard, json_schemas, schema_text
 from shared.settings import Settings
+from tests.conftest import is_synced
 
 AGG = "agg@example.org"
 FRESH = [f"m{i}@example.org" for i in range(4)]
@@ -188,7 +189,7 @@ def test_per_member_status_is_private(ws: Workspace) -> None:
     status_file = ws.paths.members_status_file
     assert status_file.is_file()
     assert not is_synced(status_file, ws.data_dir) and not is_synced(ws.paths.history_file, ws.data_dir)
-    members = load_members_status(ws.paths)["members"]
+    members = json.loads(ws.paths.members_status_file.read_text())["members"]
     assert set(members) == set(all_members())  # the bystander and the aggregator run no member: not listed
     assert {m: members[m]["status"] for m in FRESH} == dict.fromkeys(FRESH, "fresh")
     assert members[FRESH[0]]["window_end"] == END.isoformat()
@@ -307,7 +308,7 @@ def test_new_and_removed_members(ws: Workspace, parse_calls: list[bytes]) -> Non
     dash = agg.tick(NOW + timedelta(seconds=1))
     assert len(parse_calls) == 1
     assert dash.counts.stale == 0 and dash.counts.fresh == len(FRESH) + 1
-    assert "stale@example.org" not in load_members_status(ws.paths)["members"]
+    assert "stale@example.org" not in json.loads(ws.paths.members_status_file.read_text())["members"]
 
 
 def test_a_report_from_the_future_is_retried(ws: Workspace, parse_calls: list[bytes]) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from shared.demo import install_tracker, site_paths
-from shared.localnet import LocalNetwork
+from tests.localnet.demo import install_tracker, site_paths
+from tests.localnet.network import LocalNetwork
 from shared.schema import SCHEMA_DIR
 
 pytestmark = pytest.mark.network

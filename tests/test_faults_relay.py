@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from shared.ledger import load_spends
-from shared.demo import install_tracker, site_paths
-from shared.localnet import LocalNetwork
+from tests.localnet.demo import install_tracker, site_paths
+from tests.localnet.network import LocalNetwork
 from shared.schema import Dashboard, MemberReport
 from shared.settings import Settings
 from tests.test_faults import worst_spans

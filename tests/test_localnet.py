@@ -1,4 +1,4 @@
-"""End-to-end check of shared.localnet on a real 3-client SyftBox network: the relay delivers a file only to
+"""End-to-end check of tests.localnet on a real 3-client SyftBox network: the relay delivers a file only to
 the datasite its syftperm.yaml names, and never uploads anything outside datasites/.
 
 Runs syftbox from the test's own environment (run.sh installs syftbox==0.4.0 there).
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.localnet import Datasite, LocalNetwork
+from tests.localnet.network import Datasite, LocalNetwork
 
 VENV = Path(sys.prefix)
 OWNER, READER, OUTSIDER = "owner@example.org", "reader@example.org", "outsider@example.org"

@@ -12,10 +12,9 @@ import yaml
 from syftbox.lib.permissions import ComputedPermission, PermissionType, SyftPermission
 
 from cpu_tracker_member.member import Member, measure_window, run_member
-from shared.paths import is_synced
 from shared.schema import MemberReport
 from shared.settings import Budget
-from tests.conftest import AGG, FakeClock, FakeWall
+from tests.conftest import AGG, FakeClock, FakeWall, is_synced
 
 ME, OTHER = "me@example.org", "other@example.org"
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from cpu_tracker_member.member import Member, run_member
-from shared.demo import install_tracker, site_paths
-from shared.localnet import Datasite, LocalNetwork
+from tests.localnet.demo import install_tracker, site_paths
+from tests.localnet.network import Datasite, LocalNetwork
 from shared.logs import Problems
 from shared.settings import Settings
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from shared.app import acquire_lock, roles_for
+from shared.runner import acquire_lock
 from shared.paths import Paths
 from shared.settings import Settings, SettingsError, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
+ROLE_MODULES = ("cpu_tracker_member.member", "cpu_tracker_aggregator.aggregator")  # as run.sh names them
 
 
 def test_file_then_environment(tmp_path):
@@ -51,10 +52,11 @@ def test_bad_settings_name_the_culprit(tmp_path, env, file, needle):
 
 def test_roles():
     s = Settings(aggregator="agg@x.org")
-    assert roles_for(s, "agg@x.org", None) == {"member", "aggregator"}
-    assert roles_for(s, "m@x.org", None) == {"member"}
-    assert roles_for(s, "m@x.org", "aggregator") == {"aggregator"}
-    assert roles_for(Settings(role="aggregator"), "x@x.org", None) == {"aggregator"}
+    assert s.roles("agg@x.org") == {"member", "aggregator"}
+    assert s.roles("m@x.org") == {"member"}
+    assert s.roles("m@x.org", "aggregator") == {"aggregator"}
+    assert s.roles("m@x.org", "both") == {"member", "aggregator"}
+    assert Settings(role="aggregator").roles("x@x.org") == {"aggregator"}
 
 
 def test_lock_is_exclusive(tmp_path):
@@ -75,7 +77,7 @@ def _workspace(tmp_path: Path, email: str = "m@x.org") -> Path:
 
 def _run(config: Path, app_dir: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(app_dir), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "shared.app", "--config", str(config), *args],
+    return subprocess.run([sys.executable, "-m", "shared.runner", *ROLE_MODULES, "--config", str(config), *args],
                           cwd=app_dir, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -113,23 +115,23 @@ def test_once_publishes_a_report(tmp_path):
 def test_an_unexpected_error_in_a_loop_is_logged_and_stops_the_run(caplog):
     import threading
 
-    from shared.app import _guarded
+    from shared.runner import _guarded
 
     def member_loop():
         raise RuntimeError("boom")
 
     stop, failed = threading.Event(), []
-    _guarded(member_loop, stop, failed)()
-    assert failed == ["member_loop"] and stop.is_set()
-    assert "member_loop stopped by an unexpected error" in caplog.text and "boom" in caplog.text
+    _guarded(member_loop, stop, failed, "member")()
+    assert failed == ["member"] and stop.is_set()
+    assert "member stopped by an unexpected error" in caplog.text and "boom" in caplog.text
 
 
 def test_a_member_too_noisy_for_the_aggregator_is_warned(caplog):
-    from shared.app import _warn_if_rejected
+    from cpu_tracker_member.member import warn_if_rejected
 
-    _warn_if_rejected(Settings(aggregator="a@x.org"))
+    warn_if_rejected(Settings(aggregator="a@x.org"))
     assert "exceeds max_noise_scale" not in caplog.text
-    _warn_if_rejected(Settings(aggregator="a@x.org", interval_s=1.0))  # 10 samples: scale 20 > 10
+    warn_if_rejected(Settings(aggregator="a@x.org", interval_s=1.0))  # 10 samples: scale 20 > 10
     assert "exceeds max_noise_scale" in caplog.text
 
 
@@ -137,7 +139,7 @@ def test_a_changed_settings_file_stops_the_run_for_a_reload(tmp_path, monkeypatc
     """The README promises settings changes are picked up within SETTINGS_POLL_S (10 s)."""
     import threading
 
-    import shared.app as app
+    import shared.runner as app
 
     monkeypatch.setattr(app, "SETTINGS_POLL_S", 0.05)
     (tmp_path / "cpu_tracker.toml").write_text('aggregator = "a@x.org"\n')

@@ -7,7 +7,7 @@ window mean.
 
 - Ours (the project's code): the member reads ``psutil.cpu_percent()`` once per window, which is the mean of
   the window's 200 samples; ``cpu_tracker_member.member.build_report`` releases it (diffprivlib's unbiased
-  Laplace, epsilon 0.5 per release, scale 100 / 200 / 0.5 = 1); the aggregator's ``network_estimate`` gives
+  Laplace, epsilon 0.5 per release, scale 100 / 200 / 0.5 = 1); the aggregator's ``estimate_mean`` gives
   the mean and its exact 95 % interval.
 - The tutorial's recipe (re-implemented here): a fresh process per 20 s interval takes 50 samples 0.1 s apart
   at the start of the interval (so it sees only the first 5 s), its first reading is psutil's meaningless
@@ -75,12 +75,12 @@ def real_windows(trace: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 # ---------------------------------------------------------------------------------------------------
 def ours(windows: np.ndarray, rs: np.random.RandomState, settings) -> tuple[float, float, float]:
     """(estimate, ci low, ci high) from the project's member and aggregator code."""
-    from cpu_tracker_aggregator.dashboard import network_estimate
     from cpu_tracker_member.member import build_report
+    from shared.privacy import estimate_mean
 
     reports = [build_report(float(m), N_SAMPLES, START, END, settings, random_state=rs)[1] for m in windows.mean(1)]
-    est = network_estimate(reports, min_members=1)
-    return est.mean, est.ci95_low, est.ci95_high
+    est = estimate_mean([r.release.value for r in reports], [r.release.noise_scale for r in reports])
+    return est.mean, est.ci_low, est.ci_high
 
 
 def tutorial(windows: np.ndarray, rs: np.random.RandomState) -> float:

@@ -25,8 +25,8 @@ AGG = "aggregator@bench.example.org"
 
 
 def run(ctx) -> Result:
-    from shared.demo import install_tracker, site_paths
-    from shared.localnet import LocalNetwork
+    from tests.localnet.demo import install_tracker, site_paths
+    from tests.localnet.network import LocalNetwork
 
     interval, observe = (6.0, 40.0) if ctx.quick else (20.0, 210.0)
     tick = min(10.0, interval / 2)  # as the demo

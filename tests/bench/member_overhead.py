@@ -1,6 +1,6 @@
 """Member overhead: CPU and memory of the real member process against the tutorial's process-per-tick pattern.
 
-Ours: ``python -m shared.app --config <fake workspace> --role member`` with ``CPU_TRACKER_AGGREGATOR`` set and
+Ours: ``python -m cpu_tracker_member --config <fake workspace>`` with ``CPU_TRACKER_AGGREGATOR`` set and
 default settings (one release per 20 s window), watched through /proc: CPU seconds (utime + stime) and peak
 RSS (VmHWM). Start-up cost is the CPU spent until its first release is on disk (interpreter, imports,
 the first window's diffprivlib import and release); the steady state is the CPU per hour between the first
@@ -73,7 +73,7 @@ class Watched:
         env = {"PATH": "/usr/bin:/bin", "HOME": str(config.parent), "PYTHONPATH": str(REPO),
                "CPU_TRACKER_AGGREGATOR": AGG}
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([PYTHON, "-m", "shared.app", "--config", str(config), "--role", "member"],
+        self.proc = subprocess.Popen([PYTHON, "-m", "cpu_tracker_member", "--config", str(config)],
                                      cwd=config.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.samples: list[tuple[float, float]] = []  # (seconds since start, CPU seconds)
         self.releases: list[float] = []  # seconds since start at which a new report was first seen

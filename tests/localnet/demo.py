@@ -22,7 +22,7 @@ import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from shared.localnet import LocalNetwork, free_port
+from tests.localnet.network import LocalNetwork, free_port
 from shared.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]

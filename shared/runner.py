@@ -1,20 +1,26 @@
-"""The long-lived process SyftBox starts through ``run.sh``: one instance per datasite, member and/or
-aggregator loops in threads, settings re-read when their file changes.
+"""The long-lived process SyftBox starts through ``run.sh``: one instance per datasite, each selected role's
+loop in a thread, settings re-read when their file changes.
 
-    python -m shared.app [--config SYFTBOX_CONFIG] [--role member|aggregator|both] [--once]
+It knows no role by itself: callers hand it ``Role`` objects. ``run.sh`` names the role modules on the
+command line and each role package's ``__main__`` passes its own, so ``shared`` never imports an app.
+
+    python -m shared.runner cpu_tracker_member.member cpu_tracker_aggregator.aggregator \\
+        [--config SYFTBOX_CONFIG] [--role member|aggregator|both] [--once]
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib
 import logging
 import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable, Sequence
 
 from shared import APP_NAME
 from shared.atomic import remove_stale_temps
@@ -25,6 +31,15 @@ from shared.settings import SETTINGS_FILE, Settings, SettingsError, load_setting
 log = logging.getLogger("cpu_tracker")
 SETTINGS_POLL_S = 10.0
 RESTART_S = 30.0
+
+
+@dataclass(frozen=True)
+class Role:
+    """A role the runner can start. ``run(paths, settings, stop, once=...)`` runs its loop until ``stop`` is set
+    (``once``: one window or one tick). Each role module defines one as ``ROLE``."""
+
+    name: str
+    run: Callable[..., None]
 
 
 def app_dir() -> Path:
@@ -64,43 +79,29 @@ def _settings_stamp(folder: Path) -> tuple:
         return ()
 
 
-def _guarded(target, stop: threading.Event, failed: list[str]):
-    """Run ``target``; on an unexpected exception log it with its traceback, note it, and stop the run."""
+def _guarded(target: Callable[..., None], stop: threading.Event, failed: list[str], name: str):
+    """Run ``target``; on an unexpected exception log it with its traceback, note ``name``, and stop the run."""
 
     def run(*args, **kwargs) -> None:
         try:
             target(*args, **kwargs)
         except Exception:
-            log.exception("%s stopped by an unexpected error (restarting in %g s)", target.__name__, RESTART_S)
-            failed.append(target.__name__)
+            log.exception("%s stopped by an unexpected error (restarting in %g s)", name, RESTART_S)
+            failed.append(name)
             stop.set()
 
     return run
 
 
-def run_roles(paths: Paths, settings: Settings, stop: threading.Event, *, roles: set[str], once: bool) -> list[str]:
-    """Run the requested roles' loops until ``stop`` (``once``: one window / one tick each). Returns the names
-    of the loops that failed with an unexpected error (the others are then stopped too)."""
-    threads, failed = [], []
-    if "member" in roles:
-        import psutil
-
-        from cpu_tracker_member.member import Member, run_member
-
-        member = Member(paths, settings, Problems(logging.getLogger("cpu_tracker.member")))
-        threads.append(threading.Thread(
-            target=_guarded(run_member, stop, failed), args=(member, stop),
-            kwargs={"read": psutil.cpu_percent, "once": once},
-            name="member", daemon=True,
-        ))
-    if "aggregator" in roles:
-        from cpu_tracker_aggregator.aggregator import Aggregator, run_aggregator
-
-        agg = Aggregator(paths, settings, Problems(logging.getLogger("cpu_tracker.aggregator")))
-        threads.append(threading.Thread(
-            target=_guarded(run_aggregator, stop, failed), args=(agg, stop), kwargs={"once": once},
-            name="aggregator", daemon=True,
-        ))
+def run_roles(paths: Paths, settings: Settings, stop: threading.Event, *, roles: Sequence[Role], once: bool) -> list[str]:
+    """Run the roles' loops until ``stop`` (``once``: one window / one tick each). Returns the names of the loops
+    that failed with an unexpected error (the others are then stopped too)."""
+    failed: list[str] = []
+    threads = [
+        threading.Thread(target=_guarded(role.run, stop, failed, role.name), args=(paths, settings, stop),
+                         kwargs={"once": once}, name=role.name, daemon=True)
+        for role in roles
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -109,21 +110,20 @@ def run_roles(paths: Paths, settings: Settings, stop: threading.Event, *, roles:
     return failed
 
 
-def roles_for(settings: Settings, email: str, forced: str | None) -> set[str]:
-    role = forced or settings.role
-    if role == "both":
-        return {"member", "aggregator"}
-    if role in ("member", "aggregator"):
-        return {role}
-    return {"member"} | ({"aggregator"} if email == settings.aggregator else set())
+def parser(prog: str, forced_role: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="SyftBox client config (default: $SYFTBOX_CLIENT_CONFIG_PATH)")
+    p.add_argument("--role", choices=["member", "aggregator", "both"], default=forced_role,
+                   help="run this role whatever the `role` setting says")
+    p.add_argument("--once", action="store_true", help="one window / one tick, then exit")
+    return p
 
 
-def main(argv: list[str] | None = None, *, forced_role: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cpu_tracker", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="SyftBox client config (default: $SYFTBOX_CLIENT_CONFIG_PATH)")
-    parser.add_argument("--role", choices=["member", "aggregator", "both"], default=forced_role)
-    parser.add_argument("--once", action="store_true", help="one window / one tick, then exit")
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None, *, roles: Sequence[Role], prog: str = "cpu_tracker",
+         forced_role: str | None = None) -> int:
+    """Run those of ``roles`` that the settings select for this datasite until SIGTERM / SIGINT; the exit code."""
+    args = parser(prog, forced_role).parse_args(argv)
+    available = {role.name: role for role in roles}
     setup_logging()
     try:
         paths = load_workspace(args.config)
@@ -154,15 +154,18 @@ def main(argv: list[str] | None = None, *, forced_role: str | None = None) -> in
                     return 2
                 stop.wait(SETTINGS_POLL_S)
                 continue
-            roles = roles_for(settings, paths.email, args.role)
-            if "member" in roles:
-                _warn_if_rejected(settings)
-            log.info("cpu_tracker for %s: roles %s, aggregator %s, epsilon %g per %gs window",
-                     paths.email, "+".join(sorted(roles)), settings.aggregator, settings.epsilon, settings.interval_s)
+            selected = settings.roles(paths.email, args.role)
+            chosen = [available[name] for name in sorted(selected) if name in available]
+            if len(chosen) < len(selected):
+                problems.report("roles", f"the settings select role(s) {'+'.join(sorted(selected - available.keys()))}, "
+                                f"which {prog} does not run; start the app through run.sh to run every role")
+            log.info("cpu_tracker for %s: roles %s, aggregator %s, epsilon %g per %gs window", paths.email,
+                     "+".join(r.name for r in chosen) or "none", settings.aggregator, settings.epsilon,
+                     settings.interval_s)
             run_stop = threading.Event()
             watcher = threading.Thread(target=_watch, args=(folder, stamp, stop, run_stop), daemon=True)
             watcher.start()
-            failed = run_roles(paths, settings, run_stop, roles=roles, once=args.once)
+            failed = run_roles(paths, settings, run_stop, roles=chosen, once=args.once)
             run_stop.set()
             if args.once:
                 return 1 if failed else 0
@@ -175,15 +178,6 @@ def main(argv: list[str] | None = None, *, forced_role: str | None = None) -> in
     return 0
 
 
-def _warn_if_rejected(settings: Settings) -> None:
-    """A member whose noise scale exceeds what a default aggregator accepts would publish for nothing."""
-    scale = 100.0 / settings.samples_per_window / settings.epsilon
-    if scale > settings.max_noise_scale:
-        log.warning("noise scale %.3g points (100 / %d samples / epsilon %g) exceeds max_noise_scale %g: an "
-                    "aggregator with that limit rejects every report; raise interval_s or epsilon",
-                    scale, settings.samples_per_window, settings.epsilon, settings.max_noise_scale)
-
-
 def _watch(folder: Path, stamp: tuple, stop: threading.Event, run_stop: threading.Event) -> None:
     """Set ``run_stop`` when the process must stop or the settings file changes."""
     while not run_stop.is_set():
@@ -191,5 +185,20 @@ def _watch(folder: Path, stamp: tuple, stop: threading.Event, run_stop: threadin
             run_stop.set()
 
 
+def load_roles(modules: Sequence[str]) -> list[Role]:
+    """The ``ROLE`` of each named module (``run.sh`` names them: the runner itself imports no app)."""
+    return [importlib.import_module(name).ROLE for name in modules]
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m shared.runner ROLE_MODULE... [options]``: the role modules first, then the runner's options."""
+    argv = sys.argv[1:] if argv is None else argv
+    n = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    if n == 0:
+        print("usage: python -m shared.runner ROLE_MODULE... [--config C] [--role R] [--once]", file=sys.stderr)
+        return 2
+    return main(argv[n:], roles=load_roles(argv[:n]))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
