@@ -22,6 +22,7 @@ from typing import Literal, NamedTuple
 from pydantic import ValidationError
 
 from shared.schema import CPU_BOUNDS, SCHEMA_VERSION, LaplaceRelease, LegacyReport, MemberReport, PrivacyUnit, Window
+from shared.paths import is_datasite_email
 from shared.settings import Settings
 
 REASONS = {
@@ -45,7 +46,6 @@ REASONS = {
     "unreadable": "file could not be read",
 }
 PLAUSIBLE_SCALES = 30.0  # |noise| > 30 b has probability e^-30 ~ 1e-13 for honest Laplace noise
-EMAIL = re.compile(r"^[^@/\\\s]+@[^@/\\\s]+$")
 
 
 class Rejected(Exception):
@@ -83,16 +83,8 @@ class Accepted(NamedTuple):
 
 
 def check_member_name(name: str) -> None:
-    if not EMAIL.match(name) or not name.isprintable() or not _utf8(name):
+    if not is_datasite_email(name):
         raise Rejected("bad_folder_name", f"folder {name!r} is not an email")
-
-
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")  # a folder name that is not UTF-8 on disk arrives with surrogate escapes
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def parse_report(data: bytes, *, now: datetime, settings: Settings) -> Accepted:

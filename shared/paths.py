@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,19 @@ REPORT_SCHEMA_FILE = "member_report.schema.json"
 PAGE_FILE = "index.html"
 SYFTPERM_FILE = "syftperm.yaml"
 SYFT_PUB_FILE = "syft.pub.yaml"
+_EMAIL = re.compile(r"[^@/\\\s*?\[\]]+@[^@/\\\s*?\[\]]+")  # no separator, whitespace or glob character
+
+
+def is_datasite_email(name: str) -> bool:
+    """The one rule for a datasite's name (a member folder, the ``aggregator`` setting): one ``@``, printable UTF-8,
+    no path separator, whitespace or glob character (``*?[]``: the newer server reads those as patterns)."""
+    if not (_EMAIL.fullmatch(name) and name.isprintable()):
+        return False
+    try:
+        name.encode("utf-8")  # a folder name that is not UTF-8 on disk arrives with surrogate escapes
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
