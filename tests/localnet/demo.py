@@ -25,7 +25,7 @@ from pathlib import Path
 from tests.localnet.network import LocalNetwork, free_port
 from shared.paths import Paths
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AGG = "aggregator@demo.example.org"
 
 
