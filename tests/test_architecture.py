@@ -1,0 +1,69 @@
+"""The shape of the code, checked: imports point one way, and runtime modules hold no code only tests call.
+
+- ``shared`` imports neither app; neither app imports the other; no runtime module imports ``tests``.
+- Every top-level function and class of a runtime module is used by runtime code (another module, the same
+  module, or an entry point), not only by tests.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUNTIME = ("shared", "cpu_tracker_member", "cpu_tracker_aggregator")
+FORBIDDEN = {
+    "shared": ("cpu_tracker_member", "cpu_tracker_aggregator", "tests"),
+    "cpu_tracker_member": ("cpu_tracker_aggregator", "tests"),
+    "cpu_tracker_aggregator": ("cpu_tracker_member", "tests"),
+}
+
+PENDING = {"shared/ledger.py: worst_span_with", "shared/ledger.py: check_budgets"}  # being moved by the ledger work
+
+
+def runtime_modules() -> list[Path]:
+    return sorted(p for pkg in RUNTIME for p in (REPO / pkg).rglob("*.py"))
+
+
+def imported(tree: ast.AST) -> set[str]:
+    """Every module name the code imports, statically or through ``importlib.import_module("literal")``."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args
+              and isinstance(node.args[0], ast.Constant)):
+            names.add(node.args[0].value)
+    return names
+
+
+@pytest.mark.parametrize("path", runtime_modules(), ids=lambda p: str(p.relative_to(REPO)))
+def test_imports_point_one_way(path):
+    package = path.relative_to(REPO).parts[0]
+    bad = sorted(m for m in imported(ast.parse(path.read_text())) if m.split(".")[0] in FORBIDDEN[package])
+    assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+def test_runtime_modules_hold_no_code_only_tests_call():
+    trees = {p: ast.parse(p.read_text()) for p in runtime_modules()}
+    used: dict[str, int] = {}
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            if isinstance(node, ast.alias):
+                name = node.name.split(".")[-1]
+            if name:
+                used[name] = used.get(name, 0) + 1
+    unused = []
+    for path, tree in trees.items():
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not used.get(node.name):
+                if path.name == "__main__.py" and node.name == "main":
+                    continue  # the entry point, called by `if __name__ == "__main__"` and the console script
+                unused.append(f"{path.relative_to(REPO)}: {node.name}")
+    unused = [u for u in unused if u not in PENDING]
+    assert not unused, "defined in runtime code but used only by tests (or nowhere):\n" + "\n".join(unused)
