@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.ArgumentParser(prog="cpu_tracker_aggregator status")
         args.add_argument("--config")
         ns = args.parse_args(argv[1:])
-        print(status_text(load_workspace(ns.config).dashboard_file))
+        print(status_text(load_workspace(ns.config).public_dir()))
         return 0
     from cpu_tracker_aggregator.aggregator import ROLE
     from shared.runner import main as run_main

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from cpu_tracker_aggregator.collect import Collector, Snapshot, members_json_chunks
 from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history
+from cpu_tracker_aggregator.publish import Publisher
 from shared.atomic import atomic_write_bytes, atomic_write_chunks, write_if_changed
 from shared.logs import Problems
 from shared.paths import Paths
@@ -36,10 +37,13 @@ class Aggregator:
     history: History = field(init=False)
     _members_pending: Snapshot | None = field(init=False, default=None)
     _published_once: bool = field(init=False, default=False)
+    _last: Dashboard | None = field(init=False, default=None)
+    publisher: Publisher = field(init=False)
 
     def __post_init__(self) -> None:
         self.collector = Collector(self.paths.datasites, self.paths.app_name, self.settings)
         self.history = self._load_history()
+        self.publisher = Publisher(self.paths.public_dir())
 
     def _load_history(self) -> History:
         path = self.paths.history_file
@@ -57,15 +61,23 @@ class Aggregator:
             return empty_history(self.settings)
 
     def tick(self, now: datetime) -> Dashboard:
-        """Read every report, publish the dashboard. Problems are logged once; the tick always completes."""
+        """Read every report and, if anything changed since the last tick, add a history point and publish what
+        changed. A tick that changed nothing writes no file (it only puts back files deleted behind its back).
+        Problems are logged once; the tick always completes."""
         snapshot = self.collector.collect(now)
-        dashboard = build_dashboard(snapshot, self.history, now, self.settings)
-        self.history = dashboard.history
-        self._write_private(snapshot, now)  # first: a crash must never take back a published point
-        self._publish(dashboard)
+        changed = snapshot.members_lines is not None or self._last is None or self._members_pending is not None
+        if changed:
+            dashboard = build_dashboard(snapshot, self.history, now, self.settings)
+            self.history = dashboard.history
+        else:  # no report, status or reason changed since a tick that published everything
+            dashboard = self._last
+        self._write_private(snapshot, now, changed)  # first: a crash must never take back a published point
+        published = self._publish(dashboard, int(now.timestamp()), changed)
+        self._last = dashboard if published else None  # a failed write is retried at the next tick
         return dashboard
 
-    def _publish(self, dashboard: Dashboard) -> None:
+    def _publish(self, dashboard: Dashboard, now: int, changed: bool) -> bool:
+        """Write the public folder (permissions, static files, what changed); False (logged once) on failure."""
         folder = self.paths.public_dir()
         try:
             fixed = ensure_permissions(folder, self.paths.email, ["*"])
@@ -74,15 +86,18 @@ class Aggregator:
             self._published_once = True
             for name, data in _static_files().items():
                 write_if_changed(folder / name, data)
-            # rewritten every tick: after a crash the old file or the new one is there, which is all that matters,
-            # so the folder is not fsynced (the file is)
-            atomic_write_bytes(self.paths.dashboard_file, dashboard.model_dump_json().encode() + b"\n", durable=False)
+            if changed:
+                self.publisher.publish(dashboard, now)
+            self.publisher.repair()
             self.problems.clear("publish", "dashboard published again")
+            return True
         except OSError as e:
             self.problems.report("publish", f"cannot publish to {folder}: {e}. Check disk space and permissions.")
+            return False
 
-    def _write_private(self, snapshot: Snapshot, now: datetime) -> None:
-        """History every tick; the per-member status only when it changed (writing it is O(members))."""
+    def _write_private(self, snapshot: Snapshot, now: datetime, changed: bool) -> None:
+        """History when it changed (or went missing); the per-member status only when it changed (writing it is
+        O(members))."""
         if snapshot.members_lines is not None:
             self._members_pending = snapshot
         try:
@@ -91,8 +106,8 @@ class Aggregator:
                 atomic_write_chunks(self.paths.members_status_file, members_json_chunks(self._members_pending, now),
                                     durable=False, fsync=False)
                 self._members_pending = None
-            # durable: it must outlive the dashboard
-            atomic_write_bytes(self.paths.history_file, self.history.model_dump_json().encode() + b"\n")
+            if changed or not self.paths.history_file.exists():  # durable: it must outlive the dashboard
+                atomic_write_bytes(self.paths.history_file, self.history.model_dump_json().encode() + b"\n")
             self.problems.clear("private", "private status written again")
         except OSError as e:  # the per-member status is retried next tick, even if nothing changes
             self.problems.report("private", f"cannot write {self.paths.private}: {e}. History may be lost on restart.")

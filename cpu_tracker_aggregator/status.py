@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.schema import Dashboard
+from cpu_tracker_aggregator.publish import read_history
 
 BARS = "▁▂▃▄▅▆▇█"
 
@@ -17,11 +17,12 @@ def sparkline(values: list[float | None], lo: float = 0.0, hi: float = 100.0) ->
     )
 
 
-def status_text(dashboard_file: Path, width: int = 60) -> str:
+def status_text(public_dir: Path, width: int = 60) -> str:
+    """The network figure and the last hour, read from the public folder as any reader would."""
     try:
-        dash = Dashboard.model_validate_json(Path(dashboard_file).read_bytes())
+        dash, history = read_history(public_dir)
     except FileNotFoundError:
-        return f"No dashboard yet at {dashboard_file}: is the aggregator running?"
+        return f"No figure published yet in {public_dir}: is the aggregator running?"
     c = dash.counts
     lines = [f"cpu_tracker network status at {dash.generated_at.isoformat(timespec='seconds')}", dash.message]
     if dash.estimate:
@@ -35,7 +36,7 @@ def status_text(dashboard_file: Path, width: int = 60) -> str:
     if p.epsilon_max is not None:
         lines.append(f"  privacy: epsilon {p.epsilon_min:g}-{p.epsilon_max:g} per release for one "
                      f"{p.privacy_unit_s:g} s sample; noise scale {p.noise_scale_min:.3g}-{p.noise_scale_max:.3g}")
-    r = dash.history.recent
+    r = history.recent
     last_hour = [m for t, m in zip(r.t, r.mean) if t >= (r.t[-1] if r.t else 0) - 3600]
     step = max(1, len(last_hour) // width)
     lines.append(f"  last hour: |{sparkline(last_hour[::step][-width:])}|")

@@ -12,9 +12,11 @@
     ├── <member>/app_data/cpu_tracker/
     │   ├── cpu_tracker.json                 the DP report (MemberReport)
     │   ├── syftperm.yaml, syft.pub.yaml     owner: all; the aggregator: read; nobody else
-    └── <aggregator>/public/cpu_tracker/
-        ├── dashboard.json                   network figure (Dashboard), world-readable
-        ├── dashboard.schema.json, member_report.schema.json
+    └── <aggregator>/public/cpu_tracker/            world-readable (cpu_tracker_aggregator/publish.py)
+        ├── current.json                     the figure now (Current): rewritten only when something changed
+        ├── history/index.json, history/recent-*.json, history/coarse-*.json   history segments (Segment)
+        ├── dashboard.json                   schema-1 Dashboard with the whole history, for old readers
+        ├── *.schema.json, index.html
         └── syftperm.yaml, syft.pub.yaml     world-readable
 ```
 """
@@ -29,6 +31,9 @@ from shared import APP_NAME
 
 REPORT_FILE = "cpu_tracker.json"
 DASHBOARD_FILE = "dashboard.json"
+CURRENT_FILE = "current.json"
+HISTORY_DIR = "history"
+HISTORY_INDEX_FILE = f"{HISTORY_DIR}/index.json"
 DASHBOARD_SCHEMA_FILE = "dashboard.schema.json"
 REPORT_SCHEMA_FILE = "member_report.schema.json"
 PAGE_FILE = "index.html"

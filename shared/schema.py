@@ -22,6 +22,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 SCHEMA_VERSION = 1
 REPORT_KIND = "cpu_tracker.member_report"
 DASHBOARD_KIND = "cpu_tracker.dashboard"
+CURRENT_KIND = "cpu_tracker.current"
+SEGMENT_KIND = "cpu_tracker.history_segment"
+INDEX_KIND = "cpu_tracker.history_index"
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 CPU_BOUNDS = (0.0, 100.0)  # psutil.cpu_percent() is a percentage: every sample is clipped to these bounds
 
@@ -214,11 +217,62 @@ class Dashboard(_Wire):
     history: History
 
 
+# ---------------------------------------------------------------------------------------------------
+# The published history in segments, and the small file that changes every tick
+# ---------------------------------------------------------------------------------------------------
+class Segment(_Wire):
+    """One stretch of history, published at ``public/cpu_tracker/history/<name>``: the ticks of one UTC hour
+    (series ``recent``) or the 5-minute points of one UTC day (``coarse``). It grows while its period is open,
+    one closed 5-minute block at a time, and is never rewritten once the period has ended."""
+
+    schema_version: Literal[1] = Field(default=1, description="Changes only with a breaking change.")
+    kind: Literal["cpu_tracker.history_segment"] = SEGMENT_KIND
+    series: Literal["recent", "coarse"] = Field(description="Which series of `History` the points belong to.")
+    start: int = Field(description="Unix seconds (UTC): the period's start, inclusive.")
+    end: int = Field(description="Unix seconds (UTC): the period's end, exclusive.")
+    points: Series
+
+
+class HistoryIndex(_Wire):
+    """``history/index.json``: the segment files there are, oldest first. Changes only when one is added or
+    removed (about once an hour)."""
+
+    schema_version: Literal[1] = Field(default=1, description="Changes only with a breaking change.")
+    kind: Literal["cpu_tracker.history_index"] = INDEX_KIND
+    recent: list[str] = Field(default_factory=list, description="Hour segments of `recent` (every tick), 24 h.")
+    coarse: list[str] = Field(default_factory=list, description="Day segments of `coarse` (5 minutes), 30 days.")
+
+
+class Current(_Wire):
+    """The network figure now, published world-readable at ``public/cpu_tracker/current.json`` and rewritten only
+    when something changed: the same figure and context as ``Dashboard`` without the long history, plus the
+    points of the open 5-minute block that no segment holds yet. Holds no member email and no per-member value.
+
+    The full series: for each name in ``history/index.json``, the segment's points in that order, then
+    ``open`` (points later than every segment's)."""
+
+    schema_version: Literal[1] = Field(default=1, description="Changes only with a breaking change.")
+    kind: Literal["cpu_tracker.current"] = CURRENT_KIND
+    app_version: str
+    generated_at: AwareDatetime = Field(description="The last tick that changed anything (UTC).")
+    status: Literal["ok", "too_few_members"] = Field(description="ok: `estimate` is set.")
+    message: str = Field(description="One sentence for people: the figure, or why there is none.")
+    estimate: Estimate | None = None
+    counts: Counts
+    privacy: PrivacySummary
+    settings: AggregatorSettings
+    open: History = Field(description="Points of the open 5-minute block: ticks, and the open 5-minute average.")
+    history_index: str = Field(default="history/index.json", description="Where the segment list is, relative.")
+
+
 def json_schemas() -> dict[str, dict]:
     """The JSON Schemas of the wire formats, by file name."""
     return {
         "member_report.schema.json": MemberReport.model_json_schema(mode="serialization"),
         "dashboard.schema.json": Dashboard.model_json_schema(mode="serialization"),
+        "current.schema.json": Current.model_json_schema(mode="serialization"),
+        "history_segment.schema.json": Segment.model_json_schema(mode="serialization"),
+        "history_index.schema.json": HistoryIndex.model_json_schema(mode="serialization"),
     }
 
 

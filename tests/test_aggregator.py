@@ -213,6 +213,7 @@ def test_history_survives_a_restart(ws: Workspace) -> None:
     t = [NOW + timedelta(seconds=10 * i) for i in range(3)]
     first = ws.aggregator()
     first.tick(t[0])
+    ws.write_report(FRESH[0], level=10.0, seed=100)  # a new report: the next tick has a point to add
     before = first.tick(t[1]).history
     second = ws.aggregator()  # a new process on the same workspace
     assert second.history == before

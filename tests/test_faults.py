@@ -48,9 +48,11 @@ from cpu_tracker_member.member import Member, build_report, run_member
 from shared.atomic import atomic_write_json
 from shared.ledger import Ledger, Spend, load_spends
 from shared.logs import Problems
-from shared.paths import DASHBOARD_SCHEMA_FILE, PAGE_FILE, REPORT_FILE, REPORT_SCHEMA_FILE, Paths
+from cpu_tracker_aggregator.publish import read_history
+from shared.paths import (CURRENT_FILE, DASHBOARD_SCHEMA_FILE, HISTORY_DIR, HISTORY_INDEX_FILE, PAGE_FILE, REPORT_FILE,
+                          REPORT_SCHEMA_FILE, Paths)
 from shared.permissions import permission_files
-from shared.schema import Dashboard, History, MemberReport, json_schemas, schema_text
+from shared.schema import Current, Dashboard, History, HistoryIndex, MemberReport, Segment, json_schemas, schema_text
 from shared.settings import Budget, Settings
 from tests.conftest import FakeClock, FakeWall
 
@@ -422,15 +424,28 @@ class AggregatorAudit:
         dash = None
         if public.exists():
             for entry in sorted(os.scandir(public), key=lambda e: e.name):
+                if entry.is_dir():
+                    assert entry.name == HISTORY_DIR, entry.name
+                    for seg in os.scandir(entry.path):
+                        data = Path(seg.path).read_bytes()
+                        if seg.name == "index.json":
+                            HistoryIndex.model_validate_json(data)
+                        elif not seg.name.endswith(".tmp"):
+                            Segment.model_validate_json(data)  # a half-written segment fails here
+                    continue
                 data = Path(entry.path).read_bytes()
                 if entry.name in expected:
                     assert data == expected[entry.name], f"{entry.name} half-written"
                 elif entry.name == "dashboard.json":
-                    dash = Dashboard.model_validate_json(data)
+                    Dashboard.model_validate_json(data)
+                elif entry.name == CURRENT_FILE:
+                    Current.model_validate_json(data)
                 elif entry.name == PAGE_FILE:
                     assert data == PAGE.read_bytes(), "index.html half-written"
                 else:
                     assert entry.name.startswith(".") and entry.name.endswith(".tmp"), entry.name
+            if (public / CURRENT_FILE).exists() and (public / HISTORY_INDEX_FILE).exists():
+                dash = read_history(public)[1]
         saved: list[int] = []
         if self.paths.history_file.exists():
             hist = History.model_validate_json(self.paths.history_file.read_bytes())
@@ -441,8 +456,8 @@ class AggregatorAudit:
             assert hist.coarse.t == sorted(set(hist.coarse.t))
         if self.paths.members_status_file.exists():
             assert "members" in json.loads(self.paths.members_status_file.read_bytes())
-        if dash is not None:
-            shown = dash.history.recent.t
+        if dash is not None:  # the history as a reader of the public folder assembles it
+            shown = dash.recent.t
             assert shown == sorted(set(shown))
             # history.json is written before the dashboard: a published point is always saved
             unsaved = [t for t in shown if t not in set(saved) and saved and t >= saved[-1] - RECENT_S]
@@ -536,8 +551,9 @@ def _readers_race(root: Path, rewrites: int) -> None:
     member_writer_pid = fork(member_writer)
     # the first report exists before the reader starts, so that every read below must succeed
     deadline = time.monotonic() + 30
-    while not (member_paths.report_file().exists() and agg_paths.dashboard_file.exists()):
-        if not agg_paths.dashboard_file.exists():
+    current_file = agg_paths.public_dir() / CURRENT_FILE
+    while not (member_paths.report_file().exists() and current_file.exists()):
+        if not current_file.exists():
             Aggregator(agg_paths, Settings(aggregator=AGG, min_members=1), Problems(logging.getLogger("w"))).tick(T0)
         assert time.monotonic() < deadline
         time.sleep(0.001)
@@ -547,7 +563,7 @@ def _readers_race(root: Path, rewrites: int) -> None:
     perm_expected = permission_files(ME, [AGG])
     while running:
         for name, path, model in (("report", member_paths.report_file(), MemberReport),
-                                  ("dashboard", agg_paths.dashboard_file, Dashboard)):
+                                  ("dashboard", current_file, Current)):
             data = path.read_bytes()
             obj = model.model_validate_json(data)  # a partial file fails here
             versions[name].add(obj.created_at if name == "report" else obj.generated_at)
@@ -732,6 +748,7 @@ def test_aggregator_disk_full_and_read_only(tiny_fs: Path, caplog: pytest.LogCap
     agg = Aggregator(paths, Settings(aggregator=AGG), Problems(logging.getLogger("cpu_tracker.aggregator")))
     ticks = [T0 + timedelta(seconds=10 * i) for i in range(12)]
     agg.tick(ticks[0])
+    write_peer_reports(paths, ticks[1], seed=4)  # new reports: the next ticks have something to write
     filler = fill(tiny_fs)
     for t in ticks[1:4]:
         agg.tick(t)
@@ -743,12 +760,15 @@ def test_aggregator_disk_full_and_read_only(tiny_fs: Path, caplog: pytest.LogCap
     finally:
         remount(tiny_fs, "rw")
     for t in ticks[8:]:
+        write_peer_reports(paths, t, seed=3)
         agg.tick(t)
     AggregatorAudit(paths).check()
     hist = History.model_validate_json(paths.history_file.read_bytes())
-    assert hist.recent.t == [int(t.timestamp()) for t in ticks], "ticks of the outage lost"
-    dash = Dashboard.model_validate_json(paths.dashboard_file.read_bytes())
-    assert dash.generated_at == ticks[-1]
+    assert hist == agg.history, "ticks of the outage lost"
+    assert {int(t.timestamp()) for t in ticks[1:8]} <= set(hist.recent.t)  # unpublished ticks are retried
+    assert read_history(paths.public_dir())[1].recent.t == hist.recent.t
+    current = Current.model_validate_json((paths.public_dir() / CURRENT_FILE).read_bytes())
+    assert current.generated_at == ticks[-1]
     for needle in ("No space left", "Read-only file system"):
         assert_each_logged_once(caplog, needle)
 
@@ -831,17 +851,17 @@ def test_aggregator_repairs_what_it_owns(tmp_path: Path) -> None:
     agg = Aggregator(paths, Settings(aggregator=AGG), Problems(logging.getLogger("cpu_tracker.aggregator")))
     agg.tick(T0)
     public = paths.public_dir()
-    first = {p.name: p.read_bytes() for p in public.iterdir() if p.name != "dashboard.json"}
+    first = {p.relative_to(public): p.read_bytes() for p in public.rglob("*") if p.is_file()}
     shutil.rmtree(public)
     shutil.rmtree(paths.private)
-    agg.tick(T0 + timedelta(seconds=10))
-    assert {p.name: p.read_bytes() for p in public.iterdir() if p.name != "dashboard.json"} == first
+    agg.tick(T0 + timedelta(seconds=10))  # nothing changed: everything is put back as it was, nothing added
+    assert {p.relative_to(public): p.read_bytes() for p in public.rglob("*") if p.is_file()} == first
     (public / "syftperm.yaml").write_text("- path: '**'\n  user: '*'\n  permissions: [read, write, admin]\n")
     (public / "syft.pub.yaml").unlink()
     agg.tick(T0 + timedelta(seconds=20))
-    assert {p.name: p.read_bytes() for p in public.iterdir() if p.name != "dashboard.json"} == first
+    assert {p.relative_to(public): p.read_bytes() for p in public.rglob("*") if p.is_file()} == first
     hist = History.model_validate_json(paths.history_file.read_bytes())
-    assert len(hist.recent.t) == 3
+    assert hist == agg.history and len(hist.recent.t) == 1
     AggregatorAudit(paths).check()
     for name in (DASHBOARD_SCHEMA_FILE, REPORT_SCHEMA_FILE):
         assert (public / name).exists()

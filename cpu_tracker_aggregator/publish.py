@@ -1,0 +1,227 @@
+"""The public folder, written so that what changes every tick stays small however long the history grows.
+
+Every syftbox 0.4.0 client mirrors every file it may read, and the relay sends each client an rsync diff of
+each changed file (4 KB blocks: a small file costs its whole size). So the public folder holds:
+
+```txt
+public/cpu_tracker/
+├── current.json                    the figure now + the open 5-minute block (Current): rewritten on change
+├── history/index.json              the segment files there are (HistoryIndex): changes about once an hour
+├── history/recent-YYYYMMDDTHH.json the ticks of one UTC hour (Segment): grows one closed 5-minute block at a
+│                                   time while the hour lasts, then is never rewritten; kept 24 h
+├── history/coarse-YYYYMMDD.json    the 5-minute points of one UTC day (Segment): likewise; kept 30 days
+├── dashboard.json                  the schema-1 Dashboard with the whole history, for old readers: rewritten
+│                                   every LEGACY_EVERY_S (and when the status changes), no longer every tick
+└── *.schema.json, index.html       static
+```
+
+Nothing here is written when nothing changed: the caller publishes only ticks that changed something.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cpu_tracker_aggregator.dashboard import COARSE_S, COARSE_STEP_S, COLUMNS, RECENT_S
+from shared.atomic import atomic_write_bytes
+from shared.paths import CURRENT_FILE, HISTORY_DIR, HISTORY_INDEX_FILE
+from shared.schema import Current, Dashboard, History, HistoryIndex, Segment, Series
+
+log = logging.getLogger("cpu_tracker.aggregator")
+BLOCK_S = COARSE_STEP_S  # points reach a segment once their 5-minute block has closed
+SEGMENT_S = {"recent": 3600, "coarse": 86400}
+RETENTION_S = {"recent": RECENT_S, "coarse": COARSE_S}
+NAME_FORMAT = {"recent": "%Y%m%dT%H", "coarse": "%Y%m%d"}
+LEGACY_EVERY_S = 1800
+
+
+def segment_name(series: str, start: int) -> str:
+    return f"{series}-{datetime.fromtimestamp(start, timezone.utc).strftime(NAME_FORMAT[series])}.json"
+
+
+def segment_start(name: str) -> tuple[str, int] | None:
+    """(series, period start) of a segment file name, or None if ``name`` is not one."""
+    series, _, stamp = name.removesuffix(".json").partition("-")
+    if series not in SEGMENT_S or not name.endswith(".json"):
+        return None
+    try:
+        t = datetime.strptime(stamp, NAME_FORMAT[series]).replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+    return series, int(t.timestamp())
+
+
+def points_between(s: Series, lo: int, hi: int) -> Series:
+    """The points of ``s`` with lo <= t < hi (``s.t`` is increasing)."""
+    i, j = bisect.bisect_left(s.t, lo), bisect.bisect_left(s.t, hi)
+    return Series(resolution_s=s.resolution_s, **{c: getattr(s, c)[i:j] for c in COLUMNS})
+
+
+def _has_points(t: list[int], lo: int, hi: int) -> bool:
+    i = bisect.bisect_left(t, lo)
+    return i < len(t) and t[i] < hi
+
+
+def open_points(history: History, block_start: int) -> History:
+    """The points no segment holds yet: those of the open 5-minute block (t >= ``block_start``)."""
+    far = 2**62
+    return History(recent=points_between(history.recent, block_start, far),
+                   coarse=points_between(history.coarse, block_start, far))
+
+
+class Publisher:
+    """Writes the public folder's history segments, index, current figure and legacy dashboard. Keeps what it
+    last wrote (by name) so that an unchanged file is never rewritten; a segment whose period has ended is
+    written once, complete, and never again."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.history_dir = self.folder / HISTORY_DIR
+        self._last: dict[str, bytes] = {}  # file (relative to folder) -> the bytes it holds, as far as we know
+        self._final: set[str] = set()  # segments written after their period ended: never again
+        self._legacy_at: int | None = None
+        self._legacy_status: str | None = None
+        self._loaded = False
+
+    def publish(self, dashboard: Dashboard, now: int) -> list[str]:
+        """Write what changed for the tick at unix time ``now``; returns the names written. Raises OSError."""
+        if not self._loaded:
+            self._load(now)
+        written: list[str] = []
+        block_start = now - now % BLOCK_S
+        present: dict[str, list[tuple[int, str]]] = {"recent": [], "coarse": []}
+        for series_name, seg_s in SEGMENT_S.items():
+            series: Series = getattr(dashboard.history, series_name)
+            keep_after = now - RETENTION_S[series_name]
+            closed = bisect.bisect_left(series.t, block_start)  # points before it lie in closed blocks
+            first = series.t[0] - series.t[0] % seg_s if closed else block_start
+            for start in range(first, block_start, seg_s):
+                end = start + seg_s
+                name = segment_name(series_name, start)
+                if end <= keep_after or not _has_points(series.t, start, min(end, block_start)):
+                    continue
+                present[series_name].append((start, name))
+                if name in self._final:
+                    continue
+                seg = Segment(series=series_name, start=start, end=end,
+                              points=points_between(series, start, min(end, block_start)))
+                if self._write(f"{HISTORY_DIR}/{name}", seg.model_dump_json().encode() + b"\n"):
+                    written.append(name)
+                if end <= block_start:
+                    self._final.add(name)
+            listed = {n for _, n in present[series_name]}
+            for name in self._final - listed:  # written earlier, still kept, no longer in the history held
+                parsed = segment_start(name)
+                if parsed and parsed[0] == series_name and parsed[1] + seg_s > keep_after:
+                    present[series_name].append((parsed[1], name))
+                    listed.add(name)
+            written += self._expire(series_name, keep_after, listed)
+        index = HistoryIndex(recent=[n for _, n in sorted(present["recent"])],
+                             coarse=[n for _, n in sorted(present["coarse"])])
+        if self._write(HISTORY_INDEX_FILE, index.model_dump_json().encode() + b"\n"):
+            written.append(HISTORY_INDEX_FILE)
+        current = Current(**dashboard.model_dump(exclude={"history", "schema_version", "kind"}),
+                          open=open_points(dashboard.history, block_start))
+        if self._write(CURRENT_FILE, current.model_dump_json().encode() + b"\n"):
+            written.append(CURRENT_FILE)
+        if (self._legacy_at is None or now - self._legacy_at >= LEGACY_EVERY_S
+                or dashboard.status != self._legacy_status):
+            if self._write("dashboard.json", dashboard.model_dump_json().encode() + b"\n"):
+                written.append("dashboard.json")
+            self._legacy_at, self._legacy_status = now, dashboard.status
+        return written
+
+    def repair(self) -> list[str]:
+        """Write again every file this publisher wrote that is missing or not the size it wrote (deleted or edited
+        behind its back). Costs one stat per file; returns the names rewritten."""
+        fixed = []
+        for name, data in list(self._last.items()):
+            try:
+                if os.stat(self.folder / name).st_size == len(data):
+                    continue
+            except FileNotFoundError:
+                pass
+            atomic_write_bytes(self.folder / name, data, durable=False)
+            fixed.append(name)
+        return fixed
+
+    def _write(self, name: str, data: bytes) -> bool:
+        if self._last.get(name) == data:
+            return False
+        # after a crash the old file or the new one is there, which is all that matters: no folder fsync
+        atomic_write_bytes(self.folder / name, data, durable=False)
+        self._last[name] = data
+        return True
+
+    def _expire(self, series: str, keep_after: int, present: set[str]) -> list[str]:
+        """Remove the series' segment files whose period lies wholly before ``keep_after``."""
+        removed = []
+        for name in sorted(self._on_disk()):
+            parsed = segment_start(name)
+            if parsed and parsed[0] == series and name not in present and parsed[1] + SEGMENT_S[series] <= keep_after:
+                try:
+                    os.unlink(self.history_dir / name)
+                    removed.append(name)
+                except FileNotFoundError:
+                    pass
+                self._last.pop(f"{HISTORY_DIR}/{name}", None)
+                self._final.discard(name)
+        return removed
+
+    def _on_disk(self) -> list[str]:
+        try:
+            return os.listdir(self.history_dir)
+        except FileNotFoundError:
+            return []
+
+    def _load(self, now: int) -> None:
+        """What an earlier process left: segment files whose period has ended are final (never rewritten)."""
+        for name in self._on_disk():
+            parsed = segment_start(name)
+            if parsed is None:
+                continue
+            try:
+                self._last[f"{HISTORY_DIR}/{name}"] = (self.history_dir / name).read_bytes()
+            except OSError:
+                continue
+            if parsed[1] + SEGMENT_S[parsed[0]] <= now - now % BLOCK_S:
+                self._final.add(name)
+        self._loaded = True
+
+
+def read_history(folder: Path) -> tuple[Current, History]:
+    """What a reader of the public folder sees: the current figure and the whole history, assembled as the page
+    and the README's recipe do (each indexed segment's points in order, then ``current.open``). A segment that
+    is listed but not there yet (still syncing) is left out. Raises OSError / ValueError for an unreadable
+    current.json or index."""
+    folder = Path(folder)
+    current = Current.model_validate_json((folder / CURRENT_FILE).read_bytes())
+    index = HistoryIndex.model_validate_json((folder / current.history_index).read_bytes())
+    series = {}
+    for name in ("recent", "coarse"):
+        parts: list[Series] = []
+        for seg_name in getattr(index, name):
+            try:
+                parts.append(Segment.model_validate_json((folder / HISTORY_DIR / seg_name).read_bytes()).points)
+            except FileNotFoundError:
+                continue
+        parts.append(getattr(current.open, name))
+        series[name] = concatenate(parts)
+    return current, History(**series)
+
+
+def concatenate(parts: list[Series]) -> Series:
+    """The parts' points in order, keeping only those later than every point before them: files written or
+    synced at different moments may repeat a point (a block just closed into a segment while an older
+    current.json still holds it as open)."""
+    columns: dict[str, list] = {c: [] for c in COLUMNS}
+    for part in parts:
+        for i, t in enumerate(part.t):
+            if not columns["t"] or t > columns["t"][-1]:
+                for c in COLUMNS:
+                    columns[c].append(getattr(part, c)[i])
+    return Series(resolution_s=parts[-1].resolution_s, **columns)

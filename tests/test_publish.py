@@ -1,0 +1,130 @@
+"""Publishing that scales: what changes every tick stays small, closed history segments are never rewritten,
+a tick that changed nothing writes no file, and a reader of the public folder gets the aggregator's series."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+import cpu_tracker_aggregator.publish as publish
+from cpu_tracker_aggregator.dashboard import add_point, empty_history
+from cpu_tracker_aggregator.publish import SEGMENT_S, Publisher, read_history, segment_name, segment_start
+from shared.paths import CURRENT_FILE, HISTORY_DIR, HISTORY_INDEX_FILE
+from shared.schema import AggregatorSettings, Counts, Dashboard, Estimate, PrivacySummary, Segment
+from shared.settings import Settings
+
+AGG = "agg@example.org"
+START = datetime(2026, 3, 1, 22, 30, tzinfo=timezone.utc)  # crosses a UTC midnight: both kinds of segment close
+TICK = timedelta(seconds=10)
+
+
+def dashboard_at(now: datetime, history, i: int) -> Dashboard:
+    """The dashboard of tick ``i``: a figure that moves, and a gap (too few members) every 97 ticks."""
+    settings = Settings(aggregator=AGG)
+    est = None if i % 97 == 0 else Estimate(mean=30 + (i % 17), standard_error=0.5, ci95_low=29 + (i % 17),
+                                            ci95_high=31 + (i % 17), members=5, method="test")
+    return Dashboard(
+        app_version="test", generated_at=now, status="ok" if est else "too_few_members", message="m", estimate=est,
+        counts=Counts(fresh=5, stale=0, rejected=0, legacy=0), privacy=PrivacySummary(),
+        settings=AggregatorSettings(tick_s=10, stale_after_s=60, min_members=3),
+        history=add_point(history, now, est, 5, settings),
+    )
+
+
+def test_a_day_of_ticks_never_rewrites_a_closed_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[tuple[str, int]] = []
+    real_write = publish.atomic_write_bytes
+
+    def recording_write(path, data, **kw):
+        writes.append((str(Path(path).relative_to(tmp_path)), clock[0]))
+        real_write(path, data, **kw)
+
+    monkeypatch.setattr(publish, "atomic_write_bytes", recording_write)
+    clock = [0]
+    publisher = Publisher(tmp_path)
+    history = empty_history(Settings(aggregator=AGG))
+    ticks = int(timedelta(hours=26) / TICK)
+    for i in range(ticks):
+        now = START + i * TICK
+        clock[0] = int(now.timestamp())
+        dash = dashboard_at(now, history, i)
+        history = dash.history
+        publisher.publish(dash, clock[0])
+        if i == ticks // 2:  # a restart in the middle: a new publisher on the same folder
+            publisher = Publisher(tmp_path)
+
+    segments = {name: [t for n, t in writes if n == f"{HISTORY_DIR}/{name}"] for name in os.listdir(tmp_path / HISTORY_DIR)
+                if segment_start(name)}
+    closed_checked = 0
+    for name, times in segments.items():
+        series, start = segment_start(name)
+        end = start + SEGMENT_S[series]
+        after_close = [t for t in times if t >= end]
+        assert len(after_close) <= 1, f"{name} rewritten after its period ended: {after_close}"
+        if after_close:
+            closed_checked += 1
+            seg = Segment.model_validate_json((tmp_path / HISTORY_DIR / name).read_bytes())
+            full = getattr(history, series)
+            expected = [t for t in full.t if start <= t < end]
+            if expected and expected[0] == full.t[0]:
+                continue  # the oldest segment: the history held no longer holds all of it
+            assert seg.points.t == expected, f"{name} is not its period's points"
+    assert closed_checked >= 20  # about 24 closed hours and one closed day
+    assert segment_name("coarse", int(datetime(2026, 3, 1, tzinfo=timezone.utc).timestamp())) in segments
+
+    # per tick: current.json always, segments only when a 5-minute block closes, the index about hourly
+    per_file = {}
+    for name, _ in writes:
+        per_file[name] = per_file.get(name, 0) + 1
+    assert per_file[CURRENT_FILE] == ticks
+    hour_writes = sum(v for k, v in per_file.items() if "/recent-" in k)
+    assert hour_writes <= ticks / 30 + 2 * 26
+    assert per_file[HISTORY_INDEX_FILE] <= 2 * 26 + 4
+    assert per_file["dashboard.json"] <= ticks / (publish.LEGACY_EVERY_S / 10) + 2 * ticks / 97 + 2
+
+    # the reader's recipe gives the aggregator's own series (within what it keeps)
+    _, seen = read_history(tmp_path)
+    for series in ("recent", "coarse"):
+        held, read = getattr(history, series), getattr(seen, series)
+        assert [p for p in zip(read.t, read.mean, read.ci95_low, read.ci95_high, read.members) if p[0] >= held.t[0]] == \
+            list(zip(held.t, held.mean, held.ci95_low, held.ci95_high, held.members))
+    kept = [segment_start(n) for n in os.listdir(tmp_path / HISTORY_DIR) if segment_start(n)]
+    newest = int((START + (ticks - 1) * TICK).timestamp())
+    assert all(start + SEGMENT_S[s] > newest - publish.RETENTION_S[s] for s, start in kept), "expired segments kept"
+
+
+def test_a_tick_that_changed_nothing_writes_no_file(tmp_path: Path) -> None:
+    from cpu_tracker_aggregator.aggregator import Aggregator
+    from cpu_tracker_member.member import build_report
+    from shared.atomic import atomic_write_json
+    from shared.logs import Problems
+    from shared.paths import Paths
+    import logging
+
+    paths = Paths(data_dir=tmp_path, email=AGG)
+    settings = Settings(aggregator=AGG, min_members=1)
+    now = datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
+
+    def write(member: str, seed: int) -> None:
+        _, report = build_report(20.0, 200, now - timedelta(seconds=20), now, settings, random_state=seed)
+        atomic_write_json(paths.report_file(member), report.model_dump(mode="json"))
+
+    write("m1@example.org", 1)
+    agg = Aggregator(paths, settings, Problems(logging.getLogger("t")))
+    agg.tick(now)
+
+    def files() -> dict[str, tuple[int, int]]:
+        return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()
+                and "app_data" not in p.parts}
+
+    before = files()
+    agg.tick(now + timedelta(seconds=10))  # nothing new
+    assert files() == before
+    write("m2@example.org", 2)
+    agg.tick(now + timedelta(seconds=20))  # a new member: published
+    after = files()
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert any(k.endswith(CURRENT_FILE) for k in changed) and any(k.endswith("history.json") for k in changed)
