@@ -32,6 +32,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from cpu_tracker_aggregator.aggregator import PAGE
+from cpu_tracker_aggregator.publish import Publisher, read_history
+from shared.paths import CURRENT_FILE
 from shared.schema import (
     AggregatorSettings,
     Counts,
@@ -198,8 +200,16 @@ class Site:
     browser: WebDriver
 
     def publish(self, dash: Dashboard | bytes) -> None:
-        data = dash if isinstance(dash, bytes) else dash.model_dump_json().encode()
-        (self.folder / "dashboard.json").write_bytes(data)
+        """Bytes: written as current.json. A dashboard: published by the aggregator's own Publisher (current.json,
+        history index and segments), and read back by the README's recipe, which must give its history."""
+        if isinstance(dash, bytes):
+            (self.folder / CURRENT_FILE).write_bytes(dash)
+            return
+        Publisher(self.folder).publish(dash, int(dash.generated_at.timestamp()))
+        _, seen = read_history(self.folder)
+        for name in ("recent", "coarse"):
+            held, read = getattr(dash.history, name), getattr(seen, name)
+            assert (read.t, read.mean, read.members) == (held.t, held.mean, held.members), name
 
     def open(self) -> None:
         self.browser.get(self.url)
@@ -230,7 +240,7 @@ def site(browser: WebDriver, server_root: tuple[Path, str]) -> Iterator[Site]:
     shutil.copy(PAGE, folder / "index.html")
     yield Site(folder, f"{base}/{folder.name}/index.html", browser)
     errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-    assert [m for m in errors if "dashboard.json - Failed to load resource" not in m] == []
+    assert [m for m in errors if "current.json - Failed to load resource" not in m] == []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,10 +322,10 @@ def test_too_few_members_says_so(site: Site) -> None:
 @pytest.mark.parametrize(
     ("content", "says"),
     [
-        (None, "dashboard.json could not be loaded (HTTP 404)"),
-        (b"", "dashboard.json is empty"),
-        (b'{"kind": "cpu_tracker.dash', "dashboard.json is not valid JSON"),
-        (b'{"cpu": 34.3}', "dashboard.json is not a CPU tracker dashboard"),
+        (None, "current.json could not be loaded (HTTP 404)"),
+        (b"", "current.json is empty"),
+        (b'{"kind": "cpu_tracker.curr', "current.json is not valid JSON"),
+        (b'{"cpu": 34.3}', "current.json is not a CPU tracker file"),
     ],
     ids=["missing", "empty", "truncated", "foreign"],
 )
