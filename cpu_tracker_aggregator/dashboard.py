@@ -14,10 +14,8 @@ from shared.privacy import estimate_mean
 from shared.schema import AggregatorSettings, Counts, Dashboard, Estimate, History, PrivacySummary, Series
 from shared.settings import Settings
 
-METHOD = (
-    "unweighted mean of the fresh members' Laplace releases (unbiased for the mean of their window means); "
-    "95 % interval from the exact distribution of the summed Laplace noise (Gil-Pelaez inversion)"
-)
+METHOD = ("unweighted mean of the fresh members' Laplace releases (unbiased); 95 % interval exact for the summed "
+          "noise (Gil-Pelaez)")
 RECENT_S = 24 * 3600
 COARSE_S = 30 * 24 * 3600
 COARSE_STEP_S = 300

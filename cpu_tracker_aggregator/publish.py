@@ -29,7 +29,7 @@ from pathlib import Path
 from cpu_tracker_aggregator.dashboard import COARSE_S, COARSE_STEP_S, COLUMNS, RECENT_S
 from shared.atomic import atomic_write_bytes
 from shared.paths import CURRENT_FILE, HISTORY_DIR, HISTORY_INDEX_FILE
-from shared.schema import Current, Dashboard, History, HistoryIndex, Segment, Series
+from shared.schema import Current, Dashboard, History, HistoryIndex, OpenPoints, Point, Segment, Series
 
 log = logging.getLogger("cpu_tracker.aggregator")
 BLOCK_S = COARSE_STEP_S  # points reach a segment once their 5-minute block has closed
@@ -55,10 +55,10 @@ def segment_start(name: str) -> tuple[str, int] | None:
     return series, int(t.timestamp())
 
 
-def points_between(s: Series, lo: int, hi: int) -> Series:
-    """The points of ``s`` with lo <= t < hi (``s.t`` is increasing)."""
+def points_between(s: Series, lo: int, hi: int) -> list[Point]:
+    """The points of ``s`` with lo <= t < hi (``s.t`` is increasing), as rows."""
     i, j = bisect.bisect_left(s.t, lo), bisect.bisect_left(s.t, hi)
-    return Series(resolution_s=s.resolution_s, **{c: getattr(s, c)[i:j] for c in COLUMNS})
+    return list(zip(*(getattr(s, c)[i:j] for c in COLUMNS)))
 
 
 def _has_points(t: list[int], lo: int, hi: int) -> bool:
@@ -66,11 +66,11 @@ def _has_points(t: list[int], lo: int, hi: int) -> bool:
     return i < len(t) and t[i] < hi
 
 
-def open_points(history: History, block_start: int) -> History:
+def open_points(history: History, block_start: int) -> OpenPoints:
     """The points no segment holds yet: those of the open 5-minute block (t >= ``block_start``)."""
     far = 2**62
-    return History(recent=points_between(history.recent, block_start, far),
-                   coarse=points_between(history.coarse, block_start, far))
+    return OpenPoints(recent=points_between(history.recent, block_start, far),
+                      coarse=points_between(history.coarse, block_start, far))
 
 
 class Publisher:
@@ -107,7 +107,7 @@ class Publisher:
                 present[series_name].append((start, name))
                 if name in self._final:
                     continue
-                seg = Segment(series=series_name, start=start, end=end,
+                seg = Segment(series=series_name, start=start, end=end, resolution_s=series.resolution_s,
                               points=points_between(series, start, min(end, block_start)))
                 if self._write(f"{HISTORY_DIR}/{name}", seg.model_dump_json().encode() + b"\n"):
                     written.append(name)
@@ -202,26 +202,25 @@ def read_history(folder: Path) -> tuple[Current, History]:
     current = Current.model_validate_json((folder / CURRENT_FILE).read_bytes())
     index = HistoryIndex.model_validate_json((folder / current.history_index).read_bytes())
     series = {}
-    for name in ("recent", "coarse"):
-        parts: list[Series] = []
+    for name, resolution in (("recent", current.settings.tick_s), ("coarse", float(BLOCK_S))):
+        parts: list[list[Point]] = []
         for seg_name in getattr(index, name):
             try:
-                parts.append(Segment.model_validate_json((folder / HISTORY_DIR / seg_name).read_bytes()).points)
+                seg = Segment.model_validate_json((folder / HISTORY_DIR / seg_name).read_bytes())
             except FileNotFoundError:
                 continue
+            parts.append(seg.points)
+            resolution = seg.resolution_s
         parts.append(getattr(current.open, name))
-        series[name] = concatenate(parts)
+        series[name] = concatenate(parts, resolution)
     return current, History(**series)
 
 
-def concatenate(parts: list[Series]) -> Series:
-    """The parts' points in order, keeping only those later than every point before them: files written or
-    synced at different moments may repeat a point (a block just closed into a segment while an older
-    current.json still holds it as open)."""
-    columns: dict[str, list] = {c: [] for c in COLUMNS}
+def concatenate(parts: list[list[Point]], resolution_s: float) -> Series:
+    """The parts' rows in order as a ``Series``, keeping only points later than every point before them: files
+    written or synced at different moments may repeat a point (a block just closed into a segment while an
+    older current.json still holds it as open)."""
+    rows: list[Point] = []
     for part in parts:
-        for i, t in enumerate(part.t):
-            if not columns["t"] or t > columns["t"][-1]:
-                for c in COLUMNS:
-                    columns[c].append(getattr(part, c)[i])
-    return Series(resolution_s=parts[-1].resolution_s, **columns)
+        rows += [p for p in part if not rows or p[0] > rows[-1][0]]
+    return Series(resolution_s=resolution_s, **{c: [p[i] for p in rows] for i, c in enumerate(COLUMNS)})

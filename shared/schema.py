@@ -220,17 +220,30 @@ class Dashboard(_Wire):
 # ---------------------------------------------------------------------------------------------------
 # The published history in segments, and the small file that changes every tick
 # ---------------------------------------------------------------------------------------------------
+Point = tuple[int, float | None, float | None, float | None, int]  # one row of a Series: (t, mean, low, high, members)
+
+
 class Segment(_Wire):
     """One stretch of history, published at ``public/cpu_tracker/history/<name>``: the ticks of one UTC hour
-    (series ``recent``) or the 5-minute points of one UTC day (``coarse``). It grows while its period is open,
-    one closed 5-minute block at a time, and is never rewritten once the period has ended."""
+    (series ``recent``) or the 5-minute points of one UTC day (``coarse``). It grows at its end, one closed
+    5-minute block at a time, while its period is open, and is never rewritten once the period has ended.
+    Points are rows (not columns, as in ``Series``), so that growing the file changes only its end."""
 
     schema_version: Literal[1] = Field(default=1, description="Changes only with a breaking change.")
     kind: Literal["cpu_tracker.history_segment"] = SEGMENT_KIND
     series: Literal["recent", "coarse"] = Field(description="Which series of `History` the points belong to.")
     start: int = Field(description="Unix seconds (UTC): the period's start, inclusive.")
     end: int = Field(description="Unix seconds (UTC): the period's end, exclusive.")
-    points: Series
+    resolution_s: float = Field(description="As `Series.resolution_s`.")
+    points: list[Point] = Field(default_factory=list, description="Rows (t, mean, ci95_low, ci95_high, members), "
+                                "t increasing; meanings as in `Series`.")
+
+
+class OpenPoints(_Wire):
+    """The points no segment holds yet (those of the open 5-minute block), as rows like `Segment.points`."""
+
+    recent: list[Point] = Field(default_factory=list)
+    coarse: list[Point] = Field(default_factory=list, description="The open 5-minute average, if any.")
 
 
 class HistoryIndex(_Wire):
@@ -261,7 +274,7 @@ class Current(_Wire):
     counts: Counts
     privacy: PrivacySummary
     settings: AggregatorSettings
-    open: History = Field(description="Points of the open 5-minute block: ticks, and the open 5-minute average.")
+    open: OpenPoints = Field(description="Points of the open 5-minute block: ticks, and the open 5-minute average.")
     history_index: str = Field(default="history/index.json", description="Where the segment list is, relative.")
 
 

@@ -71,7 +71,7 @@ def test_a_day_of_ticks_never_rewrites_a_closed_segment(tmp_path: Path, monkeypa
             expected = [t for t in full.t if start <= t < end]
             if expected and expected[0] == full.t[0]:
                 continue  # the oldest segment: the history held no longer holds all of it
-            assert seg.points.t == expected, f"{name} is not its period's points"
+            assert [p[0] for p in seg.points] == expected, f"{name} is not its period's points"
     assert closed_checked >= 20  # about 24 closed hours and one closed day
     assert segment_name("coarse", int(datetime(2026, 3, 1, tzinfo=timezone.utc).timestamp())) in segments
 
