@@ -18,7 +18,7 @@ from shared.settings import Settings
 
 AGG = "agg@example.org"
 START = datetime(2026, 3, 1, 22, 30, tzinfo=timezone.utc)  # crosses a UTC midnight: both kinds of segment close
-TICK = timedelta(seconds=10)
+TICK = timedelta(seconds=30)  # coarser than the default tick: the same closes, a third of the work
 
 
 def dashboard_at(now: datetime, history, i: int) -> Dashboard:
@@ -81,9 +81,10 @@ def test_a_day_of_ticks_never_rewrites_a_closed_segment(tmp_path: Path, monkeypa
         per_file[name] = per_file.get(name, 0) + 1
     assert per_file[CURRENT_FILE] == ticks
     hour_writes = sum(v for k, v in per_file.items() if "/recent-" in k)
-    assert hour_writes <= ticks / 30 + 2 * 26
+    blocks = ticks * TICK.total_seconds() / publish.BLOCK_S
+    assert hour_writes <= blocks + 26  # once per closed block, plus once per hour at its close
     assert per_file[HISTORY_INDEX_FILE] <= 2 * 26 + 4
-    assert per_file["dashboard.json"] <= ticks / (publish.LEGACY_EVERY_S / 10) + 2 * ticks / 97 + 2
+    assert per_file["dashboard.json"] <= ticks * TICK.total_seconds() / publish.LEGACY_EVERY_S + 2 * ticks / 97 + 2
 
     # the reader's recipe gives the aggregator's own series (within what it keeps)
     _, seen = read_history(tmp_path)
@@ -128,3 +129,34 @@ def test_a_tick_that_changed_nothing_writes_no_file(tmp_path: Path) -> None:
     after = files()
     changed = {k for k in after if after[k] != before.get(k)}
     assert any(k.endswith(CURRENT_FILE) for k in changed) and any(k.endswith("history.json") for k in changed)
+
+
+def _published_day(folder: Path) -> Dashboard:
+    """Two hours of ticks published into ``folder`` by the real Publisher; returns the last dashboard."""
+    publisher, history = Publisher(folder), empty_history(Settings(aggregator=AGG))
+    for i in range(240):
+        now = START + i * TICK
+        dash = dashboard_at(now, history, i)
+        history = dash.history
+        publisher.publish(dash, int(now.timestamp()))
+    return dash
+
+
+def test_the_readme_recipe_reads_what_the_page_and_read_history_read(tmp_path: Path) -> None:
+    dash = _published_day(tmp_path)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("# with plain json\n", 1)[1].split("```", 1)[0]
+    scope = {"public_folder": str(tmp_path), "print": lambda *a: None}
+    exec(block, scope)  # noqa: S102 - the README's own code, run as a reader would
+    _, history = read_history(tmp_path)
+    assert [r[0] for r in scope["recent"]] == history.recent.t == dash.history.recent.t
+    assert [r[1] for r in scope["recent"]] == history.recent.mean
+
+
+def test_the_terminal_status_reads_the_public_folder(tmp_path: Path) -> None:
+    from cpu_tracker_aggregator.status import status_text
+
+    assert "No figure published yet" in status_text(tmp_path)
+    dash = _published_day(tmp_path)
+    text = status_text(tmp_path)
+    assert dash.message in text and f"mean {dash.estimate.mean:.2f} %" in text and "last hour: |" in text
