@@ -110,3 +110,7 @@ class Paths:
     def dashboard_file(self) -> Path:
         return self.public_dir() / DASHBOARD_FILE
 
+    @property
+    def current_file(self) -> Path:
+        return self.public_dir() / CURRENT_FILE
+

@@ -38,7 +38,7 @@ paths = site_paths
 
 def dashboard(net: LocalNetwork) -> dict | None:
     try:
-        return json.loads(paths(net, AGG).dashboard_file.read_text())
+        return json.loads(paths(net, AGG).current_file.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -51,7 +51,8 @@ def test_dashboard_counts_three_fresh_members_with_an_interval(net):
     assert dash["status"] == "ok" and est["members"] == 3
     assert est["ci95_low"] < est["mean"] < est["ci95_high"]
     assert dash["counts"]["rejected"] == 0
-    jsonschema.validate(dash, schema("dashboard.schema.json"))
+    jsonschema.validate(dash, schema("current.schema.json"))
+    jsonschema.validate(json.loads(paths(net, AGG).dashboard_file.read_text()), schema("dashboard.schema.json"))
 
 
 def test_reports_reach_only_the_aggregator(net):
@@ -59,11 +60,11 @@ def test_reports_reach_only_the_aggregator(net):
     net.wait_for(lambda: all(agg.report_file(m).exists() for m in MEMBERS), timeout=120, what="reports at agg")
     for m in MEMBERS:
         jsonschema.validate(json.loads(agg.report_file(m).read_text()), schema("member_report.schema.json"))
-    # barrier: each member holds the aggregator's public dashboard, written after the reports it counted,
+    # barrier: each member holds the aggregator's current.json, written after the reports it counted,
     # so each member has synced since the other members' reports reached the relay
     for m in MEMBERS:
         mine = paths(net, m)
-        net.wait_for(lambda: (mine.datasites / AGG / "public" / "cpu_tracker" / "dashboard.json").exists(),
+        net.wait_for(lambda: (mine.public_dir(AGG) / "current.json").exists(),
                      timeout=120, what=f"dashboard at {m}")
         for other in MEMBERS:
             if other != m:
@@ -85,6 +86,6 @@ def test_relay_holds_no_raw_figure_and_nothing_private(net):
             assert repr(raw).encode() not in blob, f"raw mean {raw!r} found on the relay"
     for secret in (b"raw_mean", b"ledger.jsonl", b"raw.jsonl", b"window_start\":", b"private/cpu_tracker"):
         assert secret not in blob
-    dash_text = paths(net, AGG).dashboard_file.read_text()
+    dash_text = "".join(p.read_text() for p in paths(net, AGG).public_dir().rglob("*.json"))
     for m in MEMBERS:
         assert m not in dash_text  # no member email in anything public

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from cpu_tracker_aggregator.publish import read_history
 from shared.ledger import load_spends
 from tests.localnet.demo import install_tracker, site_paths
 from tests.localnet.network import LocalNetwork
-from shared.schema import Dashboard, MemberReport
+from shared.schema import Current, MemberReport
 from shared.settings import Settings
 from tests.test_faults import worst_spans
 
@@ -44,14 +45,14 @@ def net(tmp_path_factory):
 paths = site_paths
 
 
-def dashboard(net: LocalNetwork) -> Dashboard | None:
+def dashboard(net: LocalNetwork) -> Current | None:
     try:
-        return Dashboard.model_validate_json(paths(net, AGG).dashboard_file.read_bytes())
+        return Current.model_validate_json(paths(net, AGG).current_file.read_bytes())
     except (OSError, ValueError):
         return None
 
 
-def fresh(net: LocalNetwork, n: int) -> Dashboard | None:
+def fresh(net: LocalNetwork, n: int) -> Current | None:
     d = dashboard(net)
     return d if d is not None and d.counts.fresh == n and d.status == "ok" else None
 
@@ -81,12 +82,13 @@ def test_relay_down_then_back(net: LocalNetwork) -> None:
         assert paths(net, AGG).report_file(m).read_bytes() == seen_by_agg[m]
 
     net.start_server()
-    back = net.wait_for(lambda: fresh(net, 3), timeout=120, what="the figure to recover once the relay is back")
-    mean = back.history.recent.mean
+    net.wait_for(lambda: fresh(net, 3), timeout=120, what="the figure to recover once the relay is back")
+    _, history = read_history(paths(net, AGG).public_dir())  # as any reader of the public folder sees it
+    mean = history.recent.mean
     first_null = mean.index(None, next(i for i, v in enumerate(mean) if v is not None))
     assert any(v is not None for v in mean[:first_null]), "no figure before the gap"
     assert mean[-1] is not None and None in mean[first_null:], "the gap is not in the history"
-    assert 0 in back.history.recent.members, "the gap's points do not say that no member was fresh"
+    assert 0 in history.recent.members, "the gap's points do not say that no member was fresh"
 
     settings = Settings(aggregator=AGG)
     for m in MEMBERS:

@@ -63,7 +63,7 @@ def net(tmp_path_factory):
                                   kwargs={"read": lambda: probe_value(next(count))}, daemon=True)
         thread.start()
         try:
-            n.wait_for(lambda: (d := dashboard(paths(n, AGG).dashboard_file)) and d["counts"]["fresh"] == 4,
+            n.wait_for(lambda: (d := dashboard(paths(n, AGG).current_file)) and d["counts"]["fresh"] == 4,
                        timeout=180, what="4 fresh members at the aggregator")
             n.wait_for(lambda: len(paths(n, PROBE).raw_file.read_text().splitlines()) >= PROBE_WINDOWS, timeout=60,
                        what=f"{PROBE_WINDOWS} windows of the probe")
@@ -178,13 +178,14 @@ def test_the_public_dashboard_names_no_member_and_no_value(net: LocalNetwork) ->
     copies = [paths(net, AGG).public_dir()] + [paths(net, e).public_dir(AGG) for e in [*ALL_MEMBERS, OUTSIDER]] + \
              [net.server_files() / AGG / "public" / "cpu_tracker"]
     for folder in copies:
-        files = [p for p in folder.iterdir() if p.is_file()]
-        assert any(p.name == "dashboard.json" for p in files), f"no dashboard in {folder}"
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        names = {p.name for p in files}
+        assert {"dashboard.json", "current.json", "index.json"} <= names, f"no figure in {folder}: {names}"
         for p in files:
             text = p.read_text("utf-8")
             for email in [*ALL_MEMBERS, OUTSIDER]:
                 assert email not in text, f"{email} named in {p}"
-            if p.name == "dashboard.json":
+            if p.suffix == ".json" and not p.name.endswith(".schema.json"):
                 assert "@" not in text
                 for value, owner in released.items():
                     assert repr(value) not in text, f"{owner}'s released value {value!r} in {p}"

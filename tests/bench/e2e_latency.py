@@ -90,7 +90,7 @@ def run(ctx) -> Result:
 
 def _fresh(agg) -> int:
     try:
-        return json.loads(agg.dashboard_file.read_text())["counts"]["fresh"]
+        return json.loads(agg.current_file.read_text())["counts"]["fresh"]
     except (OSError, ValueError, KeyError):
         return 0
 

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         httpd, url = serve(agg.public_dir())
         print(f"demo: relay server {net.server_url}; {len(members)} members publish every {args.interval:g} s")
         print(f"demo: live page   {url}index.html")
-        print(f"demo: dashboard   {agg.dashboard_file}")
+        print(f"demo: the figure  {agg.current_file}   (history: {agg.public_dir() / 'history'})")
         print(f"demo: app logs    {net.root}/<datasite>/data/apps/cpu_tracker/logs/   (Ctrl-C stops everything)")
         watch(agg, stop, args.duration)
     finally:
@@ -109,7 +109,7 @@ def watch(agg: Paths, stop: threading.Event, duration: float | None) -> None:
     last = None
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
         try:
-            dash = json.loads(agg.dashboard_file.read_text())
+            dash = json.loads(agg.current_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             dash = None
         line = figure_line(dash) if dash else None
