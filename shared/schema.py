@@ -199,13 +199,11 @@ class History(_Wire):
     coarse: Series = Field(description="Averages of `recent` per 5 minutes, last 30 days.")
 
 
-class Dashboard(_Wire):
-    """The network figure, published world-readable at
-    ``datasites/<aggregator>/public/cpu_tracker/dashboard.json``. Holds no member email and no
-    per-member value."""
+class _Figure(_Wire):
+    """What every published figure says: the network estimate now and its context."""
 
-    schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Changes only with a breaking change.")
-    kind: Literal["cpu_tracker.dashboard"] = DASHBOARD_KIND
+    schema_version: int
+    kind: str
     app_version: str
     generated_at: AwareDatetime
     status: Literal["ok", "too_few_members"] = Field(description="ok: `estimate` is set.")
@@ -214,6 +212,15 @@ class Dashboard(_Wire):
     counts: Counts
     privacy: PrivacySummary
     settings: AggregatorSettings
+
+
+class Dashboard(_Figure):
+    """The network figure, published world-readable at
+    ``datasites/<aggregator>/public/cpu_tracker/dashboard.json``. Holds no member email and no
+    per-member value."""
+
+    schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Changes only with a breaking change.")
+    kind: Literal["cpu_tracker.dashboard"] = DASHBOARD_KIND
     history: History
 
 
@@ -256,7 +263,7 @@ class HistoryIndex(_Wire):
     coarse: list[str] = Field(default_factory=list, description="Day segments of `coarse` (5 minutes), 30 days.")
 
 
-class Current(_Wire):
+class Current(_Figure):
     """The network figure now, published world-readable at ``public/cpu_tracker/current.json`` and rewritten only
     when something changed: the same figure and context as ``Dashboard`` without the long history, plus the
     points of the open 5-minute block that no segment holds yet. Holds no member email and no per-member value.
@@ -266,14 +273,7 @@ class Current(_Wire):
 
     schema_version: Literal[1] = Field(default=1, description="Changes only with a breaking change.")
     kind: Literal["cpu_tracker.current"] = CURRENT_KIND
-    app_version: str
     generated_at: AwareDatetime = Field(description="The last tick that changed anything (UTC).")
-    status: Literal["ok", "too_few_members"] = Field(description="ok: `estimate` is set.")
-    message: str = Field(description="One sentence for people: the figure, or why there is none.")
-    estimate: Estimate | None = None
-    counts: Counts
-    privacy: PrivacySummary
-    settings: AggregatorSettings
     open: OpenPoints = Field(description="Points of the open 5-minute block: ticks, and the open 5-minute average.")
     history_index: str = Field(default="history/index.json", description="Where the segment list is, relative.")
 
