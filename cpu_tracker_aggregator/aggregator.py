@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 
 from cpu_tracker_aggregator.collect import Collector, Snapshot, members_json_chunks
 from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history
+from cpu_tracker_aggregator.metrics import Metrics
 from cpu_tracker_aggregator.publish import Publisher
 from shared.atomic import atomic_write_bytes, atomic_write_chunks, write_if_changed
 from shared.logs import Problems
@@ -33,6 +35,7 @@ class Aggregator:
     paths: Paths
     settings: Settings
     problems: Problems
+    metrics_port: int | None = None  # also serve the metrics on 127.0.0.1:<port>
     collector: Collector = field(init=False)
     history: History = field(init=False)
     _members_pending: Snapshot | None = field(init=False, default=None)
@@ -44,6 +47,12 @@ class Aggregator:
         self.collector = Collector(self.paths.datasites, self.paths.app_name, self.settings)
         self.history = self._load_history()
         self.publisher = Publisher(self.paths.public_dir())
+        try:
+            self.metrics = Metrics(self.paths.metrics_file, self.metrics_port)
+        except OSError as e:  # the port is taken (another datasite on this machine?): the textfile still works
+            self.problems.report("metrics-port", f"cannot serve metrics on 127.0.0.1:{self.metrics_port} ({e}); "
+                                 "set another metrics_port. The textfile is still written.")
+            self.metrics = Metrics(self.paths.metrics_file)
 
     def _load_history(self) -> History:
         path = self.paths.history_file
@@ -74,6 +83,11 @@ class Aggregator:
         self._write_private(snapshot, now, changed)  # first: a crash must never take back a published point
         published = self._publish(dashboard, int(now.timestamp()), changed)
         self._last = dashboard if published else None  # a failed write is retried at the next tick
+        try:
+            self.metrics.update(dashboard, changed=changed)
+            self.problems.clear("metrics", "metrics textfile written again")
+        except OSError as e:
+            self.problems.report("metrics", f"cannot write {self.paths.metrics_file}: {e}. Check disk space.")
         return dashboard
 
     def _publish(self, dashboard: Dashboard, now: int, changed: bool) -> bool:
@@ -127,21 +141,26 @@ def run_aggregator(
 ) -> None:
     """Tick every ``tick_s`` seconds until ``stop`` is set."""
     last_status = None
-    while not stop.is_set():
-        started = time.monotonic()
-        dash = agg.tick(wall())
-        status = (dash.status, dash.counts.fresh, dash.counts.stale, dash.counts.rejected)
-        if status != last_status:
-            log.info("%s (fresh %d, stale %d, rejected %d)", dash.message, *status[1:])
-            last_status = status
-        if once:
-            return
-        stop.wait(max(0.0, agg.settings.tick_s - (time.monotonic() - started)))
+    try:
+        while not stop.is_set():
+            started = time.monotonic()
+            dash = agg.tick(wall())
+            status = (dash.status, dash.counts.fresh, dash.counts.stale, dash.counts.rejected)
+            if status != last_status:
+                log.info("%s (fresh %d, stale %d, rejected %d)", dash.message, *status[1:])
+                last_status = status
+            if once:
+                return
+            stop.wait(max(0.0, agg.settings.tick_s - (time.monotonic() - started)))
+    finally:
+        agg.metrics.close()
 
 
 def run(paths: Paths, settings: Settings, stop: Event, *, once: bool = False) -> None:
-    """The aggregator role as the runner starts it: the real clock."""
-    run_aggregator(Aggregator(paths, settings, Problems(log)), stop, once=once)
+    """The aggregator role as the runner starts it: the real clock; the metrics port the client gives the app
+    (the Go client's SYFTBOX_APP_PORT), else the ``metrics_port`` setting."""
+    port = int(os.environ.get("SYFTBOX_APP_PORT") or 0) or settings.metrics_port
+    run_aggregator(Aggregator(paths, settings, Problems(log), metrics_port=port), stop, once=once)
 
 
 ROLE = Role("aggregator", run)

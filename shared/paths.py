@@ -7,7 +7,8 @@
 │   ├── member/ledger.jsonl                  privacy ledger (every release, append-only)
 │   ├── member/raw.jsonl                     raw window means, for the owner's eyes only
 │   ├── aggregator/history.json              network history (survives restarts)
-│   └── aggregator/members.json              per-member status, for the operator only
+│   ├── aggregator/members.json              per-member status, for the operator only
+│   └── aggregator/cpu_tracker.prom          the public figures for Prometheus (textfile collector)
 └── datasites/
     ├── <member>/app_data/cpu_tracker/
     │   ├── cpu_tracker.json                 the DP report (MemberReport)
@@ -94,6 +95,11 @@ class Paths:
     @property
     def members_status_file(self) -> Path:
         return self.private / "aggregator" / "members.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        """The Prometheus textfile (for node_exporter's textfile collector): local, never synced."""
+        return self.private / "aggregator" / "cpu_tracker.prom"
 
     # -- synced ---------------------------------------------------------------------------------
     def report_dir(self, member: str | None = None) -> Path:

@@ -71,6 +71,11 @@ class Settings(BaseModel):
         "on the network mean to (100 + 30 * max_noise_scale) / members.",
     )
     history_points: int = Field(default=8640, ge=10, description="Full-resolution history points kept.")
+    metrics_port: int | None = Field(
+        default=None, ge=1024, le=65535,
+        description="Serve the Prometheus metrics on http://127.0.0.1:<port>/metrics (when the SyftBox client "
+        "gives the app no SYFTBOX_APP_PORT); unset: the textfile only.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

@@ -1,0 +1,94 @@
+"""The public figures in Prometheus' exposition format (``prometheus-client``), where operators already look:
+a textfile for node_exporter's textfile collector and, when a port is given, an HTTP endpoint on 127.0.0.1.
+
+Names follow Prometheus' conventions: base units, CPU as a ratio in [0, 1] (the released mean may leave it
+slightly: its noise is not clamped), ``_total`` for counters. Everything exposed is already public in
+``current.json`` (post-processing a DP release costs no privacy): counts and network figures, no member.
+
+The textfile lies in the aggregator's private folder (``<data_dir>/private/cpu_tracker/aggregator/``), not in
+the synced public folder: every datasite on the relay would otherwise mirror a file that changes every tick.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from shared.schema import CPU_BOUNDS, Dashboard
+
+PREFIX = "cpu_tracker"
+PERCENT = CPU_BOUNDS[1] - CPU_BOUNDS[0]  # the figures are percentages; Prometheus wants ratios
+
+
+class FigureCollector:
+    """Yields the metrics of the last dashboard the aggregator built (``update``), and its tick counters."""
+
+    def __init__(self) -> None:
+        self.dashboard: Dashboard | None = None
+        self.ticks = 0
+        self.changed_ticks = 0
+
+    def update(self, dashboard: Dashboard, *, changed: bool) -> None:
+        self.dashboard = dashboard
+        self.ticks += 1
+        self.changed_ticks += changed
+
+    def collect(self):
+        yield CounterMetricFamily(f"{PREFIX}_ticks", "Aggregator ticks since the process started.", value=self.ticks)
+        yield CounterMetricFamily(f"{PREFIX}_changed_ticks", "Ticks that changed the figure or the counts (and "
+                                  "were published) since the process started.", value=self.changed_ticks)
+        d = self.dashboard
+        if d is None:
+            return
+        yield GaugeMetricFamily(f"{PREFIX}_figure_published", "1 when a network figure is published (enough fresh "
+                                "members), else 0.", value=1.0 if d.estimate else 0.0)
+        yield GaugeMetricFamily(f"{PREFIX}_last_change_timestamp_seconds", "When the figure or the counts last "
+                                "changed (Unix time).", value=d.generated_at.timestamp())
+        if d.estimate is not None:
+            e = d.estimate
+            for name, value, text in (
+                ("network_cpu_ratio", e.mean, "Network mean CPU utilisation (DP estimate)."),
+                ("network_cpu_ci95_low_ratio", e.ci95_low, "Lower end of its 95 % interval."),
+                ("network_cpu_ci95_high_ratio", e.ci95_high, "Upper end of its 95 % interval."),
+                ("network_cpu_standard_error_ratio", e.standard_error, "Standard deviation of its DP noise."),
+            ):
+                yield GaugeMetricFamily(f"{PREFIX}_{name}", text, value=value / PERCENT)
+        members = GaugeMetricFamily(f"{PREFIX}_members", "Member reports by status.", labels=["status"])
+        for status in ("fresh", "stale", "rejected", "legacy"):
+            members.add_metric([status], getattr(d.counts, status))
+        yield members
+        rejected = GaugeMetricFamily(f"{PREFIX}_rejected_reports", "Rejected report files by reason.", labels=["reason"])
+        for reason, n in sorted(d.counts.rejected_by_reason.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield GaugeMetricFamily(f"{PREFIX}_min_members", "Fewest fresh members for a figure.",
+                                value=d.settings.min_members)
+
+
+class Metrics:
+    """The registry, its textfile, and the optional HTTP endpoint (127.0.0.1 only)."""
+
+    def __init__(self, textfile: Path, port: int | None = None):
+        self.textfile = Path(textfile)
+        self.figures = FigureCollector()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(self.figures)
+        self.server = None
+        if port:
+            self.server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+
+    def update(self, dashboard: Dashboard, *, changed: bool) -> None:
+        """Record the tick; rewrite the textfile (atomically: prometheus-client writes a temp file and renames
+        it) only when the figure or the counts changed. Raises OSError."""
+        self.figures.update(dashboard, changed=changed)
+        if changed or not self.textfile.exists():
+            self.textfile.parent.mkdir(parents=True, exist_ok=True)
+            write_to_textfile(str(self.textfile), self.registry)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
