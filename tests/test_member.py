@@ -12,6 +12,7 @@ import yaml
 from syftbox.lib.permissions import ComputedPermission, PermissionType, SyftPermission
 
 from cpu_tracker_member.member import Member, measure_window, run_member
+from shared.ledger import load_spends
 from shared.schema import MemberReport
 from shared.settings import Budget
 from tests.conftest import AGG, FakeClock, FakeWall, is_synced
@@ -57,10 +58,10 @@ def test_first_reading_is_discarded_and_raw_mean_is_private(paths_for, settings,
     member = Member(paths, settings, problems)
     publish_windows(member, [20.0, 30.0])  # the primer 0.0 is not used: the first window reads 20
     raw = json.loads(paths.raw_file.read_text().splitlines()[-1])
-    assert raw["raw_mean"] == 20.0 and raw["n_samples"] == 10  # 1 s of 0.1 s samples
+    assert raw["raw_mean"] == 20.0 and raw["n_samples"] == 1  # a 1 s window: one unit of one second
     report = MemberReport.model_validate_json(paths.report_file().read_bytes())
-    assert report.window.n_samples == 10 and report.release.value == raw["released"]
-    assert report.release.sensitivity == pytest.approx(10.0) and report.release.noise_scale == pytest.approx(20.0)
+    assert report.window.n_samples == 1 and report.release.value == raw["released"]
+    assert report.release.sensitivity == pytest.approx(100.0) and report.release.noise_scale == pytest.approx(20.0)
 
 
 def test_raw_data_never_enters_the_synced_tree(paths_for, settings, problems):
@@ -131,14 +132,14 @@ def test_deleted_report_folder_is_recreated(paths_for, settings, problems):
 
 def test_release_over_budget_is_never_published(paths_for, settings, problems, caplog):
     paths = paths_for(ME)
-    tight = settings.model_copy(update={"budgets": (Budget(horizon_s=3600, epsilon=1.0),)})
+    tight = settings.model_copy(update={"budgets": (Budget(horizon_s=3600, epsilon=10.0),)})
     member = Member(paths, tight, problems)
     wall = FakeWall()
-    publish_windows(member, [5.0], windows=2, wall=wall)  # 2 x 0.5 = the whole hourly budget
+    publish_windows(member, [5.0], windows=2, wall=wall)  # 2 x 5 = the whole hourly budget
     before = paths.report_file().read_bytes()
     publish_windows(member, [5.0], windows=3, wall=wall)
     assert paths.report_file().read_bytes() == before
-    assert len(paths.ledger_file.read_text().splitlines()) == 2
+    assert len(load_spends(paths.ledger_file)) == 2
     assert caplog.text.count("release skipped") == 1  # logged once, not once per window
 
 
