@@ -39,7 +39,7 @@ def budget_lines(spends, settings: Settings, now: datetime) -> list[str]:
     for b in settings.budgets:
         spent = spent_in_span(spends, now - timedelta(seconds=b.horizon_s), now)
         where = "at this instant" if b.horizon_s == 0 else f"in the last {duration_words(b.horizon_s)}"
-        out.append(f"  Budget {budget_words(b)}: {spent:.4g} spent {where}, {max(0.0, b.epsilon - spent):.4g} left.")
+        out.append(f"  Budget {budget_words(b)}: {spent:.6g} spent {where}, {max(0.0, b.epsilon - spent):.6g} left.")
     return out
 
 

@@ -243,7 +243,7 @@ def settings_warnings(settings: Settings) -> list[str]:
     if scale > settings.max_noise_scale:
         out.append(
             f"Every report will be rejected by an aggregator with max_noise_scale {settings.max_noise_scale:g}: its "
-            f"noise scale is {scale:.3g} points (100 / {settings.samples_per_window} seconds / epsilon {eps:g}). "
+            f"noise scale is {scale:.3g} points (100 / {settings.samples_per_window} whole seconds / epsilon {eps:g}). "
             "Raise interval_s or epsilon."
         )
     return out
