@@ -46,7 +46,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from shared.atomic import PRIVATE, atomic_write_text, ensure_private_dir
 from shared.privacy import LEGACY_UNIT_NAME, epsilon_per_unit
-from shared.settings import MAX_HORIZON_S, Budget
+from shared.settings import MAX_HORIZON_S, Budget, budget_words
 
 log = logging.getLogger("cpu_tracker.ledger")
 
@@ -78,8 +78,6 @@ class LedgerCorrupt(RuntimeError):
 
 class BudgetExceeded(RuntimeError):
     def __init__(self, budget: Budget, spent: float):
-        from shared.settings import budget_words
-
         super().__init__(
             f"release skipped: with it, {spent:.4g} epsilon (per second of activity) would be spent on one span, "
             f"over the budget of {budget_words(budget)}"

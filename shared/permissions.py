@@ -18,7 +18,7 @@ of them could let someone other than the owner and the aggregator read it.
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Sequence
 
 import yaml
@@ -161,8 +161,8 @@ def _syft_pub_problem(doc, target: str, allowed: set[str]) -> str | None:
     if not isinstance(doc, dict):
         raise ValueError("it is not a mapping")
     if doc.get("terminal"):
-        return ("has terminal: true, which overrides the report folder's own syft.pub.yaml; set terminal: false (or remove "
-                "the file)")
+        return ("has terminal: true, which overrides the report folder's own syft.pub.yaml; set terminal: false "
+                "(or remove the file)")
     rules = doc.get("rules") or []
     if not isinstance(rules, list):
         raise ValueError("rules is not a list")

@@ -17,6 +17,8 @@ from typing import Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.paths import is_datasite_email
+from shared.privacy import laplace_scale, mean_sensitivity, units_per_window
+from shared.schema import CPU_BOUNDS
 
 SETTINGS_FILE = "cpu_tracker.toml"
 ENV_PREFIXES = ("SYFTBOX_CPU_TRACKER_", "CPU_TRACKER_")
@@ -78,7 +80,9 @@ class Settings(BaseModel):
         default=300.0, ge=0, le=DAY_S, description="How far in the future a report's time may lie (clock skew)."
     )
     min_members: int = Field(default=3, ge=1, le=10**6, description="Fewest fresh members for a network figure.")
-    max_report_bytes: int = Field(default=16384, ge=1024, le=2**24, description="Reports larger than this are rejected.")
+    max_report_bytes: int = Field(
+        default=16384, ge=1024, le=2**24, description="Reports larger than this are rejected."
+    )
     max_epsilon: float = Field(default=10.0, gt=0, le=1000, description="Reports claiming more epsilon are rejected.")
     max_noise_scale: float = Field(
         default=10.0,
@@ -102,8 +106,9 @@ class Settings(BaseModel):
             )
         if not self.budgets:
             raise ValueError(
-                "An empty list of budgets (budgets = []) would remove every limit on the privacy spent, even the check that no moment of "
-                "activity is released twice; keep at least one, e.g. budgets = [{horizon_s = 0, epsilon = 10.0}]"
+                "An empty list of budgets (budgets = []) would remove every limit on the privacy spent, even the "
+                "check that no moment of activity is released twice; keep at least one, e.g. "
+                "budgets = [{horizon_s = 0, epsilon = 10.0}]"
             )
         if self.history_points > 10**6:
             raise ValueError(f"history_points = {self.history_points} is too many: at most 1000000 are kept")
@@ -112,8 +117,6 @@ class Settings(BaseModel):
     @property
     def samples_per_window(self) -> int:
         """Units (whole seconds of activity) a window averages: its sensitivity is 100 / this."""
-        from shared.privacy import units_per_window
-
         return units_per_window(self.interval_s)
 
     def roles(self, email: str, forced: str | None = None) -> frozenset[str]:
@@ -236,9 +239,6 @@ def settings_warnings(settings: Settings) -> list[str]:
                 f"({fits} releases) into each such span, and nothing is published for the rest of it. To publish "
                 f"all the time, lower epsilon to {b.epsilon / touched:.3g} or raise that budget to {touched * eps:g}."
             )
-    from shared.privacy import laplace_scale, mean_sensitivity
-    from shared.schema import CPU_BOUNDS
-
     scale = laplace_scale(mean_sensitivity(*CPU_BOUNDS, settings.samples_per_window), eps)
     if scale > settings.max_noise_scale:
         out.append(
