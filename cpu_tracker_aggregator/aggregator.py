@@ -18,7 +18,7 @@ from cpu_tracker_aggregator.collect import Collector, Snapshot, members_json_chu
 from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history
 from cpu_tracker_aggregator.metrics import Metrics
 from cpu_tracker_aggregator.publish import Publisher
-from shared.atomic import atomic_write_bytes, atomic_write_chunks, write_if_changed
+from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_chunks, write_if_changed
 from shared.logs import Problems
 from shared.paths import Paths
 from shared.permissions import ensure_permissions
@@ -111,17 +111,18 @@ class Aggregator:
 
     def _write_private(self, snapshot: Snapshot, now: datetime, changed: bool) -> None:
         """History when it changed (or went missing); the per-member status only when it changed (writing it is
-        O(members))."""
+        O(members)). Both are the operator's alone: mode 0600 in a 0700 folder, whatever the umask."""
         if snapshot.members_lines is not None:
             self._members_pending = snapshot
         try:
             if self._members_pending is not None:
                 # derived state, rewritten by the next change and at every start: no fsync
                 atomic_write_chunks(self.paths.members_status_file, members_json_chunks(self._members_pending, now),
-                                    durable=False, fsync=False)
+                                    durable=False, fsync=False, mode=PRIVATE)
                 self._members_pending = None
             if changed or not self.paths.history_file.exists():  # durable: it must outlive the dashboard
-                atomic_write_bytes(self.paths.history_file, self.history.model_dump_json().encode() + b"\n")
+                atomic_write_bytes(self.paths.history_file, self.history.model_dump_json().encode() + b"\n",
+                                   mode=PRIVATE)
             self.problems.clear("private", "private status written again")
         except OSError as e:  # the per-member status is retried next tick, even if nothing changes
             self.problems.report("private", f"cannot write {self.paths.private}: {e}. History may be lost on restart.")

@@ -5,17 +5,19 @@ Names follow Prometheus' conventions: base units, CPU as a ratio in [0, 1] (the 
 slightly: its noise is not clamped), ``_total`` for counters. Everything exposed is already public in
 ``current.json`` (post-processing a DP release costs no privacy): counts and network figures, no member.
 
-The textfile lies in the aggregator's private folder (``<data_dir>/private/cpu_tracker/aggregator/``), not in
-the synced public folder: every datasite on the relay would otherwise mirror a file that changes every tick.
+The textfile lies in the aggregator's private folder (``<data_dir>/private/cpu_tracker/aggregator/``, 0700), not
+in the synced public folder: every datasite on the relay would otherwise mirror a file that changes every tick.
+Its content is public (mode 0644), so a collector running as the same user, or a copy, may read it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from shared.atomic import atomic_write_bytes, ensure_private_dir
 from shared.schema import CPU_BOUNDS, Dashboard
 
 PREFIX = "cpu_tracker"
@@ -80,12 +82,12 @@ class Metrics:
             self.server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
 
     def update(self, dashboard: Dashboard, *, changed: bool) -> None:
-        """Record the tick; rewrite the textfile (atomically: prometheus-client writes a temp file and renames
-        it) only when the figure or the counts changed. Raises OSError."""
+        """Record the tick; rewrite the textfile (atomically, like every file the app writes) only when the figure
+        or the counts changed. Raises OSError."""
         self.figures.update(dashboard, changed=changed)
         if changed or not self.textfile.exists():
-            self.textfile.parent.mkdir(parents=True, exist_ok=True)
-            write_to_textfile(str(self.textfile), self.registry)
+            ensure_private_dir(self.textfile.parent)  # the aggregator's private folder stays 0700
+            atomic_write_bytes(self.textfile, generate_latest(self.registry), durable=False)
 
     def close(self) -> None:
         if self.server is not None:

@@ -17,15 +17,15 @@ from threading import Event
 from typing import Callable
 
 from shared import __version__
-from shared.atomic import atomic_write_json, atomic_write_text, remove_stale_temps
+from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps
 from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.permissions import ensure_permissions
-from shared.privacy import laplace_release, laplace_scale, mean_sensitivity
+from shared.permissions import ensure_permissions, parent_grant_problem
+from shared.privacy import UNIT_NAME, UNIT_S, laplace_release, mean_sensitivity
 from shared.runner import Role
 from shared.schema import CPU_BOUNDS, MemberReport, PrivacyUnit, Window, utc_now
-from shared.settings import Settings
+from shared.settings import Settings, settings_warnings
 
 RAW_KEEP = 2000  # raw window means kept for the owner's `status`
 
@@ -43,9 +43,10 @@ def measure_window(
     was set first. ``read`` is ``psutil.cpu_percent``, which measures since its previous call: one reading at
     each window's end covers the window exactly, provided ``read`` was primed once before the first window.
 
-    That reading is the mean of the window's n = interval / sample period per-sample utilisations (each in
-    [0, 100]): the statistic the privacy analysis is about, computed from the kernel's busy-time counters
-    instead of n wake-ups (exact, no missed samples, and about 1/200 of the CPU cost)."""
+    That reading is the time average of the busy fraction (in [0, 100]) over the window: changing any one
+    second of activity moves it by at most 100 / n for n = floor(interval) whole seconds, the sensitivity the
+    privacy analysis uses, computed from the kernel's busy-time counters (exact, no missed samples, and no
+    wake-ups within the window)."""
     deadline = clock() + interval_s
     while (left := deadline - clock()) > 0:
         if stop is not None and stop.wait(left):
@@ -55,16 +56,11 @@ def measure_window(
     return float(read())
 
 
-def noise_scale(settings: Settings) -> float:
-    """The Laplace scale (points) of every release these settings make."""
-    return laplace_scale(mean_sensitivity(*CPU_BOUNDS, settings.samples_per_window), settings.epsilon)
-
-
 def build_report(
     raw_mean: float, n_samples: int, start: datetime, end: datetime, settings: Settings, *, random_state=None
 ) -> tuple[float, MemberReport]:
-    """The raw (private, clipped) mean of ``n_samples`` sample periods and the report carrying its Laplace
-    release. Pure but for the noise."""
+    """The raw (private, clipped) mean of a window of ``n_samples`` whole seconds and the report carrying its
+    Laplace release, accounted in the fixed unit (one second of activity). Pure but for the noise."""
     raw = min(max(float(raw_mean), CPU_BOUNDS[0]), CPU_BOUNDS[1])
     release = laplace_release(
         raw, epsilon=settings.epsilon, sensitivity=mean_sensitivity(*CPU_BOUNDS, n_samples), random_state=random_state
@@ -73,9 +69,9 @@ def build_report(
         app_version=__version__,
         created_at=end,
         bounds=CPU_BOUNDS,
-        window=Window(start=start, end=end, n_samples=n_samples, sample_period_s=settings.sample_period_s),
+        window=Window(start=start, end=end, n_samples=n_samples, sample_period_s=UNIT_S),
         release=release,
-        privacy_unit=PrivacyUnit(seconds=settings.sample_period_s),
+        privacy_unit=PrivacyUnit(name=UNIT_NAME, seconds=UNIT_S),
         cpu=release.value,
         timestamp=end.strftime("%Y-%m-%d %H:%M:%S"),
     )
@@ -124,10 +120,34 @@ class Member:
             log.warning("repaired %s in %s (missing or changed)", ", ".join(fixed), folder)
         return True
 
+    def parents_safe(self) -> bool:
+        """False (the report withdrawn, logged once) while a permission file above the report folder could let
+        anyone but the owner and the aggregator read it: the 0.4.0 relay applies the most recently written
+        permission file on a path, whatever its depth, and a terminal parent syft.pub.yaml overrides ours, so
+        our own files cannot protect the report alone. True again (logged once) when that is fixed."""
+        problem = parent_grant_problem(
+            self.paths.my_datasite, self.paths.report_file(), [self.paths.email, self.settings.aggregator]
+        )
+        if problem is None:
+            self.problems.clear("parents", "the permission files above the report folder are safe again: "
+                                "releases resume")
+            return True
+        try:
+            self.paths.report_file().unlink(missing_ok=True)  # the relay then deletes its copy too
+            self.problems.clear("withdraw")
+        except OSError as e:
+            self.problems.report("withdraw", f"cannot withdraw {self.paths.report_file()}: {e}; remove it by hand")
+        self.problems.report(
+            "parents", f"{problem}. The report is withdrawn (its file removed, so the relay removes it too) and "
+            "nothing is published or spent until that is changed; releases then resume by themselves.",
+            logging.ERROR)
+        return False
+
     def publish(self, raw_mean: float, start: datetime, end: datetime) -> MemberReport | None:
         """Spend budget for the window, then write the report. Returns the report, or None if nothing was
-        published (budget exhausted, ledger unusable, disk trouble: each logged once)."""
-        if not self.ensure_folder():
+        published (parent permission unsafe, budget exhausted, ledger unusable, disk trouble: each logged
+        once)."""
+        if not self.parents_safe() or not self.ensure_folder():
             return None
         ledger = self.ledger()
         if ledger is None:
@@ -140,6 +160,7 @@ class Member:
             epsilon=report.release.epsilon,
             delta=report.release.delta,
             mechanism=report.release.mechanism,
+            unit=report.privacy_unit.name,
             n_samples=report.window.n_samples,
         )
         try:
@@ -174,7 +195,7 @@ class Member:
         path = self.paths.raw_file
         try:
             lines = path.read_text().splitlines()[-(RAW_KEEP - 1):] if path.exists() else []
-            atomic_write_text(path, "\n".join([*lines, line]) + "\n", durable=False)
+            atomic_write_text(path, "\n".join([*lines, line]) + "\n", durable=False, mode=PRIVATE)
         except (OSError, ValueError) as e:  # ValueError: the file was edited into something not UTF-8
             self.problems.report("raw-write", f"cannot keep the raw mean in {path}: {e}")
 
@@ -193,7 +214,10 @@ def run_member(
     s = member.settings
     for folder in (member.paths.report_dir(), member.paths.ledger_file.parent):
         remove_stale_temps(folder)  # left by a kill mid-write; this process holds the instance lock
+    member.parents_safe()  # an unsafe parent withdraws a report left from before at once, not a window later
     member.ensure_folder()
+    for warning in settings_warnings(s):
+        log.warning("%s", warning)
     read()  # psutil's first reading is meaningless: discard it
     start = wall()
     while not stop.is_set():
@@ -213,20 +237,10 @@ def run_member(
             return
 
 
-def warn_if_rejected(settings: Settings) -> None:
-    """A member whose noise scale exceeds what a default aggregator accepts would publish for nothing."""
-    scale = noise_scale(settings)
-    if scale > settings.max_noise_scale:
-        log.warning("noise scale %.3g points (100 / %d samples / epsilon %g) exceeds max_noise_scale %g: an "
-                    "aggregator with that limit rejects every report; raise interval_s or epsilon",
-                    scale, settings.samples_per_window, settings.epsilon, settings.max_noise_scale)
-
-
 def run(paths: Paths, settings: Settings, stop: Event, *, once: bool = False) -> None:
     """The member role as the runner starts it: psutil's counters, the real clocks."""
     import psutil
 
-    warn_if_rejected(settings)
     run_member(Member(paths, settings, Problems(log)), stop, read=psutil.cpu_percent, once=once)
 
 

@@ -8,35 +8,48 @@ from datetime import datetime, timedelta
 
 from shared.ledger import load_spends, spent_in_span
 from shared.paths import Paths
-from shared.privacy import activity_epsilon, samples_touched
-from shared.settings import Settings
+from shared.privacy import activity_epsilon, activity_units
+from shared.settings import Settings, budget_words, duration_words, settings_warnings
+
+WEAK = 10.0  # above this epsilon, say plainly that there is no meaningful protection
 
 
 def guarantee_lines(settings: Settings) -> list[str]:
-    """Plain-words meaning of the per-release epsilon for longer activity (group privacy + composition)."""
-    eps, w = settings.epsilon, settings.sample_period_s
-    spans = [("one sample", 0.0), ("1 second", 1.0), ("1 minute", 60.0),
-             (f"one window ({settings.interval_s:g} s)", settings.interval_s), ("1 hour", 3600.0)]
+    """Plain-words meaning of the per-release epsilon for longer activity (group privacy + composition), in the
+    fixed unit: one second of CPU activity."""
+    eps, w = settings.epsilon, settings.interval_s
+    spans = [("a brief spike", 0.0), ("1 second", 1.0), (f"one window ({duration_words(w)})", w),
+             ("1 minute", 60.0), ("1 hour", 3600.0)]
     lines = [
-        f"Each release is {eps:g}-differentially private for one CPU sample ({w:g} s of activity).",
-        "Longer activity touches more samples, and each touched sample costs epsilon once:",
+        f"Each release is {eps:g}-differentially private for any one second of this machine's CPU activity "
+        "(the privacy unit; no setting changes it).",
+        "Longer activity costs epsilon once per second it lasts, summed over the releases it spans:",
     ]
     for name, seconds in spans:
-        e = activity_epsilon(seconds, epsilon=eps, sample_period_s=w)
-        lines.append(f"  activity lasting {name:<22} touches <= {samples_touched(seconds, w):>6} samples: "
-                     f"epsilon <= {e:g}{'  (no meaningful protection)' if e > 10 else ''}")
+        e = activity_epsilon(seconds, epsilon=eps)
+        verdict = "no meaningful protection" if e > WEAK else "weak protection" if e > 1 else "well protected"
+        lines.append(f"  activity lasting {name:<24} ({activity_units(seconds):>5} s): epsilon <= {e:<9g} {verdict}")
     lines.append("So a brief spike is hidden; the load of a whole window or hour is not, beyond the +-noise.")
     return lines
+
+
+def budget_lines(spends, settings: Settings, now: datetime) -> list[str]:
+    """Each budget in words, with what the last span of its length spent (fixed unit, old lines converted)."""
+    out = []
+    for b in settings.budgets:
+        spent = spent_in_span(spends, now - timedelta(seconds=b.horizon_s), now)
+        where = "at this instant" if b.horizon_s == 0 else f"in the last {duration_words(b.horizon_s)}"
+        out.append(f"  Budget {budget_words(b)}: {spent:.6g} spent {where}, {max(0.0, b.epsilon - spent):.6g} left.")
+    return out
 
 
 def status_text(paths: Paths, settings: Settings, now: datetime, recent: int = 10) -> str:
     out = [f"cpu_tracker member status for {paths.email} at {now.isoformat(timespec='seconds')}", ""]
     spends = load_spends(paths.ledger_file)
-    out.append(f"Releases in the ledger ({paths.ledger_file}): {len(spends)}")
-    for b in settings.budgets:
-        spent = spent_in_span(spends, now - timedelta(seconds=b.horizon_s), now)
-        out.append(f"  budget {b.epsilon:g} per {b.horizon_s:g} s span: spent {spent:.4g} in the last span, "
-                   f"{max(0.0, b.epsilon - spent):.4g} left")
+    out.append(f"Releases in the ledger ({paths.ledger_file}): {len(spends)}. Epsilon is counted per second of "
+               "CPU activity.")
+    out += budget_lines(spends, settings, now)
+    out += [f"  {w}" for w in settings_warnings(settings)]
     out += ["", f"Recent windows (raw values are private: {paths.raw_file}, never synced):",
             f"  {'window end (UTC)':<26}{'raw mean':>10}{'published':>11}"]
     rows = []

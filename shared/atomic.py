@@ -13,20 +13,33 @@ from pathlib import Path
 from typing import Any, Iterable
 
 TEMP_SUFFIX = ".tmp"  # SyftBox's default _.syftignore excludes *.tmp: a half-written temp file is never uploaded
+PUBLIC = 0o644  # files others read (reports, dashboard, permission files): SyftBox and other apps read them
+PRIVATE = 0o600  # the owner's own files (ledger, raw values, per-member status, history, keys)
+PRIVATE_DIR = 0o700  # folders holding private files
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int = PUBLIC) -> None:
     """Replace ``path`` with ``data`` atomically. Creates the parent folder. ``durable`` also fsyncs the folder."""
-    atomic_write_chunks(path, [data], durable=durable)
+    atomic_write_chunks(path, [data], durable=durable, mode=mode)
 
 
-def atomic_write_chunks(path: Path, chunks: Iterable[bytes], *, durable: bool = True, fsync: bool = True) -> None:
+def atomic_write_chunks(
+    path: Path, chunks: Iterable[bytes], *, durable: bool = True, fsync: bool = True, mode: int = PUBLIC
+) -> None:
     """Replace ``path`` with the concatenated ``chunks`` atomically, without holding the whole content.
     ``fsync`` flushes the file to disk before the rename; ``durable`` also fsyncs the folder after it. Leave
-    both off only for derived state that the next write recreates anyway."""
+    both off only for derived state that the next write recreates anyway.
+
+    The file gets exactly ``mode`` whatever the umask (``PUBLIC`` 0644 by default, ``PRIVATE`` 0600 for the
+    owner's own files, whose missing folders are then created 0700): the temp file is created 0600 by
+    ``mkstemp`` and chmodded before the rename, so a private file is never readable by others, not even
+    for a moment."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if mode & 0o077 == 0:
+            ensure_private_dir(path.parent)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     except OSError as e:
         raise _about(e, path) from e
@@ -36,7 +49,7 @@ def atomic_write_chunks(path: Path, chunks: Iterable[bytes], *, durable: bool = 
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -48,6 +61,27 @@ def atomic_write_chunks(path: Path, chunks: Iterable[bytes], *, durable: bool = 
         raise
     if durable:
         _fsync_dir(path.parent)
+
+
+def ensure_private_dir(folder: Path) -> None:
+    """Create ``folder`` and its missing parents mode 0700 whatever the umask, and tighten ``folder`` itself
+    to 0700 if it already exists, is ours and is open to others."""
+    folder = Path(folder)
+    missing = []
+    probe = folder
+    while not os.path.lexists(probe) and probe.parent != probe:
+        missing.append(probe)
+        probe = probe.parent
+    for created in reversed(missing):
+        try:
+            os.mkdir(created, PRIVATE_DIR)
+        except FileExistsError:  # another process made it meanwhile
+            continue
+        os.chmod(created, PRIVATE_DIR)  # mkdir's mode is filtered by the umask
+    if not missing:
+        st = os.stat(folder)  # raises for a missing folder behind a dangling link, as mkdir would
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(folder, PRIVATE_DIR)
 
 
 def _about(e: OSError, path: Path) -> OSError:
@@ -75,6 +109,7 @@ def remove_stale_temps(folder: Path) -> list[str]:
 
 
 def atomic_write_text(path: Path, text: str, **kw: Any) -> None:
+    """``atomic_write_bytes`` of ``text`` in UTF-8 (same keywords: ``durable``, ``mode``)."""
     atomic_write_bytes(path, text.encode("utf-8"), **kw)
 
 

@@ -7,8 +7,19 @@ admitted only if, with it, every budget still holds for every span; otherwise it
 This holds across restarts because the record is appended and fsynced *before* the report is written:
 a crash between the two wastes budget, never overspends it.
 
-File format: JSON Lines, one ``Spend`` per line. A torn last line (crash mid-append) is cut off on open;
-any other unreadable line stops releases (the budget can no longer be proven) until the owner acts.
+File format: JSON Lines, one ``Spend`` per line, plus meta lines ``{"ledger_meta": {"max_horizon_s": H}}``
+that record the longest budget horizon the ledger has ever enforced. Retention (what compaction keeps) is
+that horizon + 1 h, never the current settings' alone: shortening the budgets for a while and restoring them
+cannot make the ledger forget a spend the restored budget needs. Compaction writes the meta line first; a
+ledger without one (older versions) is credited with the whole span it holds. A torn last line (crash
+mid-append) is cut off on open; any other unreadable line stops releases (the budget can no longer be proven)
+until the owner acts.
+
+Units: every line says its privacy unit. Budgets are checked in the fixed unit, one second of CPU activity
+(``shared.privacy.UNIT_NAME``); older lines in ``cpu_sample`` are converted conservatively
+(``shared.privacy.epsilon_per_unit``).
+
+The file is the owner's alone: mode 0600 in a 0700 folder, whatever the umask, also after compaction.
 
 Every read and append happens under an exclusive ``flock`` of the file, so a second process (a second
 instance, ``status``) never cuts a line that is being written and never admits a release without seeing
@@ -28,13 +39,14 @@ from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared.atomic import atomic_write_text
-from shared.settings import Budget
+from shared.atomic import PRIVATE, atomic_write_text, ensure_private_dir
+from shared.privacy import LEGACY_UNIT_NAME, epsilon_per_unit
+from shared.settings import MAX_HORIZON_S, Budget, budget_words
 
 log = logging.getLogger("cpu_tracker.ledger")
 
@@ -50,7 +62,7 @@ class Spend(BaseModel):
     epsilon: float = Field(gt=0)
     delta: float = Field(default=0.0, ge=0)
     mechanism: str
-    unit: str = "cpu_sample"
+    unit: Literal["cpu_second", "cpu_sample"] = LEGACY_UNIT_NAME  # lines without it predate the fixed unit
     n_samples: int = Field(ge=1)
 
     @model_validator(mode="after")
@@ -67,8 +79,8 @@ class LedgerCorrupt(RuntimeError):
 class BudgetExceeded(RuntimeError):
     def __init__(self, budget: Budget, spent: float):
         super().__init__(
-            f"release skipped: it would spend {spent:.4g} epsilon within {budget.horizon_s:g} s, "
-            f"over the budget of {budget.epsilon:g}"
+            f"release skipped: with it, {spent:.4g} epsilon (per second of activity) would be spent on one span, "
+            f"over the budget of {budget_words(budget)}"
         )
         self.budget, self.spent = budget, spent
 
@@ -82,7 +94,9 @@ def _arrays(spends: Iterable[Spend]) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _row(s: Spend) -> tuple[float, float, float]:
-    return (s.window_start.timestamp(), s.window_end.timestamp(), s.epsilon)
+    """(start, end, epsilon in the fixed unit): the only view of a spend the budget arithmetic sees."""
+    start, end = s.window_start.timestamp(), s.window_end.timestamp()
+    return (start, end, epsilon_per_unit(s.unit, s.epsilon, n_samples=s.n_samples, window_s=end - start))
 
 
 def _sum_at_or_above(keys: np.ndarray, eps: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -93,20 +107,15 @@ def _sum_at_or_above(keys: np.ndarray, eps: np.ndarray, at: np.ndarray) -> np.nd
     return suffix[np.searchsorted(sorted_keys, at, side="left")]
 
 
-def worst_span_with(spends: Sequence[Spend], new: Spend, horizon_s: float) -> float:
-    """Largest epsilon spent, ``new`` included, by the releases touching any closed span [t, t + H] that
-    touches ``new``'s window. Windows are half-open [start, end).
+def worst_span(starts: np.ndarray, ends: np.ndarray, eps: np.ndarray, horizon_s: float) -> float:
+    """Largest epsilon spent, by the releases (windows [start, end), half-open) whose last entry is the new one,
+    on any closed span [t, t + H] that touches the new window.
 
     The maximum is reached at t just below some window end e_j (slide t up to the earliest end in the
     span: nothing leaves it), where the span holds every release with end >= e_j and start < e_j + H.
     Since every window has start < end, a release with start >= e_j + H also has end >= e_j, so that sum
     is (sum over end >= e_j) - (sum over start >= e_j + H): two sorted suffix sums, O(n log n) time and
     O(n) memory (a day of default releases, 4,500 windows, takes milliseconds, not an n x n matrix)."""
-    return _worst(*_arrays([*spends, new]), horizon_s)
-
-
-def _worst(starts: np.ndarray, ends: np.ndarray, eps: np.ndarray, horizon_s: float) -> float:
-    """``worst_span_with`` on arrays whose last entry is the new release."""
     s_new, e_new = starts[-1], ends[-1]
     cands = ends[(ends <= e_new) & (ends > s_new - horizon_s)]
     touching = _sum_at_or_above(ends, eps, cands) - _sum_at_or_above(starts, eps, cands + horizon_s)
@@ -114,22 +123,17 @@ def _worst(starts: np.ndarray, ends: np.ndarray, eps: np.ndarray, horizon_s: flo
 
 
 def spent_in_span(spends: Sequence[Spend], start: datetime, end: datetime) -> float:
-    """Epsilon spent by releases whose windows touch [start, end]."""
+    """Epsilon (fixed unit) spent by releases whose windows touch [start, end]."""
     if not spends:
         return 0.0
     starts, ends, eps = _arrays(spends)
     return float(eps[(ends > start.timestamp()) & (starts <= end.timestamp())].sum())
 
 
-def check_budgets(spends: Sequence[Spend], new: Spend, budgets: Sequence[Budget]) -> None:
-    """Raise BudgetExceeded for the first budget that ``new`` would break."""
-    _check_arrays(_arrays([*spends, new]), budgets)
-
-
-def _check_arrays(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], budgets: Sequence[Budget]) -> None:
-    """``check_budgets`` on (starts, ends, epsilons) whose last entry is the new release."""
+def check_budgets(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], budgets: Sequence[Budget]) -> None:
+    """Raise BudgetExceeded for the first budget that the new release (the arrays' last entry) would break."""
     for budget in budgets:
-        spent = _worst(*arrays, budget.horizon_s)
+        spent = worst_span(*arrays, budget.horizon_s)
         if spent > budget.epsilon * (1 + 1e-9):
             raise BudgetExceeded(budget, spent)
 
@@ -137,6 +141,13 @@ def _check_arrays(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], budgets: Se
 # ---------------------------------------------------------------------------------------------------
 # The file
 # ---------------------------------------------------------------------------------------------------
+META_KEY = "ledger_meta"
+
+
+def _meta_line(max_horizon_s: float) -> bytes:
+    return json.dumps({META_KEY: {"max_horizon_s": max_horizon_s}}).encode("utf-8") + b"\n"
+
+
 class Ledger:
     """Append-only ledger in ``path``. ``admit`` checks the budgets and records the spend durably."""
 
@@ -144,12 +155,16 @@ class Ledger:
         self.path = Path(path)
         self.budgets = tuple(budgets)
         with _locked(self.path, create=True) as fd:
-            self.spends = _read_locked(fd, self.path)
+            self.spends, recorded = _read_locked(fd, self.path)
+            self.max_horizon_s = _horizon_ever(recorded, self.spends, self.budgets)
+            if recorded is None or self.max_horizon_s > recorded:
+                _append(fd, _meta_line(self.max_horizon_s))
             self._seen = _signature(fd)
 
     @property
     def retention(self) -> timedelta:
-        return timedelta(seconds=max((b.horizon_s for b in self.budgets), default=0) + 3600)
+        """What compaction keeps: the longest horizon this ledger has ever enforced, + 1 h for clock slack."""
+        return timedelta(seconds=self.max_horizon_s + 3600)
 
     def admit(self, new: Spend) -> None:
         """Record ``new`` (fsynced) if every budget allows it, else raise BudgetExceeded and record nothing.
@@ -157,7 +172,7 @@ class Ledger:
         became unreadable."""
         with _locked(self.path, create=True) as fd:
             self._catch_up(fd, new.released_at)
-            _check_arrays(self._relevant_arrays(new), self.budgets)
+            check_budgets(self._relevant_arrays(new), self.budgets)
             _append(fd, new.model_dump_json().encode("utf-8") + b"\n")
             self._spends.append(new)
             self._rows.append(_row(new))
@@ -170,8 +185,8 @@ class Ledger:
 
     @spends.setter
     def spends(self, spends: list[Spend]) -> None:
-        """Keeps each release's (start, end, epsilon) in seconds beside it: converting every retained release's
-        times at each admit was most of a release's cost after a day of them."""
+        """Keeps each release's (start, end, epsilon in the fixed unit) beside it: converting every retained
+        release's times at each admit was most of a release's cost after a day of them."""
         self._spends = list(spends)
         self._rows = [_row(s) for s in self._spends]
 
@@ -185,10 +200,13 @@ class Ledger:
 
     def _catch_up(self, fd: int, now: datetime) -> None:
         """If the file is not as this process left it (another process appended; it was deleted, truncated or
-        replaced), re-read it and append every release still within retention that it lost."""
+        replaced), re-read it and append every release still within retention that it lost, and the longest
+        horizon if it lost that."""
         if _signature(fd) == self._seen:
             return
-        on_disk = _read_locked(fd, self.path)
+        on_disk, recorded = _read_locked(fd, self.path)
+        if recorded is not None and recorded > self.max_horizon_s:  # another process enforced a longer one
+            self.max_horizon_s = recorded
         known = Counter(on_disk)  # a multiset: a clock that repeats itself can make two identical releases
         cutoff = now - self.retention
         lost = []
@@ -200,7 +218,9 @@ class Ledger:
         if lost:
             log.warning("privacy ledger %s lost %d release(s) this process recorded (deleted, truncated or "
                         "replaced while running); appending them again", self.path, len(lost))
-            _append(fd, b"".join(s.model_dump_json().encode("utf-8") + b"\n" for s in lost))
+        if recorded is None or recorded < self.max_horizon_s or lost:
+            _append(fd, _meta_line(self.max_horizon_s)
+                    + b"".join(s.model_dump_json().encode("utf-8") + b"\n" for s in lost))
         self.spends = on_disk + lost
         self._seen = _signature(fd)
 
@@ -209,8 +229,9 @@ class Ledger:
         kept = sum(1 for row in self._rows if row[1] > since)
         if len(self._rows) > 2 * kept + 100:
             keep = [s for s, row in zip(self._spends, self._rows) if row[1] > since]
+            text = _meta_line(self.max_horizon_s).decode() + "".join(s.model_dump_json() + "\n" for s in keep)
             try:
-                atomic_write_text(self.path, "".join(s.model_dump_json() + "\n" for s in keep))
+                atomic_write_text(self.path, text, mode=PRIVATE)
             except OSError as e:  # the release is recorded: compaction can wait for the next one
                 log.warning("could not compact the privacy ledger %s (%s); will retry", self.path, e)
                 return
@@ -221,19 +242,36 @@ class Ledger:
                 self._seen = None
 
 
+def _horizon_ever(recorded: float | None, spends: Sequence[Spend], budgets: Sequence[Budget]) -> float:
+    """The longest horizon the ledger must keep serving: the recorded one, the current budgets' and, for a ledger
+    from before the record was kept (``recorded`` None), the whole span its lines cover (its old budgets are
+    unknown, so it forgets nothing it still holds). At most MAX_HORIZON_S."""
+    longest = max((b.horizon_s for b in budgets), default=0.0)
+    if recorded is None and spends:
+        covered = (max(s.window_end for s in spends) - min(s.window_start for s in spends)).total_seconds()
+        longest = max(longest, covered)
+    return min(max(longest, recorded or 0.0), MAX_HORIZON_S)
+
+
 def load_spends(path: Path) -> list[Spend]:
     """Read the ledger, cutting off a torn last line. Raises LedgerCorrupt for any other bad line."""
+    return load_ledger(path)[0]
+
+
+def load_ledger(path: Path) -> tuple[list[Spend], float | None]:
+    """The ledger's releases and the longest horizon it records (None: none recorded), cutting off a torn last
+    line. Raises LedgerCorrupt for any other bad line."""
     path = Path(path)
     try:
         with _locked(path, create=False) as fd:
-            return [] if fd is None else _read_locked(fd, path)
+            return ([], None) if fd is None else _read_locked(fd, path)
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
     try:  # readable but not writable (read-only disk, another user): read without cutting anything
         return _parse(Path(path).read_bytes(), path)
     except FileNotFoundError:
-        return []
+        return [], None
 
 
 @contextmanager
@@ -242,7 +280,7 @@ def _locked(path: Path, *, create: bool) -> Iterator[int | None]:
     be the file at ``path`` (compaction replaces it). With ``create=False``, None when there is no file."""
     while True:
         if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_private_dir(path.parent)
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | (os.O_CREAT if create else 0), 0o600)
         except FileNotFoundError:
@@ -272,7 +310,7 @@ def _signature(fd: int, *, close: bool = False) -> tuple[int, int, int]:
             os.close(fd)
 
 
-def _read_locked(fd: int, path: Path) -> list[Spend]:
+def _read_locked(fd: int, path: Path) -> tuple[list[Spend], float | None]:
     """Parse the whole file behind ``fd``; a torn last line is cut off the file (the caller holds the lock)."""
     size = os.fstat(fd).st_size
     data = os.pread(fd, size, 0) if size else b""
@@ -284,22 +322,29 @@ def _read_locked(fd: int, path: Path) -> list[Spend]:
     return _parse(data, path)
 
 
-def _parse(data: bytes, path: Path) -> list[Spend]:
+def _parse(data: bytes, path: Path) -> tuple[list[Spend], float | None]:
     if data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]  # a torn last line was never published: it spends nothing
-    spends = []
+    spends, horizon = [], None
     for number, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            spends.append(Spend.model_validate(json.loads(line)))
-        except (ValueError, ValidationError) as e:
+            obj = json.loads(line)
+            if isinstance(obj, dict) and META_KEY in obj:
+                h = float(obj[META_KEY]["max_horizon_s"])
+                if not 0 <= h <= MAX_HORIZON_S:  # NaN fails too
+                    raise ValueError(f"max_horizon_s {h} outside [0, {MAX_HORIZON_S:g}]")
+                horizon = h if horizon is None else max(horizon, h)
+                continue
+            spends.append(Spend.model_validate(obj))
+        except (ValueError, TypeError, KeyError, ValidationError) as e:
             raise LedgerCorrupt(
                 f"{path} line {number} is unreadable ({e.__class__.__name__}); releases are paused because the "
                 "budget spent can no longer be proven. Restore the file from a backup, or move it aside to "
                 "start a new ledger (this forgets what was spent)."
             ) from e
-    return spends
+    return spends, horizon
 
 
 def _append(fd: int, data: bytes) -> None:

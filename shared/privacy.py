@@ -1,10 +1,10 @@
 """Privacy math, pure functions. Noise is drawn only in ``laplace_release`` (diffprivlib, imported lazily).
 
-Unit: one CPU sample. A window's mean of n samples clipped to [lower, upper] changes by at most
-(upper - lower) / n when one sample changes (the L1 sensitivity), so the Laplace mechanism with scale
-b = sensitivity / epsilon makes each release epsilon-DP for that unit (Dwork & Roth 2014, Thm 3.6).
-Activity spanning k samples costs k * epsilon (group privacy, ibid. Thm 2.2), summed over releases
-(basic composition, Thm 3.14).
+Unit: one second of CPU activity (``UNIT_NAME``), fixed: no setting moves it. A window of n whole seconds
+averages n one-second busy fractions clipped to [lower, upper]; changing any one second moves it by at most
+(upper - lower) / n (the L1 sensitivity), so the Laplace mechanism with scale b = sensitivity / epsilon
+makes each release epsilon-DP for that unit (Dwork & Roth 2014, Thm 3.6). Activity lasting k seconds
+costs k * epsilon (group privacy, ibid. Thm 2.2), summed over releases (basic composition, Thm 3.14).
 """
 
 from __future__ import annotations
@@ -58,8 +58,30 @@ def laplace_release(
     )
 
 
+# ---------------------------------------------------------------------------------------------------
+# The privacy unit: one second of CPU activity, fixed, whatever the settings
+# ---------------------------------------------------------------------------------------------------
+UNIT_NAME = "cpu_second"
+UNIT_S = 1.0
+LEGACY_UNIT_NAME = "cpu_sample"  # before: one sample of sample_period_s seconds, a unit that moved with a setting
+LEGACY_PERIOD_MAX_S = 0.1  # the old default period, the longest one an old ledger line is credited with
+
+
+def units_per_window(interval_s: float) -> int:
+    """Whole units in a window of ``interval_s`` seconds: n = floor(interval / 1 s), at least 1.
+
+    The member reads the kernel's busy time once per window, so its value is the time average of the busy
+    fraction over T >= ``interval_s`` seconds. Changing the activity of any one second (anywhere, not aligned to
+    a grid) moves that average by at most 100 * 1 / T <= 100 / n points: the sensitivity is
+    ``mean_sensitivity(0, 100, n)``, and a report can state n samples of 1 s each."""
+    if not (math.isfinite(interval_s) and interval_s >= UNIT_S):
+        raise ValueError(f"interval_s must be finite and >= {UNIT_S:g} s, got interval_s={interval_s}")
+    return max(1, math.floor(interval_s / UNIT_S + 1e-9))
+
+
 def samples_touched(activity_s: float, sample_period_s: float) -> int:
-    """Most samples an activity lasting ``activity_s`` seconds can touch (0 s: one instant, one sample)."""
+    """Most samples of ``sample_period_s`` seconds an activity lasting ``activity_s`` seconds can touch (0 s: one
+    instant, one sample): ceil(activity / period) + 1, since it need not start on a sample's edge."""
     if activity_s < 0 or sample_period_s <= 0:
         raise ValueError(f"need activity_s >= 0 and sample_period_s > 0, got {activity_s}, {sample_period_s}")
     if activity_s == 0:
@@ -67,10 +89,37 @@ def samples_touched(activity_s: float, sample_period_s: float) -> int:
     return math.ceil(activity_s / sample_period_s - 1e-9) + 1
 
 
-def activity_epsilon(activity_s: float, *, epsilon: float, sample_period_s: float) -> float:
-    """Privacy loss, under continuous release, of any activity lasting ``activity_s`` seconds: each sample it
-    touches costs ``epsilon`` once (group privacy + composition over the windows it spans)."""
-    return epsilon * samples_touched(activity_s, sample_period_s)
+def epsilon_per_unit(unit: str, epsilon: float, *, n_samples: int, window_s: float) -> float:
+    """The epsilon of one release in the fixed unit (one second of activity), from what its record says.
+
+    ``cpu_second``: as recorded. ``cpu_sample`` (ledgers and reports before the fixed unit): one second of
+    activity touches up to ceil(1 / s) + 1 samples of s seconds, so it costs epsilon * (ceil(1 / s) + 1)
+    (group privacy, Dwork & Roth 2014, Thm 2.2). s is taken as window_s / n_samples, and never more than the old
+    default 0.1 s: a clock step that stretched an old window can only overstate the spend, never understate it."""
+    if unit == UNIT_NAME:
+        return epsilon
+    if unit == LEGACY_UNIT_NAME:
+        if n_samples < 1 or not window_s > 0:
+            raise ValueError(f"need n_samples >= 1 and window_s > 0, got {n_samples}, {window_s}")
+        period = min(window_s / n_samples, LEGACY_PERIOD_MAX_S)
+        return epsilon * samples_touched(UNIT_S, period)
+    raise ValueError(f"unknown privacy unit {unit!r}; known: {UNIT_NAME!r}, {LEGACY_UNIT_NAME!r}")
+
+
+def activity_units(activity_s: float) -> int:
+    """Units an activity lasting ``activity_s`` seconds covers: ceil(activity / 1 s), at least 1 (a brief spike is
+    within one second). Any d seconds are covered by ceil(d) one-second spans, placed anywhere."""
+    if not (math.isfinite(activity_s) and activity_s >= 0):
+        raise ValueError(f"activity_s must be finite and >= 0, got activity_s={activity_s}")
+    return max(1, math.ceil(activity_s / UNIT_S - 1e-9))
+
+
+def activity_epsilon(activity_s: float, *, epsilon: float) -> float:
+    """Privacy loss, under continuous release at ``epsilon`` per unit, of any activity lasting ``activity_s``
+    seconds: epsilon per second it covers (group privacy, then composition over the windows it spans; a second
+    split between two windows costs each its share, epsilon in total, since every window's sensitivity is
+    100 / n for n whole seconds)."""
+    return epsilon * activity_units(activity_s)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ def to_utc(dt: datetime) -> datetime:
 # Member report
 # ---------------------------------------------------------------------------------------------------
 class Window(_Wire):
-    """The span of CPU activity a release summarises: samples taken every ``sample_period_s``."""
+    """The span of CPU activity a release summarises, as ``n_samples`` units of ``sample_period_s`` seconds (for
+    the member app: the whole seconds of the window, each 1 s, whatever its sampling)."""
 
     start: AwareDatetime = Field(description="When the first sample's span began (UTC).")
     end: AwareDatetime = Field(description="When the last sample was taken (UTC).")
@@ -66,12 +67,15 @@ class Window(_Wire):
 
 
 class PrivacyUnit(_Wire):
-    """What one release's epsilon protects."""
+    """What one release's epsilon protects. ``cpu_second`` (since app 0.2): any one second of the machine's CPU
+    activity, a unit no setting moves. ``cpu_sample`` (older members): one sample of ``seconds``, still accepted."""
 
-    name: Literal["cpu_sample"] = "cpu_sample"
-    seconds: float = Field(gt=0, description="Length of activity one sample covers.")
+    name: Literal["cpu_second", "cpu_sample"] = Field(
+        default="cpu_second", description="cpu_second: one second of CPU activity; cpu_sample: one sample (legacy)."
+    )
+    seconds: float = Field(gt=0, description="Length of activity the unit covers (1.0 for cpu_second).")
     description: str = Field(
-        default="the CPU utilisation of one sample period; longer activity: see group privacy in the README"
+        default="the CPU utilisation during any one second; longer activity: see group privacy in the README"
     )
 
 

@@ -8,6 +8,7 @@ install is configured through the file; plain variables serve manual runs and te
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -15,31 +16,43 @@ from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shared.paths import is_datasite_email
+from shared.privacy import laplace_scale, mean_sensitivity, units_per_window
+from shared.schema import CPU_BOUNDS
+
 SETTINGS_FILE = "cpu_tracker.toml"
 ENV_PREFIXES = ("SYFTBOX_CPU_TRACKER_", "CPU_TRACKER_")
+DAY_S = 86400.0
+MAX_HORIZON_S = 366 * DAY_S  # a year and a day: longer horizons mean nothing for a CPU tracker, and cost memory
 
 
 class Budget(BaseModel):
     """A rolling privacy budget: the epsilon summed over every release whose window touches any span of
-    ``horizon_s`` seconds never exceeds ``epsilon`` (for the declared unit, one CPU sample)."""
+    ``horizon_s`` seconds never exceeds ``epsilon`` (in the fixed unit: one second of CPU activity)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    horizon_s: float = Field(ge=0, description="Length of the rolling span in seconds (0: one instant).")
-    epsilon: float = Field(gt=0, description="Most epsilon all releases touching such a span may spend.")
+    horizon_s: float = Field(
+        ge=0, le=MAX_HORIZON_S, description="Length of the rolling span in seconds (0: one instant; at most 366 days)."
+    )
+    epsilon: float = Field(gt=0, le=1e9, description="Most epsilon all releases touching such a span may spend.")
 
 
+# In the fixed unit (epsilon per second of activity). Default release: 5 per 20 s window, back to back, so any
+# instant is touched by 1 window (5), an hour by 181 (905), a day by 4,321 (21,605): the defaults never pause,
+# and leave room for the old ledger lines converted at 11x (0.5 per 0.1 s sample -> 5.5 per second: 995.5 an
+# hour, 23,765.5 a day) when a member upgrades mid-span.
 DEFAULT_BUDGETS = (
-    Budget(horizon_s=0, epsilon=1.0),
-    Budget(horizon_s=3600, epsilon=100.0),
-    Budget(horizon_s=86400, epsilon=2200.0),
+    Budget(horizon_s=0, epsilon=10.0),
+    Budget(horizon_s=3600, epsilon=1000.0),
+    Budget(horizon_s=86400, epsilon=24000.0),
 )
 
 
 class Settings(BaseModel):
     """Everything a user can set. Unknown keys are refused so that typos surface at once."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     aggregator: str | None = Field(
         default=None, description="Email of the aggregator datasite: the only one allowed to read reports."
@@ -48,25 +61,33 @@ class Settings(BaseModel):
         default="auto",
         description="auto: member everywhere, plus aggregator where this datasite's email is `aggregator`.",
     )
-    epsilon: float = Field(default=0.5, gt=0, le=10, description="Epsilon per release, for one CPU sample.")
+    epsilon: float = Field(
+        default=5.0, gt=0, le=10, description="Epsilon per release, for one second of CPU activity (the fixed unit)."
+    )
     interval_s: float = Field(default=20.0, ge=1, le=3600, description="Release interval (seconds).")
-    sample_period_s: float = Field(default=0.1, ge=0.01, le=60, description="Seconds between CPU samples.")
+    sample_period_s: float | None = Field(
+        default=None, ge=0.01, le=60,
+        description="Deprecated, ignored: privacy is accounted per second of activity whatever it says.",
+    )
     budgets: tuple[Budget, ...] = Field(
         default=DEFAULT_BUDGETS, description="Rolling budgets; a release that would exceed one is skipped."
     )
     tick_s: float = Field(default=10.0, ge=0.5, le=3600, description="Aggregator polling period (seconds).")
     stale_after_s: float = Field(
-        default=60.0, gt=0, description="A member is stale once no new report from it was seen for this long."
+        default=60.0, gt=0, le=DAY_S, description="A member is stale once no new report from it was seen for this long."
     )
     future_tolerance_s: float = Field(
-        default=300.0, ge=0, description="How far in the future a report's time may lie (clock skew)."
+        default=300.0, ge=0, le=DAY_S, description="How far in the future a report's time may lie (clock skew)."
     )
-    min_members: int = Field(default=3, ge=1, description="Fewest fresh members for a network figure.")
-    max_report_bytes: int = Field(default=16384, ge=1024, description="Reports larger than this are rejected.")
-    max_epsilon: float = Field(default=10.0, gt=0, description="Reports claiming more epsilon are rejected.")
+    min_members: int = Field(default=3, ge=1, le=10**6, description="Fewest fresh members for a network figure.")
+    max_report_bytes: int = Field(
+        default=16384, ge=1024, le=2**24, description="Reports larger than this are rejected."
+    )
+    max_epsilon: float = Field(default=10.0, gt=0, le=1000, description="Reports claiming more epsilon are rejected.")
     max_noise_scale: float = Field(
         default=10.0,
         gt=0,
+        le=100,
         description="Reports with a larger Laplace scale (points) are rejected; bounds one member's influence "
         "on the network mean to (100 + 30 * max_noise_scale) / members.",
     )
@@ -79,19 +100,29 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        if self.interval_s / self.sample_period_s < 2:
-            raise ValueError("interval_s must hold at least 2 samples of sample_period_s")
         if self.aggregator is None and self.role != "aggregator":
             raise ValueError(
-                f'aggregator is not set: add `aggregator = "agg@example.org"` to {SETTINGS_FILE} in the app folder'
+                f'The aggregator is not set: add `aggregator = "agg@example.org"` to {SETTINGS_FILE} in the app folder'
             )
-        if self.aggregator is not None and "@" not in self.aggregator:
-            raise ValueError(f"aggregator must be an email, got {self.aggregator!r}")
+        if self.aggregator is not None and not is_datasite_email(self.aggregator):
+            raise ValueError(
+                f"The aggregator must be one exact datasite email such as agg@example.org, got {self.aggregator!r} "
+                "(no *, ?, [ or ], no spaces or slashes: it is the only datasite allowed to read your report)"
+            )
+        if not self.budgets:
+            raise ValueError(
+                "An empty list of budgets (budgets = []) would remove every limit on the privacy spent, even the "
+                "check that no moment of activity is released twice; keep at least one, e.g. "
+                "budgets = [{horizon_s = 0, epsilon = 10.0}]"
+            )
+        if self.history_points > 10**6:
+            raise ValueError(f"history_points = {self.history_points} is too many: at most 1000000 are kept")
         return self
 
     @property
     def samples_per_window(self) -> int:
-        return round(self.interval_s / self.sample_period_s)
+        """Units (whole seconds of activity) a window averages: its sensitivity is 100 / this."""
+        return units_per_window(self.interval_s)
 
     def roles(self, email: str, forced: str | None = None) -> frozenset[str]:
         """The roles datasite ``email`` runs: ``forced`` (a command-line override) or the ``role`` setting;
@@ -130,10 +161,97 @@ def load_settings(app_dir: Path | None = None, environ: Mapping[str, str] | None
     try:
         return Settings.model_validate(values)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors()
+        problems = " ".join(_sentence(err) for err in e.errors())
+        raise SettingsError(
+            f"The settings in {path} (or the CPU_TRACKER_* variables) are not valid, so the app does not start. "
+            f"{problems}"
+        ) from e
+
+
+def _sentence(err: dict) -> str:
+    """One pydantic error as a sentence for a person: the setting, the value given, what it must be."""
+    msg = str(err.get("msg", "is not valid"))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ())).lstrip(".")
+    if not loc:  # a rule about several settings: its message is already a sentence
+        return msg.rstrip(".") + "."
+    if err.get("type") == "extra_forbidden":
+        return f"{loc} is not a setting (known: {', '.join(sorted(Settings.model_fields))})."
+    if err.get("type") == "missing":
+        return f"{loc} is missing."
+    if msg.startswith("Input should be"):
+        msg = "it should be" + msg[len("Input should be"):]
+    return f"{loc} = {_shown(err.get('input'))} is not accepted: {msg.rstrip('.')}."
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, float) else f"{value:g}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the settings will do, said before they do it
+# ---------------------------------------------------------------------------------------------------
+def duration_words(seconds: float) -> str:
+    """``3600`` -> "1 hour", ``0`` -> "an instant", ``90`` -> "1.5 minutes": for messages and status."""
+    if seconds == 0:
+        return "an instant"
+    for size, name in ((DAY_S, "day"), (3600.0, "hour"), (60.0, "minute"), (1.0, "second")):
+        if seconds >= size:
+            n = seconds / size
+            return f"{n:.3g} {name}{'' if n == 1 else 's'}"
+    return f"{seconds:.3g} seconds"
+
+
+def budget_words(budget: Budget) -> str:
+    """A budget in plain words: "at most 1000 epsilon on any span of 1 hour"."""
+    where = "any single instant" if budget.horizon_s == 0 else f"any span of {duration_words(budget.horizon_s)}"
+    return f"at most {budget.epsilon:g} epsilon on {where}"
+
+
+def windows_touching(horizon_s: float, interval_s: float) -> int:
+    """Most back-to-back windows of ``interval_s`` seconds (half-open) that a closed span of ``horizon_s`` touches."""
+    return math.floor(horizon_s / interval_s + 1e-9) + 1
+
+
+def settings_warnings(settings: Settings) -> list[str]:
+    """Sentences for a person about what these settings guarantee will happen: budgets that will pause releases
+    (and how far into each span), a noise scale the default aggregator rejects, an ignored setting. Pure: the
+    caller logs them (once per settings load). Empty for the default settings."""
+    out: list[str] = []
+    eps, w = settings.epsilon, settings.interval_s
+    if settings.sample_period_s is not None:
+        out.append(
+            f"sample_period_s = {settings.sample_period_s:g} is ignored and no longer changes the privacy: every "
+            "release is now accounted per second of CPU activity, whatever the sample period. Remove the line from "
+            f"{SETTINGS_FILE}."
         )
-        raise SettingsError(f"invalid settings ({path} and CPU_TRACKER_* variables): {problems}") from e
+    for b in settings.budgets:
+        touched = windows_touching(b.horizon_s, w)
+        if eps > b.epsilon * (1 + 1e-9):
+            out.append(
+                f"Nothing will ever be published: each release spends epsilon {eps:g}, more than the budget of "
+                f"{budget_words(b)}. Lower epsilon to {b.epsilon:g} or less, or raise that budget."
+            )
+        elif touched * eps > b.epsilon * (1 + 1e-9):
+            fits = math.floor(b.epsilon / eps * (1 + 1e-9))
+            span = duration_words(b.horizon_s)
+            out.append(
+                f"Releases will pause for part of every span of {span}: at epsilon {eps:g} per release every "
+                f"{duration_words(w)}, the budget of {budget_words(b)} is used up about {duration_words(fits * w)} "
+                f"({fits} releases) into each such span, and nothing is published for the rest of it. To publish "
+                f"all the time, lower epsilon to {b.epsilon / touched:.3g} or raise that budget to {touched * eps:g}."
+            )
+    scale = laplace_scale(mean_sensitivity(*CPU_BOUNDS, settings.samples_per_window), eps)
+    if scale > settings.max_noise_scale:
+        out.append(
+            f"Every report will be rejected by an aggregator with max_noise_scale {settings.max_noise_scale:g}: its "
+            f"noise scale is {scale:.3g} points (100 / {settings.samples_per_window} whole seconds / epsilon {eps:g}). "
+            "Raise interval_s or epsilon."
+        )
+    return out
 
 
 def _parse_env(name: str, raw: str):

@@ -63,13 +63,13 @@ SEED = 20260101
 KILLED = -signal.SIGKILL
 RECENT_S = 24 * 3600  # the dashboard's full-resolution history covers 24 h (README): older points go by design
 
-# Tight budgets, so that the crash runs also refuse releases all the time (a 60 s window spends 0.5):
+# Tight budgets, so that the crash runs also refuse releases all the time (a window spends 5 per second of activity):
 # any instant twice at most, about 4 windows per 5 minutes, 16 per half hour.
-CRASH_BUDGETS = (Budget(horizon_s=0, epsilon=1.0), Budget(horizon_s=300, epsilon=2.0),
-                 Budget(horizon_s=1800, epsilon=8.0))
+CRASH_BUDGETS = (Budget(horizon_s=0, epsilon=10.0), Budget(horizon_s=300, epsilon=20.0),
+                 Budget(horizon_s=1800, epsilon=80.0))
 
 
-AUDIT_AGG = Settings(aggregator=AGG, max_noise_scale=20.0)  # 1 s windows of 10 samples at epsilon 0.5: scale 20
+AUDIT_AGG = Settings(aggregator=AGG, max_noise_scale=20.0)  # 1 s windows (1 unit) at epsilon 5: scale 20
 
 
 def member_settings(**kw) -> Settings:
@@ -403,7 +403,7 @@ def test_member_survives_a_crash_at_every_write(tmp_path: Path) -> None:
 def write_peer_reports(paths: Paths, now: datetime, seed: int, peers=PEERS) -> None:
     """Reports of ``peers`` for the window ending ``now``, written as the member app writes them."""
     for i, peer in enumerate(peers):
-        _, report = build_report(20.0 + 15 * i, 200, now - timedelta(seconds=20), now, Settings(aggregator=AGG),
+        _, report = build_report(20.0 + 15 * i, 20, now - timedelta(seconds=20), now, Settings(aggregator=AGG),
                                  random_state=seed + i)
         atomic_write_json(paths.report_file(peer), report.model_dump(mode="json"))
 
@@ -537,7 +537,7 @@ def _readers_race(root: Path, rewrites: int) -> None:
     write_peer_reports(agg_paths, T0, seed=7)
 
     def member_writer() -> None:
-        member = Member(member_paths, member_settings(budgets=(Budget(horizon_s=0, epsilon=1.0),)),
+        member = Member(member_paths, member_settings(budgets=(Budget(horizon_s=0, epsilon=10.0),)),
                         Problems(logging.getLogger("w")))
         for i in range(rewrites):
             start = T0 + timedelta(seconds=i)
@@ -827,13 +827,13 @@ def test_deleted_private_folder_keeps_the_budget(tmp_path: Path, caplog: pytest.
     """The private folder (ledger and raw file) is deleted while the member runs: the ledger is written back
     from memory before the next release, so the spent budget is never forgotten, even across a restart."""
     paths = Paths(data_dir=tmp_path, email=ME)
-    settings = member_settings(budgets=(Budget(horizon_s=3600, epsilon=2.0),))
+    settings = member_settings(budgets=(Budget(horizon_s=3600, epsilon=20.0),))
     member = new_member(paths, settings)
     wall = FakeWall(T0)
-    assert all(drive(member, wall, 3))  # 1.5 of the 2.0 per hour
+    assert all(drive(member, wall, 3))  # 15 of the 20 per hour
     recorded = load_spends(paths.ledger_file)
     shutil.rmtree(paths.private)
-    assert all(drive(member, wall, 1))  # 2.0: the hour is now spent
+    assert all(drive(member, wall, 1))  # 20: the hour is now spent
     assert load_spends(paths.ledger_file)[:3] == recorded, "releases forgotten after the folder was deleted"
     assert len(load_spends(paths.ledger_file)) == 4
     assert any("lost 3 release" in m for m in messages(caplog))
@@ -905,7 +905,7 @@ def test_member_clock_stepped_back_never_overspends(tmp_path: Path, step_back_s:
     assert len(spends) >= 11
     assert len([m for m in messages(caplog) if "clock went back" in m]) == 2
     instants = worst_spans(spends, 0.0)
-    assert instants <= 1.0 + 1e-9
+    assert instants <= 10.0 + 1e-9  # the default budget of any single instant
 
 
 def test_member_clock_ahead_then_back_keeps_its_ledger(tmp_path: Path) -> None:

@@ -1,26 +1,39 @@
 """The privacy ledger: no rolling budget is ever exceeded, across restarts and torn writes."""
 
+import json
+import os
+import stat
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend, check_budgets, load_spends, worst_span_with
+from shared.ledger import (BudgetExceeded, Ledger, LedgerCorrupt, Spend, _arrays, check_budgets, load_spends,
+                           worst_span)
 from shared.settings import Budget
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
-def spend(start_s: float, end_s: float, eps: float = 0.5) -> Spend:
+def spend(start_s: float, end_s: float, eps: float = 0.5, unit: str = "cpu_second", n: int = 20) -> Spend:
     return Spend(
         released_at=T0 + timedelta(seconds=end_s),
         window_start=T0 + timedelta(seconds=start_s),
         window_end=T0 + timedelta(seconds=end_s),
         epsilon=eps,
         mechanism="laplace",
-        n_samples=200,
+        unit=unit,
+        n_samples=n,
     )
+
+
+def worst_span_with(spends: list[Spend], new: Spend, horizon_s: float) -> float:
+    return worst_span(*_arrays([*spends, new]), horizon_s)
+
+
+def check(spends: list[Spend], new: Spend, budgets: list[Budget]) -> None:
+    check_budgets(_arrays([*spends, new]), budgets)
 
 
 def brute_force_worst(spends: list[Spend], new: Spend, horizon: float, step: float = 0.05) -> float:
@@ -39,22 +52,22 @@ def brute_force_worst(spends: list[Spend], new: Spend, horizon: float, step: flo
 
 def test_back_to_back_windows_spend_each_instant_once():
     spends = [spend(20 * i, 20 * (i + 1)) for i in range(10)]
-    check_budgets(spends[:-1], spends[-1], [Budget(horizon_s=0, epsilon=0.5)])  # no instant is spent twice
+    check(spends[:-1], spends[-1], [Budget(horizon_s=0, epsilon=0.5)])  # no instant is spent twice
 
 
 def test_overlapping_window_is_refused():
     """A clock stepped back would make a window re-use time already spent: refused."""
-    with pytest.raises(BudgetExceeded, match="over the budget of 0.5"):
-        check_budgets([spend(0, 20)], spend(10, 30), [Budget(horizon_s=0, epsilon=0.5)])
+    with pytest.raises(BudgetExceeded, match="over the budget of at most 0.5 epsilon on any single instant"):
+        check([spend(0, 20)], spend(10, 30), [Budget(horizon_s=0, epsilon=0.5)])
 
 
 def test_rolling_budget_counts_windows_touching_a_span():
     # a closed 60 s span can touch 4 back-to-back 20 s windows: [19.9, 79.9] touches 0-20 ... 60-80
     spends = [spend(20 * i, 20 * (i + 1)) for i in range(3)]
     assert worst_span_with(spends, spend(60, 80), 60) == pytest.approx(2.0)
-    check_budgets(spends, spend(60, 80), [Budget(horizon_s=60, epsilon=2.0)])
+    check(spends, spend(60, 80), [Budget(horizon_s=60, epsilon=2.0)])
     with pytest.raises(BudgetExceeded):
-        check_budgets(spends, spend(60, 80), [Budget(horizon_s=60, epsilon=1.9)])
+        check(spends, spend(60, 80), [Budget(horizon_s=60, epsilon=1.9)])
 
 
 windows = st.lists(
@@ -114,3 +127,120 @@ def test_compaction_keeps_every_spend_a_budget_can_still_see(tmp_path):
     visible = [s for s in admitted if s.window_end > admitted[-1].released_at - ledger.retention]
     assert len(kept) < len(admitted)
     assert set(visible) <= set(kept)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 9: retention never forgets what a budget once enforced could need; units; private file modes
+# ---------------------------------------------------------------------------------------------------
+def all_spans_hold(spends: list[Spend], budget: Budget) -> float:
+    """The most epsilon (fixed unit) any closed span of the budget's horizon holds, over ``spends``."""
+    worst = 0.0
+    for i in range(len(spends)):
+        worst = max(worst, worst_span_with(spends[:i] + spends[i + 1:], spends[i], budget.horizon_s))
+    return worst
+
+
+def test_shortened_then_restored_budgets_never_let_a_span_overspend(tmp_path):
+    """A 3 h budget is spent; the owner shortens the budgets for a while (long enough that compaction runs),
+    then restores them: across restarts the ledger still holds the first releases, so the restored budget binds.
+    (With retention = the current longest horizon + 1 h, compaction forgot them and the 3 h span got twice its cap.)"""
+    path = tmp_path / "ledger.jsonl"
+    long_ = Budget(horizon_s=3 * 3600, epsilon=200.0)
+    short = Budget(horizon_s=0, epsilon=10.0)
+    admitted = []
+
+    def run(budgets, first, count, eps):
+        ledger = Ledger(path, budgets)  # a restart: a new Ledger on the same file
+        for i in range(first, first + count):
+            s = spend(20 * i, 20 * (i + 1), eps=eps)
+            try:
+                ledger.admit(s)
+                admitted.append(s)
+            except BudgetExceeded:
+                pass
+        return ledger
+
+    run([short, long_], 0, 200, 1.0)  # 0 .. 4,000 s: the 3 h budget is spent
+    assert len(admitted) == 200
+    during = run([short], 200, 300, 0.01)  # 4,000 .. 10,000 s with only the per-instant budget: compaction runs
+    assert during.retention == timedelta(hours=4)  # the 3 h horizon is remembered, + 1 h
+    after = run([short, long_], 500, 180, 1.0)  # 10,000 .. 13,600 s: restored
+    enforced = admitted[:200] + admitted[500:]  # what was admitted while the 3 h budget was in force
+    assert all_spans_hold(enforced, long_) <= long_.epsilon * (1 + 1e-9)
+    assert 500 < len(admitted) < 680  # the restored phase resumes only as the first 200 roll out of the 3 h span
+    assert after.max_horizon_s == 3 * 3600
+    assert set(admitted[:200]) <= set(load_spends(path))
+
+
+def test_the_longest_horizon_survives_compaction_as_the_first_line(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    Ledger(path, [Budget(horizon_s=7200, epsilon=1e6)])
+    ledger = Ledger(path, [Budget(horizon_s=60, epsilon=1e6)])
+    assert ledger.max_horizon_s == 7200
+    for i in range(1200):  # 6 h 40 min of 20 s windows: compaction keeps the last 3 h (7,200 s + 1 h)
+        ledger.admit(spend(20 * i, 20 * (i + 1), eps=0.01))
+    lines = path.read_text().splitlines()
+    assert len(lines) < 1000 and json.loads(lines[0]) == {"ledger_meta": {"max_horizon_s": 7200.0}}
+    assert Ledger(path, []).max_horizon_s == 7200
+
+
+def test_an_old_ledger_without_the_record_keeps_everything_it_holds(tmp_path):
+    """Its old budgets are unknown: it is credited with the whole span its lines cover, so nothing is dropped."""
+    path = tmp_path / "ledger.jsonl"
+    old = [spend(0, 20, unit="cpu_sample", n=200), spend(40000, 40020, unit="cpu_sample", n=200)]
+    path.write_text("".join(s.model_dump_json(exclude={"unit"}) + "\n" for s in old))  # no unit key: old lines
+    ledger = Ledger(path, [Budget(horizon_s=60, epsilon=100)])
+    assert ledger.spends == old and ledger.max_horizon_s == 40020
+    assert [s.unit for s in load_spends(path)] == ["cpu_sample", "cpu_sample"]
+
+
+def test_old_sample_lines_count_in_the_fixed_unit(tmp_path):
+    """An old release of 0.5 per 0.1 s sample costs 0.5 x 11 = 5.5 per second of activity: a new release of 0.1
+    on the same instant breaks a per-instant budget of 5.5, though the raw numbers (0.6) would not."""
+    path = tmp_path / "ledger.jsonl"
+    path.write_text(spend(0, 20, eps=0.5, unit="cpu_sample", n=200).model_dump_json() + "\n")
+    ledger = Ledger(path, [Budget(horizon_s=0, epsilon=5.55)])
+    with pytest.raises(BudgetExceeded, match="5.6 epsilon"):
+        ledger.admit(spend(10, 30, eps=0.1))
+    ledger.admit(spend(20, 40, eps=0.05))  # the next instant: 0.05 alone
+
+
+def test_unknown_unit_or_bad_record_stops_releases(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    line = json.loads(spend(0, 20).model_dump_json())
+    path.write_text(json.dumps({**line, "unit": "cpu_minute"}) + "\n")
+    with pytest.raises(LedgerCorrupt, match="line 1"):
+        Ledger(path, [])
+    path.write_text('{"ledger_meta": {"max_horizon_s": NaN}}\n')
+    with pytest.raises(LedgerCorrupt, match="line 1"):
+        Ledger(path, [])
+
+
+@pytest.fixture
+def open_umask():
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_ledger_is_private_under_any_umask_and_after_compaction(tmp_path, open_umask):
+    path = tmp_path / "private" / "member" / "ledger.jsonl"
+    ledger = Ledger(path, [Budget(horizon_s=0, epsilon=10)])
+    assert mode(path) == 0o600 and mode(path.parent) == 0o700 and mode(path.parent.parent) == 0o700
+    for i in range(600):  # 200 min: compaction rewrites the file (retention 1 h)
+        ledger.admit(spend(20 * i, 20 * (i + 1), eps=0.01))
+    assert len(load_spends(path)) < 600, "compaction did not run"
+    assert mode(path) == 0o600 and mode(path.parent) == 0o700
+
+
+def test_an_existing_open_private_folder_is_tightened(tmp_path, open_umask):
+    folder = tmp_path / "member"
+    folder.mkdir(mode=0o777)
+    Ledger(folder / "ledger.jsonl", [])
+    assert mode(folder) == 0o700
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)

@@ -30,10 +30,10 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
 
 
 def workspace(tmp_path: Path, members: int) -> Paths:
-    paths = Paths(data_dir=tmp_path, email=AGG)
+    paths, settings = Paths(data_dir=tmp_path, email=AGG), Settings(aggregator=AGG)
     for i in range(members):
-        _, report = build_report(10.0 + 20 * i, 200, NOW - timedelta(seconds=20), NOW, Settings(aggregator=AGG),
-                                 random_state=i)
+        _, report = build_report(10.0 + 20 * i, settings.samples_per_window, NOW - timedelta(seconds=20), NOW,
+                                 settings, random_state=i)
         atomic_write_json(paths.report_file(f"m{i}@example.org"), report.model_dump(mode="json"))
     bad = paths.report_file("bad@example.org")
     bad.parent.mkdir(parents=True)

@@ -18,6 +18,8 @@ from shared.privacy import (
     laplace_scale,
     mean_sensitivity,
     samples_touched,
+    units_per_window,
+    epsilon_per_unit,
 )
 
 
@@ -115,4 +117,31 @@ def test_group_privacy_in_samples():
     assert samples_touched(0.1, 0.1) == 2  # a 0.1 s burst can straddle two samples
     assert samples_touched(1.0, 0.1) == 11
     assert samples_touched(0.15, 0.1) == 3
-    assert activity_epsilon(60, epsilon=0.5, sample_period_s=0.1) == pytest.approx(300.5)
+
+
+def test_group_privacy_in_the_fixed_unit():
+    """Activity lasting d seconds costs epsilon per second it covers, whatever the settings: 1 s, 1 min, a window."""
+    assert activity_epsilon(0, epsilon=5.0) == 5.0  # a spike is within one second
+    assert activity_epsilon(1.0, epsilon=5.0) == 5.0
+    assert activity_epsilon(60, epsilon=5.0) == pytest.approx(300.0)
+    assert activity_epsilon(20, epsilon=5.0) == pytest.approx(100.0)
+    assert activity_epsilon(3600, epsilon=5.0) == pytest.approx(18000.0)
+
+
+def test_window_sensitivity_is_per_whole_second():
+    """n = floor(interval): a window's sensitivity 100 / n never understates 100 / T for T >= interval seconds."""
+    assert [units_per_window(w) for w in (1.0, 1.5, 20.0, 20.999, 3600.0)] == [1, 1, 20, 20, 3600]
+    for bad in (0.5, math.inf, math.nan):
+        with pytest.raises(ValueError, match="interval_s"):
+            units_per_window(bad)
+
+
+def test_legacy_sample_epsilon_is_converted_conservatively():
+    """An old cpu_sample release: 1 s of activity touched up to ceil(1 / s) + 1 samples of s seconds."""
+    assert epsilon_per_unit("cpu_second", 5.0, n_samples=20, window_s=20.0) == 5.0
+    assert epsilon_per_unit("cpu_sample", 0.5, n_samples=200, window_s=20.0) == pytest.approx(5.5)  # s = 0.1: x 11
+    assert epsilon_per_unit("cpu_sample", 0.5, n_samples=2000, window_s=20.0) == pytest.approx(50.5)  # s = 0.01: x 101
+    # a clock step that stretched the window never makes the period look longer than the old default 0.1 s
+    assert epsilon_per_unit("cpu_sample", 0.5, n_samples=200, window_s=3620.0) == pytest.approx(5.5)
+    with pytest.raises(ValueError, match="unknown privacy unit"):
+        epsilon_per_unit("cpu_minute", 1.0, n_samples=1, window_s=60.0)

@@ -110,7 +110,8 @@ def test_a_tick_that_changed_nothing_writes_no_file(tmp_path: Path) -> None:
     now = datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
 
     def write(member: str, seed: int) -> None:
-        _, report = build_report(20.0, 200, now - timedelta(seconds=20), now, settings, random_state=seed)
+        _, report = build_report(20.0, settings.samples_per_window, now - timedelta(seconds=20), now, settings,
+                                 random_state=seed)
         atomic_write_json(paths.report_file(member), report.model_dump(mode="json"))
 
     write("m1@example.org", 1)

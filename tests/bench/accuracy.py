@@ -7,14 +7,16 @@ window mean.
 
 - Ours (the project's code): the member reads ``psutil.cpu_percent()`` once per window, which is the mean of
   the window's 200 samples; ``cpu_tracker_member.member.build_report`` releases it (diffprivlib's unbiased
-  Laplace, epsilon 0.5 per release, scale 100 / 200 / 0.5 = 1); the aggregator's ``estimate_mean`` gives
+  Laplace, epsilon 5 per second of activity over 20 whole seconds, scale 100 / 20 / 5 = 1, what the old
+  0.5 per 0.1 s sample gave); the aggregator's ``estimate_mean`` gives
   the mean and its exact 95 % interval.
 - The tutorial's recipe (re-implemented here): a fresh process per 20 s interval takes 50 samples 0.1 s apart
   at the start of the interval (so it sees only the first 5 s), its first reading is psutil's meaningless
   0.0, and ``diffprivlib.tools.mean(samples, epsilon=0.5, bounds=(0, 100))`` (noise scale 100 / 50 / 0.5 = 4,
   clamped into the bounds) rounded to 2 decimals is published; the leader averages the members' values.
 
-Same epsilon per release. Fixed seeds throughout.
+The tutorial's epsilon 0.5 is per 0.1 s sample, as ours was before the fixed unit; ours, 5 per second, gives
+the same noise. Fixed seeds throughout.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def ours(windows: np.ndarray, rs: np.random.RandomState, settings) -> tuple[floa
     from cpu_tracker_member.member import build_report
     from shared.privacy import estimate_mean
 
-    reports = [build_report(float(m), N_SAMPLES, START, END, settings, random_state=rs)[1] for m in windows.mean(1)]
+    n = settings.samples_per_window  # whole seconds: the fixed privacy unit
+    reports = [build_report(float(m), n, START, END, settings, random_state=rs)[1] for m in windows.mean(1)]
     est = estimate_mean([r.release.value for r in reports], [r.release.noise_scale for r in reports])
     return est.mean, est.ci_low, est.ci_high
 
@@ -118,8 +121,10 @@ class Cell:
 def simulate(trace: str, k: int, trials: int, tut_trials: int, real: np.ndarray) -> Cell:
     from shared.settings import Settings
 
-    settings = Settings(aggregator="agg@bench.example.org")  # defaults: epsilon 0.5, 20 s windows, 0.1 s samples
-    assert settings.samples_per_window == N_SAMPLES and settings.epsilon == 0.5
+    # defaults: epsilon 5 per second of activity, 20 s windows: noise scale 100 / 20 / 5 = 1, the same as the old
+    # 0.5 per 0.1 s sample (100 / 200 / 0.5), the same real privacy said in the fixed unit
+    settings = Settings(aggregator="agg@bench.example.org")
+    assert settings.samples_per_window * 10 == N_SAMPLES and settings.epsilon == 5.0
     rng = np.random.default_rng([SEED, TRACES.index(trace), k])
     cell_seed = SEED + 10_000 * TRACES.index(trace) + k  # independent noise in every cell
     rs_ours, rs_tut = np.random.RandomState(cell_seed), np.random.RandomState(cell_seed + 5_000)
