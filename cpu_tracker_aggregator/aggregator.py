@@ -13,7 +13,7 @@ from typing import Callable
 
 from pydantic import ValidationError
 
-from cpu_tracker_aggregator.collect import Collector, Snapshot, members_json_chunks
+from cpu_tracker_aggregator.roster import Roster, Snapshot, members_json_chunks
 from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history
 from shared.atomic import atomic_write_bytes, atomic_write_chunks, write_if_changed
 from shared.logs import Problems
@@ -32,13 +32,13 @@ class Aggregator:
     paths: Paths
     settings: Settings
     problems: Problems
-    collector: Collector = field(init=False)
+    roster: Roster = field(init=False)
     history: History = field(init=False)
     _members_pending: Snapshot | None = field(init=False, default=None)
     _published_once: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        self.collector = Collector(self.paths.datasites, self.paths.app_name, self.settings)
+        self.roster = Roster(self.paths, self.settings)
         self.history = self._load_history()
 
     def _load_history(self) -> History:
@@ -58,7 +58,7 @@ class Aggregator:
 
     def tick(self, now: datetime) -> Dashboard:
         """Read every report, publish the dashboard. Problems are logged once; the tick always completes."""
-        snapshot = self.collector.collect(now)
+        snapshot = self.roster.tick(now)
         dashboard = build_dashboard(snapshot, self.history, now, self.settings)
         self.history = dashboard.history
         self._write_private(snapshot, now)  # first: a crash must never take back a published point
@@ -115,9 +115,9 @@ def run_aggregator(
     while not stop.is_set():
         started = time.monotonic()
         dash = agg.tick(wall())
-        status = (dash.status, dash.counts.fresh, dash.counts.stale, dash.counts.rejected)
+        status = (dash.status, dash.counts.fresh, dash.counts.stale, dash.counts.rejected, dash.counts.legacy)
         if status != last_status:
-            log.info("%s (fresh %d, stale %d, rejected %d)", dash.message, *status[1:])
+            log.info("%s (fresh %d, stale %d, rejected %d, legacy %d)", dash.message, *status[1:])
             last_status = status
         if once:
             return

@@ -12,6 +12,7 @@
     ├── <member>/app_data/cpu_tracker/
     │   ├── cpu_tracker.json                 the DP report (MemberReport)
     │   ├── syftperm.yaml, syft.pub.yaml     owner: all; the aggregator: read; nobody else
+    ├── <member>/api_data/cpu_tracker/cpu_tracker.json   a tutorial-era member's report (read as legacy)
     └── <aggregator>/public/cpu_tracker/
         ├── dashboard.json                   network figure (Dashboard), world-readable
         ├── dashboard.schema.json, member_report.schema.json
@@ -97,6 +98,10 @@ class Paths:
 
     def report_file(self, member: str | None = None) -> Path:
         return self.report_dir(member) / REPORT_FILE
+
+    def legacy_report_file(self, member: str | None = None) -> Path:
+        """Where the tutorial-era member wrote its report (``api_data/``; read as legacy by the aggregator)."""
+        return self.datasites / (member or self.email) / "api_data" / self.app_name / REPORT_FILE
 
     def public_dir(self, aggregator: str | None = None) -> Path:
         return self.datasites / (aggregator or self.email) / "public" / self.app_name

@@ -32,7 +32,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-import cpu_tracker_aggregator.collect as collect_module
+import cpu_tracker_aggregator.roster as roster_module
 from cpu_tracker_aggregator.aggregator import Aggregator
 from cpu_tracker_member.member import build_report
 from shared.atomic import atomic_write_json
@@ -228,7 +228,9 @@ def test_a_tick_without_a_figure_adds_a_null_point(ws: Workspace) -> None:
     agg.tick(NOW)
     later = NOW + timedelta(minutes=10)  # every report is stale by now
     dash = agg.tick(later)
-    assert dash.status == "too_few_members" and dash.counts.fresh == 0 and dash.counts.stale == len(FRESH) + 1
+    # the fresh reports, the stale one and the legacy one: the tutorial's report goes stale by the same rule
+    assert dash.status == "too_few_members" and dash.counts.fresh == 0 and dash.counts.stale == len(FRESH) + 2
+    assert dash.counts.legacy == 0
     r = dash.history.recent
     assert r.t == [int(NOW.timestamp()), int(later.timestamp())]
     assert r.mean[0] is not None and r.mean[1] is None
@@ -252,13 +254,13 @@ def test_an_unreadable_history_is_set_aside_not_fatal(ws: Workspace) -> None:
 @pytest.fixture
 def parse_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     calls: list[bytes] = []
-    real = collect_module.parse_report
+    real = roster_module.parse_report
 
     def counting(data: bytes, **kw):
         calls.append(data)
         return real(data, **kw)
 
-    monkeypatch.setattr(collect_module, "parse_report", counting)
+    monkeypatch.setattr(roster_module, "parse_report", counting)
     return calls
 
 
@@ -272,7 +274,7 @@ def test_unchanged_files_are_not_read_again(ws: Workspace, parse_calls: list[byt
     assert second.counts == first.counts and second.estimate == first.estimate
     # freshness still follows the (aggregator's) clock without re-reading
     late = agg.tick(NOW + timedelta(seconds=make_settings().stale_after_s + 1))
-    assert parse_calls == [] and late.counts.fresh == 0 and late.counts.stale == len(FRESH) + 1
+    assert parse_calls == [] and late.counts.fresh == 0 and late.counts.stale == len(FRESH) + 2
 
 
 def test_a_changed_file_is_read_again(ws: Workspace, parse_calls: list[bytes]) -> None:
@@ -311,15 +313,23 @@ def test_new_and_removed_members(ws: Workspace, parse_calls: list[bytes]) -> Non
     assert "stale@example.org" not in json.loads(ws.paths.members_status_file.read_text())["members"]
 
 
-def test_a_report_from_the_future_is_retried(ws: Workspace, parse_calls: list[bytes]) -> None:
-    """A report rejected as from the future is not cached: once the clock catches up it counts."""
-    ahead = NOW + timedelta(seconds=make_settings().future_tolerance_s + 60)
+def test_a_report_from_the_future_counts_once_the_clock_catches_up(ws: Workspace, parse_calls: list[bytes]) -> None:
+    """A report rejected as from the future is parsed once; its cached time is checked again at every tick, and
+    once the clock catches up it counts (fresh for stale_after_s from then), without being read again."""
+    s = make_settings()
+    ahead = NOW + timedelta(seconds=s.future_tolerance_s + 60)
     ws.write_report("skewed@example.org", level=40.0, seed=21, end=ahead)
     agg = ws.aggregator()
     assert agg.tick(NOW).counts.rejected_by_reason.get("future") == 1
     parse_calls.clear()
-    dash = agg.tick(ahead)
-    assert len(parse_calls) == 1 and "future" not in dash.counts.rejected_by_reason
+    acceptable = ahead - timedelta(seconds=s.future_tolerance_s)
+    assert agg.tick(acceptable - timedelta(microseconds=1)).counts.rejected_by_reason.get("future") == 1
+    dash = agg.tick(acceptable)
+    assert parse_calls == [] and "future" not in dash.counts.rejected_by_reason
+    assert dash.counts.fresh == len(FRESH) + 1
+    assert agg.tick(acceptable + timedelta(seconds=s.stale_after_s)).counts.fresh == 1  # the others went stale
+    assert agg.tick(acceptable + timedelta(seconds=s.stale_after_s, microseconds=1)).counts.fresh == 0
+    assert parse_calls == []
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -416,9 +416,9 @@ def test_every_accepted_report_lies_within_the_influence_range(n, eps, value, ma
         accepted = parse_report(json.dumps(obj).encode(), now=NOW, settings=s)
     except Rejected:
         return
-    v = accepted.report.release.value
+    v = accepted.value
     assert -PLAUSIBLE_SCALES * max_noise_scale <= v <= 100 + PLAUSIBLE_SCALES * max_noise_scale
-    assert accepted.report.release.noise_scale <= max_noise_scale
+    assert accepted.noise_scale <= max_noise_scale
 
 
 def test_ancient_and_future_reports_are_never_fresh(ws: Workspace) -> None:
