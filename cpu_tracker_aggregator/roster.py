@@ -26,8 +26,17 @@ from typing import NamedTuple
 import numpy as np
 
 from cpu_tracker_aggregator.reader import Read, open_datasites, read_report, signature
-from cpu_tracker_aggregator.validate import Accepted, Rejected, future_detail, is_future, iso, parse_report, us
-from shared.paths import Paths, is_datasite_email
+from cpu_tracker_aggregator.validate import (
+    Accepted,
+    Rejected,
+    check_member_name,
+    future_detail,
+    is_future,
+    iso,
+    parse_report,
+    us,
+)
+from shared.paths import Paths
 from shared.settings import Settings
 
 STATUSES = ("fresh", "stale", "legacy", "rejected")
@@ -238,9 +247,11 @@ class Roster:
         """The entry for ``name``'s report as it is now; None when it has none (not a member of this app)."""
         s = self.settings
         refused = None
-        if not is_datasite_email(name):
-            refused = Rejected("bad_folder_name", f"folder {name!r} is not an email")
-        elif self.allowed is not None and name not in self.allowed:
+        try:
+            check_member_name(name)
+        except Rejected as r:
+            refused = r
+        if refused is None and self.allowed is not None and name not in self.allowed:
             refused = Rejected("not_member", f"{name} is not on the aggregator's members list")
         if refused is not None:  # not read at all: only whether there is a report
             found = self._lstat(name)
