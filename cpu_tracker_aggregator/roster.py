@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import os
 import struct
 from collections import Counter
@@ -73,16 +74,12 @@ def rejected_entry(rejected: Rejected, sig: tuple[int, int, int] | None, seen_us
                  api_data=api_data)
 
 
-def _micros(seconds: float) -> int:
-    return round(seconds * 1e6)
-
-
 def is_fresh(entry: Entry, now_us: int, settings: Settings) -> bool:
     """The one freshness rule: fresh while the aggregator first saw the current content (or, for a file first seen
     dated beyond ``future_tolerance_s``, saw it come within it) at most ``stale_after_s`` ago, and the report's own
     time lies no further than ``future_tolerance_s + stale_after_s`` in the past and no further than
     ``future_tolerance_s`` ahead. Our clock stepping back makes no content seen in the future."""
-    stale, tol = _micros(settings.stale_after_s), _micros(settings.future_tolerance_s)
+    stale, tol = settings.stale_after_s * 1e6, settings.future_tolerance_s * 1e6
     since_acceptable = now_us - entry.end_us + tol
     return (min(max(0, now_us - entry.seen_us), since_acceptable) <= stale and since_acceptable >= 0
             and now_us - entry.end_us <= stale + tol)
@@ -104,10 +101,10 @@ def next_change_us(entry: Entry, now_us: int, settings: Settings) -> int | None:
     """The first instant after ``now_us`` at which ``status_of`` may change (None: never, unless the file does)."""
     if entry.kind == "rejected":
         return None
-    stale, tol, end = _micros(settings.stale_after_s), _micros(settings.future_tolerance_s), entry.end_us
-    # where a comparison in is_future / is_fresh flips
-    later = [t for t in (end - tol, entry.seen_us + stale + 1, end - tol + stale + 1, end + stale + tol + 1)
-             if t > now_us]
+    stale, tol, end = settings.stale_after_s * 1e6, settings.future_tolerance_s * 1e6, entry.end_us
+    # where a comparison in is_future / is_fresh flips: at the instant itself (>=), or just after it (>)
+    later = [t for t in (math.ceil(end - tol), math.floor(entry.seen_us + stale) + 1,
+                         math.floor(end - tol + stale) + 1, math.floor(end + stale + tol) + 1) if t > now_us]
     return min(later, default=None)
 
 
@@ -163,6 +160,7 @@ class Roster:
         self._counts: Counter[str] = Counter()
         self._reasons: Counter[str] = Counter()
         self._fresh: dict[str, Entry] = {}
+        self._mechanisms: Counter[str] = Counter()  # of the fresh entries
         self._releases: FreshReleases | None = None  # built from _fresh when needed
         self._due: list[tuple[int, int, list[str]]] = []  # heap of (instant, sequence, members to re-derive then)
         self._pending: dict[int, list[str]] = {}
@@ -309,6 +307,7 @@ class Roster:
                 self._reasons[reason] += 1
             if status == "fresh":
                 self._fresh[name] = entry
+                self._mechanisms[entry.mechanism] += 1
                 self._releases = None
         due = next_change_us(entry, now_us, self.settings)
         if due is not None:
@@ -319,7 +318,7 @@ class Roster:
         if old[1]:
             self._reasons[old[1]] -= 1
         if old[0] == "fresh":
-            del self._fresh[name]
+            self._mechanisms[self._fresh.pop(name).mechanism] -= 1
             self._releases = None
 
     def _line(self, name: str, entry: Entry, status: str, reason: str | None, old) -> bytes:
@@ -350,7 +349,7 @@ class Roster:
 
     def _snapshot(self) -> Snapshot:
         if self._releases is None:
-            self._releases = _releases(self._fresh.values())
+            self._releases = _releases(self._fresh.values(), self._mechanisms)
         lines = None
         if self._lines_changed:
             lines = [state[2] for state in self._state.values()]
@@ -363,9 +362,8 @@ class Roster:
         )
 
 
-def _releases(fresh) -> FreshReleases:
-    fresh = list(fresh)
+def _releases(fresh, mechanisms: Counter[str]) -> FreshReleases:
     columns = np.frombuffer(b"".join([e.numbers for e in fresh]), dtype=np.float64).reshape(-1, _NUMBERS.size // 8)
     return FreshReleases(values=columns[:, 0], noise_scales=columns[:, 1], epsilons=columns[:, 2],
                          privacy_unit_s=columns[:, 3], window_s=columns[:, 4],
-                         mechanisms=dict(Counter(e.mechanism for e in fresh)))
+                         mechanisms={m: n for m, n in sorted(mechanisms.items()) if n})

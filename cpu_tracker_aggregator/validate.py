@@ -17,13 +17,15 @@ string), the standard one's reading is validated instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from datetime import datetime, timedelta, timezone
-from typing import Literal, NamedTuple
+from types import UnionType
+from typing import Literal, NamedTuple, Union, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AwareDatetime, BaseModel, ValidationError
 
 from shared.paths import is_datasite_email
 from shared.schema import CPU_BOUNDS, SCHEMA_VERSION, LegacyReport, MemberReport
@@ -91,8 +93,12 @@ def future_detail(end_us: int, settings: Settings) -> str:
 
 
 def iso(t_us: int) -> str:
-    """The UTC ISO 8601 text of a time in microseconds since the epoch."""
-    return (_EPOCH + timedelta(microseconds=t_us)).isoformat()
+    """The UTC ISO 8601 text of a time in microseconds since the epoch (a report may name a time, such as
+    9999-12-31T23:59:59-00:01, that lies beyond the range of UTC datetimes)."""
+    try:
+        return (_EPOCH + timedelta(microseconds=t_us)).isoformat()
+    except OverflowError:
+        return f"{'after 9999' if t_us > 0 else 'before 0001'} (UTC)"
 
 
 def check_member_name(name: str) -> None:
@@ -211,15 +217,40 @@ def _integer_version(data: bytes, obj: dict | None) -> bool:
 
 def _strings(model: BaseModel) -> int:
     """Keys present in the input and string values among them, over the model and the models nested in it."""
-    n = 0
-    for name in model.model_fields_set:
-        n += 1
+    strings, nested, varying, every = _layout(type(model))
+    present = model.__pydantic_fields_set__
+    if len(present) == every[0]:  # every field present (the member app's files): no set arithmetic
+        n = every[1]
+    else:
+        n = len(present) + len(strings & present)
+        nested, varying = nested & present, varying & present
+    for name in nested:
+        n += _strings(getattr(model, name))
+    for name in varying:  # a union: a string, a model or neither, by the value read
         value = getattr(model, name)
-        if isinstance(value, BaseModel):
-            n += _strings(value)
-        elif isinstance(value, str | datetime):
+        if type(value) is str or type(value) is datetime:
             n += 1
+        elif isinstance(value, BaseModel):
+            n += _strings(value)
     return n
+
+
+@functools.cache
+def _layout(cls: type[BaseModel]) -> tuple[frozenset[str], frozenset[str], frozenset[str], tuple[int, int]]:
+    """The fields of ``cls`` that always hold a string in strict JSON (str, datetime, string literals), that hold a
+    model, and that are unions (decided by their value); and (fields, fields + string fields)."""
+    strings, nested, varying = set(), set(), set()
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            nested.add(name)
+        elif ann is str or ann is AwareDatetime or (isinstance(ann, type) and issubclass(ann, datetime)) or (
+                get_origin(ann) is Literal and all(isinstance(a, str) for a in get_args(ann))):
+            strings.add(name)
+        elif get_origin(ann) in (Union, UnionType):
+            varying.add(name)
+    every = len(cls.model_fields)
+    return frozenset(strings), frozenset(nested), frozenset(varying), (every, every + len(strings))
 
 
 def _strict_json(data: bytes):
