@@ -19,6 +19,7 @@ import json
 import math
 import os
 import struct
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,7 +67,8 @@ def accepted_entry(accepted: Accepted, sig: tuple[int, int, int] | None, seen_us
     ino, size, mtime = sig or (None, 0, 0)
     a = accepted
     numbers = _NUMBERS.pack(a.value, a.noise_scale, a.epsilon, a.privacy_unit_s, a.window_s) if a.kind == "report" else b""
-    return Entry(a.kind, seen_us, ino, size, mtime, us(a.window_end), numbers, a.mechanism, api_data=api_data)
+    return Entry(a.kind, seen_us, ino, size, mtime, us(a.window_end), numbers, sys.intern(a.mechanism),
+                 api_data=api_data)
 
 
 def rejected_entry(rejected: Rejected, sig: tuple[int, int, int] | None, seen_us: int, api_data: bool = False) -> Entry:
