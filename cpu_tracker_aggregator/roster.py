@@ -102,13 +102,17 @@ def status_of(entry: Entry, now_us: int, settings: Settings) -> tuple[str, str |
 
 def next_change_us(entry: Entry, now_us: int, settings: Settings) -> int | None:
     """The first instant after ``now_us`` at which ``status_of`` may change (None: never, unless the file does)."""
+    return min((t for t in _boundaries(entry, settings) if t > now_us), default=None)
+
+
+def _boundaries(entry: Entry, settings: Settings) -> tuple[int, ...]:
+    """The instants at which a comparison in is_future / is_fresh flips: at the instant itself (>=), or just
+    after it (>)."""
     if entry.kind == "rejected":
-        return None
+        return ()
     stale, tol, end = settings.stale_after_s * 1e6, settings.future_tolerance_s * 1e6, entry.end_us
-    # where a comparison in is_future / is_fresh flips: at the instant itself (>=), or just after it (>)
-    later = [t for t in (math.ceil(end - tol), math.floor(entry.seen_us + stale) + 1,
-                         math.floor(end - tol + stale) + 1, math.floor(end + stale + tol) + 1) if t > now_us]
-    return min(later, default=None)
+    return (math.ceil(end - tol), math.floor(entry.seen_us + stale) + 1, math.floor(end - tol + stale) + 1,
+            math.floor(end + stale + tol) + 1)
 
 
 @dataclass(frozen=True)
@@ -340,11 +344,12 @@ class Roster:
 
     def _advance(self, now_us: int) -> None:
         """Re-derive the statuses due by ``now_us``; then file this tick's new due instants."""
-        due, entries = self._due, self.entries
+        due, entries, s = self._due, self.entries, self.settings
         while due and due[0][0] <= now_us:
-            for name in heapq.heappop(due)[2]:
+            at, _, names = heapq.heappop(due)
+            for name in names:
                 entry = entries.get(name)
-                if entry is not None:  # an instant of an older entry is harmless: the status is re-derived alike
+                if entry is not None and at in _boundaries(entry, s):  # not an instant of a file since replaced
                     self._derive(name, entry, now_us)
         for at, names in self._pending.items():
             self._seq += 1

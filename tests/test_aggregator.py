@@ -552,3 +552,25 @@ def test_two_fake_datasites_read_one_honest_release_off_the_figure(tmp_path: Pat
     # a members list stops it: the fakes are not_member, and one honest member alone gives no figure
     listed = w.aggregator(min_members=3, members=["honest@example.org"]).tick(NOW)
     assert listed.status == "too_few_members" and listed.counts.rejected_by_reason == {"not_member": 2}
+
+
+def test_statuses_follow_the_clock_through_many_rewrites(tmp_path: Path) -> None:
+    """A member rewriting its report at every tick stays fresh, goes stale stale_after_s after its last report,
+    and the roster re-derives nothing for the reports it replaced (their instants are dropped)."""
+    w = Workspace(tmp_path, tmp_path / "outside", Paths(data_dir=tmp_path, email=AGG))
+    agg = w.aggregator(min_members=1)
+    s = make_settings()
+    now = NOW
+    for i in range(12):
+        w.write_report(FRESH[0], level=30.0, seed=i, end=now)
+        assert agg.tick(now).counts.fresh == 1
+        now += timedelta(seconds=10)
+    derived = []
+    real = agg.roster._derive
+    agg.roster._derive = lambda name, entry, at, new_content=False: derived.append(entry) or real(
+        name, entry, at, new_content)
+    last = now - timedelta(seconds=10)
+    assert agg.tick(last + timedelta(seconds=s.stale_after_s)).counts.fresh == 1
+    dead = agg.tick(last + timedelta(seconds=s.stale_after_s, microseconds=1)).counts
+    assert (dead.fresh, dead.stale) == (0, 1)
+    assert len(derived) == 1  # only the current report's own instant; the 11 replaced ones were skipped
