@@ -45,6 +45,7 @@ STATUSES = ("fresh", "stale", "legacy", "rejected")
 _NUMBERS = struct.Struct("=5d")  # value, noise scale, epsilon, privacy unit (s), window (s) of one release
 _json_str = json.encoder.encode_basestring_ascii  # a JSON string literal, in C
 _BATCH = 256  # files read, then parsed, then stored, at a time
+_BY_NAME = ("bad_folder_name", "not_member")  # rejections decided by the member's name alone
 
 
 class Entry(NamedTuple):
@@ -163,12 +164,13 @@ class Roster:
         self._rel, self._legacy_rel = "/".join(self.parts), "/".join(self.legacy_parts)
         self.allowed = None if settings.members is None else frozenset(settings.members)
         self.entries: dict[str, Entry] = {}
-        self._state: dict[str, tuple[str, str | None, bytes]] = {}  # member -> (status, reason, line of members.json)
+        self._state: dict[str, tuple[str, str | None, str]] = {}  # member -> (status, rejection reason, mechanism)
+        self._lines: dict[str, bytes] = {}  # member -> its line of members.json
         self._counts: Counter[str] = Counter()
         self._reasons: Counter[str] = Counter()
-        self._fresh: dict[str, Entry] = {}
+        self._fresh_numbers: dict[str, bytes] = {}  # the fresh entries' numbers, joined into FreshReleases
         self._mechanisms: Counter[str] = Counter()  # of the fresh entries
-        self._releases: FreshReleases | None = None  # built from _fresh when needed
+        self._releases: FreshReleases | None = None  # built from _fresh_numbers when needed
         self._due: list[tuple[int, int, list[str]]] = []  # heap of (instant, sequence, members to re-derive then)
         self._pending: dict[int, list[str]] = {}
         self._seq = 0
@@ -253,12 +255,14 @@ class Roster:
         entry when it cannot be read or must not be; None when there is none (not a member of this app)."""
         s = self.settings
         refused = None
-        try:
-            check_member_name(name)
-        except Rejected as r:
-            refused = r
-        if refused is None and self.allowed is not None and name not in self.allowed:
-            refused = Rejected("not_member", f"{name} is not on the aggregator's members list")
+        known = self.entries.get(name)
+        if known is None or known.reason in _BY_NAME:  # a name once accepted stays acceptable
+            try:
+                check_member_name(name)
+            except Rejected as r:
+                refused = r
+            if refused is None and self.allowed is not None and name not in self.allowed:
+                refused = Rejected("not_member", f"{name} is not on the aggregator's members list")
         if refused is not None:  # not read at all: only whether there is a report
             found = self._lstat(name)
             return None if found is None else rejected_entry(refused, found[0], now_us, found[1])
@@ -297,6 +301,7 @@ class Roster:
         old = self._state.pop(name, None)
         if old is not None:
             self._uncount(name, old)
+            del self._lines[name]
             self._lines_changed = True
 
     def _derive(self, name: str, entry: Entry, now_us: int, new_content: bool = False) -> None:
@@ -307,33 +312,36 @@ class Roster:
             if old is not None:
                 self._uncount(name, old)
             line = self._line(name, entry, status, reason, None if new_content else old)
-            if old is None or old[2] != line:
+            if self._lines.get(name) != line:
+                self._lines[name] = line
                 self._lines_changed = True
-            self._state[name] = (status, reason, line)
+            self._state[name] = (status, reason, entry.mechanism)
             self._counts[status] += 1
             if reason:
                 self._reasons[reason] += 1
             if status == "fresh":
-                self._fresh[name] = entry
+                self._fresh_numbers[name] = entry.numbers
                 self._mechanisms[entry.mechanism] += 1
                 self._releases = None
         due = next_change_us(entry, now_us, self.settings)
         if due is not None:
             self._pending.setdefault(due, []).append(name)
 
-    def _uncount(self, name: str, old: tuple[str, str | None, bytes]) -> None:
+    def _uncount(self, name: str, old: tuple[str, str | None, str]) -> None:
         self._counts[old[0]] -= 1
         if old[1]:
             self._reasons[old[1]] -= 1
         if old[0] == "fresh":
-            self._mechanisms[self._fresh.pop(name).mechanism] -= 1
+            self._mechanisms[old[2]] -= 1
+            del self._fresh_numbers[name]
             self._releases = None
 
     def _line(self, name: str, entry: Entry, status: str, reason: str | None, old) -> bytes:
         """``name``'s line of members.json; from ``old`` (a status change between fresh, stale and legacy) by
         replacing the status alone."""
         if old is not None and reason is None and old[1] is None:
-            return old[2].replace(b'"status": "%s"' % old[0].encode(), b'"status": "%s"' % status.encode(), 1)
+            return self._lines[name].replace(b'"status": "%s"' % old[0].encode(), b'"status": "%s"' % status.encode(),
+                                             1)
         member = _json_str(name)
         if reason is not None:
             detail = entry.detail if entry.kind == "rejected" else future_detail(entry.end_us, self.settings)
@@ -358,10 +366,10 @@ class Roster:
 
     def _snapshot(self) -> Snapshot:
         if self._releases is None:
-            self._releases = _releases(self._fresh.values(), self._mechanisms)
+            self._releases = _releases(self._fresh_numbers.values(), self._mechanisms)
         lines = None
         if self._lines_changed:
-            lines = [state[2] for state in self._state.values()]
+            lines = list(self._lines.values())
             self._lines_changed = False
         return Snapshot(
             counts={status: self._counts[status] for status in STATUSES},
@@ -371,8 +379,8 @@ class Roster:
         )
 
 
-def _releases(fresh, mechanisms: Counter[str]) -> FreshReleases:
-    columns = np.frombuffer(b"".join([e.numbers for e in fresh]), dtype=np.float64).reshape(-1, _NUMBERS.size // 8)
+def _releases(numbers, mechanisms: Counter[str]) -> FreshReleases:
+    columns = np.frombuffer(b"".join(numbers), dtype=np.float64).reshape(-1, _NUMBERS.size // 8)
     return FreshReleases(values=columns[:, 0], noise_scales=columns[:, 1], epsilons=columns[:, 2],
                          privacy_unit_s=columns[:, 3], window_s=columns[:, 4],
                          mechanisms={m: n for m, n in sorted(mechanisms.items()) if n})
