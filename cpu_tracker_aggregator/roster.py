@@ -67,7 +67,9 @@ class Entry(NamedTuple):
 def accepted_entry(accepted: Accepted, sig: tuple[int, int, int] | None, seen_us: int, api_data: bool = False) -> Entry:
     ino, size, mtime = sig or (None, 0, 0)
     a = accepted
-    numbers = _NUMBERS.pack(a.value, a.noise_scale, a.epsilon, a.privacy_unit_s, a.window_s) if a.kind == "report" else b""
+    numbers = b""
+    if a.kind == "report":
+        numbers = _NUMBERS.pack(a.value, a.noise_scale, a.epsilon, a.privacy_unit_s, a.window_s)
     return Entry(a.kind, seen_us, ino, size, mtime, us(a.window_end), numbers, sys.intern(a.mechanism),
                  api_data=api_data)
 

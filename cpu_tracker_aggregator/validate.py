@@ -138,8 +138,8 @@ def _parse(data: bytes, settings: Settings, *, reread: bool = False) -> Accepted
     window_s = w.seconds
     _check_numbers(report.bounds, w.n_samples, w.sample_period_s, window_s, rel.value, rel.epsilon, rel.sensitivity,
                    rel.noise_scale, rel.noise_std, report.cpu, settings)
-    return Accepted("report", w.end, rel.value, rel.noise_scale, rel.epsilon, rel.mechanism, report.privacy_unit.seconds,
-                    window_s)
+    return Accepted("report", w.end, rel.value, rel.noise_scale, rel.epsilon, rel.mechanism,
+                    report.privacy_unit.seconds, window_s)
 
 
 def _refused_report(data: bytes, error: ValidationError, settings: Settings, reread: bool) -> Accepted:

@@ -116,8 +116,8 @@ class Settings(BaseModel):
             try:
                 lines = path.read_text("utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as e:
-                raise ValueError(f"members_file {str(path.absolute())!r} cannot be read ({e}): create it (one email per "
-                                 f"line) or remove the setting") from None
+                raise ValueError(f"members_file {str(path.absolute())!r} cannot be read ({e}): create it (one email "
+                                 f"per line) or remove the setting") from None
             listed = [x.split("#", 1)[0].strip() for x in lines]
             object.__setattr__(self, "members", (*(self.members or ()), *(x for x in listed if x)))
         from shared.paths import is_datasite_email  # shared.paths needs no settings: no cycle
