@@ -12,9 +12,10 @@ from pathlib import Path
 from threading import Event
 from typing import Callable
 
+import numpy as np
 from pydantic import ValidationError
 
-from cpu_tracker_aggregator.collect import Collector, Snapshot, members_json_chunks
+from cpu_tracker_aggregator.roster import Roster, Snapshot, members_json_chunks
 from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history
 from cpu_tracker_aggregator.metrics import Metrics
 from cpu_tracker_aggregator.publish import Publisher
@@ -36,15 +37,16 @@ class Aggregator:
     settings: Settings
     problems: Problems
     metrics_port: int | None = None  # also serve the metrics on 127.0.0.1:<port>
-    collector: Collector = field(init=False)
+    roster: Roster = field(init=False)
     history: History = field(init=False)
     _members_pending: Snapshot | None = field(init=False, default=None)
     _published_once: bool = field(init=False, default=False)
     _last: Dashboard | None = field(init=False, default=None)
+    _last_snapshot: Snapshot | None = field(init=False, default=None)
     publisher: Publisher = field(init=False)
 
     def __post_init__(self) -> None:
-        self.collector = Collector(self.paths.datasites, self.paths.app_name, self.settings)
+        self.roster = Roster(self.paths, self.settings)
         self.history = self._load_history()
         self.publisher = Publisher(self.paths.public_dir())
         try:
@@ -73,8 +75,10 @@ class Aggregator:
         """Read every report and, if anything changed since the last tick, add a history point and publish what
         changed. A tick that changed nothing writes no file (it only puts back files deleted behind its back).
         Problems are logged once; the tick always completes."""
-        snapshot = self.collector.collect(now)
-        changed = snapshot.members_lines is not None or self._last is None or self._members_pending is not None
+        snapshot = self.roster.tick(now)
+        changed = (self._last is None or snapshot.members_lines is not None or self._members_pending is not None
+                   or not _same_figure(snapshot, self._last_snapshot))
+        self._last_snapshot = snapshot
         if changed:
             dashboard = build_dashboard(snapshot, self.history, now, self.settings)
             self.history = dashboard.history
@@ -128,6 +132,15 @@ class Aggregator:
             self.problems.report("private", f"cannot write {self.paths.private}: {e}. History may be lost on restart.")
 
 
+def _same_figure(a: Snapshot, b: Snapshot | None) -> bool:
+    """True when two ticks' snapshots give the same figure and counts (no report's value, status or reason moved)."""
+    if b is None or a.counts != b.counts or a.rejected_by_reason != b.rejected_by_reason:
+        return False
+    fa, fb = a.fresh, b.fresh
+    return (fa.mechanisms == fb.mechanisms and np.array_equal(fa.values, fb.values)
+            and np.array_equal(fa.noise_scales, fb.noise_scales) and np.array_equal(fa.epsilons, fb.epsilons))
+
+
 @functools.cache
 def _static_files() -> dict[str, bytes]:
     """The schemas and the page published beside the dashboard (built once per process)."""
@@ -146,9 +159,9 @@ def run_aggregator(
         while not stop.is_set():
             started = time.monotonic()
             dash = agg.tick(wall())
-            status = (dash.status, dash.counts.fresh, dash.counts.stale, dash.counts.rejected)
+            status = (dash.status, dash.counts.fresh, dash.counts.stale, dash.counts.rejected, dash.counts.legacy)
             if status != last_status:
-                log.info("%s (fresh %d, stale %d, rejected %d)", dash.message, *status[1:])
+                log.info("%s (fresh %d, stale %d, rejected %d, legacy %d)", dash.message, *status[1:])
                 last_status = status
             if once:
                 return

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from datetime import datetime
 
-from cpu_tracker_aggregator.collect import FreshReleases, Snapshot
+from cpu_tracker_aggregator.roster import FreshReleases, Snapshot
 from shared import __version__
 from shared.privacy import estimate_mean
 from shared.schema import AggregatorSettings, Counts, Dashboard, Estimate, History, PrivacySummary, Series
@@ -128,8 +128,7 @@ def build_dashboard(snapshot: Snapshot, history: History, now: datetime, setting
         )
     else:
         message = (
-            f"No figure: {c.fresh} fresh member report(s), at least {settings.min_members} are needed "
-            f"so that no single member's value can be read off the network figure."
+            f"No figure: {c.fresh} fresh member report(s), at least {settings.min_members} are needed."
         )
     return Dashboard(
         app_version=__version__,

@@ -1,28 +1,34 @@
-"""Checking one member's report file. Pure: bytes and the time in, an accepted report or a reason out.
+"""Checking one member's report file. Pure: bytes in, an accepted summary or a named reason out.
 
-Every way a file can be wrong has a named reason (``REASONS``); the aggregator counts them and never lets
-one bad file stop a tick.
+Every way a file can be wrong has a named reason (``REASONS``); the aggregator counts them and never lets one bad
+file stop a tick. Each rule is stated once: the shape and ranges by the pydantic models (``shared.schema``), the
+agreement of the privacy numbers by ``_check_numbers``, the time by ``is_future``, strict JSON by ``_strict_json``.
 
-Two paths, one verdict. The member app writes its report in one exact layout (``json.dumps(indent=2)`` of the
-model); such a file is checked by one regular expression that pins every key, its order and each value's JSON
-type (so no duplicate key, no NaN, no unknown field can hide in it), then by the same value checks the models
-make. That costs a third of the general path. Any file the fast path is not sure of (another layout, an
-escape in a string, a value out of range) goes through the general path (strict JSON, then the pydantic
-models), which alone decides every rejection and its reason: the fast path only ever accepts.
+One path. ``model_validate_json`` parses and validates the bytes in one pass (strict mode: no number read from a
+string). pydantic's JSON parser lets three things through that strict JSON refuses: a key that
+appears twice (the last one wins), NaN / Infinity, and numbers beyond the float range (read as infinity). In a
+field the models read, the last two are refused anyway (``allow_inf_nan=False``). Everything else hides in what the
+models do not read, so a file is also checked by ``_strict_json`` unless ``_nothing_unread`` proves cheaply that the
+models read every key and string in it: no backslash (so each ``"`` delimits a string) and exactly two quotes per
+key and string value the models saw. The member app's own files always pass that proof, so only other files pay for
+the second parse. When pydantic's parser refuses what the standard one accepts (a lone UTF-16 surrogate in a
+string), the standard one's reading is validated instead.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
-from datetime import datetime, timedelta
-from typing import Literal, NamedTuple
+from datetime import datetime, timedelta, timezone
+from types import UnionType
+from typing import Literal, NamedTuple, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import AwareDatetime, BaseModel, ValidationError
 
-from shared.schema import CPU_BOUNDS, SCHEMA_VERSION, LaplaceRelease, LegacyReport, MemberReport, PrivacyUnit, Window
 from shared.paths import is_datasite_email
+from shared.schema import CPU_BOUNDS, SCHEMA_VERSION, LegacyReport, MemberReport
 from shared.settings import Settings
 
 REASONS = {
@@ -43,9 +49,12 @@ REASONS = {
     "symlink": "report is a symlink or lies outside the member's folder",
     "not_a_file": "report path is not a regular file",
     "bad_folder_name": "datasite folder name is not an email",
+    "not_member": "datasite is not on the aggregator's members list",
     "unreadable": "file could not be read",
 }
 PLAUSIBLE_SCALES = 30.0  # |noise| > 30 b has probability e^-30 ~ 1e-13 for honest Laplace noise
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
 
 
 class Rejected(Exception):
@@ -56,30 +65,40 @@ class Rejected(Exception):
 
 
 class Accepted(NamedTuple):
-    """A valid report, reduced to what the aggregator uses (a tuple: cheap to make and to keep). ``report``
-    gives the full model on demand."""
+    """A valid report, reduced to what the aggregator uses."""
 
     kind: Literal["report", "legacy"]
-    created_at: datetime
-    window_end: datetime
+    window_end: datetime  # the report's own time (legacy: its timestamp)
     value: float  # release.value (legacy: cpu)
     noise_scale: float = 0.0  # Laplace scale b (legacy: 0, undeclared)
     epsilon: float = 0.0
     mechanism: str = ""
     privacy_unit_s: float = 0.0
     window_s: float = 0.0
-    source: MemberReport | LegacyReport | str = ""  # the model, or the checked text it is built from
-    window_end_text: str = ""  # the window end as the file wrote it (fast path only)
 
-    @property
-    def report(self) -> MemberReport | LegacyReport:
-        """The validated model (built from the checked text when the fast path accepted the file)."""
-        if isinstance(self.source, str):
-            return MemberReport.model_validate_json(self.source)
-        return self.source
 
-    def is_fresh(self, now: datetime, stale_after_s: float) -> bool:
-        return (now - self.window_end).total_seconds() <= stale_after_s
+def us(t: datetime) -> int:
+    """Exact microseconds since the epoch (times compare exactly, as timedelta arithmetic does)."""
+    return (t - _EPOCH) // _US
+
+
+def is_future(end_us: int, now_us: int, settings: Settings) -> bool:
+    """The one time rule at reading: a report dated more than ``future_tolerance_s`` ahead is not (yet) acceptable."""
+    return end_us - now_us > settings.future_tolerance_s * 1e6
+
+
+def future_detail(end_us: int, settings: Settings) -> str:
+    """Why a report is refused as from the future: the same text at every tick (it holds no current time)."""
+    return f"time {iso(end_us)} is more than {settings.future_tolerance_s:g} s ahead of the aggregator's clock"
+
+
+def iso(t_us: int) -> str:
+    """The UTC ISO 8601 text of a time in microseconds since the epoch (a report may name a time, such as
+    9999-12-31T23:59:59-00:01, that lies beyond the range of UTC datetimes)."""
+    try:
+        return (_EPOCH + timedelta(microseconds=t_us)).isoformat()
+    except OverflowError:
+        return f"{'after 9999' if t_us > 0 else 'before 0001'} (UTC)"
 
 
 def check_member_name(name: str) -> None:
@@ -87,37 +106,156 @@ def check_member_name(name: str) -> None:
         raise Rejected("bad_folder_name", f"folder {name!r} is not an email")
 
 
-def parse_report(data: bytes, *, now: datetime, settings: Settings) -> Accepted:
-    """Validate one report file's bytes. Raises Rejected with the reason."""
+def parse_report(data: bytes, *, settings: Settings, now: datetime | None = None) -> Accepted:
+    """Validate one report file's bytes (and, given ``now``, its time). Raises Rejected with the reason."""
     if len(data) > settings.max_report_bytes:
         raise Rejected("too_large", f"{len(data)} bytes > {settings.max_report_bytes}")
-    accepted = _fast_path(data, settings)
-    if accepted is not None:
-        if accepted.window_end - now > timedelta(seconds=settings.future_tolerance_s):
-            raise Rejected("future", f"time {accepted.window_end.isoformat()} is ahead of {now.isoformat()}")
-        return accepted
-    obj = _load_json(data)
-    if not isinstance(obj, dict):
-        raise Rejected("not_an_object", f"top level is {type(obj).__name__}")
-    if "schema_version" in obj:
-        if type(obj["schema_version"]) is not int or obj["schema_version"] != SCHEMA_VERSION:
-            raise Rejected("schema_version", f"schema_version {obj.get('schema_version')!r}, supported: {SCHEMA_VERSION}")
-        report = _model(MemberReport, obj)
-        _check_consistent(report, settings)
-        accepted = _accepted(report)
-    elif {"cpu", "timestamp"} <= obj.keys():
-        legacy = _model(LegacyReport, obj)
-        if not CPU_BOUNDS[0] <= legacy.cpu <= CPU_BOUNDS[1]:  # the tutorial clamps its noisy mean into the bounds
-            raise Rejected("implausible_value", f"legacy cpu {legacy.cpu} outside {list(CPU_BOUNDS)}")
-        accepted = Accepted("legacy", legacy.created_at, legacy.created_at, legacy.cpu, source=legacy)
-    else:
-        raise Rejected("schema", "neither a member report nor a tutorial report (no schema_version, cpu, timestamp)")
-    if accepted.window_end - now > timedelta(seconds=settings.future_tolerance_s):
-        raise Rejected("future", f"time {accepted.window_end.isoformat()} is ahead of {now.isoformat()}")
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Rejected("not_utf8", str(e)) from None
+    accepted = _parse(data, settings)
+    if now is not None and is_future(end := us(accepted.window_end), us(now), settings):
+        raise Rejected("future", future_detail(end, settings))
     return accepted
 
 
-def _load_json(data: bytes):
+def _parse(data: bytes, settings: Settings, *, reread: bool = False) -> Accepted:
+    try:
+        report = MemberReport.model_validate_json(data, strict=True)
+    except ValidationError as e:
+        return _refused_report(data, e, settings, reread)
+    except (OverflowError, ValueError) as e:  # a validator's own arithmetic (a time beyond the UTC range)
+        _strict_json(data)
+        raise Rejected("schema", str(e)) from None
+    obj = None if _nothing_unread(data, report) else _strict_json(data)
+    if "schema_version" not in report.model_fields_set:
+        return _legacy(data, settings)  # no schema_version: the tutorial's report, if it has its keys
+    if not _integer_version(data, obj):  # pydantic reads 1.0 and true as the literal 1
+        raise Rejected("schema_version", f"schema_version is not the integer {SCHEMA_VERSION}")
+    rel, w = report.release, report.window
+    window_s = w.seconds
+    _check_numbers(report.bounds, w.n_samples, w.sample_period_s, window_s, rel.value, rel.epsilon, rel.sensitivity,
+                   rel.noise_scale, rel.noise_std, report.cpu, settings)
+    return Accepted("report", w.end, rel.value, rel.noise_scale, rel.epsilon, rel.mechanism,
+                    report.privacy_unit.seconds, window_s)
+
+
+def _refused_report(data: bytes, error: ValidationError, settings: Settings, reread: bool) -> Accepted:
+    """The reason a file that is not a valid MemberReport is refused, or the file read as the tutorial's report."""
+    first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        if "recursion limit" in first["msg"]:
+            raise Rejected("too_deep", first["msg"]) from None
+        if reread:
+            raise Rejected("not_json", first["msg"]) from None
+        obj = _strict_json(data)  # names the reason, unless only pydantic's parser refuses it
+        # a lone surrogate in a string: validate what the standard parser read, the surrogate replaced
+        return _parse(json.dumps(obj, ensure_ascii=False).encode("utf-8", "replace"), settings, reread=True)
+    obj = _strict_json(data)
+    if not isinstance(obj, dict):
+        raise Rejected("not_an_object", f"top level is {type(obj).__name__}")
+    if "schema_version" not in obj:
+        return _legacy(data, settings)
+    version = [x for x in error.errors() if x["loc"][:1] == ("schema_version",)]
+    if version:
+        raise Rejected("schema_version", f"schema_version {obj['schema_version']!r}, supported: {SCHEMA_VERSION}")
+    raise Rejected("schema", _where(first)) from None
+
+
+def _legacy(data: bytes, settings: Settings) -> Accepted:
+    try:
+        legacy = LegacyReport.model_validate_json(data, strict=True)
+    except ValidationError as e:
+        errors = e.errors()
+        if all(x["type"] == "missing" for x in errors):
+            raise Rejected("schema", "neither a member report nor a tutorial report (no schema_version, cpu, "
+                                     "timestamp)") from None
+        _strict_json(data)
+        raise Rejected("non_finite" if errors[0]["type"] == "finite_number" else "schema", _where(errors[0])) from None
+    except (OverflowError, ValueError) as e:
+        _strict_json(data)
+        raise Rejected("schema", str(e)) from None
+    if not _nothing_unread(data, legacy):
+        _strict_json(data)
+    if not CPU_BOUNDS[0] <= legacy.cpu <= CPU_BOUNDS[1]:  # the tutorial clamps its noisy mean into the bounds
+        raise Rejected("implausible_value", f"legacy cpu {legacy.cpu} outside {list(CPU_BOUNDS)}")
+    return Accepted("legacy", legacy.created_at, legacy.cpu)
+
+
+def _where(error: dict) -> str:
+    if error["type"] == "finite_number":  # NaN, Infinity or an overflowing number in a field the models read
+        raise Rejected("non_finite", f"{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+    return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strict JSON
+# ---------------------------------------------------------------------------------------------------
+def _nothing_unread(data: bytes, model: BaseModel) -> bool:
+    """True when the models read every key and every string in ``data``, so nothing (a second key, NaN,
+    Infinity, an overflowing number) can hide in it. Without a backslash every ``"`` delimits a string; in strict
+    mode a string can only be a key or the value of a str or datetime field, so a file with exactly two quotes per
+    key and string value the models saw holds nothing else. False means: not proven, ask ``_strict_json``."""
+    if b"\\" in data:
+        return False
+    return data.count(b'"') == 2 * _strings(model)
+
+
+_VERSION = re.compile(rb'"schema_version"\s*:\s*([^\s,}]*)')
+
+
+def _integer_version(data: bytes, obj: dict | None) -> bool:
+    """schema_version is written as the JSON integer 1 (``obj``: the document, when ``_strict_json`` read it;
+    otherwise every key is known to be a model's, so the only ``"schema_version":`` is the top-level key)."""
+    if obj is not None:
+        return type(obj["schema_version"]) is int
+    m = _VERSION.search(data)
+    return m is not None and m.group(1) == str(SCHEMA_VERSION).encode()
+
+
+def _strings(model: BaseModel) -> int:
+    """Keys present in the input and string values among them, over the model and the models nested in it."""
+    strings, nested, varying, every = _layout(type(model))
+    present = model.__pydantic_fields_set__
+    if len(present) == every[0]:  # every field present (the member app's files): no set arithmetic
+        n = every[1]
+    else:
+        n = len(present) + len(strings & present)
+        nested, varying = nested & present, varying & present
+    for name in nested:
+        n += _strings(getattr(model, name))
+    for name in varying:  # a union: a string, a model or neither, by the value read
+        value = getattr(model, name)
+        if type(value) is str or type(value) is datetime:
+            n += 1
+        elif isinstance(value, BaseModel):
+            n += _strings(value)
+    return n
+
+
+@functools.cache
+def _layout(cls: type[BaseModel]) -> tuple[frozenset[str], frozenset[str], frozenset[str], tuple[int, int]]:
+    """The fields of ``cls`` that always hold a string in strict JSON (str, datetime, string literals), that hold a
+    model, and that are unions (decided by their value); and (fields, fields + string fields)."""
+    strings, nested, varying = set(), set(), set()
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            nested.add(name)
+        elif ann is str or ann is AwareDatetime or (isinstance(ann, type) and issubclass(ann, datetime)) or (
+                get_origin(ann) is Literal and all(isinstance(a, str) for a in get_args(ann))):
+            strings.add(name)
+        elif get_origin(ann) in (Union, UnionType):
+            varying.add(name)
+    every = len(cls.model_fields)
+    return frozenset(strings), frozenset(nested), frozenset(varying), (every, every + len(strings))
+
+
+def _strict_json(data: bytes):
+    """The document as the standard parser reads it, refusing what strict JSON refuses: not UTF-8, not JSON, a key
+    twice in one object, NaN / Infinity, a number beyond the float range, nesting deeper than the parser's stack."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -133,11 +271,11 @@ def _load_json(data: bytes):
 
 
 def _no_duplicates(pairs):
-    obj = {}
-    for k, v in pairs:
-        if k in obj:
-            raise Rejected("duplicate_keys", f"key {k!r} appears twice")
-        obj[k] = v
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise Rejected("duplicate_keys", f"key {key!r} appears twice")
     return obj
 
 
@@ -152,37 +290,17 @@ def _finite(text: str) -> float:
     return value
 
 
-def _model(model, obj: dict):
-    try:
-        return model.model_validate(obj)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise Rejected("schema", f"{where}: {first['msg']}") from None
-    except (OverflowError, ValueError) as e:
-        raise Rejected("schema", str(e)) from None
-
-
+# ---------------------------------------------------------------------------------------------------
+# The privacy numbers must agree
+# ---------------------------------------------------------------------------------------------------
 REL, ABS = 1e-6, 1e-12  # the privacy numbers must agree up to rounding
 isclose = math.isclose
-
-
-def _accepted(r: MemberReport) -> Accepted:
-    rel = r.release
-    return Accepted("report", r.created_at, r.window.end, rel.value, rel.noise_scale, rel.epsilon, rel.mechanism,
-                    r.privacy_unit.seconds, r.window.seconds, source=r)
-
-
-def _check_consistent(r: MemberReport, settings: Settings) -> None:
-    """The report's own privacy numbers must agree: otherwise its declared noise cannot be trusted."""
-    rel, w = r.release, r.window
-    _check_numbers(r.bounds, w.n_samples, w.sample_period_s, w.seconds, rel.value, rel.epsilon, rel.sensitivity,
-                   rel.noise_scale, rel.noise_std, r.cpu, settings)
 
 
 def _check_numbers(bounds: tuple[float, float], n_samples: int, sample_period_s: float, window_s: float, value: float,
                    epsilon: float, sensitivity: float, noise_scale: float, noise_std: float, cpu: float | None,
                    settings: Settings) -> None:
+    """The report's own privacy numbers must agree: otherwise its declared noise cannot be trusted."""
     lo, hi = bounds
     if (lo, hi) != CPU_BOUNDS:
         raise Rejected("inconsistent", f"bounds {bounds} are not {CPU_BOUNDS}")
@@ -203,90 +321,3 @@ def _check_numbers(bounds: tuple[float, float], n_samples: int, sample_period_s:
         raise Rejected("implausible_value", f"value {value} outside [{lo - margin:.4g}, {hi + margin:.4g}]")
     if cpu is not None and not isclose(cpu, value, rel_tol=REL, abs_tol=ABS):
         raise Rejected("inconsistent", "legacy key cpu differs from release.value")
-
-
-# ---------------------------------------------------------------------------------------------------
-# The fast path: the member app's own layout
-# ---------------------------------------------------------------------------------------------------
-_NUMBER = r"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)"  # a JSON number, as json.loads reads it
-_INT = r"(-?(?:0|[1-9][0-9]*))"
-_STRING = r'"([^"\\\x00-\x1f]*)"'  # a JSON string without escapes: its text is its value
-_TIME = (r'"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?'
-         r'(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9]))"')  # RFC 3339 with an offset, as pydantic writes it
-
-
-def _layout() -> tuple[re.Pattern[str], tuple[str, ...]]:
-    """The regular expression of a MemberReport as the member writes it (``atomic_write_json``, indent 2),
-    built from the models themselves, and the names of its groups in order. Fixed values (schema_version,
-    kind, metric, mechanism, unit name) stay literal; every other value is a typed group."""
-
-    def slot(kind: str, name: str) -> str:
-        return f"@@{kind}:{name}@@"
-
-    num = lambda name: slot("NUMBER", name)  # noqa: E731
-    model = MemberReport.model_construct(
-        app_version=slot("STRING", "app_version"), created_at=slot("TIME", "created_at"),
-        bounds=(num("lo"), num("hi")),
-        window=Window.model_construct(start=slot("TIME", "start"), end=slot("TIME", "end"),
-                                      n_samples=slot("INT", "n_samples"), sample_period_s=num("sample_period_s")),
-        release=LaplaceRelease.model_construct(
-            value=num("value"), epsilon=num("epsilon"), delta=num("delta"), sensitivity=num("sensitivity"),
-            noise_scale=num("noise_scale"), noise_std=num("noise_std"), implementation=slot("STRING", "implementation")),
-        privacy_unit=PrivacyUnit.model_construct(seconds=num("seconds"), description=slot("STRING", "description")),
-        cpu=num("cpu"), timestamp=slot("STRING", "timestamp"),
-    )
-    layout = re.escape(json.dumps(model.model_dump(mode="json", warnings=False), indent=2, ensure_ascii=False))
-    groups = {"NUMBER": _NUMBER, "INT": _INT, "STRING": _STRING, "TIME": _TIME}
-    names: list[str] = []
-
-    def typed(m: re.Match) -> str:
-        names.append(m.group(2))
-        return groups[m.group(1)]
-
-    pattern = re.sub(r'"@@(NUMBER|INT|STRING|TIME):(\w+)@@"', typed, layout)
-    return re.compile(pattern + r"\s*"), tuple(names)
-
-
-_GROUPS = ("app_version", "created_at", "lo", "hi", "start", "end", "n_samples", "sample_period_s", "value", "epsilon",
-           "delta", "sensitivity", "noise_scale", "noise_std", "implementation", "seconds", "description", "cpu",
-           "timestamp")
-_LAYOUT, _names = _layout()
-if _names != _GROUPS:  # the model changed shape: every file takes the general path until _fast_path follows
-    _LAYOUT = None
-_isfinite = math.isfinite
-_fromiso = datetime.fromisoformat
-
-
-def _fast_path(data: bytes, settings: Settings) -> Accepted | None:
-    """The file accepted if it is in the member app's exact layout and valid; None when the general path must
-    decide (never a rejection: the general path gives every reason)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    m = _LAYOUT.fullmatch(text) if _LAYOUT is not None else None
-    if m is None:
-        return None
-    _, created_at, lo, hi, start, end, n_samples, period, value, eps, delta, sens, scale, std, _, unit_s, _, cpu, _ = (
-        m.groups())
-    try:
-        lo, hi, period, value, eps, delta = float(lo), float(hi), float(period), float(value), float(eps), float(delta)
-        sens, scale, std, unit_s, cpu = float(sens), float(scale), float(std), float(unit_s), float(cpu)
-        n_samples = int(n_samples)
-        created_at, start, end = _fromiso(created_at), _fromiso(start), _fromiso(end)
-    except ValueError:
-        return None
-    # what the models check: finite numbers (the rest is checked below or by _check_numbers), positive
-    # parameters, delta 0, the sample count's range, an ordered window, increasing bounds
-    if not (_isfinite(value) and _isfinite(cpu) and _isfinite(std) and _isfinite(unit_s) and _isfinite(period)
-            and _isfinite(sens) and _isfinite(eps) and _isfinite(scale) and _isfinite(lo) and _isfinite(hi)):
-        return None
-    if not (period > 0 and eps > 0 and sens > 0 and scale > 0 and std > 0 and unit_s > 0 and delta == 0
-            and 1 <= n_samples <= 10**9 and end > start and lo < hi):
-        return None
-    window_s = (end - start).total_seconds()
-    try:
-        _check_numbers((lo, hi), n_samples, period, window_s, value, eps, sens, scale, std, cpu, settings)
-    except Rejected:
-        return None
-    return Accepted("report", created_at, end, value, scale, eps, "laplace", unit_s, window_s, text, m.group(6))

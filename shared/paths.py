@@ -13,6 +13,7 @@
     ├── <member>/app_data/cpu_tracker/
     │   ├── cpu_tracker.json                 the DP report (MemberReport)
     │   ├── syftperm.yaml, syft.pub.yaml     owner: all; the aggregator: read; nobody else
+    ├── <member>/api_data/cpu_tracker/cpu_tracker.json   a tutorial-era member's report (read as legacy)
     └── <aggregator>/public/cpu_tracker/            world-readable (cpu_tracker_aggregator/publish.py)
         ├── current.json                     the figure now (Current): rewritten only when something changed
         ├── history/index.json, history/recent-*.json, history/coarse-*.json   history segments (Segment)
@@ -108,6 +109,10 @@ class Paths:
 
     def report_file(self, member: str | None = None) -> Path:
         return self.report_dir(member) / REPORT_FILE
+
+    def legacy_report_file(self, member: str | None = None) -> Path:
+        """Where the tutorial-era member wrote its report (``api_data/``; read as legacy by the aggregator)."""
+        return self.datasites / (member or self.email) / "api_data" / self.app_name / REPORT_FILE
 
     def public_dir(self, aggregator: str | None = None) -> Path:
         return self.datasites / (aggregator or self.email) / "public" / self.app_name

@@ -134,6 +134,36 @@ class Settings(BaseModel):
             return frozenset({role})
         return frozenset({"member", "aggregator"} if email == self.aggregator else {"member"})
 
+    members: tuple[str, ...] | None = Field(
+        default=None,
+        description="Aggregator: the only datasites whose reports count (emails); others are counted as not_member. "
+        "Unset (and no members_file): every datasite counts.",
+    )
+    members_file: str | None = Field(
+        default=None,
+        description="Aggregator: a file of member emails, one per line, # starts a comment; a relative path is read "
+        "from the app folder (the working directory the app runs in). Adds to `members`.",
+    )
+
+    @model_validator(mode="after")
+    def _check_members(self) -> "Settings":
+        if self.members_file is not None:
+            path = Path(self.members_file)
+            try:
+                lines = path.read_text("utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"members_file {str(path.absolute())!r} cannot be read ({e}): create it (one email "
+                                 f"per line) or remove the setting") from None
+            listed = [x.split("#", 1)[0].strip() for x in lines]
+            object.__setattr__(self, "members", (*(self.members or ()), *(x for x in listed if x)))
+        from shared.paths import is_datasite_email  # shared.paths needs no settings: no cycle
+
+        bad = [m for m in self.members or () if not is_datasite_email(m)]
+        if bad:
+            raise ValueError(f"members must be datasite emails, got {bad[:3]!r}"
+                             + (f" (from members_file {self.members_file!r})" if self.members_file else ""))
+        return self
+
 
 class SettingsError(ValueError):
     """A setting is missing or invalid; the message names it and says what to do."""

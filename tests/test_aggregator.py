@@ -32,7 +32,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-import cpu_tracker_aggregator.collect as collect_module
+import cpu_tracker_aggregator.roster as roster_module
 from cpu_tracker_aggregator.aggregator import Aggregator
 from cpu_tracker_member.member import build_report
 from shared.atomic import atomic_write_json
@@ -229,7 +229,9 @@ def test_a_tick_without_a_figure_adds_a_null_point(ws: Workspace) -> None:
     agg.tick(NOW)
     later = NOW + timedelta(minutes=10)  # every report is stale by now
     dash = agg.tick(later)
-    assert dash.status == "too_few_members" and dash.counts.fresh == 0 and dash.counts.stale == len(FRESH) + 1
+    # the fresh reports, the stale one and the legacy one: the tutorial's report goes stale by the same rule
+    assert dash.status == "too_few_members" and dash.counts.fresh == 0 and dash.counts.stale == len(FRESH) + 2
+    assert dash.counts.legacy == 0
     r = dash.history.recent
     assert r.t == [int(NOW.timestamp()), int(later.timestamp())]
     assert r.mean[0] is not None and r.mean[1] is None
@@ -253,13 +255,13 @@ def test_an_unreadable_history_is_set_aside_not_fatal(ws: Workspace) -> None:
 @pytest.fixture
 def parse_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     calls: list[bytes] = []
-    real = collect_module.parse_report
+    real = roster_module.parse_report
 
     def counting(data: bytes, **kw):
         calls.append(data)
         return real(data, **kw)
 
-    monkeypatch.setattr(collect_module, "parse_report", counting)
+    monkeypatch.setattr(roster_module, "parse_report", counting)
     return calls
 
 
@@ -273,7 +275,7 @@ def test_unchanged_files_are_not_read_again(ws: Workspace, parse_calls: list[byt
     assert second.counts == first.counts and second.estimate == first.estimate
     # freshness still follows the (aggregator's) clock without re-reading
     late = agg.tick(NOW + timedelta(seconds=make_settings().stale_after_s + 1))
-    assert parse_calls == [] and late.counts.fresh == 0 and late.counts.stale == len(FRESH) + 1
+    assert parse_calls == [] and late.counts.fresh == 0 and late.counts.stale == len(FRESH) + 2
 
 
 def test_a_changed_file_is_read_again(ws: Workspace, parse_calls: list[bytes]) -> None:
@@ -312,15 +314,23 @@ def test_new_and_removed_members(ws: Workspace, parse_calls: list[bytes]) -> Non
     assert "stale@example.org" not in json.loads(ws.paths.members_status_file.read_text())["members"]
 
 
-def test_a_report_from_the_future_is_retried(ws: Workspace, parse_calls: list[bytes]) -> None:
-    """A report rejected as from the future is not cached: once the clock catches up it counts."""
-    ahead = NOW + timedelta(seconds=make_settings().future_tolerance_s + 60)
+def test_a_report_from_the_future_counts_once_the_clock_catches_up(ws: Workspace, parse_calls: list[bytes]) -> None:
+    """A report rejected as from the future is parsed once; its cached time is checked again at every tick, and
+    once the clock catches up it counts (fresh for stale_after_s from then), without being read again."""
+    s = make_settings()
+    ahead = NOW + timedelta(seconds=s.future_tolerance_s + 60)
     ws.write_report("skewed@example.org", level=40.0, seed=21, end=ahead)
     agg = ws.aggregator()
     assert agg.tick(NOW).counts.rejected_by_reason.get("future") == 1
     parse_calls.clear()
-    dash = agg.tick(ahead)
-    assert len(parse_calls) == 1 and "future" not in dash.counts.rejected_by_reason
+    acceptable = ahead - timedelta(seconds=s.future_tolerance_s)
+    assert agg.tick(acceptable - timedelta(microseconds=1)).counts.rejected_by_reason.get("future") == 1
+    dash = agg.tick(acceptable)
+    assert parse_calls == [] and "future" not in dash.counts.rejected_by_reason
+    assert dash.counts.fresh == len(FRESH) + 1
+    assert agg.tick(acceptable + timedelta(seconds=s.stale_after_s)).counts.fresh == 1  # the others went stale
+    assert agg.tick(acceptable + timedelta(seconds=s.stale_after_s, microseconds=1)).counts.fresh == 0
+    assert parse_calls == []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,3 +408,170 @@ def test_an_old_report_found_at_start_up_is_not_fresh(tmp_path: Path) -> None:
     w.write_report(FRESH[1], level=30.0, seed=2, end=NOW - timedelta(seconds=s.stale_after_s + s.future_tolerance_s))
     c = w.aggregator(min_members=1).tick(NOW).counts
     assert (c.fresh, c.stale) == (1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 9: Sybils, legacy reports, future-dated reports, the too-few-members message
+# ---------------------------------------------------------------------------------------------------
+def test_a_members_list_counts_only_listed_datasites(ws: Workspace) -> None:
+    """With ``members`` set, a valid report from a datasite not on the list is counted as not_member, never
+    averaged (so fake datasites cannot dilute or steer the figure)."""
+    listed = FRESH[:3]
+    dash = ws.aggregator(members=listed, min_members=1).tick(NOW)
+    assert dash.counts.fresh == len(listed)
+    assert dash.estimate.mean == pytest.approx(statistics.fmean(ws.values[m] for m in listed), rel=1e-12)
+    # everyone else with a report is not_member (never read); the folder that is not an email stays bad_folder_name
+    assert dash.counts.rejected_by_reason == {"bad_folder_name": 1, "not_member": 7}
+    not_members = {m for m, v in json.loads(ws.paths.members_status_file.read_text())["members"].items()
+                   if v["reason"] == "not_member"}
+    assert not_members == set(all_members()) - set(listed) - {"not-an-email"}
+    assert dash.counts.rejected_by_reason["not_member"] == len(not_members)
+    assert dash.counts.stale == dash.counts.legacy == 0
+
+
+def test_without_a_members_list_everyone_counts(ws: Workspace) -> None:
+    assert make_settings().members is None
+    assert ws.aggregator().tick(NOW).counts.fresh == len(FRESH)
+
+
+def test_a_members_file_lists_members_with_comments(ws: Workspace, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "members.txt").write_text(f"# the fleet\n{FRESH[0]}\n\n  {FRESH[1]}  # a comment\n")
+    monkeypatch.chdir(app)  # SyftBox runs the app in its folder: a relative members_file is read from there
+    s = make_settings(members_file="members.txt", members=[FRESH[2]])
+    assert set(s.members) == set(FRESH[:3])
+    dash = Aggregator(ws.paths, s, Problems(logging.getLogger("test.aggregator"))).tick(NOW)
+    assert dash.counts.fresh == 3 and dash.counts.rejected_by_reason["not_member"] >= 1
+
+
+def test_a_missing_or_bad_members_file_is_a_settings_error_naming_it(tmp_path: Path) -> None:
+    from shared.settings import SettingsError, load_settings
+
+    (tmp_path / "cpu_tracker.toml").write_text(f'aggregator = "{AGG}"\nmembers_file = "{tmp_path}/nope.txt"\n')
+    with pytest.raises(SettingsError, match="nope.txt"):
+        load_settings(tmp_path, environ={})
+    (tmp_path / "bad.txt").write_text("alice@example.org\nnot an email\n")
+    (tmp_path / "cpu_tracker.toml").write_text(f'aggregator = "{AGG}"\nmembers_file = "{tmp_path}/bad.txt"\n')
+    with pytest.raises(SettingsError, match="bad.txt"):
+        load_settings(tmp_path, environ={})
+
+
+def test_a_legacy_report_from_a_dead_machine_goes_stale(ws: Workspace) -> None:
+    """The tutorial's report counts as legacy while it is fresh, by the same rule as every report, not forever."""
+    agg = ws.aggregator()
+    assert agg.tick(NOW).counts.legacy == 1
+    s = make_settings()
+    dead = agg.tick(NOW + timedelta(seconds=s.stale_after_s + 1)).counts
+    assert dead.legacy == 0 and dead.stale == len(FRESH) + 2
+    members = json.loads(ws.paths.members_status_file.read_text())["members"]
+    assert members["legacy@example.org"]["status"] == "stale"
+
+
+def _write_legacy(ws: Workspace, member: str, cpu: float, at: datetime) -> Path:
+    path = ws.paths.legacy_report_file(member)
+    atomic_write_json(path, {"cpu": cpu, "timestamp": at.strftime("%Y-%m-%d %H:%M:%S")})
+    return path
+
+
+def test_tutorial_members_in_api_data_are_counted_as_legacy(ws: Workspace, caplog: pytest.LogCaptureFixture) -> None:
+    """Tutorial-era members write api_data/cpu_tracker/cpu_tracker.json: read and counted as legacy (never averaged);
+    a member with both an app_data report and an api_data file is counted once, by its app_data report; the tick's
+    log line gives the legacy count."""
+    from threading import Event
+
+    from cpu_tracker_aggregator.aggregator import run_aggregator
+
+    at = NOW - timedelta(seconds=5)
+    path = _write_legacy(ws, "tutorial@example.org", 99.0, at)
+    assert path.parts[-3:] == ("api_data", "cpu_tracker", "cpu_tracker.json")
+    _write_legacy(ws, FRESH[0], 99.0, at)  # also has an app_data report
+    agg = ws.aggregator(min_members=1)
+    with caplog.at_level(logging.INFO, logger="cpu_tracker.aggregator"):
+        run_aggregator(agg, Event(), wall=lambda: NOW, once=True)
+    dash = Dashboard.model_validate_json(ws.dashboard_text())
+    assert dash.counts.legacy == 2 and dash.counts.fresh == len(FRESH)
+    assert dash.estimate.mean == pytest.approx(statistics.fmean(ws.fresh_values()), rel=1e-12)
+    members = json.loads(ws.paths.members_status_file.read_text())["members"]
+    assert members["tutorial@example.org"]["status"] == "legacy" and members[FRESH[0]]["status"] == "fresh"
+    assert "legacy 2)" in caplog.text
+    ws.report_file(FRESH[0]).unlink()  # the app_data report gone: its api_data file is what is left
+    c = agg.tick(NOW + timedelta(seconds=1)).counts
+    assert (c.fresh, c.legacy) == (len(FRESH) - 1, 3)
+
+
+def test_an_api_data_symlink_is_refused(ws: Workspace) -> None:
+    target = ws.outside / "legacy.json"
+    atomic_write_json(target, {"cpu": 50.0, "timestamp": NOW.strftime("%Y-%m-%d %H:%M:%S")})
+    ws.paths.legacy_report_file("evil@example.org").parent.mkdir(parents=True)
+    ws.paths.legacy_report_file("evil@example.org").symlink_to(target)
+    c = ws.aggregator().tick(NOW).counts
+    assert c.legacy == 1 and c.rejected_by_reason["symlink"] == EXPECTED_REASONS["symlink"] + 1
+
+
+def test_an_unchanged_future_report_is_stable_between_ticks(ws: Workspace, parse_calls: list[bytes]) -> None:
+    """A future-dated report keeps the same status and detail at every tick: it is parsed once, and members.json is
+    not rewritten at every tick because of it."""
+    ahead = NOW + timedelta(seconds=make_settings().future_tolerance_s + 3600)
+    ws.write_report("skewed@example.org", level=40.0, seed=21, end=ahead)
+    agg = ws.aggregator()
+    agg.tick(NOW)
+    status_file = ws.paths.members_status_file
+    first = status_file.read_bytes()
+    before = status_file.stat()
+    detail = json.loads(first)["members"]["skewed@example.org"]["detail"]
+    assert NOW.isoformat() not in detail and ahead.isoformat() in detail
+    parse_calls.clear()
+    for i in range(1, 6):  # every report stays fresh meanwhile: nothing else changes either
+        dash = agg.tick(NOW + timedelta(seconds=i))
+        assert dash.counts.rejected_by_reason["future"] == 1
+    assert parse_calls == []
+    after = status_file.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "members.json was rewritten"
+    assert status_file.read_bytes() == first
+
+
+def test_the_too_few_members_message_claims_no_protection(ws: Workspace) -> None:
+    """min_members does not stop fake datasites from reading one member's release off the figure (two fakes
+    reporting known values and one honest member: the mean gives the honest value away), so the message only says
+    what is true."""
+    dash = ws.aggregator(min_members=100).tick(NOW)
+    assert dash.message == f"No figure: {len(FRESH)} fresh member report(s), at least 100 are needed."
+    assert "read off" not in dash.message and "single member" not in dash.message
+
+
+def test_two_fake_datasites_read_one_honest_release_off_the_figure(tmp_path: Path) -> None:
+    """The Sybil bound in the README: with min_members = 3, two fake members reporting known values and one
+    honest member give a figure from which the honest member's release is recovered exactly."""
+    w = Workspace(tmp_path, tmp_path / "outside", Paths(data_dir=tmp_path, email=AGG))
+    honest = w.write_report("honest@example.org", level=37.0, seed=5)
+    fakes = [w.write_report(f"fake{i}@example.org", level=50.0, seed=6 + i) for i in range(2)]
+    dash = w.aggregator(min_members=3).tick(NOW)
+    assert dash.status == "ok" and dash.estimate.members == 3
+    assert 3 * dash.estimate.mean - sum(fakes) == pytest.approx(honest, abs=1e-9)
+    # a members list stops it: the fakes are not_member, and one honest member alone gives no figure
+    listed = w.aggregator(min_members=3, members=["honest@example.org"]).tick(NOW)
+    assert listed.status == "too_few_members" and listed.counts.rejected_by_reason == {"not_member": 2}
+
+
+def test_statuses_follow_the_clock_through_many_rewrites(tmp_path: Path) -> None:
+    """A member rewriting its report at every tick stays fresh, goes stale stale_after_s after its last report,
+    and the roster re-derives nothing for the reports it replaced (their instants are dropped)."""
+    w = Workspace(tmp_path, tmp_path / "outside", Paths(data_dir=tmp_path, email=AGG))
+    agg = w.aggregator(min_members=1)
+    s = make_settings()
+    now = NOW
+    for i in range(12):
+        w.write_report(FRESH[0], level=30.0, seed=i, end=now)
+        assert agg.tick(now).counts.fresh == 1
+        now += timedelta(seconds=10)
+    derived = []
+    real = agg.roster._derive
+    agg.roster._derive = lambda name, entry, at, new_content=False: derived.append(entry) or real(
+        name, entry, at, new_content)
+    last = now - timedelta(seconds=10)
+    assert agg.tick(last + timedelta(seconds=s.stale_after_s)).counts.fresh == 1
+    dead = agg.tick(last + timedelta(seconds=s.stale_after_s, microseconds=1)).counts
+    assert (dead.fresh, dead.stale) == (0, 1)
+    assert len(derived) == 1  # only the current report's own instant; the 11 replaced ones were skipped

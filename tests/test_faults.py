@@ -544,7 +544,10 @@ def _readers_race(root: Path, rewrites: int) -> None:
             assert member.publish(float(i % 101), start, start + timedelta(seconds=1)) is not None
 
     def dashboard_writer() -> None:
-        agg = Aggregator(agg_paths, Settings(aggregator=AGG, min_members=1), Problems(logging.getLogger("w")))
+        # the member's 1 s windows carry noise of scale 20: accepted here, so that each new report moves the figure
+        # and every tick publishes (a tick that changed nothing writes nothing)
+        agg = Aggregator(agg_paths, Settings(aggregator=AGG, min_members=1, max_noise_scale=100),
+                         Problems(logging.getLogger("w")))
         for i in range(rewrites):
             agg.tick(T0 + timedelta(seconds=1 + i))
 

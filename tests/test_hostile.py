@@ -416,9 +416,9 @@ def test_every_accepted_report_lies_within_the_influence_range(n, eps, value, ma
         accepted = parse_report(json.dumps(obj).encode(), now=NOW, settings=s)
     except Rejected:
         return
-    v = accepted.report.release.value
+    v = accepted.value
     assert -PLAUSIBLE_SCALES * max_noise_scale <= v <= 100 + PLAUSIBLE_SCALES * max_noise_scale
-    assert accepted.report.release.noise_scale <= max_noise_scale
+    assert accepted.noise_scale <= max_noise_scale
 
 
 def test_ancient_and_future_reports_are_never_fresh(ws: Workspace) -> None:
@@ -430,3 +430,16 @@ def test_ancient_and_future_reports_are_never_fresh(ws: Workspace) -> None:
     assert dash.counts.fresh == len(HONEST) and dash.counts.stale == 1
     assert dash.counts.rejected_by_reason == {"future": 1}
     assert dash.estimate.mean == pytest.approx(ws.honest_mean(), rel=1e-12)
+
+
+@pytest.mark.parametrize("end", ["9999-12-31T23:59:59.999999-00:01", "0001-01-01T00:00:00.000001+00:01"])
+def test_times_beyond_the_utc_range_never_break_a_tick(ws: Workspace, end: str) -> None:
+    """A report whose window ends beyond the range of UTC datetimes (valid in its own offset) is refused as from
+    the future or counted stale, and the private status stays valid JSON."""
+    obj = extreme_obj(50.0)
+    obj["window"]["end"] = obj["created_at"] = end
+    obj["window"]["start"] = "0001-01-01T00:00:00+00:01" if end.startswith("9999") else "0001-01-01T00:00:00+00:02"
+    ws.write("edge@example.org", obj)
+    dash = tick(ws, min_members=1)
+    assert dash.counts.fresh == len(HONEST)
+    assert dash.counts.rejected_by_reason.get("future", 0) + dash.counts.stale == 1

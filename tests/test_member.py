@@ -288,7 +288,7 @@ def test_an_old_sample_unit_report_is_still_accepted():
            "cpu": 12.5, "timestamp": "2026-01-01 00:00:20"}
     now = datetime(2026, 1, 1, 0, 0, 25, tzinfo=timezone.utc)
     accepted = parse_report(json.dumps(old).encode(), now=now, settings=Settings(aggregator=AGG))
-    assert accepted.report.privacy_unit.name == "cpu_sample"
+    assert accepted.kind == "report" and accepted.privacy_unit_s == 0.1 and accepted.noise_scale == 1.0
 
 
 def test_private_files_are_private_under_an_open_umask(tmp_path, settings, problems):

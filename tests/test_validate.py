@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
+from cpu_tracker_aggregator.roster import accepted_entry, is_fresh
 from cpu_tracker_aggregator.validate import (
     PLAUSIBLE_SCALES,
     REASONS,
@@ -28,6 +29,7 @@ from cpu_tracker_aggregator.validate import (
     Rejected,
     check_member_name,
     parse_report,
+    us,
 )
 from cpu_tracker_member.member import build_report
 from shared.schema import MemberReport
@@ -42,9 +44,9 @@ TUTORIAL = {"cpu": 34.3, "timestamp": "2024-12-14 06:38:53"}
 CORPUS = Path(__file__).parent / "corpus"
 CORPUS_NOW = datetime(2025, 1, 1, 12, 0, 21, tzinfo=timezone.utc)  # see tests/corpus/README.md
 
-# Reasons that only the file system can produce (cpu_tracker_aggregator.collect); tests/test_aggregator.py covers
-# them. Every other reason must be produced from bytes below.
-FILE_SYSTEM_REASONS = {"symlink", "not_a_file", "bad_folder_name", "unreadable"}
+# Reasons that only the file system or the roster can produce (cpu_tracker_aggregator.reader and .roster);
+# tests/test_aggregator.py and tests/test_hostile.py cover them. Every other reason must be produced from bytes below.
+FILE_SYSTEM_REASONS = {"symlink", "not_a_file", "bad_folder_name", "not_member", "unreadable"}
 BYTES_REASONS = set(REASONS) - FILE_SYSTEM_REASONS
 
 Path_ = tuple  # a path into the report dict: keys and list indices
@@ -59,6 +61,12 @@ def _valid() -> dict:
 def valid() -> dict:
     """The member app's report for the fixed window, as the JSON object it writes (a fresh copy)."""
     return copy.deepcopy(_valid())
+
+
+def fresh_at(accepted: Accepted, now: datetime, *, seen: datetime | None = None) -> bool:
+    """``roster.is_fresh`` for a report first seen at ``seen`` (default: its own window end)."""
+    entry = accepted_entry(accepted, None, us(seen or accepted.window_end))
+    return is_fresh(entry, us(now), SETTINGS)
 
 
 def encode(obj) -> bytes:
@@ -154,9 +162,10 @@ def test_the_member_apps_report_is_accepted() -> None:
     accepted = parse_report(encode(valid()), now=NOW, settings=SETTINGS)
     assert accepted.kind == "report"
     assert accepted.window_end == END
-    assert accepted.created_at == END
-    assert accepted.report.release.value == _valid()["release"]["value"]
-    assert accepted.is_fresh(NOW, SETTINGS.stale_after_s)
+    assert accepted.value == _valid()["release"]["value"]
+    assert (accepted.noise_scale, accepted.epsilon, accepted.mechanism) == (1.0, SETTINGS.epsilon, "laplace")
+    assert (accepted.privacy_unit_s, accepted.window_s) == (1.0, SETTINGS.interval_s)  # one second of activity
+    assert fresh_at(accepted, NOW)
 
 
 def test_build_report_is_deterministic_with_a_seed() -> None:
@@ -459,9 +468,9 @@ def test_legacy_cpu_range(cpu: float) -> None:
 def test_tutorial_report_is_legacy_with_its_utc_time() -> None:
     accepted = parse_report(json.dumps(TUTORIAL).encode(), now=NOW, settings=SETTINGS)
     assert accepted.kind == "legacy"
-    assert accepted.report.cpu == 34.3
-    assert accepted.created_at == accepted.window_end == datetime(2024, 12, 14, 6, 38, 53, tzinfo=timezone.utc)
-    assert not accepted.is_fresh(NOW, SETTINGS.stale_after_s)
+    assert accepted.value == 34.3
+    assert accepted.window_end == datetime(2024, 12, 14, 6, 38, 53, tzinfo=timezone.utc)
+    assert not fresh_at(accepted, NOW, seen=NOW)
 
 
 @pytest.mark.parametrize("kind", ["report", "legacy"])
@@ -470,17 +479,17 @@ def test_fresh_until_stale_after_s_inclusive(kind: str) -> None:
     accepted = parse_report(data, now=NOW, settings=SETTINGS)
     boundary = END + timedelta(seconds=SETTINGS.stale_after_s)
     assert accepted.window_end == END
-    assert accepted.is_fresh(boundary, SETTINGS.stale_after_s)
-    assert not accepted.is_fresh(boundary + timedelta(microseconds=1), SETTINGS.stale_after_s)
+    assert fresh_at(accepted, boundary)
+    assert not fresh_at(accepted, boundary + timedelta(microseconds=1))
     skewed = END - timedelta(seconds=SETTINGS.future_tolerance_s)  # the aggregator's clock behind the member's
-    assert accepted.is_fresh(skewed, SETTINGS.stale_after_s)
+    assert fresh_at(accepted, skewed)
 
 
 def test_freshness_counts_from_the_window_end_not_created_at() -> None:
     obj = with_value(valid(), ("created_at",), (END + timedelta(seconds=30)).isoformat())
     accepted = parse_report(encode(obj), now=NOW, settings=SETTINGS)
     assert accepted.window_end == END
-    assert not accepted.is_fresh(END + timedelta(seconds=SETTINGS.stale_after_s + 1), SETTINGS.stale_after_s)
+    assert not fresh_at(accepted, END + timedelta(seconds=SETTINGS.stale_after_s + 1))
 
 
 @pytest.mark.parametrize(
@@ -567,7 +576,7 @@ def _never_raises_but_rejected(data: bytes) -> None:
         assert r.reason in BYTES_REASONS
     else:
         assert accepted.kind in ("report", "legacy")
-        assert accepted.is_fresh(NOW, SETTINGS.stale_after_s) in (True, False)  # the collector's next step
+        assert fresh_at(accepted, NOW, seen=NOW) in (True, False)  # the roster's next step
 
 
 @PROPERTY
