@@ -71,6 +71,11 @@ class Settings(BaseModel):
         "on the network mean to (100 + 30 * max_noise_scale) / members.",
     )
     history_points: int = Field(default=8640, ge=10, description="Full-resolution history points kept.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info",
+        description="info: problems, recoveries, starts and stops, an hourly summary (about 10 KB a day); "
+        "debug adds a line per window and per tick.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
