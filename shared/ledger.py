@@ -161,6 +161,7 @@ class Ledger:
             _append(fd, new.model_dump_json().encode("utf-8") + b"\n")
             self._spends.append(new)
             self._rows.append(_row(new))
+            self._in_file += 1
             self._seen = _signature(fd)
             self._maybe_compact(new.released_at)
 
@@ -174,6 +175,7 @@ class Ledger:
         times at each admit was most of a release's cost after a day of them."""
         self._spends = list(spends)
         self._rows = [_row(s) for s in self._spends]
+        self._in_file = len(self._spends)  # releases in the file; memory may hold fewer (see _maybe_compact)
 
     def _relevant_arrays(self, new: Spend) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(starts, ends, epsilons) of the releases within retention of ``new``, then ``new`` itself."""
@@ -207,7 +209,10 @@ class Ledger:
     def _maybe_compact(self, now: datetime) -> None:
         since = (now - self.retention).timestamp()
         kept = sum(1 for row in self._rows if row[1] > since)
-        if len(self._rows) > 2 * kept + 100:
+        if len(self._rows) > kept + 100:  # memory: releases past retention matter to no check (~1.4 KB each)
+            pairs = [(s, row) for s, row in zip(self._spends, self._rows) if row[1] > since]
+            self._spends, self._rows = [s for s, _ in pairs], [row for _, row in pairs]
+        if self._in_file > 2 * kept + 100:
             keep = [s for s, row in zip(self._spends, self._rows) if row[1] > since]
             try:
                 atomic_write_text(self.path, "".join(s.model_dump_json() + "\n" for s in keep))

@@ -47,6 +47,13 @@ class LogSink:
                 self._file = open(self.path, "ab")
 
 
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
 class _SinkHandler(logging.Handler):
     def __init__(self, sink: LogSink):
         super().__init__()

@@ -215,6 +215,49 @@ class LocalNetwork:
             raise RuntimeError("start() the network first")
         self._start_server(timeout, port=self.server_port)
 
+    def stop_client(self, email: str, grace: float = 10) -> None:
+        """SIGTERM one client's own process (not its group: what ``kill -TERM <client>`` does; the apps it started
+        are left to fend for themselves), SIGKILL after ``grace`` s. start_client() brings it back."""
+        proc = self._procs.pop(email)
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self.log(f"localnet: client {email} stopped")
+
+    def start_client(self, email: str, timeout: float = 60) -> None:
+        """Start a client stopped by stop_client() again, with the same data folder, config and port, and wait
+        until it has synced."""
+        if email in self._procs:
+            raise RuntimeError(f"client {email} already running")
+        site = self.sites[email]
+        self._spawn(email, self._client_argv(site), site.data_dir.parent, self.client_env)
+        self.wait_for(lambda: _client_synced(site), timeout, what=f"{email} to sync again")
+        self.log(f"localnet: client {email} started again")
+
+    def client_pid(self, email: str) -> int:
+        """The pid of a running client."""
+        return self._procs[email].pid
+
+    def app_processes(self, email: str) -> dict[int, tuple[int, str]]:
+        """The live processes that ``email``'s client (any run of it) started as apps, and their children:
+        pid -> (parent pid, command line). Found by this network's tag and that client's config path in their
+        environment, so processes orphaned by a stopped client count too."""
+        config = os.fsencode(f"SYFTBOX_CLIENT_CONFIG_PATH={self.sites[email].config_path}")
+        found = {}
+        for pid in _tagged_pids(self._tag()):
+            try:
+                environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+                cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                stat = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if config in environ and pid not in {p.pid for p in self._procs.values()} and stat[0] != "Z":
+                found[pid] = (int(stat[1]), cmdline.strip())
+        return found
+
     def server_files(self) -> Path:
         """The folder where the relay stores every uploaded file, as ``<email>/<path in that datasite>``."""
         return self.server_data / "snapshot"
@@ -286,11 +329,13 @@ class LocalNetwork:
             home.mkdir()
             site = Datasite(email, home / "data", home / "config.json", free_port())
             self.sites[email] = site
-            argv = [str(self.venv_bin / "syftbox"), "client", "--email", email, "--data-dir", str(site.data_dir)]
-            argv += ["--server", self.server_url, "--config", str(site.config_path)]
-            argv += ["--port", str(site.port), "--no-open-dir"]
-            self._spawn(email, argv, home, self.client_env)
+            self._spawn(email, self._client_argv(site), home, self.client_env)
         self.wait_for(self._all_synced, timeout, what=f"{len(self.sites)} clients to finish a first sync")
+
+    def _client_argv(self, site: Datasite) -> list[str]:
+        argv = [str(self.venv_bin / "syftbox"), "client", "--email", site.email, "--data-dir", str(site.data_dir)]
+        argv += ["--server", self.server_url, "--config", str(site.config_path)]
+        return argv + ["--port", str(site.port), "--no-open-dir"]
 
     def _all_synced(self) -> bool:
         return all(_client_synced(site) for site in self.sites.values())
