@@ -456,7 +456,8 @@ class Supervisor:
             if env_build is not None and env_build.poll() is not None:
                 out = env_build.communicate()[0].decode(errors="replace").strip()
                 if env_build.returncode == 0:
-                    log.info("environment ready (%s): restarting into the new version", out.splitlines()[-1:])
+                    log.info("environment ready (%s): restarting into the new version",
+                             (out.splitlines() or ["?"])[-1])
                     return "update"
                 self.problems.report("env", f"preparing the new environment failed ({out[-500:]}); the running "
                                      f"version goes on, retrying in {ENV_RETRY_S:g} s")

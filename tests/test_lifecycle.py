@@ -136,6 +136,13 @@ def test_supervised_app_restarts_stopped_workers_new_code_and_sigterm_then_leave
     assert supervisor_pid(paths) == sup  # restarted in place: the scheduler still sees the pid it started
     assert worker_pid(paths) not in (first, second)
 
+    # new pins: the environment is prepared (here: found ready, the pins' hash is unchanged) before the restart
+    before = worker_pid(paths)
+    with open(folder / "pyproject.toml", "a") as f:
+        f.write("# a comment: same pins, same environment\n")
+    wait_until(lambda: (w := worker_pid(paths)) and w != before, 30, "a worker after the pins changed")
+    assert "environment ready" in log_file.read_text()
+
     # SIGTERM to the app itself: stops cleanly, starts again (same pid, as exec'd run.sh), publishes again
     before = worker_pid(paths)
     os.kill(sup, signal.SIGTERM)
@@ -148,6 +155,7 @@ def test_supervised_app_restarts_stopped_workers_new_code_and_sigterm_then_leave
     wait_until(lambda: not alive(sup) and not alive(worker), 20, "the orphaned app to stop")
     text = log_file.read_text()
     for needle in ("the worker exited with", "the app's code changed on disk (shared/__init__.py)",
+                   "pyproject.toml changed: preparing its environment while this version keeps running",
                    "stopped cleanly on SIGTERM; starting again", "client that started us", "is gone"):
         assert needle in text, needle
     assert "Traceback" not in text
