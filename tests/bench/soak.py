@@ -200,9 +200,8 @@ def run(ctx) -> Result:
                 continue
             grew = f["rss_mb"][mark] - fresh
             res.rows.append(Row(f"{role} RSS growth after {mark.replace('day', '').strip()} simulated day(s)", grew,
-                                "MB", "fresh start (after the first simulated hour)", fresh,
-                                f"<= {RSS_GOAL_MB:g} MB above the fresh start", grew <= RSS_GOAL_MB,
-                                f"{f['rss_mb'][mark]:.1f} MB vs {fresh:.1f} MB"))
+                                "MB", goal=f"<= {RSS_GOAL_MB:g} MB above the fresh start", met=grew <= RSS_GOAL_MB,
+                                note=f"{f['rss_mb'][mark]:.1f} MB vs {fresh:.1f} MB after the first simulated hour"))
         full_days = [b for d, b in f["log_bytes_by_day"].items() if int(d) < days]
         worst = max(full_days) if full_days else 0
         res.rows.append(Row(f"{role} log bytes per simulated day (worst day, default level)", worst, "bytes",
