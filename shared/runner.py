@@ -362,6 +362,7 @@ class Supervisor:
         saved = os.environ.pop(PARENT_VAR, "")
         self.parent = Parent(int(saved) if saved.isdigit() else None)
         self.packages = sorted({m.split(".")[0] for m in self.modules} | {"shared"})
+        self.code = CodeWatch(self.folder, self.packages)  # at once: what changes from here on is new code
         self.stop = threading.Event()
         self.signals: list[str] = []
         self.problems = Problems(log)
@@ -370,9 +371,6 @@ class Supervisor:
     def _on_signal(self, signum, _frame) -> None:
         self.signals.append(signal.Signals(signum).name)
         self.stop.set()
-
-    def _done(self) -> bool:
-        return self.stop.is_set() or self.parent.gone()
 
     def run(self) -> int:
         setup_logging()
@@ -387,7 +385,7 @@ class Supervisor:
                                      f"({self.args.config or os.environ.get('SYFTBOX_CLIENT_CONFIG_PATH')}): {e}; "
                                      f"retrying every {RESTART_S:g} s", logging.ERROR)
                 if self.stop.wait(RESTART_S) or self.parent.gone():
-                    return 0
+                    return self._finish(self._reason())
         own_log = log_file_if_shared(paths, self.folder)
         if own_log is not None:
             log.info("the app folder %s is shared through a symlink: logging for %s to %s", self.folder,
@@ -395,13 +393,13 @@ class Supervisor:
             setup_logging(sink=LogSink(path=own_log))
         lock = wait_for_lock(paths.private / "supervisor.lock", self.stop, self.parent, "instance")
         if lock is None:
-            return self._finish(self._reason(), paths)
+            return self._finish(self._reason())
         try:
             reason = self._supervise(paths)
         finally:
             self._stop_worker()
             lock.close()
-        return self._finish(reason, paths)
+        return self._finish(reason)
 
     def _reason(self) -> str:
         if self.parent.gone():
@@ -417,7 +415,7 @@ class Supervisor:
         env = current_env()
         log.info("cpu_tracker %s starting for %s from %s (environment %s, scheduler pid %d)", __version__,
                  paths.email, self.folder, env.name if env else sys.prefix, self.parent.pid)
-        code = CodeWatch(self.folder, self.packages)
+        code = self.code
         now = time.monotonic()
         restart_at, failures, started = now, 0, now
         next_code, next_record, next_gc = now + CODE_POLL_S, now, now + GC_FIRST_S
@@ -504,7 +502,7 @@ class Supervisor:
             proc.kill()
             proc.wait()
 
-    def _finish(self, reason: str, paths: Paths | None) -> int:
+    def _finish(self, reason: str) -> int:
         if reason == "SIGTERM":
             deadline = time.monotonic() + RESTART_AFTER_SIGTERM_S
             while time.monotonic() < deadline and not self.parent.gone() and (self.folder / "run.sh").exists():

@@ -295,3 +295,23 @@ def test_log_sink_file_is_capped_with_one_older_generation(tmp_path):
     assert files == ["app.log", "app.log.1"]
     assert all(p.stat().st_size <= 1000 + 60 for p in (tmp_path / "logs").iterdir())
     assert b"line 099" in (tmp_path / "logs" / "app.log").read_bytes()
+
+
+def test_the_ledger_keeps_only_retained_releases_in_memory_and_compacts_its_file(tmp_path):
+    from shared.ledger import Ledger, Spend
+    from shared.settings import Budget
+
+    budgets = (Budget(horizon_s=0, epsilon=1.0), Budget(horizon_s=600, epsilon=100.0))  # retention 600 s + 1 h
+    ledger = Ledger(tmp_path / "ledger.jsonl", budgets)
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    retained = int((600 + 3600) / 20)
+    for i in range(3 * retained + 300):
+        end = t0 + timedelta(seconds=20 * (i + 1))
+        ledger.admit(Spend(released_at=end, window_start=end - timedelta(seconds=20), window_end=end, epsilon=0.5,
+                           mechanism="laplace", n_samples=200))
+        assert len(ledger.spends) <= retained + 101
+    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    assert len(lines) <= 2 * retained + 101
+    assert [s.window_end for s in ledger.spends] == sorted(s.window_end for s in ledger.spends)
+    reopened = Ledger(tmp_path / "ledger.jsonl", budgets)  # everything within retention survived
+    assert reopened.spends[-len(ledger.spends):] == ledger.spends

@@ -168,4 +168,6 @@ def test_client_restart_leaves_exactly_one_instance_the_new_one(net):
           f"after its start, publishing {time.monotonic() - restarted:.1f} s after it")
     (new,) = supervisors(net, A)
     assert new != old and len(workers(net, A)) == 1
+    log = (net.sites[A].apps / "cpu_tracker" / "logs" / "cpu_tracker.log").read_bytes()
+    assert b"\0" not in log  # no orphan writing at its old offset into the log the new client truncated
     assert_ledger_sound(before, ledger(a))
