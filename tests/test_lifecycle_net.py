@@ -99,7 +99,7 @@ def assert_ledger_sound(before: list[tuple[str, str]], after: list[tuple[str, st
 
 def test_two_datasites_sharing_one_symlinked_app_folder_run_independently(net):
     b, c = paths(net, B), paths(net, C)
-    assert net.sites[B].apps.joinpath("cpu_tracker").is_symlink() and net.sites[C].apps.joinpath("cpu_tracker").is_symlink()
+    assert all((net.sites[e].apps / "cpu_tracker").is_symlink() for e in (B, C))
     for p in (b, c):
         net.wait_for(lambda: len(ledger(p)) >= 2, 90, what=f"two releases of {p.email}")
     assert len(supervisors(net, B)) == 1 and len(supervisors(net, C)) == 1
@@ -120,7 +120,8 @@ def test_sigterm_to_the_app_or_its_worker_brings_it_back_without_losing_a_releas
         before = ledger(a)
         killed = time.monotonic()
         os.kill(worker if target == "worker" else sup, signal.SIGTERM)
-        net.wait_for(lambda: (w := workers(net, A)) and w != [worker], 30, what=f"a new worker after SIGTERM to the {target}")
+        net.wait_for(lambda: (w := workers(net, A)) and w != [worker], 30,
+                     what=f"a new worker after SIGTERM to the {target}")
         net.wait_for(lambda: len(ledger(a)) > len(before), 30, what=f"a release after SIGTERM to the {target}")
         back = time.monotonic() - killed
         assert back < 30, f"published again {back:.1f} s after SIGTERM to the {target}"

@@ -29,7 +29,9 @@ Facts checked by running syftbox 0.4.0 here (Debian 12, Python 3.11):
 - App scheduler: every 5 s it runs ``sh run.sh`` in each folder of ``D/apps/`` (symlinks followed) that it is not
   already running; it first chmods run.sh +x (in the source folder, for a symlinked app). cwd is the app folder
   (with a symlink, ``pwd`` prints the resolved target), stdin inherited, stdout+stderr to
-  ``apps/<name>/logs/<name>.log`` (truncated at every start). env is exactly PATH, HOME, LANG, SHELL, USER,
+  ``apps/<name>/logs/<name>.log`` (truncated at every start). It is a plain ``Popen`` (the client's process
+  group, the client as parent): an app that exits 0 is never started again, a non-zero one 5 s later, and an
+  app whose folder leaves ``apps/`` gets SIGTERM (``Popen.terminate``); nothing else signals apps. env is exactly PATH, HOME, LANG, SHELL, USER,
   TMP*, LC_ALL, DISPLAY when the client has them, every ``SYFTBOX_*`` variable of the client, and
   ``SYFTBOX_CLIENT_CONFIG_PATH=<the client's config.json>``; PATH is the client's minus entries containing
   pyenv, conda, env/bin, .virtualenvs or $VIRTUAL_ENV, so the venv that runs syftbox is not on it.
@@ -248,10 +250,11 @@ class LocalNetwork:
         config = os.fsencode(f"SYFTBOX_CLIENT_CONFIG_PATH={self.sites[email].config_path}")
         found = {}
         for pid in _tagged_pids(self._tag()):
+            proc = Path("/proc") / str(pid)
             try:
-                environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
-                cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                stat = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+                environ = (proc / "environ").read_bytes().split(b"\0")
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
             if config in environ and pid not in {p.pid for p in self._procs.values()} and stat[0] != "Z":
