@@ -33,8 +33,9 @@ Facts checked by running syftbox 0.4.0 here (Debian 12, Python 3.11):
   group, the client as parent): an app that exits 0 is never started again, a non-zero one 5 s later, and an
   app whose folder leaves ``apps/`` gets SIGTERM (``Popen.terminate``); nothing else signals apps.
   env is exactly PATH, HOME, LANG, SHELL, USER, TMP*, LC_ALL, DISPLAY when the client has them, every
-  ``SYFTBOX_*`` variable of the client, and ``SYFTBOX_CLIENT_CONFIG_PATH=<the client's config.json>``; PATH is the client's minus entries containing
-  pyenv, conda, env/bin, .virtualenvs or $VIRTUAL_ENV, so the venv that runs syftbox is not on it.
+  ``SYFTBOX_*`` variable of the client, and ``SYFTBOX_CLIENT_CONFIG_PATH=<the client's config.json>``; PATH is
+  the client's minus entries containing pyenv, conda, env/bin, .virtualenvs or $VIRTUAL_ENV, so the venv that
+  runs syftbox is not on it.
 - ``syftbox app install <local folder> --config C`` works with no TTY (about 1 s): it only symlinks
   ``D/apps/<folder name>`` to the folder (no copy, no pre/post-install step). Clients that install the same
   folder by symlink share it, logs/<name>.log and any file the app writes next to run.sh included.
