@@ -336,16 +336,21 @@ class CodeWatch:
         return changed
 
 
-def log_file_if_shared(paths: Paths, folder: Path) -> Path | None:
+def apps_entry(paths: Paths, folder: Path) -> Path | None:
+    """The entry of ``<data_dir>/apps/`` that is this app folder (the folder itself, or a symlink to it as
+    ``syftbox app install`` makes), or None when the app runs from elsewhere (started by hand)."""
+    try:
+        target = folder.resolve()
+        return next((e for e in (paths.data_dir / "apps").iterdir() if e.resolve() == target), None)
+    except OSError:
+        return None
+
+
+def log_file_if_shared(paths: Paths, entry: Path | None) -> Path | None:
     """Our own log file when the app folder is reached through a symlink in ``apps/`` (``syftbox app install``):
     several datasites may share that folder, and with it SyftBox's app log, which each client truncates at every
     start. None otherwise: SyftBox's app log (our stdout) is ours alone."""
-    try:
-        target = folder.resolve()
-        shared = any(e.is_symlink() and e.resolve() == target for e in (paths.data_dir / "apps").iterdir())
-    except OSError:
-        return None
-    return paths.private / "logs" / f"{APP_NAME}.log" if shared else None
+    return paths.private / "logs" / f"{APP_NAME}.log" if entry is not None and entry.is_symlink() else None
 
 
 def _worker_exit(code: int) -> str:
@@ -367,6 +372,17 @@ class Supervisor:
         self.signals: list[str] = []
         self.problems = Problems(log)
         self.worker: subprocess.Popen | None = None
+        self.entry: Path | None = None  # our entry in apps/, once the workspace is known
+
+    def _installed(self) -> bool:
+        """False once the app is uninstalled: its entry gone from apps/ (a symlink removed leaves the folder it
+        pointed to), or run.sh gone from the folder."""
+        if not (self.folder / "run.sh").exists():
+            return False
+        try:
+            return self.entry is None or self.entry.resolve() == self.folder.resolve()
+        except OSError:
+            return False
 
     def _on_signal(self, signum, _frame) -> None:
         self.signals.append(signal.Signals(signum).name)
@@ -386,7 +402,8 @@ class Supervisor:
                                      f"retrying every {RESTART_S:g} s", logging.ERROR)
                 if self.stop.wait(RESTART_S) or self.parent.gone():
                     return self._finish(self._reason())
-        own_log = log_file_if_shared(paths, self.folder)
+        self.entry = apps_entry(paths, self.folder)
+        own_log = log_file_if_shared(paths, self.entry)
         if own_log is not None:
             log.info("the app folder %s is shared through a symlink: logging for %s to %s", self.folder,
                      paths.email, own_log)
@@ -404,7 +421,7 @@ class Supervisor:
     def _reason(self) -> str:
         if self.parent.gone():
             return "parent"
-        if not (self.folder / "run.sh").exists():
+        if not self._installed():
             return "removed"
         return self.signals[-1] if self.signals else "request"
 
@@ -425,7 +442,7 @@ class Supervisor:
             now = time.monotonic()
             if self.worker is None and now >= restart_at:
                 self.worker, started = self._spawn(), now
-            if self.stop.wait(WATCH_S) or self.parent.gone() or not (self.folder / "run.sh").exists():
+            if self.stop.wait(WATCH_S) or self.parent.gone() or not self._installed():
                 return self._reason()
             now = time.monotonic()
             if self.worker is not None and self.worker.poll() is not None:
@@ -505,15 +522,15 @@ class Supervisor:
     def _finish(self, reason: str) -> int:
         if reason == "SIGTERM":
             deadline = time.monotonic() + RESTART_AFTER_SIGTERM_S
-            while time.monotonic() < deadline and not self.parent.gone() and (self.folder / "run.sh").exists():
+            while time.monotonic() < deadline and not self.parent.gone() and self._installed():
                 time.sleep(0.1)  # a client that is being stopped with us (same process group) goes first
-            reason = self._reason() if self.parent.gone() or not (self.folder / "run.sh").exists() else reason
+            reason = self._reason() if self.parent.gone() or not self._installed() else reason
         if reason == "parent":
             log.info("stopped: the SyftBox client that started us (pid %d) is gone; its next start starts a fresh "
                      "instance", self.parent.pid)
             return 0
         if reason == "removed":
-            log.info("stopped for good: run.sh is gone from %s (the app was uninstalled)", self.folder)
+            log.info("stopped for good: the app was uninstalled (%s is gone)", self.entry or self.folder / "run.sh")
             return 0
         if reason in ("SIGINT", "request"):
             log.info("stopped for good on %s", reason)

@@ -2,7 +2,8 @@
 
 - ``a``: its own copy of the app (8 s windows): SIGTERMed (the app and its worker), its code edited, its client
   SIGTERMed and started again;
-- ``b`` and ``c``: one checkout installed into both with ``syftbox app install`` (a symlink each), 5 s windows.
+- ``b`` and ``c``: one checkout installed into both with ``syftbox app install`` (a symlink each), 5 s windows;
+  ``c`` is then uninstalled (its symlink removed).
 """
 
 from __future__ import annotations
@@ -110,6 +111,18 @@ def test_two_datasites_sharing_one_symlinked_app_folder_run_independently(net):
         text = own.read_bytes()
         assert b"\0" not in text and f"starting for {p.email}".encode() in text and other.encode() not in text
         assert report(p)["window"]["n_samples"] == 50
+
+
+def test_uninstalling_one_of_them_stops_it_for_good_and_leaves_the_other_running(net):
+    b, c = paths(net, B), paths(net, C)
+    net.wait_for(lambda: supervisors(net, C) and supervisors(net, B), 60, what="both shared apps")
+    (net.sites[C].apps / "cpu_tracker").unlink()  # the symlink only: the checkout stays, b still runs from it
+    net.wait_for(lambda: not net.app_processes(C), 20, what="c's app to stop")
+    time.sleep(6)  # more than one scheduler period: nothing starts it again
+    assert not net.app_processes(C) and len(supervisors(net, B)) == 1
+    assert "stopped for good: the app was uninstalled" in (c.private / "logs" / "cpu_tracker.log").read_text()
+    released = len(ledger(b))
+    net.wait_for(lambda: len(ledger(b)) > released, 30, what="b to publish on")
 
 
 def test_sigterm_to_the_app_or_its_worker_brings_it_back_without_losing_a_release(net):
