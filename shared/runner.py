@@ -59,7 +59,7 @@ ENV_RETRY_S = 600.0
 RECORD_EVERY_S = 3600.0
 GC_FIRST_S, GC_EVERY_S = 600.0, 86400.0
 EX_TEMPFAIL = 75  # "try again later": a second instance in direct mode
-PARENT_VAR = "CPU_TRACKER_PARENT_PID"  # the scheduler's pid, carried across a restart into run.sh
+PARENT_VAR = "CPUTRACKER_SCHEDULER_PID"  # the scheduler's pid across a restart into run.sh (not a setting)
 
 
 @dataclass(frozen=True)
