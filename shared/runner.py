@@ -437,7 +437,7 @@ class Supervisor:
         restart_at, failures, started = now, 0, now
         next_code, next_record, next_gc = now + CODE_POLL_S, now, now + GC_FIRST_S
         env_build: subprocess.Popen | None = None
-        pins_pending, next_env_try = False, 0.0
+        pins_pending, next_env_try, built_for = False, 0.0, None
         while True:
             now = time.monotonic()
             if self.worker is None and now >= restart_at:
@@ -460,23 +460,28 @@ class Supervisor:
                 if changed:
                     shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
                     log.info("the app's code changed on disk (%s)", shown)
-                    if "pyproject.toml" not in changed:
+                    if "pyproject.toml" not in changed and not pins_pending:
                         return "update"
-                    pins_pending, next_env_try = True, now
+                    pins_pending = True  # restart once the environment for the pins now on disk is ready
             if pins_pending and env_build is None and now >= next_env_try:
-                log.info("pyproject.toml changed: preparing its environment while this version keeps running")
+                self.problems.report("env-build", "pyproject.toml changed: preparing its environment while this "
+                                     "version keeps running", logging.INFO)  # said once, however many retries
+                built_for = code.base.get("pyproject.toml")
                 env_build = subprocess.Popen(["sh", str(self.folder / "run.sh"), "env", "runtime"], cwd=self.folder,
                                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                              stderr=subprocess.STDOUT, env=self._child_env())
             if env_build is not None and env_build.poll() is not None:
                 out = env_build.communicate()[0].decode(errors="replace").strip()
-                if env_build.returncode == 0:
+                if env_build.returncode == 0 and code.base.get("pyproject.toml") != built_for:
+                    env_build = None  # the pins changed again while it was built: build for the new ones
+                elif env_build.returncode == 0:
                     log.info("environment ready (%s): restarting into the new version",
                              (out.splitlines() or ["?"])[-1])
                     return "update"
-                self.problems.report("env", f"preparing the new environment failed ({out[-500:]}); the running "
-                                     f"version goes on, retrying in {ENV_RETRY_S:g} s")
-                env_build, next_env_try = None, now + ENV_RETRY_S
+                else:
+                    self.problems.report("env", f"preparing the new environment failed ({out[-500:]}); the "
+                                         f"running version goes on, retrying in {ENV_RETRY_S:g} s")
+                    env_build, next_env_try = None, now + ENV_RETRY_S
             if env is not None and now >= next_record:
                 next_record = now + RECORD_EVERY_S
                 try:
