@@ -20,7 +20,7 @@ from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history
 from cpu_tracker_aggregator.metrics import Metrics
 from cpu_tracker_aggregator.publish import Publisher
 from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_chunks, write_if_changed
-from shared.logs import Problems
+from shared.logs import Hourly, Problems
 from shared.paths import Paths
 from shared.permissions import ensure_permissions
 from shared.runner import Role
@@ -154,20 +154,32 @@ def run_aggregator(
     agg: Aggregator, stop: Event, *, wall: Callable[[], datetime] = utc_now, once: bool = False
 ) -> None:
     """Tick every ``tick_s`` seconds until ``stop`` is set."""
-    last_status = None
+    last_status = last_counts = None
+    summary = Hourly(log, hourly_line)
     try:
         while not stop.is_set():
             started = time.monotonic()
-            dash = agg.tick(wall())
-            status = (dash.status, dash.counts.fresh, dash.counts.stale, dash.counts.rejected, dash.counts.legacy)
-            if status != last_status:
-                log.info("%s (fresh %d, stale %d, rejected %d, legacy %d)", dash.message, *status[1:])
-                last_status = status
+            now = wall()
+            dash = agg.tick(now)
+            counts = (dash.counts.fresh, dash.counts.stale, dash.counts.rejected, dash.counts.legacy)
+            if (dash.status, counts) != (last_status, last_counts):  # the status at INFO, a change of counts at DEBUG
+                log.log(logging.INFO if dash.status != last_status or once else logging.DEBUG,
+                        "%s (fresh %d, stale %d, rejected %d, legacy %d)", dash.message, *counts)
+                last_status, last_counts = dash.status, counts
+            summary.add(now.timestamp(), ticks=1, figures=dash.estimate is not None, fresh=counts[0],
+                        rejected=counts[2])
             if once:
                 return
             stop.wait(max(0.0, agg.settings.tick_s - (time.monotonic() - started)))
     finally:
         agg.metrics.close()
+
+
+def hourly_line(totals: dict[str, float], now: float) -> str:
+    ticks = max(totals.get("ticks", 0), 1)
+    return (f"last hour: {totals.get('figures', 0):.0f} of {ticks:.0f} ticks published a figure, "
+            f"{totals.get('fresh', 0) / ticks:.1f} fresh members and {totals.get('rejected', 0) / ticks:.1f} "
+            "rejected reports on average")
 
 
 def run(paths: Paths, settings: Settings, stop: Event, *, once: bool = False) -> None:

@@ -12,14 +12,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from threading import Event
 from typing import Callable
 
 from shared import __version__
 from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps
-from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend
-from shared.logs import Problems
+from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend, spent_in_span
+from shared.logs import Hourly, Problems
 from shared.paths import Paths
 from shared.permissions import ensure_permissions, parent_grant_problem
 from shared.privacy import UNIT_NAME, UNIT_S, laplace_release, mean_sensitivity
@@ -220,21 +220,37 @@ def run_member(
         log.warning("%s", warning)
     read()  # psutil's first reading is meaningless: discard it
     start = wall()
+    summary = Hourly(log, lambda totals, now: hourly_line(member, totals, now))
     while not stop.is_set():
         raw = measure_window(s.interval_s, read=read, clock=clock, stop=stop)
         if raw is None:
             return
-        end = wall()
+        end, published = wall(), False
         if end <= start:  # the wall clock was stepped back: this window cannot be dated, so it is not released
             member.problems.report(
                 "clock", f"the clock went back from {start.isoformat()} to {end.isoformat()}: window skipped; "
                 "windows that re-use time already spent are charged again by the ledger")
-        elif member.publish(raw, start, end) is not None:
+        elif published := (member.publish(raw, start, end) is not None):
             member.problems.clear("clock")
-            log.info("published window ending %s (epsilon %g)", end.isoformat(timespec="seconds"), s.epsilon)
+            log.log(logging.INFO if once else logging.DEBUG, "published window ending %s (epsilon %g)",
+                    end.isoformat(timespec="seconds"), s.epsilon)
+        summary.add(end.timestamp(), windows=1, published=published, epsilon=s.epsilon * published)
         start = end
         if once:
             return
+
+
+def hourly_line(member: Member, totals: dict[str, float], now: float) -> str:
+    """The member's hourly log line: what it published and the budget left in each rolling span ending now."""
+    line = (f"last hour: {totals.get('published', 0):.0f} of {totals.get('windows', 0):.0f} windows published, "
+            f"epsilon {totals.get('epsilon', 0):.4g} spent")
+    ledger, end = member._ledger, datetime.fromtimestamp(now, timezone.utc)
+    spans = [b for b in member.settings.budgets if b.horizon_s > 0]
+    if ledger is not None and spans:
+        left = [f"{b.epsilon - spent_in_span(ledger.spends, end - timedelta(seconds=b.horizon_s), end):.4g} of "
+                f"{b.epsilon:g} per {b.horizon_s:g} s" for b in spans]
+        line += "; budget left " + ", ".join(left)
+    return line
 
 
 def run(paths: Paths, settings: Settings, stop: Event, *, once: bool = False) -> None:

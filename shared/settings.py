@@ -97,6 +97,11 @@ class Settings(BaseModel):
         description="Serve the Prometheus metrics on http://127.0.0.1:<port>/metrics (when the SyftBox client "
         "gives the app no SYFTBOX_APP_PORT); unset: the textfile only.",
     )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info",
+        description="info: problems, recoveries, starts and stops, an hourly summary (about 10 KB a day); "
+        "debug adds a line per window and per tick.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

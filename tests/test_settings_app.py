@@ -81,14 +81,14 @@ def _run(config: Path, app_dir: Path, *args: str, env_extra: dict | None = None)
                           cwd=app_dir, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_second_instance_exits_quietly(tmp_path):
+def test_second_direct_instance_exits_non_zero_so_a_scheduler_retries(tmp_path):
     config = _workspace(tmp_path)
     lock = acquire_lock(Paths(tmp_path / "data", "m@x.org").lock_file)
     try:
         done = _run(config, tmp_path, "--once", env_extra={"CPU_TRACKER_AGGREGATOR": "a@x.org"})
     finally:
         lock.close()
-    assert done.returncode == 0 and "already runs" in done.stdout and "Traceback" not in done.stdout + done.stderr
+    assert done.returncode == 75 and "already runs" in done.stdout and "Traceback" not in done.stdout + done.stderr
 
 
 def test_missing_setting_is_one_clear_line_not_a_traceback(tmp_path):

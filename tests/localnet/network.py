@@ -29,10 +29,13 @@ Facts checked by running syftbox 0.4.0 here (Debian 12, Python 3.11):
 - App scheduler: every 5 s it runs ``sh run.sh`` in each folder of ``D/apps/`` (symlinks followed) that it is not
   already running; it first chmods run.sh +x (in the source folder, for a symlinked app). cwd is the app folder
   (with a symlink, ``pwd`` prints the resolved target), stdin inherited, stdout+stderr to
-  ``apps/<name>/logs/<name>.log`` (truncated at every start). env is exactly PATH, HOME, LANG, SHELL, USER,
-  TMP*, LC_ALL, DISPLAY when the client has them, every ``SYFTBOX_*`` variable of the client, and
-  ``SYFTBOX_CLIENT_CONFIG_PATH=<the client's config.json>``; PATH is the client's minus entries containing
-  pyenv, conda, env/bin, .virtualenvs or $VIRTUAL_ENV, so the venv that runs syftbox is not on it.
+  ``apps/<name>/logs/<name>.log`` (truncated at every start). It is a plain ``Popen`` (the client's process
+  group, the client as parent): an app that exits 0 is never started again, a non-zero one 5 s later, and an
+  app whose folder leaves ``apps/`` gets SIGTERM (``Popen.terminate``); nothing else signals apps.
+  env is exactly PATH, HOME, LANG, SHELL, USER, TMP*, LC_ALL, DISPLAY when the client has them, every
+  ``SYFTBOX_*`` variable of the client, and ``SYFTBOX_CLIENT_CONFIG_PATH=<the client's config.json>``; PATH is
+  the client's minus entries containing pyenv, conda, env/bin, .virtualenvs or $VIRTUAL_ENV, so the venv that
+  runs syftbox is not on it.
 - ``syftbox app install <local folder> --config C`` works with no TTY (about 1 s): it only symlinks
   ``D/apps/<folder name>`` to the folder (no copy, no pre/post-install step). Clients that install the same
   folder by symlink share it, logs/<name>.log and any file the app writes next to run.sh included.
@@ -215,6 +218,50 @@ class LocalNetwork:
             raise RuntimeError("start() the network first")
         self._start_server(timeout, port=self.server_port)
 
+    def stop_client(self, email: str, grace: float = 10) -> None:
+        """SIGTERM one client's own process (not its group: what ``kill -TERM <client>`` does; the apps it started
+        are left to fend for themselves), SIGKILL after ``grace`` s. start_client() brings it back."""
+        proc = self._procs.pop(email)
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self.log(f"localnet: client {email} stopped")
+
+    def start_client(self, email: str, timeout: float = 60) -> None:
+        """Start a client stopped by stop_client() again, with the same data folder, config and port, and wait
+        until it has synced."""
+        if email in self._procs:
+            raise RuntimeError(f"client {email} already running")
+        site = self.sites[email]
+        self._spawn(email, self._client_argv(site), site.data_dir.parent, self.client_env)
+        self.wait_for(lambda: _client_synced(site), timeout, what=f"{email} to sync again")
+        self.log(f"localnet: client {email} started again")
+
+    def client_pid(self, email: str) -> int:
+        """The pid of a running client."""
+        return self._procs[email].pid
+
+    def app_processes(self, email: str) -> dict[int, tuple[int, str]]:
+        """The live processes that ``email``'s client (any run of it) started as apps, and their children:
+        pid -> (parent pid, command line). Found by this network's tag and that client's config path in their
+        environment, so processes orphaned by a stopped client count too."""
+        config = os.fsencode(f"SYFTBOX_CLIENT_CONFIG_PATH={self.sites[email].config_path}")
+        found = {}
+        for pid in _tagged_pids(self._tag()):
+            proc = Path("/proc") / str(pid)
+            try:
+                environ = (proc / "environ").read_bytes().split(b"\0")
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if config in environ and pid not in {p.pid for p in self._procs.values()} and stat[0] != "Z":
+                found[pid] = (int(stat[1]), cmdline.strip())
+        return found
+
     def server_files(self) -> Path:
         """The folder where the relay stores every uploaded file, as ``<email>/<path in that datasite>``."""
         return self.server_data / "snapshot"
@@ -286,11 +333,13 @@ class LocalNetwork:
             home.mkdir()
             site = Datasite(email, home / "data", home / "config.json", free_port())
             self.sites[email] = site
-            argv = [str(self.venv_bin / "syftbox"), "client", "--email", email, "--data-dir", str(site.data_dir)]
-            argv += ["--server", self.server_url, "--config", str(site.config_path)]
-            argv += ["--port", str(site.port), "--no-open-dir"]
-            self._spawn(email, argv, home, self.client_env)
+            self._spawn(email, self._client_argv(site), home, self.client_env)
         self.wait_for(self._all_synced, timeout, what=f"{len(self.sites)} clients to finish a first sync")
+
+    def _client_argv(self, site: Datasite) -> list[str]:
+        argv = [str(self.venv_bin / "syftbox"), "client", "--email", site.email, "--data-dir", str(site.data_dir)]
+        argv += ["--server", self.server_url, "--config", str(site.config_path)]
+        return argv + ["--port", str(site.port), "--no-open-dir"]
 
     def _all_synced(self) -> bool:
         return all(_client_synced(site) for site in self.sites.values())
