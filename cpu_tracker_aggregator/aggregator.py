@@ -43,6 +43,7 @@ class Aggregator:
     _published_once: bool = field(init=False, default=False)
     _last: Dashboard | None = field(init=False, default=None)
     _last_snapshot: Snapshot | None = field(init=False, default=None)
+    _history_unsaved: bool = field(init=False, default=False)
     publisher: Publisher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,8 +77,10 @@ class Aggregator:
         changed. A tick that changed nothing writes no file (it only puts back files deleted behind its back).
         Problems are logged once; the tick always completes."""
         snapshot = self.roster.tick(now)
-        changed = (self._last is None or snapshot.members_lines is not None or self._members_pending is not None
-                   or not _same_figure(snapshot, self._last_snapshot))
+        changed = (self._last is None or snapshot.members_lines is not None
+                   or not _same_figure(snapshot, self._last_snapshot)
+                   # a heartbeat: a live aggregator's points are never more than stale_after_s apart
+                   or (now - self._last.generated_at).total_seconds() >= self.settings.stale_after_s)
         self._last_snapshot = snapshot
         if changed:
             dashboard = build_dashboard(snapshot, self.history, now, self.settings)
@@ -118,18 +121,35 @@ class Aggregator:
         O(members)). Both are the operator's alone: mode 0600 in a 0700 folder, whatever the umask."""
         if snapshot.members_lines is not None:
             self._members_pending = snapshot
-        try:
-            if self._members_pending is not None:
-                # derived state, rewritten by the next change and at every start: no fsync
-                atomic_write_chunks(self.paths.members_status_file, members_json_chunks(self._members_pending, now),
-                                    durable=False, fsync=False, mode=PRIVATE)
-                self._members_pending = None
-            if changed or not self.paths.history_file.exists():  # durable: it must outlive the dashboard
+        try:  # first and on its own: a published point must be saved whatever happens to members.json
+            if changed or self._history_unsaved or not self.paths.history_file.exists():  # durable
                 atomic_write_bytes(self.paths.history_file, self.history.model_dump_json().encode() + b"\n",
                                    mode=PRIVATE)
+            self._history_unsaved = False
+            self.problems.clear("history", "history saved again")
+        except OSError as e:  # retried at every tick until it works
+            self._history_unsaved = True
+            self.problems.report("history", f"cannot write {self.paths.history_file}: {e}. History may be lost on "
+                                 "restart; free disk space.")
+        if self._members_pending is None:
+            return
+        try:  # derived state, rewritten by the next change and at every start: no fsync
+            atomic_write_chunks(self.paths.members_status_file, members_json_chunks(self._members_pending, now),
+                                durable=False, fsync=False, mode=PRIVATE)
+            self._members_pending = None
             self.problems.clear("private", "private status written again")
-        except OSError as e:  # the per-member status is retried next tick, even if nothing changes
-            self.problems.report("private", f"cannot write {self.paths.private}: {e}. History may be lost on restart.")
+        except OSError as e:  # retried at the next tick, which does not count as a change for that
+            self.problems.report("private", f"cannot write {self.paths.members_status_file}: {e}.")
+
+
+def _port(text: str | None) -> int | None:
+    """A TCP port given by the client, or None (logged once) when it is not one."""
+    if not text:
+        return None
+    if text.isdigit() and 1 <= int(text) <= 65535:
+        return int(text)
+    log.warning("SYFTBOX_APP_PORT=%r is not a TCP port: the metrics endpoint uses metrics_port instead", text)
+    return None
 
 
 def _same_figure(a: Snapshot, b: Snapshot | None) -> bool:
@@ -185,7 +205,7 @@ def hourly_line(totals: dict[str, float], now: float) -> str:
 def run(paths: Paths, settings: Settings, stop: Event, *, once: bool = False) -> None:
     """The aggregator role as the runner starts it: the real clock; the metrics port the client gives the app
     (the Go client's SYFTBOX_APP_PORT), else the ``metrics_port`` setting."""
-    port = int(os.environ.get("SYFTBOX_APP_PORT") or 0) or settings.metrics_port
+    port = _port(os.environ.get("SYFTBOX_APP_PORT")) or settings.metrics_port
     run_aggregator(Aggregator(paths, settings, Problems(log), metrics_port=port), stop, once=once)
 
 

@@ -61,11 +61,6 @@ def points_between(s: Series, lo: int, hi: int) -> list[Point]:
     return list(zip(*(getattr(s, c)[i:j] for c in COLUMNS)))
 
 
-def _has_points(t: list[int], lo: int, hi: int) -> bool:
-    i = bisect.bisect_left(t, lo)
-    return i < len(t) and t[i] < hi
-
-
 def open_points(history: History, block_start: int) -> OpenPoints:
     """The points no segment holds yet: those of the open 5-minute block (t >= ``block_start``)."""
     far = 2**62
@@ -83,6 +78,7 @@ class Publisher:
         self.history_dir = self.folder / HISTORY_DIR
         self._last: dict[str, bytes] = {}  # file (relative to folder) -> the bytes it holds, as far as we know
         self._final: set[str] = set()  # segments written after their period ended: never again
+        self._unfinished: dict[str, tuple[str, int]] = {}  # segments an earlier process left incomplete
         self._legacy_at: int | None = None
         self._legacy_status: str | None = None
         self._loaded = False
@@ -90,7 +86,7 @@ class Publisher:
     def publish(self, dashboard: Dashboard, now: int) -> list[str]:
         """Write what changed for the tick at unix time ``now``; returns the names written. Raises OSError."""
         if not self._loaded:
-            self._load(now)
+            self._load()
         written: list[str] = []
         block_start = now - now % BLOCK_S
         present: dict[str, list[tuple[int, str]]] = {"recent": [], "coarse": []}
@@ -99,19 +95,25 @@ class Publisher:
             keep_after = now - RETENTION_S[series_name]
             closed = bisect.bisect_left(series.t, block_start)  # points before it lie in closed blocks
             first = series.t[0] - series.t[0] % seg_s if closed else block_start
-            for start in range(first, block_start, seg_s):
+            starts = set(range(first, block_start, seg_s))
+            starts |= {st for n, (se, st) in self._unfinished.items() if se == series_name}  # left by a stop
+            for start in sorted(starts):
                 end = start + seg_s
                 name = segment_name(series_name, start)
-                if end <= keep_after or not _has_points(series.t, start, min(end, block_start)):
+                if end <= keep_after or name in self._final:
+                    continue
+                points = _grown(self._unfinished.get(name) and self._disk_points(name),
+                                points_between(series, start, min(end, block_start)))
+                if not points:
                     continue
                 present[series_name].append((start, name))
-                if name in self._final:
-                    continue
+                complete = end <= block_start
                 seg = Segment(series=series_name, start=start, end=end, resolution_s=series.resolution_s,
-                              points=points_between(series, start, min(end, block_start)))
+                              complete=complete, points=points)
                 if self._write(f"{HISTORY_DIR}/{name}", seg.model_dump_json().encode() + b"\n"):
                     written.append(name)
-                if end <= block_start:
+                self._unfinished.pop(name, None)
+                if complete:
                     self._final.add(name)
             listed = {n for _, n in present[series_name]}
             for name in self._final - listed:  # written earlier, still kept, no longer in the history held
@@ -128,7 +130,7 @@ class Publisher:
                           open=open_points(dashboard.history, block_start))
         if self._write(CURRENT_FILE, current.model_dump_json().encode() + b"\n"):
             written.append(CURRENT_FILE)
-        if (self._legacy_at is None or now - self._legacy_at >= LEGACY_EVERY_S
+        if (self._legacy_at is None or abs(now - self._legacy_at) >= LEGACY_EVERY_S
                 or dashboard.status != self._legacy_status):
             if self._write("dashboard.json", dashboard.model_dump_json().encode() + b"\n"):
                 written.append("dashboard.json")
@@ -178,19 +180,35 @@ class Publisher:
         except FileNotFoundError:
             return []
 
-    def _load(self, now: int) -> None:
-        """What an earlier process left: segment files whose period has ended are final (never rewritten)."""
+    def _load(self) -> None:
+        """What an earlier process left: a segment marked complete is final (never rewritten); any other one is
+        completed at the next publish from the history held, growing only at its end (points the history no longer
+        holds are kept)."""
         for name in self._on_disk():
             parsed = segment_start(name)
             if parsed is None:
                 continue
             try:
-                self._last[f"{HISTORY_DIR}/{name}"] = (self.history_dir / name).read_bytes()
-            except OSError:
-                continue
-            if parsed[1] + SEGMENT_S[parsed[0]] <= now - now % BLOCK_S:
+                data = (self.history_dir / name).read_bytes()
+                complete = Segment.model_validate_json(data).complete
+            except (OSError, ValueError):
+                continue  # unreadable: rewritten from the history, as if it were not there
+            self._last[f"{HISTORY_DIR}/{name}"] = data
+            if complete:
                 self._final.add(name)
+            else:
+                self._unfinished[name] = parsed
         self._loaded = True
+
+    def _disk_points(self, name: str) -> list[Point]:
+        return Segment.model_validate_json(self._last[f"{HISTORY_DIR}/{name}"]).points
+
+
+def _grown(old: list[Point] | None, new: list[Point]) -> list[Point]:
+    """``old`` followed by the points of ``new`` later than its last: a segment only ever grows at its end."""
+    if not old:
+        return new
+    return [*old, *(p for p in new if p[0] > old[-1][0])]
 
 
 def read_history(folder: Path) -> tuple[Current, History]:
@@ -207,7 +225,7 @@ def read_history(folder: Path) -> tuple[Current, History]:
         for seg_name in getattr(index, name):
             try:
                 seg = Segment.model_validate_json((folder / HISTORY_DIR / seg_name).read_bytes())
-            except FileNotFoundError:
+            except (OSError, ValueError):  # not synced yet, or half-synced: left out until the next read
                 continue
             parts.append(seg.points)
             resolution = seg.resolution_s

@@ -199,7 +199,8 @@ class Series(_Wire):
 
 
 class History(_Wire):
-    recent: Series = Field(description="Every tick, full resolution, last 24 h.")
+    recent: Series = Field(description="Every tick that changed the figure or the counts, and at least one every "
+                           "stale_after_s while the aggregator runs (a heartbeat), last 24 h.")
     coarse: Series = Field(description="Averages of `recent` per 5 minutes, last 30 days.")
 
 
@@ -246,6 +247,8 @@ class Segment(_Wire):
     start: int = Field(description="Unix seconds (UTC): the period's start, inclusive.")
     end: int = Field(description="Unix seconds (UTC): the period's end, exclusive.")
     resolution_s: float = Field(description="As `Series.resolution_s`.")
+    complete: bool = Field(default=False, description="True in the segment's last write, after its period ended: "
+                           "the file never changes again, so a reader may keep it.")
     points: list[Point] = Field(default_factory=list, description="Rows (t, mean, ci95_low, ci95_high, members), "
                                 "t increasing; meanings as in `Series`.")
 

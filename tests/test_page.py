@@ -132,7 +132,8 @@ def expected_runs(dash: Dashboard, range_key: str) -> list[list[int]]:
     for t, mean in zip(s.t, s.mean):
         if t < end - span:
             continue
-        if mean is None or (runs[-1] and t - runs[-1][-1] > GAP_FACTOR * s.resolution_s):
+        gap = max(GAP_FACTOR * s.resolution_s, dash.settings.stale_after_s + 2 * dash.settings.tick_s)
+        if mean is None or (runs[-1] and t - runs[-1][-1] > gap):
             runs.append([])
         if mean is not None:
             runs[-1].append(t)

@@ -161,3 +161,37 @@ def test_the_terminal_status_reads_the_public_folder(tmp_path: Path) -> None:
     dash = _published_day(tmp_path)
     text = status_text(tmp_path)
     assert dash.message in text and f"mean {dash.estimate.mean:.2f} %" in text and "last hour: |" in text
+
+
+@pytest.mark.parametrize("stop_at, start_at", [("10:33", "11:10"), ("10:59:50", "11:00:20"), ("23:58", "00:07")])
+def test_a_restart_across_a_boundary_completes_the_segment_it_left(tmp_path: Path, stop_at: str, start_at: str) -> None:
+    """The segment a stopped aggregator left (its period ended meanwhile) is completed once from the history,
+    marked complete, and never written again: a reader misses none of the history's points."""
+    day = datetime(2026, 3, 1, tzinfo=timezone.utc)
+
+    def at(text: str) -> datetime:
+        t = datetime.strptime(text, "%H:%M:%S" if text.count(":") == 2 else "%H:%M").replace(
+            year=day.year, month=day.month, day=day.day, tzinfo=timezone.utc)
+        return t if t >= START.replace(hour=0, minute=0) + timedelta(hours=8) else t + timedelta(days=1)
+
+    history = empty_history(Settings(aggregator=AGG))
+    now, i = at(stop_at) - timedelta(minutes=40), 1
+    publisher = Publisher(tmp_path)
+    while now <= at(stop_at):
+        dash = dashboard_at(now, history, i)
+        history = dash.history
+        publisher.publish(dash, int(now.timestamp()))
+        now, i = now + timedelta(seconds=10), i + 1
+    publisher = Publisher(tmp_path)  # a new process, after the downtime
+    for k in range(3):
+        now = at(start_at) + timedelta(seconds=10 * k)
+        dash = dashboard_at(now, history, i + k)
+        history = dash.history
+        publisher.publish(dash, int(now.timestamp()))
+    _, seen = read_history(tmp_path)
+    assert seen.recent.t == history.recent.t and seen.coarse.t == history.coarse.t
+    for name in os.listdir(tmp_path / HISTORY_DIR):
+        if segment_start(name):
+            series, start = segment_start(name)
+            seg = Segment.model_validate_json((tmp_path / HISTORY_DIR / name).read_bytes())
+            assert seg.complete == (start + SEGMENT_S[series] <= int(now.timestamp()) - int(now.timestamp()) % 300)
