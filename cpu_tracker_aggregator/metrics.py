@@ -61,7 +61,8 @@ class FigureCollector:
         for status in ("fresh", "stale", "rejected", "legacy"):
             members.add_metric([status], getattr(d.counts, status))
         yield members
-        rejected = GaugeMetricFamily(f"{PREFIX}_rejected_reports", "Rejected report files by reason.", labels=["reason"])
+        rejected = GaugeMetricFamily(f"{PREFIX}_rejected_reports", "Rejected report files by reason.",
+                                     labels=["reason"])
         for reason, n in sorted(d.counts.rejected_by_reason.items()):
             rejected.add_metric([reason], n)
         yield rejected

@@ -35,7 +35,7 @@ def status_text(public_dir: Path, width: int = 60) -> str:
     p = dash.privacy
     if p.epsilon_max is not None:
         lines.append(f"  privacy: epsilon {p.epsilon_min:g}-{p.epsilon_max:g} per release for one "
-                     f"{p.privacy_unit_s:g} s sample; noise scale {p.noise_scale_min:.3g}-{p.noise_scale_max:.3g}")
+                     f"{p.privacy_unit_s:g} s of activity; noise scale {p.noise_scale_min:.3g}-{p.noise_scale_max:.3g}")
     r = history.recent
     last_hour = [m for t, m in zip(r.t, r.mean) if t >= (r.t[-1] if r.t else 0) - 3600]
     step = max(1, len(last_hour) // width)

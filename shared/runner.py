@@ -43,7 +43,7 @@ from typing import IO, Callable, Sequence
 from shared import APP_NAME
 from shared.atomic import remove_stale_temps
 from shared.logs import LogSink, Problems, setup_logging
-from shared.paths import Paths
+from shared.paths import HISTORY_DIR, Paths
 from shared.settings import SETTINGS_FILE, Settings, SettingsError, load_settings
 
 log = logging.getLogger("cpu_tracker")
@@ -223,7 +223,8 @@ def main(argv: list[str] | None, *, roles: Sequence[Role], prog: str = "cpu_trac
             log.info("another cpu_tracker instance (pid %s) already runs for %s; not starting a second one",
                      lock_holder(paths.lock_file), paths.email)
             return EX_TEMPFAIL
-    for owned in (paths.report_dir(), paths.public_dir(), paths.ledger_file.parent, paths.history_file.parent):
+    for owned in (paths.report_dir(), paths.public_dir(), paths.public_dir() / HISTORY_DIR, paths.ledger_file.parent,
+                  paths.history_file.parent):
         remove_stale_temps(owned)  # left by a kill mid-write: with the lock held, no one else is writing there
     threading.Thread(target=_watch_parent, args=(parent, stop), name="parent", daemon=True).start()
     folder = app_dir()
@@ -244,7 +245,8 @@ def main(argv: list[str] | None, *, roles: Sequence[Role], prog: str = "cpu_trac
             selected = settings.roles(paths.email, args.role)
             chosen = [available[name] for name in sorted(selected) if name in available]
             if len(chosen) < len(selected):
-                problems.report("roles", f"the settings select role(s) {'+'.join(sorted(selected - available.keys()))}, "
+                missing = "+".join(sorted(selected - available.keys()))
+                problems.report("roles", f"the settings select role(s) {missing}, "
                                 f"which {prog} does not run; start the app through run.sh to run every role")
             log.info("cpu_tracker for %s: roles %s, aggregator %s, epsilon %g per %gs window", paths.email,
                      "+".join(r.name for r in chosen) or "none", settings.aggregator, settings.epsilon,

@@ -56,7 +56,8 @@ def test_a_day_of_ticks_never_rewrites_a_closed_segment(tmp_path: Path, monkeypa
         if i == ticks // 2:  # a restart in the middle: a new publisher on the same folder
             publisher = Publisher(tmp_path)
 
-    segments = {name: [t for n, t in writes if n == f"{HISTORY_DIR}/{name}"] for name in os.listdir(tmp_path / HISTORY_DIR)
+    segments = {name: [t for n, t in writes if n == f"{HISTORY_DIR}/{name}"]
+                for name in os.listdir(tmp_path / HISTORY_DIR)
                 if segment_start(name)}
     closed_checked = 0
     for name, times in segments.items():
@@ -90,7 +91,8 @@ def test_a_day_of_ticks_never_rewrites_a_closed_segment(tmp_path: Path, monkeypa
     _, seen = read_history(tmp_path)
     for series in ("recent", "coarse"):
         held, read = getattr(history, series), getattr(seen, series)
-        assert [p for p in zip(read.t, read.mean, read.ci95_low, read.ci95_high, read.members) if p[0] >= held.t[0]] == \
+        rows = zip(read.t, read.mean, read.ci95_low, read.ci95_high, read.members)
+        assert [p for p in rows if p[0] >= held.t[0]] == \
             list(zip(held.t, held.mean, held.ci95_low, held.ci95_high, held.members))
     kept = [segment_start(n) for n in os.listdir(tmp_path / HISTORY_DIR) if segment_start(n)]
     newest = int((START + (ticks - 1) * TICK).timestamp())
