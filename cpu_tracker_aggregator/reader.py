@@ -81,14 +81,21 @@ def read_report(ds_fd: int, ds: str, parts: tuple[str, ...], max_bytes: int) -> 
         os.close(fd)
 
 
-def _refused_folder(error: OSError, name: str, parent: int, ds: str, parts: tuple[str, ...]) -> Read | None:
-    """A folder on the way did not open: nothing there, a file where a folder should be, or a symlink (refused if
-    the path leads to a file through it: that file is not the member's own)."""
+def _refused_entry(error: OSError, name: str, parent: int) -> os.stat_result | None:
+    """What refused to open (not following a symlink), or None when nothing is there."""
     if error.errno == errno.ENOENT:
         return None
     try:
-        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        return os.stat(name, dir_fd=parent, follow_symlinks=False)
     except OSError:
+        return None
+
+
+def _refused_folder(error: OSError, name: str, parent: int, ds: str, parts: tuple[str, ...]) -> Read | None:
+    """A folder on the way did not open: nothing there, a file where a folder should be, or a symlink (refused if
+    the path leads to a file through it: that file is not the member's own)."""
+    st = _refused_entry(error, name, parent)
+    if st is None:
         return None
     if stat.S_ISLNK(st.st_mode):
         try:
@@ -102,11 +109,8 @@ def _refused_folder(error: OSError, name: str, parent: int, ds: str, parts: tupl
 
 
 def _refused_file(error: OSError, name: str, parent: int) -> Read | None:
-    if error.errno == errno.ENOENT:
-        return None
-    try:
-        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-    except OSError:
+    st = _refused_entry(error, name, parent)
+    if st is None:
         return None
     if stat.S_ISLNK(st.st_mode):
         return Read(Rejected("symlink", "the report file is a symlink"), signature(st))
