@@ -12,13 +12,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from threading import Event
 from typing import Callable
 
 from shared import __version__
 from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps
-from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend, spent_in_span
+from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend, spent_per_budget
 from shared.logs import Hourly, Problems
 from shared.paths import Paths
 from shared.permissions import ensure_permissions, parent_grant_problem
@@ -247,8 +247,8 @@ def hourly_line(member: Member, totals: dict[str, float], now: float) -> str:
     ledger, end = member._ledger, datetime.fromtimestamp(now, timezone.utc)
     spans = [b for b in member.settings.budgets if b.horizon_s > 0]
     if ledger is not None and spans:
-        left = [f"{b.epsilon - spent_in_span(ledger.spends, end - timedelta(seconds=b.horizon_s), end):.4g} of "
-                f"{b.epsilon:g} per {b.horizon_s:g} s" for b in spans]
+        left = [f"{b.epsilon - spent:.4g} of {b.epsilon:g} per {b.horizon_s:g} s"
+                for b, spent in spent_per_budget(ledger.spends, spans, end)]
         line += "; budget left " + ", ".join(left)
     return line
 

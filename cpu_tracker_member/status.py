@@ -4,9 +4,9 @@ locally only), the privacy budget spent and left, and what the guarantee means i
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from shared.ledger import load_spends, spent_in_span
+from shared.ledger import load_spends, spent_per_budget
 from shared.paths import Paths
 from shared.privacy import activity_epsilon, activity_units
 from shared.settings import Settings, budget_words, duration_words, settings_warnings
@@ -36,8 +36,7 @@ def guarantee_lines(settings: Settings) -> list[str]:
 def budget_lines(spends, settings: Settings, now: datetime) -> list[str]:
     """Each budget in words, with what the last span of its length spent (fixed unit, old lines converted)."""
     out = []
-    for b in settings.budgets:
-        spent = spent_in_span(spends, now - timedelta(seconds=b.horizon_s), now)
+    for b, spent in spent_per_budget(spends, settings.budgets, now):
         where = "at this instant" if b.horizon_s == 0 else f"in the last {duration_words(b.horizon_s)}"
         out.append(f"  Budget {budget_words(b)}: {spent:.6g} spent {where}, {max(0.0, b.epsilon - spent):.6g} left.")
     return out

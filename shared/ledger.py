@@ -130,6 +130,11 @@ def spent_in_span(spends: Sequence[Spend], start: datetime, end: datetime) -> fl
     return float(eps[(ends > start.timestamp()) & (starts <= end.timestamp())].sum())
 
 
+def spent_per_budget(spends: Sequence[Spend], budgets: Sequence[Budget], now: datetime) -> list[tuple[Budget, float]]:
+    """Each budget with the epsilon (fixed unit) spent in the span of its length ending ``now``."""
+    return [(b, spent_in_span(spends, now - timedelta(seconds=b.horizon_s), now)) for b in budgets]
+
+
 def check_budgets(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], budgets: Sequence[Budget]) -> None:
     """Raise BudgetExceeded for the first budget that the new release (the arrays' last entry) would break."""
     for budget in budgets:

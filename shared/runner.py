@@ -186,7 +186,7 @@ def parser(prog: str, forced_role: str | None = None) -> argparse.ArgumentParser
 
 
 def _log_level(settings: Settings) -> int:
-    return logging.getLevelName(str(getattr(settings, "log_level", "info")).upper())
+    return logging.getLevelName(settings.log_level.upper())
 
 
 def main(argv: list[str] | None, *, roles: Sequence[Role], prog: str = "cpu_tracker",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 
 from shared.paths import Paths
 from tests.localnet.network import LocalNetwork
+from tests.test_lifecycle import copy_app
 
 pytestmark = pytest.mark.network
 
@@ -28,18 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 A, B, C = "a@example.org", "b@example.org", "c@example.org"
 AGG = "agg@example.org"  # not on this network: members publish for it all the same
 INTERVAL_A = 8.0
-APP_FILES = ("run.sh", "pyproject.toml", "shared", "cpu_tracker_member", "cpu_tracker_aggregator")
 
 
 def checkout(dest: Path, settings: str) -> Path:
     """A clean copy of the app's files, as a user's checkout would hold them."""
-    dest.mkdir(parents=True)
-    for name in APP_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
+    copy_app(dest)
     (dest / "cpu_tracker.toml").write_text(settings)
     return dest
 
