@@ -1,0 +1,357 @@
+"""Private threshold alerts that last for weeks: safe zones (Friedman, Sharfman, Keren & Schuster, "Privacy-
+Preserving Distributed Stream Monitoring", NDSS 2014). Pure functions, no I/O; noise only in the ``draw_*``
+functions (diffprivlib's mechanisms: a cryptographic RNG unless a ``random_state`` is given, in tests only).
+
+A monitor watches f(v) against a threshold T, where v is the average over members of their local statistics
+vectors v_i (fractions in [0, 1], from the member's sliding window of K window means):
+
+- ``mean``:      v_i = (x_i,),        f(v) = v[0]            (linear: mean CPU over the sliding window)
+- ``imbalance``: v_i = (x_i, x_i^2),  f(v) = v[1] - v[0]^2   (non-linear: the variance of the members' CPU;
+                 T and m are given as a standard deviation in percent and compared as variances)
+
+Geometric monitoring: member i keeps its own vector at the last synchronisation, v_i(t0), and checks its drift
+u_i(t) = v^ + v_i(t) - v_i(t0) (v^: the coordinator's estimate at t0) against a ball B(c_i, r) inside the
+admissible region A. The u_i average to v(t) + (v^ - v(t0)): if every u_i is in its ball and the centres average
+to c, the average is in B(c, r), a convex subset of A, so the global condition holds up to the estimate's noise
+(which the margin m absorbs). Only a member whose drift leaves its zone speaks; the silent rounds are protected
+by the sparse-vector argument (Dwork & Roth 2014, Thm 3.23, with logistic instead of Laplace query noise):
+
+- Algorithm 1 (node initialisation, ``draw_vector``): v_i + Laplace(Delta_1 / eps_v) per component.
+- Algorithm 2 (coordinator initialisation, ``assign``): v^ = mean of the noisy vectors; the state by threshold
+  flipping (``decide_state``); the largest ball inside A that contains v^ (``fit_ball``); per-member centres from
+  the drift (``assign_offsets``: they average to the ball's centre).
+- Algorithm 3 (local monitoring, ``draw_radius`` + ``draw_outside``): once per zone, r^_i = r + Laplace(Delta_2 /
+  eps_r); every round, the exponential mechanism over {inside, outside} with utility +-(d - r^_i) (fresh noise
+  each round), d = ||v_i(t) - v_i(t0) - o_i||.
+- Algorithm 4 (violation recovery, ``Lifecycle``): a reported violation opens a violation round: every member
+  sends a fresh noisy vector, Algorithm 2 runs again; after b violation rounds the monitor is exhausted and stops.
+- Algorithm 5 (budget, ``Split`` + ``Account``): eps_v = eps / 3(b + 1) per vector (the initial one and one per
+  violation round), eps_r = eps_c = eps / 3b per zone (radius and check). At most b zones and b + 1 vectors:
+  b (eps/3b + eps/3b) + (b + 1) eps/3(b + 1) = eps over the monitor's whole lifetime, whatever its length.
+
+Privacy unit: one window mean of the member's sliding window (``interval_s`` seconds of activity). Changing one
+window mean by anything moves x_i by at most 1/K and x_i^2 by at most 2/K (|a^2 - b^2| <= |a - b| |a + b|), so
+Delta_1 = 1/K (mean) or 3/K (imbalance) and Delta_2 = 1/K or sqrt(5)/K. The drift d has the same Delta_2: a window
+inside both v_i(t) and v_i(t0) moves x_i by the same amount in both (it cancels) and x_i^2 by 2 (x_t - x_0) delta
+<= 2/K. A change of one *second* changes at most two window means by a total of 100 / interval_s points, less
+than one window's worth, so the same epsilon also bounds the loss for any one second of activity (the ledger's
+unit). In the sparse-vector proof the radius is the noisy threshold (Laplace(Delta_2 / eps_r): eps_r) and the
+check's logistic noise of scale 2 Delta_2 / eps_c pays eps_c for the one "outside" answer a zone can give.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Kind = Literal["mean", "imbalance"]
+State = Literal["ok", "firing"]
+KINDS: tuple[str, ...] = ("mean", "imbalance")
+
+
+class MonitorSpec(BaseModel):
+    """One monitor as the aggregator's settings declare it (``[[monitors]]`` in cpu_tracker.toml)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$", description="Label in files and metrics: [a-z][a-z0-9_]*.")
+    kind: Kind = Field(description="mean: mean CPU over the sliding window; imbalance: standard deviation of the "
+                       "members' CPU (compared as a variance).")
+    threshold: float = Field(gt=0, lt=100, description="T in percent (mean) or percentage points of standard "
+                             "deviation (imbalance).")
+    margin: float = Field(default=5.0, ge=0, lt=50, description="Error margin m, in the threshold's unit: "
+                          "hysteresis, the alert fires above T - m .. T + m.")
+    window: int = Field(default=45, ge=1, le=10_000, description="K: window means in the sliding window (45 at "
+                        "20 s: 15 minutes).")
+    epsilon: float = Field(default=5.0, gt=0, le=100, description="Epsilon of the monitor's whole lifetime, for one "
+                           "window mean of the member (interval_s seconds of activity).")
+    violations: int = Field(default=10, ge=1, le=1000, description="b: violation rounds before the monitor is "
+                            "exhausted and stops.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MonitorSpec":
+        if self.kind == "imbalance" and self.threshold >= 50:
+            raise ValueError(f"an imbalance threshold is a standard deviation of CPU percent, at most 50 (half the "
+                             f"members at 0 %, half at 100 %), got threshold={self.threshold:g}")
+        if not (0 <= self.threshold - self.margin and self.threshold + self.margin <= 100):
+            raise ValueError(f"threshold - margin and threshold + margin must lie in [0, 100], got threshold="
+                             f"{self.threshold:g} margin={self.margin:g}")
+        return self
+
+
+# node_exporter's mixin: NodeCPUHighUsage fires on CPU above 90 % for 15 minutes.
+DEFAULT_MONITORS = (
+    MonitorSpec(name="cpu_high", kind="mean", threshold=90.0, margin=5.0),
+    MonitorSpec(name="cpu_imbalance", kind="imbalance", threshold=30.0, margin=5.0),
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The statistics
+# ---------------------------------------------------------------------------------------------------
+def dims(kind: str) -> int:
+    return {"mean": 1, "imbalance": 2}[kind]
+
+
+def local_vector(kind: str, window_means_percent: Sequence[float]) -> np.ndarray:
+    """The member's local statistics vector from its last K window means (percent, clipped to [0, 100])."""
+    if not len(window_means_percent):
+        raise ValueError("local_vector needs at least one window mean, got none")
+    x = float(np.clip(np.asarray(window_means_percent, dtype=float), 0, 100).mean()) / 100.0
+    return np.array([x]) if kind == "mean" else np.array([x, x * x])
+
+
+def f_value(kind: str, v: Sequence[float]) -> float:
+    """The monitored function of the global vector (fraction, or fraction squared for imbalance)."""
+    return float(v[0]) if kind == "mean" else float(v[1] - v[0] ** 2)
+
+
+def sensitivity(kind: str, window: int) -> tuple[float, float]:
+    """(L1, L2) sensitivity of the local vector and of the drift distance, for one window mean."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got window={window}")
+    return (1.0 / window, 1.0 / window) if kind == "mean" else (3.0 / window, math.sqrt(5.0) / window)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """In f's units: ``mid`` decides the state, ``hi`` bounds the ok zones, ``lo`` the firing zones."""
+
+    lo: float
+    mid: float
+    hi: float
+
+
+def thresholds(spec: MonitorSpec) -> Thresholds:
+    g = (lambda p: p / 100.0) if spec.kind == "mean" else (lambda p: (p / 100.0) ** 2)
+    return Thresholds(g(spec.threshold - spec.margin), g(spec.threshold), g(spec.threshold + spec.margin))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Algorithm 5: the budget split and the member's account
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Split:
+    epsilon: float
+    violations: int
+
+    @property
+    def vector(self) -> float:
+        """eps / 3(b + 1) per noisy vector: the initial one and one per violation round."""
+        return self.epsilon / (3 * (self.violations + 1))
+
+    @property
+    def radius(self) -> float:
+        """eps / 3b per zone for the perturbed radius."""
+        return self.epsilon / (3 * self.violations)
+
+    @property
+    def check(self) -> float:
+        """eps / 3b per zone for its checks (all its silent rounds and its one violation)."""
+        return self.epsilon / (3 * self.violations)
+
+    @property
+    def zone(self) -> float:
+        return self.radius + self.check
+
+
+def split(spec: MonitorSpec) -> Split:
+    return Split(spec.epsilon, spec.violations)
+
+
+@dataclass(frozen=True)
+class Account:
+    """What one member has spent on one monitor: it never sends more than b + 1 vectors or opens more than b
+    zones, whatever the aggregator asks (so it never overspends the monitor's epsilon)."""
+
+    vectors: int = 0
+    zones: int = 0
+
+    def can_send_vector(self, s: Split) -> bool:
+        return self.vectors < s.violations + 1
+
+    def can_open_zone(self, s: Split) -> bool:
+        return self.zones < s.violations
+
+    def spent(self, s: Split) -> float:
+        return self.vectors * s.vector + self.zones * s.zone
+
+
+# ---------------------------------------------------------------------------------------------------
+# Algorithm 1 and 3: the member's noise
+# ---------------------------------------------------------------------------------------------------
+def draw_vector(v: Sequence[float], *, epsilon: float, l1: float, random_state=None) -> list[float]:
+    """Algorithm 1: the vector with Laplace noise of scale l1 / epsilon on each component (the Laplace mechanism
+    for L1 sensitivity l1, Dwork & Roth Thm 3.6). Unbiased, not clamped."""
+    from diffprivlib.mechanisms import Laplace
+
+    _positive(epsilon=epsilon, l1=l1)
+    mech = Laplace(epsilon=epsilon, sensitivity=l1, random_state=random_state)
+    return [float(mech.randomise(float(x))) for x in v]
+
+
+def draw_radius(radius: float, *, epsilon: float, l2: float, random_state=None) -> float:
+    """Algorithm 3, once per zone: the radius with Laplace noise of scale l2 / epsilon (the noisy threshold)."""
+    from diffprivlib.mechanisms import Laplace
+
+    _positive(epsilon=epsilon, l2=l2)
+    return float(Laplace(epsilon=epsilon, sensitivity=l2, random_state=random_state).randomise(float(radius)))
+
+
+def outside_probability(distance: float, noisy_radius: float, *, epsilon: float, l2: float) -> float:
+    """The exponential mechanism's probability of answering "outside": utilities u(outside) = d - r^ and
+    u(inside) = r^ - d with sensitivity 2 l2 (the distance moves by l2, the noisy threshold is shifted by l2 in
+    the sparse-vector proof), so P(outside) = 1 / (1 + exp(-eps (d - r^) / 2 l2))."""
+    _positive(epsilon=epsilon, l2=l2)
+    z = epsilon * (distance - noisy_radius) / (2 * l2)
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def draw_outside(distance: float, noisy_radius: float, *, epsilon: float, l2: float, random_state=None) -> bool:
+    """Algorithm 3, every round: one draw of diffprivlib's exponential mechanism over {inside, outside}."""
+    from diffprivlib.mechanisms import Exponential
+
+    _positive(epsilon=epsilon, l2=l2)
+    u = float(distance - noisy_radius)
+    mech = Exponential(epsilon=epsilon, sensitivity=2 * l2, utility=[-u, u], candidates=["inside", "outside"],
+                       random_state=random_state)
+    return mech.randomise() == "outside"
+
+
+def drift_distance(v_now: Sequence[float], v_ref: Sequence[float], offset: Sequence[float]) -> float:
+    """d = ||v_i(t) - v_i(t0) - o_i||: the member's drift against its zone's centre (in drift space)."""
+    return float(np.linalg.norm(np.asarray(v_now, float) - np.asarray(v_ref, float) - np.asarray(offset, float)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Algorithm 2: the coordinator's zones
+# ---------------------------------------------------------------------------------------------------
+def decide_state(kind: str, v_hat: Sequence[float], th: Thresholds) -> State:
+    """Threshold flipping: firing when f(v^) >= T, else ok. The next zones then watch the opposite crossing."""
+    return "firing" if f_value(kind, v_hat) >= th.mid else "ok"
+
+
+def region_distance(kind: str, state: str, tau: float, p: Sequence[float]) -> tuple[float, np.ndarray]:
+    """Signed distance from ``p`` to the boundary of the admissible region (positive inside) and the nearest
+    boundary point. ok: A = {f <= tau}; firing: A = {f >= tau}."""
+    p = np.asarray(p, dtype=float)
+    if kind == "mean":
+        dist = tau - p[0] if state == "ok" else p[0] - tau
+        return float(dist), np.array([tau])
+    # boundary y = x^2 + tau; nearest point: d/dx [(x - a)^2 + (x^2 + tau - b)^2] = 0, a cubic in x
+    a, b = float(p[0]), float(p[1])
+    roots = np.roots([2.0, 0.0, 1.0 + 2.0 * tau - 2.0 * b, -a])
+    xs = roots[np.abs(roots.imag) < 1e-9].real
+    pts = np.stack([xs, xs**2 + tau], axis=1)
+    k = int(np.argmin(np.linalg.norm(pts - p, axis=1)))
+    dist = float(np.linalg.norm(pts[k] - p))
+    inside = (b - a * a <= tau) if state == "ok" else (b - a * a >= tau)
+    return (dist if inside else -dist), pts[k]
+
+
+def _box_distance(c: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
+    return float(min((c - lo).min(), (hi - c).min()))
+
+
+def fit_ball(kind: str, state: str, tau: float, v_hat: Sequence[float]) -> tuple[np.ndarray, float]:
+    """The largest ball inside A n D that contains v^ (D = v^ + [-1, 1]^d, the drifts a member can make), with its
+    centre on the normal from v^'s nearest boundary point: it touches the boundary where v^ is closest and grows
+    away from it until the box stops it. For the half-space of the mean monitor that is the largest such ball
+    there is: [v^ - 1, tau] (ok) or [tau, v^ + 1] (firing)."""
+    v = np.asarray(v_hat, dtype=float)
+    lo, hi = v - 1.0, v + 1.0
+    r0, nearest = region_distance(kind, state, tau, v)
+    if r0 <= 0:
+        raise ValueError(f"the global vector {v.tolist()} is not inside the {state} region of tau={tau:g}")
+    n = (v - nearest) / r0
+    if kind == "mean":
+        n = np.array([-1.0 if state == "ok" else 1.0])
+
+    def fits(t: float) -> bool:
+        c = v + t * n
+        return min(region_distance(kind, state, tau, c)[0], _box_distance(c, lo, hi)) >= (r0 + t) * (1 - 1e-12)
+
+    if not fits(0.0):
+        return v, min(r0, 1.0)
+    t_lo, t_hi = 0.0, 2.0
+    for _ in range(60):  # bisection to ~1e-18: exact for the linear case, the box being the binding constraint
+        mid = (t_lo + t_hi) / 2
+        t_lo, t_hi = (mid, t_hi) if fits(mid) else (t_lo, mid)
+    return v + t_lo * n, r0 + t_lo
+
+
+def assign_offsets(centre: Sequence[float], v_hat: Sequence[float], n_members: int,
+                   drifts: Sequence[Sequence[float]] | None = None) -> list[np.ndarray]:
+    """Per-member centres from the drift, as offsets o_i in the member's own vector space (member i's centre in
+    drift space is v^ + o_i). With ``drifts`` (each member's expected drift, e.g. from its last two noisy
+    vectors: post-processing, free) each centre moves by its member's drift minus the average drift, so members
+    that trend leave room to those that do not; without them every centre is the ball's. The centres always
+    average to the ball's centre, which is what the convexity argument needs."""
+    if n_members < 1:
+        raise ValueError(f"n_members must be >= 1, got n_members={n_members}")
+    base = np.asarray(centre, dtype=float) - np.asarray(v_hat, dtype=float)
+    if drifts is None:
+        return [base.copy() for _ in range(n_members)]
+    d = np.asarray(drifts, dtype=float).reshape(n_members, -1)
+    return [base + row for row in d - d.mean(axis=0)]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What Algorithm 2 decides from one round of noisy vectors."""
+
+    state: State
+    v_hat: tuple[float, ...]
+    f_hat: float
+    centre: tuple[float, ...]
+    radius: float
+
+
+def assign(spec: MonitorSpec, noisy_vectors: Sequence[Sequence[float]]) -> Assignment:
+    """Algorithm 2 (and the recomputation of Algorithm 4): global estimate, state, ball."""
+    if not len(noisy_vectors):
+        raise ValueError("assign needs at least one noisy vector, got none")
+    v_hat = np.asarray(noisy_vectors, dtype=float).mean(axis=0)
+    th = thresholds(spec)
+    state = decide_state(spec.kind, v_hat, th)
+    tau = th.hi if state == "ok" else th.lo
+    centre, radius = fit_ball(spec.kind, state, tau, v_hat)
+    return Assignment(state, tuple(map(float, v_hat)), f_value(spec.kind, v_hat), tuple(map(float, centre)),
+                      float(radius))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Algorithm 4: the coordinator's lifecycle
+# ---------------------------------------------------------------------------------------------------
+Phase = Literal["collecting", "monitoring", "exhausted"]
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """Epoch j counts synchronisations (0: initialisation); ``used`` the violation rounds of b spent."""
+
+    epoch: int = 0
+    phase: Phase = "collecting"
+    used: int = 0
+
+    def on_violation(self, spec: MonitorSpec) -> "Lifecycle":
+        """A member reported leaving its zone of this epoch: a violation round starts (fresh vectors)."""
+        if self.phase != "monitoring":
+            raise ValueError(f"a violation is only possible while monitoring, not while {self.phase}")
+        return Lifecycle(self.epoch + 1, "collecting", self.used + 1)
+
+    def on_collected(self, spec: MonitorSpec) -> "Lifecycle":
+        """The vectors of this epoch are in: zones are assigned, unless b violation rounds are used up."""
+        if self.phase != "collecting":
+            raise ValueError(f"vectors are only collected while collecting, not while {self.phase}")
+        return Lifecycle(self.epoch, "exhausted" if self.used >= spec.violations else "monitoring", self.used)
+
+
+def _positive(**values: float) -> None:
+    for name, value in values.items():
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be finite and > 0, got {name}={value}")

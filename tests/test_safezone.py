@@ -1,0 +1,170 @@
+"""The safe-zone algorithms (shared/safezone.py) against hand-worked cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from shared import safezone as sz
+from shared.safezone import Account, Lifecycle, MonitorSpec, Split
+
+MEAN = MonitorSpec(name="cpu_high", kind="mean", threshold=85, margin=5, window=10, epsilon=6, violations=3)
+IMB = MonitorSpec(name="cpu_imbalance", kind="imbalance", threshold=25, margin=5, window=10, epsilon=6, violations=3)
+
+
+def test_local_vectors_and_sensitivities():
+    assert sz.local_vector("mean", [20, 40, 150]).tolist() == pytest.approx([(20 + 40 + 100) / 300])
+    assert sz.local_vector("imbalance", [50, 50]).tolist() == pytest.approx([0.5, 0.25])
+    assert sz.sensitivity("mean", 10) == pytest.approx((0.1, 0.1))
+    assert sz.sensitivity("imbalance", 10) == pytest.approx((0.3, math.sqrt(5) / 10))
+
+
+def test_sensitivity_bounds_every_change_of_one_window_mean():
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        k = int(rng.integers(1, 20))
+        w = rng.uniform(0, 100, k)
+        w2 = w.copy()
+        w2[rng.integers(k)] = rng.uniform(0, 100)
+        l1, l2 = sz.sensitivity("imbalance", k)
+        d = sz.local_vector("imbalance", w) - sz.local_vector("imbalance", w2)
+        assert np.abs(d).sum() <= l1 + 1e-12 and np.linalg.norm(d) <= l2 + 1e-12
+
+
+def test_thresholds_in_f_units():
+    assert sz.thresholds(MEAN) == sz.Thresholds(0.80, 0.85, 0.90)
+    th = sz.thresholds(IMB)
+    assert (th.lo, th.mid, th.hi) == pytest.approx((0.04, 0.0625, 0.09))
+
+
+def test_ball_mean_ok_is_the_interval_from_the_lowest_drift_to_the_threshold():
+    # v^ = 0.4, ok zone bounded by T + m = 0.9; drifts reach v^ - 1 = -0.6: ball [-0.6, 0.9]
+    c, r = sz.fit_ball("mean", "ok", 0.9, [0.4])
+    assert c.tolist() == pytest.approx([0.15]) and r == pytest.approx(0.75)
+
+
+def test_ball_mean_firing_is_the_interval_from_the_threshold_to_the_highest_drift():
+    # v^ = 0.95, firing zone bounded by T - m = 0.8, drifts reach 1.95: ball [0.8, 1.95]
+    c, r = sz.fit_ball("mean", "firing", 0.8, [0.95])
+    assert c.tolist() == pytest.approx([1.375]) and r == pytest.approx(0.575)
+
+
+def test_ball_imbalance_ok_at_the_parabola_vertex():
+    # v^ = (0, 0), boundary y = x^2 + 0.09, nearest point (0, 0.09); the ball grows downwards, centre (0, -t),
+    # radius 0.09 + t, until the box's floor y = -1: 1 - t = 0.09 + t, t = 0.455
+    c, r = sz.fit_ball("imbalance", "ok", 0.09, [0.0, 0.0])
+    assert c.tolist() == pytest.approx([0.0, -0.455], abs=1e-9) and r == pytest.approx(0.545)
+
+
+@pytest.mark.parametrize("state,tau,v", [("ok", 0.09, (0.5, 0.26)), ("firing", 0.04, (0.5, 0.45)),
+                                         ("ok", 0.0625, (0.9, 0.82)), ("firing", 0.0625, (0.3, 0.2))])
+def test_ball_imbalance_lies_inside_its_region_and_contains_the_global_vector(state, tau, v):
+    c, r = sz.fit_ball("imbalance", state, tau, v)
+    assert np.linalg.norm(np.asarray(v) - c) <= r + 1e-12
+    r0, _ = sz.region_distance("imbalance", state, tau, v)
+    assert r >= r0 - 1e-12  # never smaller than the ball centred at v^
+    for a in np.linspace(0, 2 * math.pi, 720):
+        p = c + r * np.array([math.cos(a), math.sin(a)]) * (1 - 1e-9)
+        f = p[1] - p[0] ** 2
+        assert (f <= tau + 1e-9) if state == "ok" else (f >= tau - 1e-9)
+
+
+def test_drift_assignment_centres_average_to_the_global_centre():
+    v_hat, centre = np.array([0.4, 0.2]), np.array([0.3, -0.1])
+    offsets = sz.assign_offsets(centre, v_hat, 3)
+    assert all(o.tolist() == pytest.approx([-0.1, -0.3]) for o in offsets)
+    drifts = [[0.1, 0.0], [0.0, 0.3], [-0.4, 0.0]]
+    offsets = sz.assign_offsets(centre, v_hat, 3, drifts)
+    assert np.mean([v_hat + o for o in offsets], axis=0).tolist() == pytest.approx(centre.tolist())
+    assert (offsets[0] - offsets[2]).tolist() == pytest.approx([0.5, 0.0])
+
+
+def test_a_member_whose_drift_stays_in_its_zone_keeps_the_global_condition():
+    # three members, all zones respected: the average drift vector is inside the ball, hence below T + m
+    rng = np.random.default_rng(3)
+    ref = rng.uniform(0.1, 0.5, (3, 1))
+    noisy = ref + rng.normal(0, 0.01, ref.shape)
+    a = sz.assign(MEAN, noisy)
+    offsets = sz.assign_offsets(a.centre, a.v_hat, 3)
+    for _ in range(500):
+        now = np.clip(ref + rng.uniform(-0.5, 0.5, ref.shape), 0, 1)
+        if all(sz.drift_distance(now[i], ref[i], offsets[i]) <= a.radius for i in range(3)):
+            assert np.mean(now) + (a.v_hat[0] - ref.mean()) <= 0.9 + 1e-12
+
+
+def test_exponential_mechanism_probabilities():
+    l2, eps = 0.1, 0.5
+    assert sz.outside_probability(0.3, 0.3, epsilon=eps, l2=l2) == pytest.approx(0.5)
+    # P(outside) / P(inside) = exp(eps (d - r^) / 2 l2): d - r^ = 2 l2 ln 3 / eps gives 3 : 1
+    d = 0.3 + 2 * l2 * math.log(3) / eps
+    assert sz.outside_probability(d, 0.3, epsilon=eps, l2=l2) == pytest.approx(0.75)
+    assert sz.outside_probability(0.3 - (d - 0.3), 0.3, epsilon=eps, l2=l2) == pytest.approx(0.25)
+    assert sz.outside_probability(-1e6, 0.0, epsilon=eps, l2=l2) == 0.0  # no overflow
+
+
+def test_exponential_mechanism_draws_match_their_probability():
+    n, d = 4000, 0.3 + 2 * 0.1 * math.log(3) / 0.5
+    rs = np.random.RandomState(7)
+    hits = sum(sz.draw_outside(d, 0.3, epsilon=0.5, l2=0.1, random_state=rs) for _ in range(n))
+    assert abs(hits / n - 0.75) <= 6 * math.sqrt(0.75 * 0.25 / n)  # 6 sigma: never flakes
+
+
+def test_noisy_radius_and_vector_have_their_laplace_scale():
+    rs = np.random.RandomState(11)
+    radii = np.array([sz.draw_radius(0.5, epsilon=2.0, l2=0.1, random_state=rs) for _ in range(4000)])
+    # Laplace(b = 0.05): mean 0.5, mean absolute deviation b
+    assert abs(radii.mean() - 0.5) <= 6 * math.sqrt(2) * 0.05 / math.sqrt(4000)
+    assert np.abs(radii - 0.5).mean() == pytest.approx(0.05, rel=0.1)
+    v = sz.draw_vector([0.2, 0.04], epsilon=1.0, l1=0.3, random_state=rs)
+    assert len(v) == 2 and all(math.isfinite(x) for x in v)
+
+
+def test_budget_split():
+    s = sz.split(MEAN)  # eps 6, b 3
+    assert s.vector == pytest.approx(6 / 12) and s.radius == pytest.approx(6 / 9) and s.check == pytest.approx(6 / 9)
+    assert (MEAN.violations + 1) * s.vector + MEAN.violations * s.zone == pytest.approx(MEAN.epsilon)
+
+
+def test_budget_accounting_of_a_whole_run_never_exceeds_epsilon():
+    """A whole lifetime: initialisation, b violation rounds, exhaustion. The member's account ends at exactly
+    epsilon and refuses any further vector or zone, whatever the coordinator asks."""
+    s, life, acct = sz.split(MEAN), Lifecycle(), Account()
+    for _ in range(MEAN.violations):
+        assert life.phase == "collecting" and acct.can_send_vector(s)
+        acct = Account(acct.vectors + 1, acct.zones)  # Algorithm 1 / recovery vector
+        life = life.on_collected(MEAN)
+        assert life.phase == "monitoring" and acct.can_open_zone(s)
+        acct = Account(acct.vectors, acct.zones + 1)  # Algorithm 3: zone opened (radius + checks)
+        life = life.on_violation(MEAN)
+    acct = Account(acct.vectors + 1, acct.zones)  # the last violation round's vector
+    life = life.on_collected(MEAN)
+    assert life == Lifecycle(epoch=3, phase="exhausted", used=3)
+    assert acct == Account(vectors=4, zones=3) and acct.spent(s) == pytest.approx(MEAN.epsilon)
+    assert not acct.can_send_vector(s) and not acct.can_open_zone(s)
+    with pytest.raises(ValueError, match="only possible while monitoring"):
+        life.on_violation(MEAN)
+
+
+def test_threshold_flipping_with_margins():
+    th = sz.thresholds(MEAN)
+    a = sz.assign(MEAN, [[0.87], [0.87]])  # above T = 0.85: firing, and the zone watches for f < T - m = 0.80
+    assert a.state == "firing" and a.centre[0] - a.radius == pytest.approx(th.lo)
+    b = sz.assign(MEAN, [[0.84], [0.84]])  # below T: ok, the zone watches for f > T + m = 0.90
+    assert b.state == "ok" and b.centre[0] + b.radius == pytest.approx(th.hi)
+    assert b.radius >= 0.06 and a.radius >= 0.07  # the margin always leaves room: no zone is empty
+    c = sz.assign(IMB, [[0.2, 0.04], [0.8, 0.64]])  # members at 20 % and 80 %: std 30 > 25 points
+    assert c.state == "firing" and c.f_hat == pytest.approx(0.09)
+
+
+def test_monitor_settings_are_checked_with_names():
+    with pytest.raises(ValidationError, match="standard deviation"):
+        MonitorSpec(name="x", kind="imbalance", threshold=60)
+    with pytest.raises(ValidationError, match="threshold - margin"):
+        MonitorSpec(name="x", kind="mean", threshold=98, margin=5)
+    with pytest.raises(ValidationError, match="name"):
+        MonitorSpec(name="Bad Name", kind="mean", threshold=90)
+    with pytest.raises(ValueError, match="epsilon must be finite"):
+        sz.outside_probability(0, 0, epsilon=0, l2=1)
