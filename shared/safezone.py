@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Kind = Literal["mean", "imbalance"]
 State = Literal["ok", "firing"]
+BALANCE = 0.5  # how far each member's centre follows its own position (assign_offsets)
 KINDS: tuple[str, ...] = ("mean", "imbalance")
 
 
@@ -67,7 +68,7 @@ class MonitorSpec(BaseModel):
                           "hysteresis, the alert fires above T - m .. T + m.")
     window: int = Field(default=45, ge=1, le=10_000, description="K: window means in the sliding window (45 at "
                         "20 s: 15 minutes).")
-    epsilon: float = Field(default=5.0, gt=0, le=100, description="Epsilon of the monitor's whole lifetime, for one "
+    epsilon: float = Field(default=60.0, gt=0, le=1000, description="Epsilon of the monitor's whole lifetime, for one "
                            "window mean of the member (interval_s seconds of activity).")
     violations: int = Field(default=10, ge=1, le=1000, description="b: violation rounds before the monitor is "
                             "exhausted and stops.")
@@ -253,51 +254,55 @@ def region_distance(kind: str, state: str, tau: float, p: Sequence[float]) -> tu
     return (dist if inside else -dist), pts[k]
 
 
-def _box_distance(c: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
-    return float(min((c - lo).min(), (hi - c).min()))
+R_MAX = 10.0  # the largest radius used: ten times the reach of any drift, so a half-space is a ball in effect
 
 
 def fit_ball(kind: str, state: str, tau: float, v_hat: Sequence[float]) -> tuple[np.ndarray, float]:
-    """The largest ball inside A n D that contains v^ (D = v^ + [-1, 1]^d, the drifts a member can make), with its
-    centre on the normal from v^'s nearest boundary point: it touches the boundary where v^ is closest and grows
-    away from it until the box stops it. For the half-space of the mean monitor that is the largest such ball
-    there is: [v^ - 1, tau] (ok) or [tau, v^ + 1] (firing)."""
+    """The largest ball inside A that contains v^, with its centre on the normal from v^'s nearest boundary point:
+    it touches the boundary where v^ is closest and grows away from it while it stays inside A, up to radius
+    R_MAX (a member's drift never leaves the box v^ + [-1, 1]^d, so beyond that a ball is as good as the
+    half-space it approximates). Cases worked by hand: a half-space (mean) gives the radius R_MAX ball tangent at
+    tau; below the parabola (imbalance, ok) the same, tangent at the nearest point (the parabola curves away);
+    above it (imbalance, firing) the ball stops at the curvature, e.g. radius 1/2 at the vertex."""
     v = np.asarray(v_hat, dtype=float)
-    lo, hi = v - 1.0, v + 1.0
     r0, nearest = region_distance(kind, state, tau, v)
     if r0 <= 0:
         raise ValueError(f"the global vector {v.tolist()} is not inside the {state} region of tau={tau:g}")
+    if r0 >= R_MAX:
+        return v, R_MAX
     n = (v - nearest) / r0
     if kind == "mean":
         n = np.array([-1.0 if state == "ok" else 1.0])
 
     def fits(t: float) -> bool:
-        c = v + t * n
-        return min(region_distance(kind, state, tau, c)[0], _box_distance(c, lo, hi)) >= (r0 + t) * (1 - 1e-12)
+        return region_distance(kind, state, tau, v + t * n)[0] >= (r0 + t) * (1 - 1e-12)
 
-    if not fits(0.0):
-        return v, min(r0, 1.0)
-    t_lo, t_hi = 0.0, 2.0
-    for _ in range(60):  # bisection to ~1e-18: exact for the linear case, the box being the binding constraint
-        mid = (t_lo + t_hi) / 2
-        t_lo, t_hi = (mid, t_hi) if fits(mid) else (t_lo, mid)
+    t_lo, t_hi = 0.0, R_MAX - r0
+    if fits(t_hi):
+        t_lo = t_hi
+    else:
+        for _ in range(80):  # bisection: the fit is monotone along the normal for both regions
+            mid = (t_lo + t_hi) / 2
+            t_lo, t_hi = (mid, t_hi) if fits(mid) else (t_lo, mid)
     return v + t_lo * n, r0 + t_lo
 
 
-def assign_offsets(centre: Sequence[float], v_hat: Sequence[float], n_members: int,
-                   drifts: Sequence[Sequence[float]] | None = None) -> list[np.ndarray]:
-    """Per-member centres from the drift, as offsets o_i in the member's own vector space (member i's centre in
-    drift space is v^ + o_i). With ``drifts`` (each member's expected drift, e.g. from its last two noisy
-    vectors: post-processing, free) each centre moves by its member's drift minus the average drift, so members
-    that trend leave room to those that do not; without them every centre is the ball's. The centres always
-    average to the ball's centre, which is what the convexity argument needs."""
-    if n_members < 1:
-        raise ValueError(f"n_members must be >= 1, got n_members={n_members}")
-    base = np.asarray(centre, dtype=float) - np.asarray(v_hat, dtype=float)
-    if drifts is None:
-        return [base.copy() for _ in range(n_members)]
-    d = np.asarray(drifts, dtype=float).reshape(n_members, -1)
-    return [base + row for row in d - d.mean(axis=0)]
+def assign_offsets(centre: Sequence[float], v_hat: Sequence[float], noisy_vectors: Sequence[Sequence[float]],
+                   balance: float = BALANCE) -> list[np.ndarray]:
+    """Per-member centres from the drift, as offsets o_i (member i's centre in drift space is v^ + o_i, and it
+    checks ||v_i(t) - v_i(t0) - o_i|| against the radius): o_i = (c - v^) + balance (v^ - v~_i), with v~_i its
+    noisy vector (post-processing of a release: free). A member below the average gets its ball moved towards
+    the places it can still drift to, one above it away from them; the shifts sum to zero because v^ is the mean
+    of the v~_i, so the centres always average to the ball's centre c, which is what the convexity argument
+    needs. ``balance`` 0: every member has the ball's own centre; 1: every member checks its own vector (less its
+    noise) against the ball."""
+    if not len(noisy_vectors):
+        raise ValueError("assign_offsets needs at least one noisy vector, got none")
+    if not 0 <= balance <= 1:
+        raise ValueError(f"balance must be in [0, 1], got balance={balance}")
+    v = np.asarray(v_hat, dtype=float)
+    base = np.asarray(centre, dtype=float) - v
+    return [base + balance * (v - np.asarray(x, dtype=float)) for x in noisy_vectors]
 
 
 @dataclass(frozen=True)

@@ -40,23 +40,30 @@ def test_thresholds_in_f_units():
     assert (th.lo, th.mid, th.hi) == pytest.approx((0.04, 0.0625, 0.09))
 
 
-def test_ball_mean_ok_is_the_interval_from_the_lowest_drift_to_the_threshold():
-    # v^ = 0.4, ok zone bounded by T + m = 0.9; drifts reach v^ - 1 = -0.6: ball [-0.6, 0.9]
+def test_ball_mean_ok_is_the_half_line_below_the_threshold():
+    # v^ = 0.4, ok zone bounded by T + m = 0.9: the ball of radius R_MAX tangent at 0.9, [0.9 - 2 R, 0.9]
     c, r = sz.fit_ball("mean", "ok", 0.9, [0.4])
-    assert c.tolist() == pytest.approx([0.15]) and r == pytest.approx(0.75)
+    assert r == pytest.approx(sz.R_MAX) and c[0] + r == pytest.approx(0.9)
 
 
-def test_ball_mean_firing_is_the_interval_from_the_threshold_to_the_highest_drift():
-    # v^ = 0.95, firing zone bounded by T - m = 0.8, drifts reach 1.95: ball [0.8, 1.95]
+def test_ball_mean_firing_is_the_half_line_above_the_threshold():
     c, r = sz.fit_ball("mean", "firing", 0.8, [0.95])
-    assert c.tolist() == pytest.approx([1.375]) and r == pytest.approx(0.575)
+    assert r == pytest.approx(sz.R_MAX) and c[0] - r == pytest.approx(0.8)
 
 
-def test_ball_imbalance_ok_at_the_parabola_vertex():
-    # v^ = (0, 0), boundary y = x^2 + 0.09, nearest point (0, 0.09); the ball grows downwards, centre (0, -t),
-    # radius 0.09 + t, until the box's floor y = -1: 1 - t = 0.09 + t, t = 0.455
+def test_ball_imbalance_ok_below_the_parabola_is_tangent_at_the_vertex():
+    # v^ = (0, 0), boundary y = x^2 + 0.09, nearest point (0, 0.09); the parabola curves away from any ball
+    # below its tangent there, so the ball grows to R_MAX: centre (0, 0.09 - R)
     c, r = sz.fit_ball("imbalance", "ok", 0.09, [0.0, 0.0])
-    assert c.tolist() == pytest.approx([0.0, -0.455], abs=1e-9) and r == pytest.approx(0.545)
+    assert r == pytest.approx(sz.R_MAX) and c.tolist() == pytest.approx([0.0, 0.09 - sz.R_MAX])
+
+
+def test_ball_imbalance_firing_above_the_parabola_stops_at_its_curvature():
+    # v^ = (0, 0.5) above y = x^2 + 0.04: nearest point the vertex, r0 = 0.46; growing upwards the vertex stays
+    # nearest while the radius is at most the curvature radius 1/2, then points (+-x, x^2 + 0.04) come closer:
+    # the osculating circle, centre (0, 0.54), radius 1/2
+    c, r = sz.fit_ball("imbalance", "firing", 0.04, [0.0, 0.5])
+    assert c.tolist() == pytest.approx([0.0, 0.54], abs=1e-6) and r == pytest.approx(0.5, abs=1e-6)
 
 
 @pytest.mark.parametrize("state,tau,v", [("ok", 0.09, (0.5, 0.26)), ("firing", 0.04, (0.5, 0.45)),
@@ -74,12 +81,13 @@ def test_ball_imbalance_lies_inside_its_region_and_contains_the_global_vector(st
 
 def test_drift_assignment_centres_average_to_the_global_centre():
     v_hat, centre = np.array([0.4, 0.2]), np.array([0.3, -0.1])
-    offsets = sz.assign_offsets(centre, v_hat, 3)
+    noisy = [[0.5, 0.2], [0.4, 0.5], [0.3, -0.1]]  # their mean is v^
+    offsets = sz.assign_offsets(centre, v_hat, noisy, balance=0)
     assert all(o.tolist() == pytest.approx([-0.1, -0.3]) for o in offsets)
-    drifts = [[0.1, 0.0], [0.0, 0.3], [-0.4, 0.0]]
-    offsets = sz.assign_offsets(centre, v_hat, 3, drifts)
+    offsets = sz.assign_offsets(centre, v_hat, noisy, balance=0.5)
+    # o_i = (c - v^) + 0.5 (v^ - v~_i): member 0 sits 0.1 above v^ in x, so its centre moves 0.05 down
+    assert offsets[0].tolist() == pytest.approx([-0.15, -0.3])
     assert np.mean([v_hat + o for o in offsets], axis=0).tolist() == pytest.approx(centre.tolist())
-    assert (offsets[0] - offsets[2]).tolist() == pytest.approx([0.5, 0.0])
 
 
 def test_a_member_whose_drift_stays_in_its_zone_keeps_the_global_condition():
@@ -88,7 +96,7 @@ def test_a_member_whose_drift_stays_in_its_zone_keeps_the_global_condition():
     ref = rng.uniform(0.1, 0.5, (3, 1))
     noisy = ref + rng.normal(0, 0.01, ref.shape)
     a = sz.assign(MEAN, noisy)
-    offsets = sz.assign_offsets(a.centre, a.v_hat, 3)
+    offsets = sz.assign_offsets(a.centre, a.v_hat, noisy)
     for _ in range(500):
         now = np.clip(ref + rng.uniform(-0.5, 0.5, ref.shape), 0, 1)
         if all(sz.drift_distance(now[i], ref[i], offsets[i]) <= a.radius for i in range(3)):
@@ -154,7 +162,9 @@ def test_threshold_flipping_with_margins():
     assert a.state == "firing" and a.centre[0] - a.radius == pytest.approx(th.lo)
     b = sz.assign(MEAN, [[0.84], [0.84]])  # below T: ok, the zone watches for f > T + m = 0.90
     assert b.state == "ok" and b.centre[0] + b.radius == pytest.approx(th.hi)
-    assert b.radius >= 0.06 and a.radius >= 0.07  # the margin always leaves room: no zone is empty
+    # the margin always leaves room: v^ lies at least m inside its zone
+    assert a.v_hat[0] - (a.centre[0] - a.radius) == pytest.approx(0.07)
+    assert b.centre[0] + b.radius - b.v_hat[0] == pytest.approx(0.06)
     c = sz.assign(IMB, [[0.2, 0.04], [0.8, 0.64]])  # members at 20 % and 80 %: std 30 > 25 points
     assert c.state == "firing" and c.f_hat == pytest.approx(0.09)
 

@@ -2,7 +2,8 @@
 
     ./run.sh bench [--quick] [--out bench-results] [--only NAME ...] [--work DIR]
 
-Benchmarks (one module each): aggregator_scale, accuracy, member_overhead, relay_bytes, e2e_latency, soak. Each
+Benchmarks (one module each): aggregator_scale, accuracy, member_overhead, relay_bytes, e2e_latency, soak,
+safezone (private alerts, last: a simulation, about 2 minutes). Each
 runs in its own process. The aggregator timings run alone; the member overhead (light, measured as the member's own
 CPU time) runs beside the accuracy simulation; the relay bytes next; the local network next (with --quick: beside
 the others, to stay under two minutes); the soak (7 simulated days, 1 with --quick; member and aggregator side by
@@ -34,9 +35,9 @@ from tests.bench.common import (
     write_report,
 )
 
-BENCHMARKS = ("aggregator_scale", "accuracy", "member_overhead", "relay_bytes", "e2e_latency", "soak")
-PHASES_FULL = (("aggregator_scale",), ("member_overhead", "accuracy"), ("relay_bytes",), ("e2e_latency",), ("soak",))
-PHASES_QUICK = (("aggregator_scale",), ("member_overhead", "accuracy", "relay_bytes", "e2e_latency"), ("soak",))
+BENCHMARKS = ("aggregator_scale", "accuracy", "member_overhead", "relay_bytes", "e2e_latency", "soak", "safezone")
+PHASES_FULL = (("aggregator_scale",), ("member_overhead", "accuracy"), ("relay_bytes",), ("e2e_latency",), ("soak",), ("safezone",))
+PHASES_QUICK = (("aggregator_scale",), ("member_overhead", "accuracy", "relay_bytes", "e2e_latency"), ("soak",), ("safezone",))
 
 
 def log(line: str) -> None:
