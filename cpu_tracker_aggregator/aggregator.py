@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 from pydantic import ValidationError
 
+from cpu_tracker_aggregator.alerts import Alerts
 from cpu_tracker_aggregator.roster import Roster, Snapshot, members_json_chunks
 from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history
 from cpu_tracker_aggregator.metrics import Metrics
@@ -45,8 +46,10 @@ class Aggregator:
     _last_snapshot: Snapshot | None = field(init=False, default=None)
     _history_unsaved: bool = field(init=False, default=False)
     publisher: Publisher = field(init=False)
+    alerts: Alerts = field(init=False)
 
     def __post_init__(self) -> None:
+        self.alerts = Alerts(self.paths, self.settings, self.problems)  # private alerts (safe zones)
         self.roster = Roster(self.paths, self.settings)
         self.history = self._load_history()
         self.publisher = Publisher(self.paths.public_dir())
@@ -77,13 +80,14 @@ class Aggregator:
         changed. A tick that changed nothing writes no file (it only puts back files deleted behind its back).
         Problems are logged once; the tick always completes."""
         snapshot = self.roster.tick(now)
-        changed = (self._last is None or snapshot.members_lines is not None
+        alerts_changed = self.alerts.tick(now)
+        changed = (alerts_changed or self._last is None or snapshot.members_lines is not None
                    or not _same_figure(snapshot, self._last_snapshot)
                    # a heartbeat: a live aggregator's points are never more than stale_after_s apart
                    or (now - self._last.generated_at).total_seconds() >= self.settings.stale_after_s)
         self._last_snapshot = snapshot
         if changed:
-            dashboard = build_dashboard(snapshot, self.history, now, self.settings)
+            dashboard = self.alerts.attach(build_dashboard(snapshot, self.history, now, self.settings))
             self.history = dashboard.history
         else:  # no report, status or reason changed since a tick that published everything
             dashboard = self._last

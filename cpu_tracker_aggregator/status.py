@@ -36,6 +36,11 @@ def status_text(public_dir: Path, width: int = 60) -> str:
     if p.epsilon_max is not None:
         lines.append(f"  privacy: epsilon {p.epsilon_min:g}-{p.epsilon_max:g} per release for one "
                      f"{p.privacy_unit_s:g} s of activity; noise scale {p.noise_scale_min:.3g}-{p.noise_scale_max:.3g}")
+    for a in getattr(dash, "alerts", None) or []:
+        since = f" since {a.since.isoformat(timespec='seconds')}" if a.since else ""
+        lines.append(f"  alert {a.monitor}: {a.state.upper()}{since} ({a.message}); violation rounds "
+                     f"{a.violation_rounds_used} of {a.violation_rounds}, epsilon {a.epsilon_spent:.3g} of "
+                     f"{a.epsilon:g} spent")
     r = history.recent
     last_hour = [m for t, m in zip(r.t, r.mean) if t >= (r.t[-1] if r.t else 0) - 3600]
     step = max(1, len(last_hour) // width)

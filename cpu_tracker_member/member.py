@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from threading import Event
 from typing import Callable
 
+from cpu_tracker_member.monitor import MemberMonitors
 from shared import __version__
 from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps
 from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend, spent_per_budget
@@ -221,6 +222,7 @@ def run_member(
     read()  # psutil's first reading is meaningless: discard it
     start = wall()
     summary = Hourly(log, lambda totals, now: hourly_line(member, totals, now))
+    monitors = MemberMonitors(member)  # private alerts (safe zones): one check per window
     while not stop.is_set():
         raw = measure_window(s.interval_s, read=read, clock=clock, stop=stop)
         if raw is None:
@@ -235,6 +237,8 @@ def run_member(
             log.log(logging.INFO if once else logging.DEBUG, "published window ending %s (epsilon %g)",
                     end.isoformat(timespec="seconds"), s.epsilon)
         summary.add(end.timestamp(), windows=1, published=published, epsilon=s.epsilon * published)
+        if end > start:
+            monitors.step(raw, end)
         start = end
         if once:
             return

@@ -8,13 +8,19 @@
 │   ├── member/raw.jsonl                     raw window means, for the owner's eyes only
 │   ├── aggregator/history.json              network history (survives restarts)
 │   ├── aggregator/members.json              per-member status, for the operator only
+│   ├── member/monitors.json                 private alerts: the member's references and noisy radii
+│   ├── aggregator/alerts.json               private alerts: the coordinator's state and the noisy vectors
 │   └── aggregator/cpu_tracker.prom          the public figures for Prometheus (textfile collector)
 └── datasites/
     ├── <member>/app_data/cpu_tracker/
     │   ├── cpu_tracker.json                 the DP report (MemberReport)
+    │   ├── monitor.json                     private alerts: breach flags, noisy vectors (MonitorSignalsFile)
     │   ├── syftperm.yaml, syft.pub.yaml     owner: all; the aggregator: read; nobody else
     ├── <member>/api_data/cpu_tracker/cpu_tracker.json   a tutorial-era member's report (read as legacy)
+    ├── <aggregator>/app_data/cpu_tracker_alerts/<member>/zones.json   the member's safe zones (SafeZonesFile),
+    │                                        with permission files: the aggregator and that member only
     └── <aggregator>/public/cpu_tracker/            world-readable (cpu_tracker_aggregator/publish.py)
+        ├── monitors.json                    the monitors and their rounds (MonitorsFile)
         ├── current.json                     the figure now (Current): rewritten only when something changed
         ├── history/index.json, history/recent-*.json, history/coarse-*.json   history segments (Segment)
         ├── dashboard.json                   schema-1 Dashboard with the whole history, for old readers
@@ -32,6 +38,9 @@ from pathlib import Path
 from shared import APP_NAME
 
 REPORT_FILE = "cpu_tracker.json"
+MONITOR_SIGNALS_FILE = "monitor.json"
+MONITORS_FILE = "monitors.json"
+ZONES_FILE = "zones.json"
 DASHBOARD_FILE = "dashboard.json"
 CURRENT_FILE = "current.json"
 HISTORY_DIR = "history"
@@ -125,3 +134,26 @@ class Paths:
     def current_file(self) -> Path:
         return self.public_dir() / CURRENT_FILE
 
+
+    # -- private alerts (safe zones) -----------------------------------------------------------
+    @property
+    def member_monitor_state_file(self) -> Path:
+        return self.private / "member" / "monitors.json"
+
+    @property
+    def alerts_state_file(self) -> Path:
+        return self.private / "aggregator" / "alerts.json"
+
+    def monitor_signals_file(self, member: str | None = None) -> Path:
+        """The member's breach flags and noisy vectors, beside its report (the aggregator alone may read them)."""
+        return self.report_dir(member) / MONITOR_SIGNALS_FILE
+
+    def monitors_file(self, aggregator: str | None = None) -> Path:
+        return self.public_dir(aggregator) / MONITORS_FILE
+
+    def zones_dir(self, member: str, aggregator: str | None = None) -> Path:
+        """The aggregator's folder for ``member``'s safe zones, readable by the aggregator and that member only."""
+        return self.datasites / (aggregator or self.email) / "app_data" / f"{self.app_name}_alerts" / member
+
+    def zones_file(self, member: str, aggregator: str | None = None) -> Path:
+        return self.zones_dir(member, aggregator) / ZONES_FILE

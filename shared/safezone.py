@@ -60,18 +60,20 @@ class MonitorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$", description="Label in files and metrics: [a-z][a-z0-9_]*.")
-    kind: Kind = Field(description="mean: mean CPU over the sliding window; imbalance: standard deviation of the "
-                       "members' CPU (compared as a variance).")
-    threshold: float = Field(gt=0, lt=100, description="T in percent (mean) or percentage points of standard "
-                             "deviation (imbalance).")
+    kind: Kind = Field(default="mean", description="mean: mean CPU over the sliding window; imbalance: standard "
+                       "deviation of the members' CPU (compared as a variance).")
+    threshold: float = Field(default=90.0, gt=0, lt=100, description="T in percent (mean) or percentage points of "
+                             "standard deviation (imbalance).")
     margin: float = Field(default=5.0, ge=0, lt=50, description="Error margin m, in the threshold's unit: "
                           "hysteresis, the alert fires above T - m .. T + m.")
     window: int = Field(default=45, ge=1, le=10_000, description="K: window means in the sliding window (45 at "
                         "20 s: 15 minutes).")
     epsilon: float = Field(default=60.0, gt=0, le=1000, description="Epsilon of the monitor's whole lifetime, for one "
                            "window mean of the member (interval_s seconds of activity).")
-    violations: int = Field(default=10, ge=1, le=1000, description="b: violation rounds before the monitor is "
+    violations: int = Field(default=4, ge=1, le=1000, description="b: violation rounds before the monitor is "
                             "exhausted and stops.")
+    lifetime_days: float = Field(default=30.0, gt=0, le=366, description="The monitor stops after this long even "
+                                 "with violation rounds left: its spends are charged up to its end.")
 
     @model_validator(mode="after")
     def _check(self) -> "MonitorSpec":
@@ -84,11 +86,32 @@ class MonitorSpec(BaseModel):
         return self
 
 
-# node_exporter's mixin: NodeCPUHighUsage fires on CPU above 90 % for 15 minutes.
-DEFAULT_MONITORS = (
-    MonitorSpec(name="cpu_high", kind="mean", threshold=90.0, margin=5.0),
-    MonitorSpec(name="cpu_imbalance", kind="imbalance", threshold=30.0, margin=5.0),
-)
+# node_exporter's mixin: NodeCPUHighUsage fires on CPU above 90 % for 15 minutes: the defaults of a monitor
+# (mean, T = 90 %, K = 45 windows of 20 s). No monitor runs unless the aggregator's settings declare one: each costs
+# every member budget.
+NODE_CPU_HIGH_USAGE = MonitorSpec(name="cpu_high")
+
+
+def parse_monitors(tables: Sequence[object]) -> tuple[list[MonitorSpec], list[str]]:
+    """The valid monitors of the ``monitors`` setting, and one sentence per refused table (naming it, the key, the
+    value and what it must be). Duplicated names: the first one runs."""
+    from pydantic import ValidationError
+
+    specs, errors = [], []
+    for i, table in enumerate(tables):
+        label = f"monitors[{i}]" + (f" ({table.get('name')!r})" if isinstance(table, dict) and "name" in table else "")
+        try:
+            spec = MonitorSpec.model_validate(table)
+        except ValidationError as e:
+            why = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'the table'}: {err['msg']} (got "
+                            f"{err.get('input')!r})" for err in e.errors(include_url=False))
+            errors.append(f"{label} is refused and does not run: {why}")
+            continue
+        if any(s.name == spec.name for s in specs):
+            errors.append(f"{label} is refused and does not run: the name {spec.name!r} is already used")
+            continue
+        specs.append(spec)
+    return specs, errors
 
 
 # ---------------------------------------------------------------------------------------------------

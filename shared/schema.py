@@ -227,6 +227,7 @@ class Dashboard(_Figure):
     schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Changes only with a breaking change.")
     kind: Literal["cpu_tracker.dashboard"] = DASHBOARD_KIND
     history: History
+    alerts: list[AlertState] | None = Field(default=None, description="Private alerts (safe zones), if any run.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,6 +284,7 @@ class Current(_Figure):
     generated_at: AwareDatetime = Field(description="The last tick that changed anything (UTC).")
     open: OpenPoints = Field(description="Points of the open 5-minute block: ticks, and the open 5-minute average.")
     history_index: str = Field(default="history/index.json", description="Where the segment list is, relative.")
+    alerts: list[AlertState] | None = Field(default=None, description="Private alerts (safe zones), if any run.")
 
 
 def json_schemas() -> dict[str, dict]:
@@ -298,6 +300,107 @@ def json_schemas() -> dict[str, dict]:
 
 def schema_text(schema: dict) -> str:
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Private alerts (safe zones): shared/safezone.py, cpu_tracker_member/monitor.py, cpu_tracker_aggregator/alerts.py
+# ---------------------------------------------------------------------------------------------------
+MONITORS_KIND = "cpu_tracker.monitors"
+ZONES_KIND = "cpu_tracker.safe_zones"
+SIGNALS_KIND = "cpu_tracker.monitor_signals"
+
+
+class AlertState(_Wire):
+    """One monitor's state as the public figure shows it (``Dashboard.alerts``, ``Current.alerts``)."""
+
+    monitor: str = Field(description="The monitor's name (its label in the metrics).")
+    kind: str = Field(description="mean: mean CPU; imbalance: standard deviation of the members' CPU.")
+    threshold: float = Field(description="T, percent (mean) or points of standard deviation (imbalance).")
+    margin: float = Field(description="Error margin m in the same unit: the state may lag within T - m .. T + m.")
+    window: int = Field(description="Window means in each member's sliding window (K).")
+    state: Literal["starting", "ok", "firing", "exhausted"] = Field(
+        description="starting: collecting the first vectors; exhausted: b violation rounds used (or its lifetime "
+        "ended): it has stopped and says nothing more.")
+    firing: bool | None = Field(default=None, description="The last state decided (also when exhausted).")
+    since: AwareDatetime | None = Field(default=None, description="When `firing` last changed (UTC).")
+    violation_rounds_used: int = Field(ge=0, description="Violation rounds spent.")
+    violation_rounds: int = Field(ge=1, description="b: the most the monitor may spend.")
+    epsilon: float = Field(gt=0, description="Lifetime epsilon per member, for one window mean of its sliding window.")
+    epsilon_spent: float = Field(ge=0, description="Epsilon a member taking part in every round has spent so far.")
+    members: int = Field(ge=0, description="Members holding a safe zone now.")
+    estimate: float | None = Field(default=None, description="f of the last noisy global vector, in the threshold's "
+                                   "unit (a DP release: post-processing of the members' noisy vectors).")
+    message: str = Field(default="", description="One sentence for people.")
+
+
+class MonitorDefinition(_Wire):
+    """A monitor the aggregator runs, with the round it is in."""
+
+    monitor: str
+    kind: Literal["mean", "imbalance"]
+    threshold: float
+    margin: float
+    window: int = Field(ge=1)
+    epsilon: float = Field(gt=0)
+    violations: int = Field(ge=1)
+    generation: str = Field(description="Changes when the monitor is redefined: a new lifetime and a new budget.")
+    started_at: AwareDatetime
+    ends_at: AwareDatetime = Field(description="Its lifetime ends here: members stop checking, spends end here.")
+    epoch: int = Field(ge=0, description="Synchronisations so far: 0 the first, +1 per violation round.")
+    phase: Literal["collecting", "monitoring", "exhausted"] = Field(
+        description="collecting: members send a noisy vector for `epoch`; monitoring: they check their safe zone.")
+
+
+class MonitorsFile(_Wire):
+    """``public/cpu_tracker/monitors.json``: the monitors and their rounds (public: definitions only)."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["cpu_tracker.monitors"] = MONITORS_KIND
+    generated_at: AwareDatetime
+    monitors: list[MonitorDefinition] = Field(default_factory=list)
+
+
+class SafeZone(_Wire):
+    monitor: str
+    generation: str
+    epoch: int = Field(ge=0)
+    state: Literal["ok", "firing"]
+    offset: list[float] = Field(min_length=1, max_length=2, description="o_i: the zone's centre in drift space, "
+                                "relative to the member's own vector at the epoch's synchronisation.")
+    radius: float = Field(gt=0, description="r, before the member's own perturbation.")
+
+
+class SafeZonesFile(_Wire):
+    """``datasites/<aggregator>/app_data/cpu_tracker_alerts/<member>/zones.json``: readable by that member only."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["cpu_tracker.safe_zones"] = ZONES_KIND
+    member: str
+    generated_at: AwareDatetime
+    zones: list[SafeZone] = Field(default_factory=list)
+
+
+class MonitorSignal(_Wire):
+    monitor: str
+    generation: str
+    vector_epoch: int | None = Field(default=None, ge=0, description="The epoch `vector` was sent for.")
+    vector: list[float] | None = Field(default=None, min_length=1, max_length=2,
+                                       description="The local vector with Laplace noise (Algorithm 1).")
+    breach_epoch: int | None = Field(default=None, ge=0, description="The epoch whose safe zone it left.")
+
+
+class MonitorSignalsFile(_Wire):
+    """``datasites/<member>/app_data/cpu_tracker/monitor.json``: breach flags and noisy vectors, readable by the
+    aggregator only (the report folder's permission)."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["cpu_tracker.monitor_signals"] = SIGNALS_KIND
+    created_at: AwareDatetime
+    signals: list[MonitorSignal] = Field(default_factory=list)
+
+
+Dashboard.model_rebuild()
+Current.model_rebuild()
 
 
 if __name__ == "__main__":  # regenerate the committed schemas

@@ -12,7 +12,7 @@ import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -169,6 +169,15 @@ class Settings(BaseModel):
                              + (f" (from members_file {self.members_file!r})" if self.members_file else ""))
         return self
 
+    # -- private alerts (safe zones): shared/safezone.py, cpu_tracker_member/monitor.py, cpu_tracker_aggregator/alerts.py
+    monitors: tuple[Any, ...] = Field(
+        default=(), description="Aggregator: the private alerts it runs, [[monitors]] tables (name, kind, threshold, "
+        "margin, window, epsilon, violations, lifetime_days); none by default: each costs every member budget. Each "
+        "table is checked on its own (shared.safezone.parse_monitors): a bad one is refused in the log, the rest run.")
+    join_monitors: bool = Field(
+        default=True, description="Member: take part in the aggregator's monitors (each spend is charged to the "
+        "ledger first, like a release).")
+
 
 class SettingsError(ValueError):
     """A setting is missing or invalid; the message names it and says what to do."""
@@ -290,7 +299,7 @@ def settings_warnings(settings: Settings) -> list[str]:
 
 
 def _parse_env(name: str, raw: str):
-    if name == "budgets":
+    if name in ("budgets", "monitors"):
         try:
             return json.loads(raw)
         except json.JSONDecodeError as e:

@@ -1,0 +1,343 @@
+"""The coordinator of the private alerts over SyftBox files: Algorithms 2 and 4 of ``shared/safezone.py``.
+
+```txt
+aggregator                                         member
+public/cpu_tracker/monitors.json  (public) ─────►  reads the monitors and their round (epoch, phase)
+                                                   collecting: sends its noisy vector for the epoch
+app_data/cpu_tracker/monitor.json (agg only) ◄───  (charged to its ledger first), breach flags
+assign: v^, state, ball, centres
+app_data/cpu_tracker_alerts/<member>/zones.json ─► its safe zone, readable by it and the aggregator only
+```
+
+One ``Alerts.tick`` per aggregator tick: read the members' signal files that changed (each parsed on its own; a bad
+one is logged once and ignored), advance each monitor (collect the epoch's vectors until every expected member sent
+one or ``stale_after_s`` passed with at least ``min_members``; then assign zones, or stop when b violation rounds are
+used; while monitoring, a breach of the epoch's zone starts a violation round), then write what changed: the private
+state first (``private/cpu_tracker/aggregator/alerts.json``, which holds the noisy vectors), then the zones, then the
+public monitors file. The public state (``AlertState``) goes into the dashboard. A monitor setting that is not valid
+is refused in the log and the others run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from datetime import datetime, timedelta, timezone
+from typing import Literal
+
+import numpy as np
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from cpu_tracker_aggregator.reader import open_datasites, read_report
+from shared import APP_NAME
+from shared import safezone as sz
+from shared.atomic import PRIVATE, atomic_write_bytes, write_if_changed
+from shared.logs import Problems
+from shared.paths import MONITOR_SIGNALS_FILE, Paths, is_datasite_email
+from shared.permissions import ensure_permissions
+from shared.schema import (AlertState, Dashboard, MonitorDefinition, MonitorSignal, MonitorSignalsFile, MonitorsFile,
+                           SafeZone, SafeZonesFile)
+from shared.settings import Settings
+
+log = logging.getLogger("cpu_tracker.aggregator")
+MAX_SIGNALS_BYTES = 65536
+NOISE_SCALES_ALLOWED = 40  # a vector component further than this many Laplace scales outside [0, 1] is refused
+
+
+class Run(BaseModel):
+    """One monitor's coordinator state (private: it holds the members' noisy vectors)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    spec_hash: str
+    generation: str
+    started_at: AwareDatetime
+    ends_at: AwareDatetime
+    epoch: int = 0
+    phase: Literal["collecting", "monitoring", "exhausted"] = "collecting"
+    used: int = 0
+    collect_since: AwareDatetime
+    vectors: dict[str, list[float]] = Field(default_factory=dict)
+    expected: list[str] = Field(default_factory=list)
+    zones: dict[str, SafeZone] = Field(default_factory=dict)
+    zones_issued: int = 0
+    assigned_at: AwareDatetime | None = None
+    firing: bool | None = None
+    since: AwareDatetime | None = None
+    f_hat: float | None = None
+    end_reason: str = ""
+
+
+class RunsFile(BaseModel):
+    runs: dict[str, Run] = Field(default_factory=dict)
+
+
+def spec_hash(spec: sz.MonitorSpec) -> str:
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+
+
+def generation(spec: sz.MonitorSpec, started_at: datetime) -> str:
+    """A monitor's identity for its members: a redefined (or restarted) monitor is a new one, with a new lifetime."""
+    return hashlib.sha256(f"{spec.model_dump_json()} {started_at.isoformat()}".encode()).hexdigest()[:16]
+
+
+class Alerts:
+    def __init__(self, paths: Paths, settings: Settings, problems: Problems):
+        self.paths, self.settings, self.problems = paths, settings, problems
+        self.specs, errors = sz.parse_monitors(settings.monitors)
+        for i, error in enumerate(errors):
+            problems.report(f"monitor-setting:{i}", error, logging.ERROR)
+        self.runs = self._load()
+        self._seen: dict[str, tuple[int, int, int] | None] = {}
+        self.signals: dict[str, dict[str, MonitorSignal]] = {}  # member -> monitor -> its latest signal
+        self._public: list[AlertState] | None = None
+
+    # -- state ------------------------------------------------------------------------------------------
+    def _load(self) -> dict[str, Run]:
+        path = self.paths.alerts_state_file
+        try:
+            return RunsFile.model_validate_json(path.read_bytes()).runs
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, ValidationError) as e:
+            self.problems.report("alerts-state", f"the alerts' state {path} is unreadable ({e}); the monitors start "
+                                 "again (members refuse to spend beyond each monitor's budget)", logging.ERROR)
+            return {}
+
+    def _save(self) -> None:
+        data = RunsFile(runs=self.runs).model_dump_json().encode() + b"\n"
+        atomic_write_bytes(self.paths.alerts_state_file, data, mode=PRIVATE)
+
+    # -- one tick ---------------------------------------------------------------------------------------
+    def tick(self, now: datetime) -> bool:
+        """Advance every monitor; True when the public alert state changed. Never raises: the network figure goes
+        on whatever happens here (an unexpected error is logged once, with its traceback)."""
+        if not self.specs:
+            return False
+        try:
+            changed = self._tick(now)
+            self.problems.clear("alerts-error", "the private alerts work again")
+            return changed
+        except Exception as e:  # noqa: BLE001  the boundary: the figure must not stop for an alert
+            if "alerts-error" not in self.problems.active:
+                log.exception("private alerts failed this tick (the network figure goes on): %s", e)
+            self.problems.active["alerts-error"] = str(e)
+            return False
+
+    def _tick(self, now: datetime) -> bool:
+        self._read_signals()
+        changed_private = False
+        for spec in self.specs:
+            run = self.runs.get(spec.name)
+            if run is None or run.spec_hash != spec_hash(spec):
+                run = self.runs[spec.name] = Run(spec_hash=spec_hash(spec), generation=generation(spec, now),
+                                                 started_at=now, collect_since=now,
+                                                 ends_at=now + timedelta(days=spec.lifetime_days))
+                changed_private = True
+            changed_private |= self._advance(spec, run, now)
+        for name in [n for n in self.runs if n not in {s.name for s in self.specs}]:
+            del self.runs[name]
+            changed_private = True
+        if changed_private:
+            try:
+                self._save()
+                self._write_zones()
+                self.problems.clear("alerts-write", "alerts written again")
+            except OSError as e:
+                self.problems.report("alerts-write", f"cannot write the alerts' files: {e}. Check disk space.")
+        try:
+            write_if_changed(self.paths.monitors_file(), self.monitors_file().model_dump_json().encode() + b"\n")
+        except OSError as e:
+            self.problems.report("alerts-write", f"cannot write {self.paths.monitors_file()}: {e}.")
+        public = self.states()
+        changed = public != self._public
+        self._public = public
+        return changed
+
+    def _advance(self, spec: sz.MonitorSpec, run: Run, now: datetime) -> bool:
+        """Algorithm 4's state machine for one monitor; True when its state changed."""
+        if run.phase == "exhausted":
+            return False
+        if now >= run.ends_at:
+            run.phase, run.end_reason = "exhausted", f"its lifetime of {spec.lifetime_days:g} days ended"
+            log.info("monitor %s stops: %s", spec.name, run.end_reason)
+            return True
+        life = sz.Lifecycle(run.epoch, run.phase, run.used)
+        mine = {m: sig.get(spec.name) for m, sig in self.signals.items()}
+        mine = {m: s for m, s in mine.items() if s is not None and s.generation == run.generation}
+        changed = False
+        if run.phase == "monitoring":
+            breached = sorted(m for m in run.zones if (s := mine.get(m)) and s.breach_epoch == run.epoch)
+            if not breached:
+                return False
+            life = life.on_violation(spec)
+            run.expected = sorted(run.zones)
+            run.epoch, run.phase, run.used = life.epoch, life.phase, life.used
+            run.vectors, run.collect_since, changed = {}, now, True
+            log.info("monitor %s: violation round %d of %d (a member left its safe zone)", spec.name, run.used,
+                     spec.violations)
+        for m, s in mine.items():  # vectors for this epoch (a breaching member sends the next epoch's at once)
+            if s.vector_epoch == run.epoch and s.vector is not None and m not in run.vectors:
+                if self._vector_ok(spec, m, s.vector):
+                    run.vectors[m] = s.vector
+                    changed = True
+        waited = (now - run.collect_since).total_seconds() >= self.settings.stale_after_s
+        complete = bool(run.expected) and set(run.expected) <= set(run.vectors)
+        if not (complete or waited) or len(run.vectors) < self.settings.min_members:
+            return changed
+        members = sorted(run.vectors)
+        noisy = [run.vectors[m] for m in members]
+        a = sz.assign(spec, noisy)  # Algorithm 2
+        firing = a.state == "firing"
+        if firing != run.firing:
+            run.since = now
+            if run.firing is not None:
+                log.info("monitor %s is %s (f estimate %.4g)", spec.name, "FIRING" if firing else "ok again", a.f_hat)
+        run.firing, run.f_hat = firing, a.f_hat
+        life = life.on_collected(spec)
+        run.phase = life.phase
+        if life.phase == "exhausted":
+            run.zones, run.end_reason = {}, f"its {spec.violations} violation rounds are used up"
+            log.warning("monitor %s is exhausted and stops: %s (the state it last decided stays published)",
+                        spec.name, run.end_reason)
+            return True
+        offsets = sz.assign_offsets(a.centre, a.v_hat, noisy)
+        run.zones = {m: SafeZone(monitor=spec.name, generation=run.generation, epoch=run.epoch, state=a.state,
+                                 offset=[float(x) for x in o], radius=a.radius) for m, o in zip(members, offsets)}
+        run.zones_issued, run.assigned_at = run.zones_issued + 1, now
+        return True
+
+    def _vector_ok(self, spec: sz.MonitorSpec, member: str, vector: list[float]) -> bool:
+        """A noisy vector of the right length within NOISE_SCALES_ALLOWED Laplace scales of [0, 1] (one member's
+        influence on v^ stays bounded); otherwise refused, logged once."""
+        l1, _ = sz.sensitivity(spec.kind, spec.window)
+        reach = NOISE_SCALES_ALLOWED * l1 / sz.split(spec).vector
+        ok = len(vector) == sz.dims(spec.kind) and all(math.isfinite(x) and -reach <= x <= 1 + reach for x in vector)
+        if not ok:
+            self.problems.report(f"signals:{member}:{spec.name}", f"the noisy vector {member} sent for monitor "
+                                 f"{spec.name} is refused: {len(vector)} values, expected {sz.dims(spec.kind)}, each "
+                                 f"within [{-reach:.3g}, {1 + reach:.3g}]")
+        return ok
+
+    # -- files ------------------------------------------------------------------------------------------
+    def _read_signals(self) -> None:
+        ds = str(self.paths.datasites)
+        allowed = set(self.settings.members) if self.settings.members is not None else None
+        try:
+            names = [n for n in os.listdir(ds) if is_datasite_email(n) and (allowed is None or n in allowed)]
+        except OSError:
+            return
+        parts = ("app_data", APP_NAME, MONITOR_SIGNALS_FILE)
+        ds_fd = -1
+        try:
+            for name in names:
+                try:
+                    st = os.lstat(os.path.join(ds, name, *parts))
+                    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+                except OSError:
+                    self.signals.pop(name, None)
+                    continue
+                if self._seen.get(name) == sig:
+                    continue
+                if ds_fd < 0:
+                    ds_fd = open_datasites(ds)
+                got = read_report(ds_fd, ds, (name, *parts), MAX_SIGNALS_BYTES)
+                self._seen[name] = sig
+                key = f"signals:{name}"
+                if got is None:
+                    continue
+                if type(got.data) is not bytes:
+                    self.problems.report(key, f"the monitor file of {name} is refused: {got.data}")
+                    self.signals.pop(name, None)
+                    continue
+                try:
+                    parsed = MonitorSignalsFile.model_validate_json(got.data)
+                except ValidationError as e:
+                    self.problems.report(key, f"the monitor file of {name} is refused (not a MonitorSignalsFile: "
+                                         f"{e.error_count()} error(s), first: {e.errors()[0]['msg']}); its signals "
+                                         "are ignored until it is valid")
+                    self.signals.pop(name, None)
+                    continue
+                self.problems.clear(key, f"the monitor file of {name} is valid again")
+                self.signals[name] = {s.monitor: s for s in parsed.signals}
+        finally:
+            if ds_fd >= 0:
+                os.close(ds_fd)
+
+    def _write_zones(self) -> None:
+        """Each member's safe zones, in a folder only it (and the aggregator) may read; members without a zone any
+        more get an empty list."""
+        holders: dict[str, list[SafeZone]] = {}
+        times: dict[str, datetime] = {}
+        for run in self.runs.values():
+            for m, zone in run.zones.items():
+                holders.setdefault(m, []).append(zone)
+                times[m] = max(times.get(m, _epoch0()), run.assigned_at or _epoch0())
+        root = self.paths.zones_dir("x").parent
+        known = set(os.listdir(root)) if root.is_dir() else set()
+        for member in sorted(set(holders) | {m for m in known if is_datasite_email(m)}):
+            folder = self.paths.zones_dir(member)
+            ensure_permissions(folder, self.paths.email, [member])
+            body = SafeZonesFile(member=member, generated_at=times.get(member, _epoch0()), zones=holders.get(member, []))
+            write_if_changed(folder / "zones.json", body.model_dump_json().encode() + b"\n")
+
+    def monitors_file(self) -> MonitorsFile:
+        """The public definitions and rounds; dated by the last change of any round, so that an unchanged file keeps
+        its bytes (every datasite on the relay mirrors it)."""
+        defs, last = [], _epoch0()
+        for spec in self.specs:
+            run = self.runs.get(spec.name)
+            if run is None:
+                continue
+            defs.append(MonitorDefinition(
+                monitor=spec.name, kind=spec.kind, threshold=spec.threshold, margin=spec.margin, window=spec.window,
+                epsilon=spec.epsilon, violations=spec.violations, generation=run.generation,
+                started_at=run.started_at, ends_at=run.ends_at, epoch=run.epoch, phase=run.phase))
+            last = max(last, run.started_at, run.collect_since, run.assigned_at or last)
+        return MonitorsFile(generated_at=last, monitors=defs)
+
+    def states(self) -> list[AlertState]:
+        """The public state of every monitor: post-processing of the members' DP releases only."""
+        out = []
+        for spec in self.specs:
+            run = self.runs.get(spec.name)
+            if run is None:
+                continue
+            s = sz.split(spec)
+            spent = s.vector * (run.epoch + 1 if run.phase != "collecting" or run.vectors else run.epoch) \
+                + s.zone * run.zones_issued
+            if run.phase == "exhausted":
+                state = "exhausted"
+            elif run.firing is None:
+                state = "starting"
+            else:
+                state = "firing" if run.firing else "ok"
+            estimate = None
+            if run.f_hat is not None:
+                estimate = 100 * run.f_hat if spec.kind == "mean" else 100 * math.sqrt(max(run.f_hat, 0.0))
+            unit = "%" if spec.kind == "mean" else " points of standard deviation"
+            what = "mean CPU" if spec.kind == "mean" else "the spread of the members' CPU"
+            message = {
+                "starting": f"collecting the first noisy vectors of the members for {what}",
+                "ok": f"{what} below {spec.threshold:g}{unit}",
+                "firing": f"{what} above {spec.threshold:g}{unit}",
+                "exhausted": f"stopped: {run.end_reason}",
+            }[state]
+            out.append(AlertState(
+                monitor=spec.name, kind=spec.kind, threshold=spec.threshold, margin=spec.margin, window=spec.window,
+                state=state, firing=run.firing, since=run.since, violation_rounds_used=run.used,
+                violation_rounds=spec.violations, epsilon=spec.epsilon, epsilon_spent=min(spent, spec.epsilon),
+                members=len(run.zones), estimate=None if estimate is None else float(np.round(estimate, 3)),
+                message=message))
+        return out
+
+    def attach(self, dashboard: Dashboard) -> Dashboard:
+        """The dashboard with the monitors' public state (unchanged when no monitor runs)."""
+        states = self.states() if self.specs else None
+        return dashboard.model_copy(update={"alerts": states}) if states else dashboard
+
+
+def _epoch0() -> datetime:
+    return datetime.fromtimestamp(0, timezone.utc)
