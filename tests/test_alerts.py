@@ -1,0 +1,242 @@
+"""Private alerts over SyftBox files, without a relay: three members and an aggregator in their own data folders,
+the files the relay would carry copied by hand (``sync``), real diffprivlib noise with fixed seeds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from cpu_tracker_aggregator.aggregator import Aggregator
+from cpu_tracker_aggregator.status import status_text
+from cpu_tracker_member.member import Member
+from cpu_tracker_member.monitor import MemberMonitors
+from shared import safezone as sz
+from shared.ledger import load_spends
+from shared.logs import Problems
+from shared.paths import Paths
+from shared.schema import Current, Dashboard, MonitorSignalsFile
+from shared.settings import Budget, Settings
+
+AGG = "agg@example.org"
+MEMBERS = ["m1@example.org", "m2@example.org", "m3@example.org"]
+T0 = datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
+MONITOR = {"name": "cpu_high", "threshold": 90, "margin": 5, "window": 2, "epsilon": 300, "violations": 3}
+INTERVAL = 2.0
+
+
+class Net:
+    def __init__(self, root: Path, monitors: list, caplog=None, violations_override=None):
+        self.root = root
+        self.now = T0
+        self.agg_paths = Paths(root / "agg", AGG)
+        self.agg = Aggregator(self.agg_paths, Settings(aggregator=AGG, role="aggregator", monitors=tuple(monitors),
+                                                       stale_after_s=10, min_members=3),
+                              Problems(logging.getLogger("cpu_tracker.aggregator")))
+        ms = Settings(aggregator=AGG, interval_s=INTERVAL, budgets=(Budget(horizon_s=0, epsilon=1000.0),))
+        self.members = {}
+        for i, m in enumerate(MEMBERS):
+            member = Member(Paths(root / m.split("@")[0], m), ms, Problems(logging.getLogger("cpu_tracker.member")))
+            self.members[m] = (member, MemberMonitors(member, random_state=np.random.RandomState(100 + i)))
+
+    def round(self, cpu: dict[str, float] | float) -> Dashboard:
+        start, self.now = self.now, self.now + timedelta(seconds=INTERVAL)
+        for m, (member, monitors) in self.members.items():
+            raw = cpu[m] if isinstance(cpu, dict) else cpu
+            member.publish(raw, start, self.now)
+            monitors.step(raw, self.now)
+        self.sync()
+        dash = self.agg.tick(self.now)
+        self.sync()
+        return dash
+
+    def sync(self) -> None:
+        """What the relay carries: each member's report folder to the aggregator; the public monitors file to
+        everyone; each member's own zones folder to that member only."""
+        for m, (member, _) in self.members.items():
+            _copy(member.paths.report_dir(), self.agg_paths.report_dir(m))
+            _copy(self.agg_paths.public_dir(), member.paths.public_dir(AGG))
+            _copy(self.agg_paths.zones_dir(m), member.paths.zones_dir(m, AGG))
+
+    def alert(self, dash: Dashboard) -> dict:
+        assert dash.alerts is not None
+        return dash.alerts[0].model_dump(mode="json")
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def true_mean(history: list[float], k: int) -> float:
+    return float(np.mean(history[-k:]))
+
+
+@pytest.fixture
+def net(tmp_path):
+    return Net(tmp_path, [MONITOR])
+
+
+def test_the_alert_fires_within_two_rounds_of_the_crossing_and_clears(net):
+    levels = [20.0] * 8 + [100.0] * 8 + [20.0] * 8
+    states, crossings = [], []
+    for i, level in enumerate(levels):
+        dash = net.round(level)
+        states.append(net.alert(dash)["state"])
+        crossings.append(true_mean(levels[: i + 1], MONITOR["window"]) >= MONITOR["threshold"])
+    assert states[0] == "starting" and "ok" in states[:8]  # the first vectors, collected for stale_after_s
+    up = crossings.index(True)
+    down = up + crossings[up:].index(False)
+    fired = states.index("firing")
+    cleared = fired + states[fired:].index("ok")
+    assert up <= fired <= up + 2, (states, up)
+    assert down <= cleared <= down + 2, (states, down)
+    a = net.alert(dash)
+    assert a["violation_rounds_used"] == 2 and a["violation_rounds"] == 3 and a["members"] == 3
+
+
+def test_every_spend_is_in_the_ledger_and_matches_the_published_epsilon(net):
+    for level in [20.0] * 8 + [100.0] * 5:
+        dash = net.round(level)
+    a = net.alert(dash)
+    s = sz.split(sz.MonitorSpec(**MONITOR))
+    spent = []
+    for m, (member, monitors) in net.members.items():
+        spends = load_spends(member.paths.ledger_file)
+        mine = [x for x in spends if x.mechanism.startswith("safezone_")]
+        track = monitors.tracks["cpu_high"]
+        assert sorted({x.mechanism for x in mine}) == ["safezone_vector", "safezone_zone"]
+        assert sum(x.mechanism == "safezone_vector" for x in mine) == track.vectors
+        assert sum(x.mechanism == "safezone_zone" for x in mine) == track.zones
+        n = member.settings.samples_per_window  # charged per second of activity: epsilon / whole seconds
+        assert sum(x.epsilon for x in mine) * n == pytest.approx(sz.Account(track.vectors, track.zones).spent(s))
+        assert all(x.unit == "cpu_second" for x in mine)
+        spent.append(sz.Account(track.vectors, track.zones).spent(s))
+    # one violation round so far: two vectors and two zones, what every member taking part in every round spent
+    assert a["violation_rounds_used"] == 1
+    assert a["epsilon_spent"] == pytest.approx(2 * s.vector + 2 * s.zone) == pytest.approx(max(spent))
+
+
+def test_files_and_permissions_reach_only_whom_they_must(net):
+    for level in [20.0] * 8:
+        net.round(level)
+    for m in MEMBERS:
+        folder = net.agg_paths.zones_dir(m)
+        rules = yaml.safe_load((folder / "syftperm.yaml").read_text())
+        readers = {r["user"] for r in rules if r.get("type") != "disallow" and "read" in r["permissions"]}
+        assert readers == {AGG, m}
+        assert yaml.safe_load((folder / "syft.pub.yaml").read_text())["rules"][0]["access"]["read"] == [m]
+        zones = json.loads((folder / "zones.json").read_text())
+        assert zones["member"] == m and zones["zones"][0]["monitor"] == "cpu_high"
+        signals = MonitorSignalsFile.model_validate_json(net.agg_paths.monitor_signals_file(m).read_bytes())
+        assert signals.signals[0].vector is not None
+    public = "".join(p.read_text() for p in net.agg_paths.public_dir().rglob("*.json"))
+    assert "@" not in public  # no member email, no per-member vector in anything public
+    assert "vector" not in json.loads(net.agg_paths.monitors_file().read_text())["monitors"][0]
+
+
+def test_dashboard_current_status_and_prometheus_agree(net):
+    for level in [20.0] * 8 + [100.0] * 4:
+        dash = net.round(level)
+    cur = Current.model_validate_json(net.agg_paths.current_file.read_bytes())
+    legacy = Dashboard.model_validate_json(net.agg_paths.dashboard_file.read_bytes())
+    assert cur.alerts == legacy.alerts == dash.alerts
+    a = cur.alerts[0]
+    assert a.state == "firing" and a.firing
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(net.agg_paths.metrics_file.read_text()) for s in f.samples}
+    lab = (("monitor", "cpu_high"),)
+    assert got[("cpu_tracker_monitor_firing", lab)] == 1
+    assert got[("cpu_tracker_monitor_exhausted", lab)] == 0
+    assert got[("cpu_tracker_monitor_state", (("monitor", "cpu_high"), ("state", "firing")))] == 1
+    assert got[("cpu_tracker_monitor_violation_rounds_used", lab)] == a.violation_rounds_used
+    assert got[("cpu_tracker_monitor_violation_rounds", lab)] == a.violation_rounds
+    assert got[("cpu_tracker_monitor_epsilon_spent", lab)] == pytest.approx(a.epsilon_spent)
+    assert got[("cpu_tracker_monitor_epsilon", lab)] == a.epsilon
+    assert got[("cpu_tracker_monitor_since_timestamp_seconds", lab)] == a.since.timestamp()
+    assert got[("cpu_tracker_monitor_threshold_ratio", lab)] == pytest.approx(0.9)
+    assert got[("cpu_tracker_monitor_estimate_ratio", lab)] == pytest.approx(a.estimate / 100)
+    assert "alert cpu_high: FIRING" in status_text(net.agg_paths.public_dir())
+
+
+def test_b_violation_rounds_then_exhausted_and_silent(tmp_path):
+    net = Net(tmp_path, [{**MONITOR, "violations": 1}])
+    for level in [20.0] * 8 + [100.0] * 6:
+        dash = net.round(level)
+    a = net.alert(dash)
+    assert a["state"] == "exhausted" and a["firing"] is True and a["violation_rounds_used"] == 1
+    before = {m: len(load_spends(mem.paths.ledger_file)) for m, (mem, _) in net.members.items()}
+    for level in [20.0] * 6:
+        dash = net.round(level)
+    assert net.alert(dash)["state"] == "exhausted"
+    for m, (member, monitors) in net.members.items():
+        spends = load_spends(member.paths.ledger_file)
+        assert len(spends) - before[m] == 6  # only the continuous releases: the monitor spends nothing more
+        t = monitors.tracks["cpu_high"]
+        assert (t.vectors, t.zones) <= (2, 1)
+
+
+def test_a_bad_monitor_setting_is_refused_once_and_the_rest_runs(tmp_path, caplog):
+    net = Net(tmp_path, [{"name": "bad", "threshold": 120}, MONITOR, {"kind": "imbalance"}])
+    for level in [20.0] * 8:
+        dash = net.round(level)
+    assert caplog.text.count("monitors[0] ('bad') is refused and does not run: threshold") == 1
+    assert caplog.text.count("monitors[2] is refused") == 1
+    assert [a.monitor for a in dash.alerts] == ["cpu_high"] and dash.alerts[0].state == "ok"
+    assert dash.estimate is not None  # the network figure goes on
+
+
+def test_a_malformed_safe_zone_keeps_the_member_silent_and_says_why(net, caplog):
+    for level in [20.0] * 8:
+        net.round(level)
+    m = MEMBERS[0]
+    member, monitors = net.members[m]
+    zone_file = member.paths.zones_file(m, AGG)
+    net.sync = lambda: None  # the relay stops carrying files: the broken zone stays as it is
+    zone_file.write_text('{"kind": "cpu_tracker.safe_zones", "zones": [')
+    before = monitors.tracks["cpu_high"].model_copy()
+    for _ in range(3):
+        start, net.now = net.now, net.now + timedelta(seconds=INTERVAL)
+        assert member.publish(100.0, start, net.now) is not None  # releases go on
+        monitors.step(100.0, net.now)
+    assert caplog.text.count("staying silent for this monitor until it can be read") == 1
+    assert "is refused (not a SafeZonesFile" in caplog.text
+    assert monitors.tracks["cpu_high"] == before  # no check, no spend, no flag
+    zone_file.unlink()
+    zone_file.mkdir()  # a folder where the file should be: cannot be read
+    monitors.step(100.0, net.now)
+    assert "cannot read my safe zone" in caplog.text
+
+
+def test_a_malformed_member_file_is_refused_once_and_the_others_count(net, caplog):
+    for level in [20.0] * 4:
+        net.round(level)
+    bad = net.agg_paths.monitor_signals_file(MEMBERS[0])
+    net.sync = lambda: None
+    bad.write_text('{"kind": "cpu_tracker.monitor_signals", "signals": 5}')
+    for _ in range(2):
+        net.now += timedelta(seconds=INTERVAL)
+        dash = net.agg.tick(net.now)
+    assert caplog.text.count(f"the monitor file of {MEMBERS[0]} is refused") == 1
+    assert dash.alerts[0].state in ("starting", "ok")
+
+
+def test_a_member_refuses_more_than_its_monitor_budget_whatever_the_aggregator_asks(net, caplog):
+    for level in [20.0] * 8:
+        net.round(level)
+    member, monitors = net.members[MEMBERS[0]]
+    monitors.tracks["cpu_high"].vectors = MONITOR["violations"] + 1  # as if b + 1 vectors were sent
+    defs = json.loads(net.agg_paths.monitors_file().read_text())
+    defs["monitors"][0].update(phase="collecting", epoch=7)
+    member.paths.monitors_file(AGG).write_text(json.dumps(defs))
+    before = len(load_spends(member.paths.ledger_file))
+    monitors.step(20.0, net.now + timedelta(seconds=INTERVAL))
+    assert len(load_spends(member.paths.ledger_file)) == before
+    assert "noisy vectors are spent; no more are sent" in caplog.text
