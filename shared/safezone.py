@@ -64,8 +64,8 @@ class MonitorSpec(BaseModel):
                        "deviation of the members' CPU (compared as a variance).")
     threshold: float = Field(default=90.0, gt=0, lt=100, description="T in percent (mean) or percentage points of "
                              "standard deviation (imbalance).")
-    margin: float = Field(default=5.0, ge=0, lt=50, description="Error margin m, in the threshold's unit: "
-                          "hysteresis, the alert fires above T - m .. T + m.")
+    margin: float = Field(default=5.0, ge=0, lt=50, description="Error margin m, in the threshold's unit: the alert "
+                          "fires when f crosses T and clears once f falls below T - m (hysteresis).")
     window: int = Field(default=45, ge=1, le=10_000, description="K: window means in the sliding window (45 at "
                         "20 s: 15 minutes).")
     epsilon: float = Field(default=60.0, gt=0, le=1000, description="Epsilon of the monitor's whole lifetime, for one "
@@ -80,9 +80,9 @@ class MonitorSpec(BaseModel):
         if self.kind == "imbalance" and self.threshold >= 50:
             raise ValueError(f"an imbalance threshold is a standard deviation of CPU percent, at most 50 (half the "
                              f"members at 0 %, half at 100 %), got threshold={self.threshold:g}")
-        if not (0 <= self.threshold - self.margin and self.threshold + self.margin <= 100):
-            raise ValueError(f"threshold - margin and threshold + margin must lie in [0, 100], got threshold="
-                             f"{self.threshold:g} margin={self.margin:g}")
+        if not 0 < self.threshold - self.margin:
+            raise ValueError(f"threshold - margin must be above 0, got threshold={self.threshold:g} "
+                             f"margin={self.margin:g}")
         return self
 
 
@@ -143,7 +143,10 @@ def sensitivity(kind: str, window: int) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """In f's units: ``mid`` decides the state, ``hi`` bounds the ok zones, ``lo`` the firing zones."""
+    """In f's units. The margin band is [T - m, T]: ``hi`` = T bounds the ok zones (the alert fires when f crosses T,
+    at the latest), ``lo`` = T - m bounds the firing zones (it clears once f falls below T - m, at the latest), and
+    ``mid`` = T - m/2 decides the state at each synchronisation (threshold flipping), so that v^ always lies at
+    least m/2 inside its new zone: no zone is ever empty, whatever the estimate."""
 
     lo: float
     mid: float
@@ -152,7 +155,7 @@ class Thresholds:
 
 def thresholds(spec: MonitorSpec) -> Thresholds:
     g = (lambda p: p / 100.0) if spec.kind == "mean" else (lambda p: (p / 100.0) ** 2)
-    return Thresholds(g(spec.threshold - spec.margin), g(spec.threshold), g(spec.threshold + spec.margin))
+    return Thresholds(g(spec.threshold - spec.margin), g(spec.threshold - spec.margin / 2), g(spec.threshold))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,7 +258,8 @@ def drift_distance(v_now: Sequence[float], v_ref: Sequence[float], offset: Seque
 # Algorithm 2: the coordinator's zones
 # ---------------------------------------------------------------------------------------------------
 def decide_state(kind: str, v_hat: Sequence[float], th: Thresholds) -> State:
-    """Threshold flipping: firing when f(v^) >= T, else ok. The next zones then watch the opposite crossing."""
+    """Threshold flipping: firing when f(v^) >= T - m/2, else ok. The next zones then watch the opposite crossing:
+    f rising above T (ok) or falling below T - m (firing)."""
     return "firing" if f_value(kind, v_hat) >= th.mid else "ok"
 
 

@@ -35,9 +35,10 @@ def test_sensitivity_bounds_every_change_of_one_window_mean():
 
 
 def test_thresholds_in_f_units():
-    assert sz.thresholds(MEAN) == sz.Thresholds(0.80, 0.85, 0.90)
-    th = sz.thresholds(IMB)
-    assert (th.lo, th.mid, th.hi) == pytest.approx((0.04, 0.0625, 0.09))
+    th = sz.thresholds(MEAN)  # T = 85, m = 5
+    assert (th.lo, th.mid, th.hi) == pytest.approx((0.80, 0.825, 0.85))
+    th = sz.thresholds(IMB)  # a standard deviation of 25 points, m = 5: compared as variances
+    assert (th.lo, th.mid, th.hi) == pytest.approx((0.04, 0.225**2, 0.0625))
 
 
 def test_ball_mean_ok_is_the_half_line_below_the_threshold():
@@ -100,7 +101,7 @@ def test_a_member_whose_drift_stays_in_its_zone_keeps_the_global_condition():
     for _ in range(500):
         now = np.clip(ref + rng.uniform(-0.5, 0.5, ref.shape), 0, 1)
         if all(sz.drift_distance(now[i], ref[i], offsets[i]) <= a.radius for i in range(3)):
-            assert np.mean(now) + (a.v_hat[0] - ref.mean()) <= 0.9 + 1e-12
+            assert np.mean(now) + (a.v_hat[0] - ref.mean()) <= 0.85 + 1e-12
 
 
 def test_exponential_mechanism_probabilities():
@@ -157,14 +158,18 @@ def test_budget_accounting_of_a_whole_run_never_exceeds_epsilon():
 
 
 def test_threshold_flipping_with_margins():
-    th = sz.thresholds(MEAN)
-    a = sz.assign(MEAN, [[0.87], [0.87]])  # above T = 0.85: firing, and the zone watches for f < T - m = 0.80
+    th = sz.thresholds(MEAN)  # T = 0.85, m = 0.05: decided at T - m/2 = 0.825
+    a = sz.assign(MEAN, [[0.83], [0.83]])  # above T - m/2: firing, and the zone watches for f < T - m = 0.80
     assert a.state == "firing" and a.centre[0] - a.radius == pytest.approx(th.lo)
-    b = sz.assign(MEAN, [[0.84], [0.84]])  # below T: ok, the zone watches for f > T + m = 0.90
+    b = sz.assign(MEAN, [[0.82], [0.82]])  # below T - m/2: ok, the zone watches for f > T = 0.85
     assert b.state == "ok" and b.centre[0] + b.radius == pytest.approx(th.hi)
-    # the margin always leaves room: v^ lies at least m inside its zone
-    assert a.v_hat[0] - (a.centre[0] - a.radius) == pytest.approx(0.07)
-    assert b.centre[0] + b.radius - b.v_hat[0] == pytest.approx(0.06)
+    # the margin always leaves room: v^ lies at least m/2 inside its zone, on either side of the decision
+    assert a.v_hat[0] - (a.centre[0] - a.radius) == pytest.approx(0.03)
+    assert b.centre[0] + b.radius - b.v_hat[0] == pytest.approx(0.03)
+    for f in np.linspace(0.01, 0.99, 99):
+        z = sz.assign(MEAN, [[f]])
+        room = (z.centre[0] + z.radius - f) if z.state == "ok" else (f - (z.centre[0] - z.radius))
+        assert room >= 0.025 - 1e-12
     c = sz.assign(IMB, [[0.2, 0.04], [0.8, 0.64]])  # members at 20 % and 80 %: std 30 > 25 points
     assert c.state == "firing" and c.f_hat == pytest.approx(0.09)
 
@@ -173,7 +178,7 @@ def test_monitor_settings_are_checked_with_names():
     with pytest.raises(ValidationError, match="standard deviation"):
         MonitorSpec(name="x", kind="imbalance", threshold=60)
     with pytest.raises(ValidationError, match="threshold - margin"):
-        MonitorSpec(name="x", kind="mean", threshold=98, margin=5)
+        MonitorSpec(name="x", kind="mean", threshold=5, margin=5)
     with pytest.raises(ValidationError, match="name"):
         MonitorSpec(name="Bad Name", kind="mean", threshold=90)
     with pytest.raises(ValueError, match="epsilon must be finite"):

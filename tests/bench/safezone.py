@@ -89,18 +89,18 @@ def local_vectors(spec: MonitorSpec, windows: np.ndarray) -> np.ndarray:
 def truth(spec: MonitorSpec, v: np.ndarray) -> np.ndarray:
     g = v.mean(axis=1)
     f = g[:, 0] if spec.kind == "mean" else g[:, 1] - g[:, 0] ** 2
-    return f >= sz.thresholds(spec).mid
+    return f >= sz.thresholds(spec).hi
 
 
 # ---------------------------------------------------------------------------------------------------
 # The two monitors
 # ---------------------------------------------------------------------------------------------------
 def band(spec: MonitorSpec, v: np.ndarray) -> np.ndarray:
-    """Rounds whose true f lies within the margin of T (T - m <= f <= T + m): either answer is tolerated there."""
+    """Rounds whose true f lies within the margin band (T - m <= f < T): either answer is tolerated there."""
     g = v.mean(axis=1)
     f = g[:, 0] if spec.kind == "mean" else g[:, 1] - g[:, 0] ** 2
     th = sz.thresholds(spec)
-    return (f >= th.lo) & (f <= th.hi)
+    return (f >= th.lo) & (f < th.hi)
 
 
 def run_safezone(spec: MonitorSpec, v: np.ndarray, rng: np.random.Generator, balance: float = sz.BALANCE) -> dict:
@@ -159,14 +159,14 @@ def naive_lifetime(spec: MonitorSpec, v: np.ndarray, rng: np.random.Generator, c
     (the accuracy the safe zones are built for, whatever the trace); ``trace``, the right side of T on this trace
     (the easiest contract for it: rounds far from T are right even with large noise)."""
     th, f = sz.thresholds(spec), true_f(spec, v)
-    tol = min(th.hi - th.mid, th.mid - th.lo)
+    tol = th.hi - th.lo
     for eps_round in np.geomspace(spec.epsilon / 1e5, spec.epsilon, 61):
         est = naive_f(spec, v, float(eps_round), rng)
-        right = ((est >= th.mid) == (f >= th.mid)) | band(spec, v)
+        right = ((est >= th.mid) == (f >= th.hi)) | band(spec, v)
         ok = np.abs(est - f) <= tol if contract == "margin" else right
         if ok.mean() >= GOAL_CORRECT:
             return spec.epsilon / float(eps_round), float(right.mean())
-    return 1.0, float((((naive_f(spec, v, spec.epsilon, rng) >= th.mid) == (f >= th.mid)) | band(spec, v)).mean())
+    return 1.0, float((((naive_f(spec, v, spec.epsilon, rng) >= th.mid) == (f >= th.hi)) | band(spec, v)).mean())
 
 
 # ---------------------------------------------------------------------------------------------------
