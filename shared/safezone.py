@@ -68,7 +68,7 @@ class MonitorSpec(BaseModel):
                           "fires when f crosses T and clears once f falls below T - m (hysteresis).")
     window: int = Field(default=45, ge=1, le=10_000, description="K: window means in the sliding window (45 at "
                         "20 s: 15 minutes).")
-    epsilon: float = Field(default=60.0, gt=0, le=1000, description="Epsilon of the monitor's whole lifetime, for one "
+    epsilon: float = Field(default=20.0, gt=0, le=1000, description="Epsilon of the monitor's whole lifetime, for one "
                            "window mean of the member (interval_s seconds of activity).")
     violations: int = Field(default=4, ge=1, le=1000, description="b: violation rounds before the monitor is "
                             "exhausted and stops.")
@@ -145,8 +145,7 @@ def sensitivity(kind: str, window: int) -> tuple[float, float]:
 class Thresholds:
     """In f's units. The margin band is [T - m, T]: ``hi`` = T bounds the ok zones (the alert fires when f crosses T,
     at the latest), ``lo`` = T - m bounds the firing zones (it clears once f falls below T - m, at the latest), and
-    ``mid`` = T - m/2 decides the state at each synchronisation (threshold flipping), so that v^ always lies at
-    least m/2 inside its new zone: no zone is ever empty, whatever the estimate."""
+    ``mid`` = T - m/2 decides the state at each synchronisation (``decide_state``)."""
 
     lo: float
     mid: float
@@ -258,8 +257,9 @@ def drift_distance(v_now: Sequence[float], v_ref: Sequence[float], offset: Seque
 # Algorithm 2: the coordinator's zones
 # ---------------------------------------------------------------------------------------------------
 def decide_state(kind: str, v_hat: Sequence[float], th: Thresholds) -> State:
-    """Threshold flipping: firing when f(v^) >= T - m/2, else ok. The next zones then watch the opposite crossing:
-    f rising above T (ok) or falling below T - m (firing)."""
+    """Threshold flipping with margins: firing when f(v^) >= T - m/2, else ok, so that v^ lies at least m/2 inside
+    its new zone whatever the estimate (no zone is ever empty). The next zones watch the opposite crossing: f rising
+    above T (ok) or falling below T - m (firing)."""
     return "firing" if f_value(kind, v_hat) >= th.mid else "ok"
 
 

@@ -36,9 +36,9 @@ from tests.bench.record_trace import DEFAULT as REAL_TRACE, load
 SEED = 20261202
 MEMBERS = 20
 GOAL_RATIO, GOAL_CORRECT = 100.0, 0.99
-MEAN = MonitorSpec(name="cpu_high", kind="mean", threshold=90, margin=5, window=45, epsilon=60, violations=4)
-IMB = MonitorSpec(name="cpu_imbalance", kind="imbalance", threshold=30, margin=5, window=45, epsilon=50,
-                  violations=10)
+MEAN = sz.NODE_CPU_HIGH_USAGE  # T = 90 %, m = 5, K = 45, epsilon 20, b = 4: the default monitor
+IMB = MonitorSpec(name="cpu_imbalance", kind="imbalance", threshold=30, margin=5, window=45, epsilon=200,
+                  violations=4)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -54,12 +54,15 @@ def trace(kind: str, rounds: int, n: int, rng: np.random.Generator, real: np.nda
         shifts = rng.integers(0, 3, n)
         x = w[(np.arange(rounds)[:, None] + shifts[None, :]) % len(w)] + rng.normal(0, 3, (rounds, n))
         return np.clip(x, 0, 100)
-    phases = _phases(rounds, 1500, rng)
+    if kind in ("rare", "imbalance"):  # an event of ~200 rounds (about an hour at 20 s) every ~10,000 (~2 days)
+        phases = _events(rounds, 10_000, 200, rng)
+    else:
+        phases = _phases(rounds, 1500, rng)
     ar = np.zeros((rounds, n))
     eps = rng.normal(0, 4, (rounds, n))
     for t in range(1, rounds):
         ar[t] = 0.8 * ar[t - 1] + eps[t]
-    if kind == "crossings":  # busy machines are steady near 100 %: the noise shrinks with the headroom
+    if kind in ("crossings", "rare"):  # busy machines are steady near 100 %: the noise shrinks with the headroom
         level = np.where(phases, 98.0, 35.0)[:, None] + rng.normal(0, 1, n)[None, :]
         return np.clip(level + ar * np.minimum(1.0, (100.0 - level) / 20.0), 0, 100)
     if kind == "imbalance":
@@ -67,6 +70,14 @@ def trace(kind: str, rounds: int, n: int, rng: np.random.Generator, real: np.nda
         level = 50.0 + np.where(phases, 38.0, 0.0)[:, None] * side[None, :]
         return np.clip(level + ar * 0.5, 0, 100)
     raise ValueError(kind)
+
+
+def _events(rounds: int, every: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    out, t = np.zeros(rounds, dtype=bool), int(rng.integers(every // 4, every))
+    while t < rounds:
+        out[t:t + length] = True
+        t += length + int(rng.exponential(every))
+    return out
 
 
 def _phases(rounds: int, mean_len: float, rng: np.random.Generator) -> np.ndarray:
@@ -170,70 +181,98 @@ def naive_lifetime(spec: MonitorSpec, v: np.ndarray, rng: np.random.Generator, c
 
 
 # ---------------------------------------------------------------------------------------------------
+SEEDS = 3
+
+
 def run(ctx) -> Result:
     res = Result("safezone", "Private alerts: safe zones vs the naive private monitor")
-    rounds = 8_000 if ctx.quick else 30_000
+    rounds = 20_000 if ctx.quick else 60_000
     real = np.clip(np.array(load(REAL_TRACE)[0]), 0, 100)
     runs = []
 
-    def one(label: str, spec: MonitorSpec, kind: str, seed: int) -> dict:
-        started = time.perf_counter()
-        r = np.random.default_rng([SEED, seed])
-        v = local_vectors(spec, trace(kind, rounds + spec.window - 1, MEMBERS, r, real))
-        sz_run = run_safezone(spec, v, r)
-        life_n, acc_n = naive_lifetime(spec, v, r, "margin")
-        life_t, acc_t = naive_lifetime(spec, v, r, "trace")
+    def one(label: str, spec: MonitorSpec, kind: str) -> dict:
+        """Median over SEEDS traces and noise draws (the lifetime hangs on when the first events come)."""
+        started, per = time.perf_counter(), []
+        for seed in range(SEEDS):
+            r = np.random.default_rng([SEED, KINDS.index(kind), seed])
+            v = local_vectors(spec, trace(kind, rounds + spec.window - 1, MEMBERS, r, real))
+            out = run_safezone(spec, v, r)
+            out["naive"], out["naive_correct"] = naive_lifetime(spec, v, r, "margin")
+            out["naive_trace"], _ = naive_lifetime(spec, v, r, "trace")
+            out["crossings"] = int(np.abs(np.diff(truth(spec, v).astype(int))).sum())
+            per.append(out)
+        med = sorted(per, key=lambda o: o["lifetime"])[len(per) // 2]
         row = {"label": label, "trace": kind, "monitor": spec.kind, "epsilon": spec.epsilon, "b": spec.violations,
-               "margin": spec.margin, **sz_run, "naive_lifetime": life_n, "naive_correct": acc_n,
-               "naive_trace_lifetime": life_t, "naive_trace_correct": acc_t, "ratio": sz_run["lifetime"] / life_n,
-               "ratio_trace": sz_run["lifetime"] / life_t,
-               "crossings": int(np.abs(np.diff(truth(spec, v).astype(int))).sum())}
+               "margin": spec.margin, "lifetime": med["lifetime"], "censored": med["censored"],
+               "lifetimes": [o["lifetime"] for o in per], "used": med["used"],
+               "correct": min(o["correct"] for o in per), "strict": min(o["strict"] for o in per),
+               "fp": max(o["fp"] for o in per), "fn": max(o["fn"] for o in per),
+               "naive_lifetime": med["naive"], "naive_correct": med["naive_correct"],
+               "naive_trace_lifetime": med["naive_trace"], "crossings": med["crossings"]}
+        row["ratio"] = row["lifetime"] / row["naive_lifetime"]
+        row["ratio_trace"] = row["lifetime"] / row["naive_trace_lifetime"]
         runs.append(row)
-        ctx.log(f"safezone: {label:28s} {kind:9s} lifetime {'>=' if sz_run['censored'] else ''}"
-                f"{sz_run['lifetime']} rounds ({sz_run['used']}/{spec.violations} violations), correct "
-                f"{100 * sz_run['correct']:.2f} %; naive {life_n:.1f} rounds (ratio {row['ratio']:.0f}), naive on this "
-                f"trace {life_t:.1f} (ratio {row['ratio_trace']:.1f}) "
-                f"({time.perf_counter() - started:.1f} s)")
+        ctx.log(f"safezone: {label:12s} {kind:12s} lifetime {'>=' if row['censored'] else ''}{row['lifetime']} "
+                f"rounds (of {row['lifetimes']}), correct {100 * row['correct']:.2f} %; naive {row['naive_lifetime']:.0f} "
+                f"rounds (ratio {row['ratio']:.0f}); naive tuned to this trace {row['naive_trace_lifetime']:.0f} "
+                f"(ratio {row['ratio_trace']:.1f}) ({time.perf_counter() - started:.1f} s)")
         return row
 
-    main = [one("default", MEAN, kind, i) for i, kind in enumerate(("crossings", "real_aligned", "real_shifted"))]
-    main.append(one("default", IMB, "imbalance", 3))
-    for eps in (20, 40, 100, 200):
-        one(f"epsilon {eps}", MEAN.model_copy(update={"epsilon": float(eps)}), "crossings", 10 + eps)
+    main = [one("default", MEAN, kind) for kind in ("rare", "crossings", "real_aligned", "real_shifted")]
+    main.append(one("default", IMB, "imbalance"))
+    for eps in (10, 40, 60, 100):
+        one(f"epsilon {eps:g}", MEAN.model_copy(update={"epsilon": float(eps)}), "rare")
     for margin in (2, 10):
-        one(f"margin {margin}", MEAN.model_copy(update={"margin": float(margin)}), "crossings", 20 + margin)
+        one(f"margin {margin:g}", MEAN.model_copy(update={"margin": float(margin)}), "rare")
     for b in (2, 10):
-        one(f"b {b}", MEAN.model_copy(update={"violations": b}), "crossings", 40 + b)
+        one(f"b {b}", MEAN.model_copy(update={"violations": b}), "rare")
     for r in main:
         res.rows += [
-            Row(f"{r['monitor']} on {r['trace']}: lifetime at epsilon {r['epsilon']:g}",
-                float(r["lifetime"]), "rounds", "naive private monitor at >= 99 % correct", r["naive_lifetime"],
-                f">= {GOAL_RATIO:g} x baseline", r["ratio"] >= GOAL_RATIO,
+            Row(f"{r['monitor']} on {r['trace']}: lifetime at epsilon {r['epsilon']:g}, b = {r['b']}",
+                float(r["lifetime"]), "rounds", "naive private monitor, same epsilon, estimate within m in 99 % of "
+                "rounds", r["naive_lifetime"], f">= {GOAL_RATIO:g} x baseline", r["ratio"] >= GOAL_RATIO,
                 ("(trace ended first: at least this) " if r["censored"] else "")
-                + f"{r['used']} of b = {r['b']} violation rounds, {r['crossings']} true crossings"),
+                + f"median of {r['lifetimes']}; {r['crossings']} true crossings in the median run; a naive monitor "
+                f"tuned to this very trace lasts {r['naive_trace_lifetime']:.0f}"),
             Row(f"{r['monitor']} on {r['trace']}: rounds correctly classified", 100 * r["correct"], "%", "", None,
                 f"> {100 * GOAL_CORRECT:g} %", r["correct"] > GOAL_CORRECT,
-                f"false positives {100 * r['fp']:.2f} %, false negatives {100 * r['fn']:.2f} %"),
+                f"worst of {SEEDS}; strict (no tolerance in the band) {100 * r['strict']:.2f} %; false positives "
+                f"{100 * r['fp']:.2f} %, false negatives {100 * r['fn']:.2f} %"),
         ]
     res.tables.append(_table(runs))
-    res.details = {"runs": runs, "members": MEMBERS, "rounds": rounds}
+    res.details = {"runs": runs, "members": MEMBERS, "rounds": rounds, "seeds": SEEDS}
     res.notes += [
-        f"{MEMBERS} members, {rounds} rounds per run, K = {MEAN.window} window means per sliding window; epsilon is "
-        "the lifetime epsilon for one window mean of a member (divide by the window's whole seconds for the "
-        "ledger's unit, one second: 20 s windows make 50 -> 2.5 per second of activity).",
-        "Naive: every round every member releases its vector with Laplace noise of scale Delta_1 / epsilon_round; "
-        "its lifetime at total epsilon is epsilon / epsilon_round, at the smallest epsilon_round (geometric grid) "
-        "that still classifies >= 99 % of the rounds correctly on the same trace.",
-        "Correct: the alert state equals [f(true average) >= T] in that round, no tolerance within the margin.",
+        f"{MEMBERS} members, {rounds} rounds per run, {SEEDS} runs per line (median lifetime, worst accuracy), "
+        f"K = {MEAN.window} window means per sliding window. Epsilon is the monitor's lifetime epsilon for one window "
+        "mean of a member; the ledger is charged epsilon / n per second of activity (n = the window's whole seconds: "
+        "20 at the default 20 s, so the default 20 costs 1 per second of activity, once, for the whole lifetime).",
+        "Naive baseline: every round every member releases its vector with Laplace noise of scale Delta_1 / "
+        "epsilon_round, and the lifetime at total epsilon is epsilon / epsilon_round rounds, at the smallest "
+        "epsilon_round (geometric grid) whose estimate of f is within the margin m of the truth in >= 99 % of the "
+        "rounds: the accuracy the safe zones are built to. 'Tuned to this trace' instead asks only for >= 99 % of "
+        "rounds on the right side of T on that very trace (easy when the trace is far from T most of the time).",
+        "Correct: the published state equals [f(true average) >= T] in that round, any answer being accepted while "
+        "the truth lies in the margin band [T - m, T); strict counts those rounds too.",
+        "Traces: rare = a fleet at ~35 % with an event at ~98 % of ~200 rounds every ~10,000 (about an hour every two "
+        "days at 20 s); crossings = phases of ~1,500 rounds; real_aligned = the committed recording, every member "
+        "following it (its 90 s sliding mean hovers around T); real_shifted = members as independent random shifts of "
+        "it (each member's sliding mean wanders from 33 % to 92 % while the fleet's stays near 70 %); imbalance = "
+        "rare events where half the fleet goes to ~12 % and half to ~88 %.",
     ]
     return res
 
 
+KINDS = ("rare", "crossings", "real_aligned", "real_shifted", "imbalance")
+
+
 def _table(runs: list[dict]) -> str:
-    lines = ["| run | trace | monitor | epsilon | b | margin | lifetime (rounds) | violations used | correct | FP | FN "
-             "| naive lifetime | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | trace | monitor | epsilon | b | margin | lifetime (rounds, median) | correct (worst) | strict | FP | "
+             "FN | naive lifetime | ratio | naive tuned to the trace | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['label']} | {r['trace']} | {r['monitor']} | {r['epsilon']:g} | {r['b']} | {r['margin']:g} "
-                     f"| {'>=' if r['censored'] else ''}{r['lifetime']} | {r['used']} | {100 * r['correct']:.2f} % | "
-                     f"{100 * r['fp']:.2f} % | {100 * r['fn']:.2f} % | {r['naive_lifetime']:.1f} | {r['ratio']:.0f} |")
+                     f"| {'>=' if r['censored'] else ''}{r['lifetime']} | {100 * r['correct']:.2f} % | "
+                     f"{100 * r['strict']:.2f} % | {100 * r['fp']:.2f} % | {100 * r['fn']:.2f} % | "
+                     f"{r['naive_lifetime']:.0f} | {r['ratio']:.0f} | {r['naive_trace_lifetime']:.0f} | "
+                     f"{r['ratio_trace']:.1f} |")
     return "\n".join(lines)
