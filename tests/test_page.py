@@ -356,3 +356,22 @@ def test_page_refetches_the_dashboard(site: Site) -> None:
 
     assert site.wait_for_state(lambda s: s == "ok", timeout=15) == "ok"
     assert site.text("mean") == pct(dash.estimate.mean)
+
+
+def test_shows_the_private_alerts_and_hides_them_when_none_run(site: Site) -> None:
+    from shared.schema import AlertState
+
+    dash = dashboard(utc_now())
+    site.publish(dash)
+    site.open()
+    assert not site.shown("alerts-card")  # no monitor: no card
+    alert = AlertState(monitor="cpu_high", kind="mean", threshold=90, margin=5, window=45, state="firing",
+                       firing=True, since=utc_now(), violation_rounds_used=1, violation_rounds=4, epsilon=20,
+                       epsilon_spent=7.5, members=5, estimate=93.1, message="mean CPU above 90% <b>now</b>")
+    site.publish(dash.model_copy(update={"alerts": [alert], "generated_at": utc_now()}))
+    site.open()
+    assert site.shown("alerts-card")
+    items = site.js("return [...document.querySelectorAll('#alerts li')].map(li => [li.dataset.monitor, "
+                    "li.dataset.state, li.textContent])")
+    assert [i[:2] for i in items] == [["cpu_high", "firing"]]
+    assert "FIRING" in items[0][2] and "violation rounds 1 of 4" in items[0][2] and "<b>now</b>" in items[0][2]
