@@ -280,7 +280,8 @@ class Alerts:
         for member in sorted(set(holders) | {m for m in known if is_datasite_email(m)}):
             folder = self.paths.zones_dir(member)
             ensure_permissions(folder, self.paths.email, [member])
-            body = SafeZonesFile(member=member, generated_at=times.get(member, _epoch0()), zones=holders.get(member, []))
+            body = SafeZonesFile(member=member, generated_at=times.get(member, _epoch0()),
+                                 zones=holders.get(member, []))
             write_if_changed(folder / "zones.json", body.model_dump_json().encode() + b"\n")
 
     def monitors_file(self) -> MonitorsFile:

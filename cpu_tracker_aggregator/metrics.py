@@ -80,7 +80,8 @@ def monitor_metrics(d: Dashboard):
 
     firing = family("firing", "1 while the alert fires (the last state it decided, also once exhausted), else 0.")
     exhausted = family("exhausted", "1 once the monitor has used its b violation rounds (or its lifetime) and stopped.")
-    state = family("state", "1 for the monitor's current state (starting, ok, firing, exhausted).", ("monitor", "state"))
+    state = family("state", "1 for the monitor's current state (starting, ok, firing, exhausted).",
+                   ("monitor", "state"))
     since = family("since_timestamp_seconds", "When the alert's state last changed (Unix time).")
     used = family("violation_rounds_used", "Violation rounds spent of the monitor's b.")
     rounds = family("violation_rounds", "b: the violation rounds the monitor may spend in its lifetime.")

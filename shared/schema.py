@@ -401,6 +401,15 @@ class MonitorSignalsFile(_Wire):
 
 Dashboard.model_rebuild()
 Current.model_rebuild()
+_json_schemas_before_alerts = json_schemas
+
+
+def json_schemas() -> dict[str, dict]:  # noqa: F811  the wire formats above, with the private alerts' three
+    """The JSON Schemas of the wire formats, by file name (with the private alerts' files)."""
+    return {**_json_schemas_before_alerts(),
+            "monitors.schema.json": MonitorsFile.model_json_schema(mode="serialization"),
+            "safe_zones.schema.json": SafeZonesFile.model_json_schema(mode="serialization"),
+            "monitor_signals.schema.json": MonitorSignalsFile.model_json_schema(mode="serialization")}
 
 
 if __name__ == "__main__":  # regenerate the committed schemas

@@ -169,7 +169,7 @@ class Settings(BaseModel):
                              + (f" (from members_file {self.members_file!r})" if self.members_file else ""))
         return self
 
-    # -- private alerts (safe zones): shared/safezone.py, cpu_tracker_member/monitor.py, cpu_tracker_aggregator/alerts.py
+    # -- private alerts (safe zones): shared/safezone.py, cpu_tracker_member/monitor.py, .../alerts.py
     monitors: tuple[Any, ...] = Field(
         default=(), description="Aggregator: the private alerts it runs, [[monitors]] tables (name, kind, threshold, "
         "margin, window, epsilon, violations, lifetime_days); none by default: each costs every member budget. Each "

@@ -9,6 +9,7 @@ import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import yaml
@@ -22,7 +23,7 @@ from shared import safezone as sz
 from shared.ledger import load_spends
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.schema import Current, Dashboard, MonitorSignalsFile
+from shared.schema import SCHEMA_DIR, Current, Dashboard, MonitorSignalsFile
 from shared.settings import Budget, Settings
 
 AGG = "agg@example.org"
@@ -135,11 +136,16 @@ def test_files_and_permissions_reach_only_whom_they_must(net):
         assert yaml.safe_load((folder / "syft.pub.yaml").read_text())["rules"][0]["access"]["read"] == [m]
         zones = json.loads((folder / "zones.json").read_text())
         assert zones["member"] == m and zones["zones"][0]["monitor"] == "cpu_high"
-        signals = MonitorSignalsFile.model_validate_json(net.agg_paths.monitor_signals_file(m).read_bytes())
+        jsonschema.validate(zones, json.loads((SCHEMA_DIR / "safe_zones.schema.json").read_text()))
+        raw = json.loads(net.agg_paths.monitor_signals_file(m).read_text())
+        jsonschema.validate(raw, json.loads((SCHEMA_DIR / "monitor_signals.schema.json").read_text()))
+        signals = MonitorSignalsFile.model_validate(raw)
         assert signals.signals[0].vector is not None
     public = "".join(p.read_text() for p in net.agg_paths.public_dir().rglob("*.json"))
     assert "@" not in public  # no member email, no per-member vector in anything public
-    assert "vector" not in json.loads(net.agg_paths.monitors_file().read_text())["monitors"][0]
+    monitors = json.loads(net.agg_paths.monitors_file().read_text())
+    jsonschema.validate(monitors, json.loads((SCHEMA_DIR / "monitors.schema.json").read_text()))
+    assert "vector" not in monitors["monitors"][0]
 
 
 def test_dashboard_current_status_and_prometheus_agree(net):

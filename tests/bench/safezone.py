@@ -213,7 +213,8 @@ def run(ctx) -> Result:
         row["ratio_trace"] = row["lifetime"] / row["naive_trace_lifetime"]
         runs.append(row)
         ctx.log(f"safezone: {label:12s} {kind:12s} lifetime {'>=' if row['censored'] else ''}{row['lifetime']} "
-                f"rounds (of {row['lifetimes']}), correct {100 * row['correct']:.2f} %; naive {row['naive_lifetime']:.0f} "
+                f"rounds (of {row['lifetimes']}), correct {100 * row['correct']:.2f} %; naive "
+                f"{row['naive_lifetime']:.0f} "
                 f"rounds (ratio {row['ratio']:.0f}); naive tuned to this trace {row['naive_trace_lifetime']:.0f} "
                 f"(ratio {row['ratio_trace']:.1f}) ({time.perf_counter() - started:.1f} s)")
         return row
@@ -266,8 +267,8 @@ KINDS = ("rare", "crossings", "real_aligned", "real_shifted", "imbalance")
 
 
 def _table(runs: list[dict]) -> str:
-    lines = ["| run | trace | monitor | epsilon | b | margin | lifetime (rounds, median) | correct (worst) | strict | FP | "
-             "FN | naive lifetime | ratio | naive tuned to the trace | ratio |",
+    lines = ["| run | trace | monitor | epsilon | b | margin | lifetime (rounds, median) | correct (worst) | strict "
+             "| FP | FN | naive lifetime | ratio | naive tuned to the trace | ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['label']} | {r['trace']} | {r['monitor']} | {r['epsilon']:g} | {r['b']} | {r['margin']:g} "
