@@ -64,7 +64,7 @@ class MonitorSpec(BaseModel):
                        "deviation of the members' CPU (compared as a variance).")
     threshold: float = Field(default=90.0, gt=0, lt=100, description="T in percent (mean) or percentage points of "
                              "standard deviation (imbalance).")
-    margin: float = Field(default=5.0, ge=0, lt=50, description="Error margin m, in the threshold's unit: the alert "
+    margin: float = Field(default=5.0, gt=0, lt=50, description="Error margin m, in the threshold's unit: the alert "
                           "fires when f crosses T and clears once f falls below T - m (hysteresis).")
     window: int = Field(default=45, ge=1, le=10_000, description="K: window means in the sliding window (45 at "
                         "20 s: 15 minutes).")

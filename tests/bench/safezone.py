@@ -56,13 +56,15 @@ def trace(kind: str, rounds: int, n: int, rng: np.random.Generator, real: np.nda
         return np.clip(x, 0, 100)
     if kind in ("rare", "imbalance"):  # an event of ~200 rounds (about an hour at 20 s) every ~10,000 (~2 days)
         phases = _events(rounds, 10_000, 200, rng)
+    elif kind == "quiet":  # the same fleet without any event
+        phases = np.zeros(rounds, dtype=bool)
     else:
         phases = _phases(rounds, 1500, rng)
     ar = np.zeros((rounds, n))
     eps = rng.normal(0, 4, (rounds, n))
     for t in range(1, rounds):
         ar[t] = 0.8 * ar[t - 1] + eps[t]
-    if kind in ("crossings", "rare"):  # busy machines are steady near 100 %: the noise shrinks with the headroom
+    if kind in ("crossings", "rare", "quiet"):  # busy machines are steady near 100 %: the noise shrinks with the headroom
         level = np.where(phases, 98.0, 35.0)[:, None] + rng.normal(0, 1, n)[None, :]
         return np.clip(level + ar * np.minimum(1.0, (100.0 - level) / 20.0), 0, 100)
     if kind == "imbalance":
@@ -219,8 +221,9 @@ def run(ctx) -> Result:
                 f"(ratio {row['ratio_trace']:.1f}) ({time.perf_counter() - started:.1f} s)")
         return row
 
-    main = [one("default", MEAN, kind) for kind in ("rare", "crossings", "real_aligned", "real_shifted")]
+    main = [one("default", MEAN, kind) for kind in ("quiet", "rare", "crossings", "real_aligned", "real_shifted")]
     main.append(one("default", IMB, "imbalance"))
+    one("epsilon 10", MEAN.model_copy(update={"epsilon": 10.0}), "quiet")
     for eps in (10, 40, 60, 100):
         one(f"epsilon {eps:g}", MEAN.model_copy(update={"epsilon": float(eps)}), "rare")
     for margin in (2, 10):
@@ -254,7 +257,7 @@ def run(ctx) -> Result:
         "rounds on the right side of T on that very trace (easy when the trace is far from T most of the time).",
         "Correct: the published state equals [f(true average) >= T] in that round, any answer being accepted while "
         "the truth lies in the margin band [T - m, T); strict counts those rounds too.",
-        "Traces: rare = a fleet at ~35 % with an event at ~98 % of ~200 rounds every ~10,000 (about an hour every two "
+        "Traces: quiet = a fleet at ~35 % (per-member AR(1) noise) and no event; rare = the same fleet with an event at ~98 % of ~200 rounds every ~10,000 (about an hour every two "
         "days at 20 s); crossings = phases of ~1,500 rounds; real_aligned = the committed recording, every member "
         "following it (its 90 s sliding mean hovers around T); real_shifted = members as independent random shifts of "
         "it (each member's sliding mean wanders from 33 % to 92 % while the fleet's stays near 70 %); imbalance = "
@@ -263,7 +266,7 @@ def run(ctx) -> Result:
     return res
 
 
-KINDS = ("rare", "crossings", "real_aligned", "real_shifted", "imbalance")
+KINDS = ("rare", "crossings", "real_aligned", "real_shifted", "imbalance", "quiet")
 
 
 def _table(runs: list[dict]) -> str:
