@@ -74,6 +74,22 @@ class RunsFile(BaseModel):
     runs: dict[str, Run] = Field(default_factory=dict)
 
 
+def cost_warnings(specs: list[sz.MonitorSpec], settings: Settings) -> list[str]:
+    """Sentences about monitors that members with these same settings could not afford: their ledgers would refuse
+    the spends and they would stay silent. Per instant, a member's continuous releases spend ``epsilon`` and every
+    monitor it joins up to its lifetime epsilon / n (n: whole seconds per window)."""
+    n = settings.samples_per_window
+    per_second = sum(s.epsilon for s in specs) / n
+    out = []
+    for b in settings.budgets:
+        if b.horizon_s == 0 and settings.epsilon + per_second > b.epsilon * (1 + 1e-9):
+            out.append(f"the monitors cost each member up to {per_second:.3g} epsilon per second of activity (their "
+                       f"lifetime epsilon / {n} s windows) beside the releases' {settings.epsilon:g}, more than the "
+                       f"budget of {b.epsilon:g} on any instant: members with these settings will refuse some of "
+                       "their spends and stay silent. Lower the monitors' epsilon or raise that budget.")
+    return out
+
+
 def spec_hash(spec: sz.MonitorSpec) -> str:
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
 
@@ -89,6 +105,8 @@ class Alerts:
         self.specs, errors = sz.parse_monitors(settings.monitors)
         for i, error in enumerate(errors):
             problems.report(f"monitor-setting:{i}", error, logging.ERROR)
+        for warning in cost_warnings(self.specs, settings):
+            log.warning("%s", warning)
         self.runs = self._load()
         self._seen: dict[str, tuple[int, int, int] | None] = {}
         self.signals: dict[str, dict[str, MonitorSignal]] = {}  # member -> monitor -> its latest signal

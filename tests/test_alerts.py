@@ -246,3 +246,8 @@ def test_a_member_refuses_more_than_its_monitor_budget_whatever_the_aggregator_a
     monitors.step(20.0, net.now + timedelta(seconds=INTERVAL))
     assert len(load_spends(member.paths.ledger_file)) == before
     assert "noisy vectors are spent; no more are sent" in caplog.text
+
+
+def test_monitors_members_cannot_afford_are_said_at_start(tmp_path, caplog):
+    Net(tmp_path, [{**MONITOR, "epsilon": 1000}])  # 1000 / 20 s windows = 50 per second: over the default 10
+    assert "members with these settings will refuse some of their spends" in caplog.text
