@@ -204,6 +204,58 @@ class History(_Wire):
     coarse: Series = Field(description="Averages of `recent` per 5 minutes, last 30 days.")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Secure aggregation's figure (issue 10): the rounds' noisy sums, never a member's value
+# ---------------------------------------------------------------------------------------------------
+class Interval(_Wire):
+    value: float
+    low: float
+    high: float
+
+
+class SecureRoundStatus(_Wire):
+    round: int
+    window_end: AwareDatetime
+    status: Literal["published", "refused", "failed"]
+    survivors: int
+    reason: str | None = None
+
+
+class SecureFigure(_Wire):
+    """The latest figure of the secure rounds, on ``dashboard.json`` and ``current.json`` as ``secure``. Computed
+    from the unmasked noisy sum only: the aggregator never sees a member's value."""
+
+    mode: Literal["secure"] = "secure"
+    epoch: int
+    round: int
+    window_start: AwareDatetime
+    window_end: AwareDatetime
+    cohort: int = Field(description="Members in the epoch.")
+    survivors: int = Field(description="Members whose upload the round's sum holds.")
+    mean: float = Field(description="Network mean CPU (percent) over the survivors' windows.")
+    standard_error: float
+    ci95_low: float
+    ci95_high: float
+    percentiles: dict[str, Interval] = Field(default_factory=dict, description="p50, p90, p99 of the members' window "
+                                             "means, each with a 95 % interval.")
+    share_above: Interval | None = Field(default=None, description="Share of members (0-1) above `threshold`.")
+    threshold: float = 90.0
+    unit: Literal["cpu_second", "cpu_window", "cpu_day"]
+    unit_words: str = Field(description="What `epsilon` protects, in words.")
+    epsilon: float = Field(description="Epsilon achieved for `unit` by this release (dp-accounting).")
+    delta: float
+    noise: str = Field(description="The distributed noise, e.g. 'distributed discrete Laplace'.")
+    method: str
+    recent: list[SecureRoundStatus] = Field(default_factory=list, description="The latest rounds, newest last.")
+
+    @field_validator("mean", "standard_error", "ci95_low", "ci95_high")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+
 class _Figure(_Wire):
     """What every published figure says: the network estimate now and its context."""
 
@@ -217,6 +269,9 @@ class _Figure(_Wire):
     counts: Counts
     privacy: PrivacySummary
     settings: AggregatorSettings
+    mode: Literal["local"] = Field(default="local", description="`estimate` comes from local-mode reports.")
+    secure: SecureFigure | None = Field(default=None, description="The latest secure round's figure, from the "
+                                        "cohort's noisy sum (absent when no secure round has been published).")
 
 
 class Dashboard(_Figure):

@@ -150,6 +150,37 @@ class Settings(BaseModel):
         "from the app folder (the working directory the app runs in). Adds to `members`.",
     )
 
+    # -- secure aggregation (issue 10): members take part in the aggregator's epochs, the aggregator runs them ----
+    mode: Literal["local", "secure"] = Field(
+        default="local",
+        description="Member: local publishes a Laplace-noised mean for the aggregator; secure takes part in the "
+        "aggregator's secure rounds instead (the aggregator then learns only the noisy sum of the cohort).",
+    )
+    secure_unit: Literal["cpu_second", "cpu_window", "cpu_day"] = Field(
+        default="cpu_window",
+        description="What secure mode's epsilon protects: one second of activity, a member's whole window, or its "
+        "whole UTC day. Member: the weakest unit it accepts; aggregator: the unit its epochs use.",
+    )
+    secure_epsilon: float = Field(
+        default=1.0, gt=0, le=100,
+        description="Epsilon per unit in secure mode (per second, per window, or per UTC day). Member: the most it "
+        "accepts from an epoch; aggregator: what its epochs target.",
+    )
+    secure_delta: float = Field(
+        default=1e-6, ge=0, le=1e-3,
+        description="Delta of the cpu_day unit (the distributed discrete Gaussian); the other units are pure (0).",
+    )
+    min_cohort: int = Field(
+        default=3, ge=3, le=10**6,
+        description="Secure mode: fewest members in an epoch and survivors in a round (member: it refuses smaller).",
+    )
+    min_survivor_fraction: float = Field(
+        default=0.8, gt=0, le=1,
+        description="Aggregator: a round needs this share of the cohort (and at least min_cohort); the noise is "
+        "sized so that that many members' shares already carry all of it.",
+    )
+    secure_bins: int = Field(default=20, ge=2, le=100, description="Histogram bins over [0, 100] (fleet percentiles).")
+
     @model_validator(mode="after")
     def _check_members(self) -> "Settings":
         if self.members_file is not None:
