@@ -199,13 +199,13 @@ def _percentiles(fleet) -> dict[str, Interval]:
     for name in ("p50", "p90", "p99"):
         item = getattr(fleet, name, None)
         if item is not None:
-            out[name] = Interval(value=item.value, low=item.low, high=item.high)
+            out[name] = Interval(value=item.estimate, low=item.low, high=item.high)
     return out
 
 
 def _share_above(fleet) -> Interval | None:
     item = getattr(fleet, "share_above", None)
-    return None if item is None else Interval(value=item.value, low=item.low, high=item.high)
+    return None if item is None else Interval(value=item.estimate, low=item.low, high=item.high)
 
 
 def _utc(t: float) -> datetime:

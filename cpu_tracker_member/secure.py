@@ -134,7 +134,7 @@ def day_check(cap: float, delta: float) -> Callable:
             end = day + timedelta(days=1)
             same = [s for s in (*recorded, new) if s.unit == "cpu_day" and s.noise is not None
                     and s.window_start < end and s.window_end > day]
-            spent = epsilon_of([release_event(NoiseSpec.model_validate(s.noise), s.survivors) for s in same], delta)
+            spent = epsilon_of([release_event(NoiseSpec.model_validate_json(s.noise), s.survivors) for s in same], delta)
             if spent > cap * (1 + 1e-9):
                 raise DayBudgetExceeded(day.date().isoformat(), spent, cap)
             day = end
@@ -345,7 +345,7 @@ class SecureMember:
         spend = Spend(
             released_at=utc_now(), window_start=start, window_end=end, epsilon=self._release_epsilon(epoch),
             delta=epoch.delta, mechanism=f"secure-{epoch.noise.family}", unit=epoch.unit,
-            n_samples=epoch.units_per_window, noise=epoch.noise.model_dump(mode="json"), survivors=epoch.noise.shares_for,
+            n_samples=epoch.units_per_window, noise=epoch.noise.model_dump_json(), survivors=epoch.noise.shares_for,
         )
         also = day_check(self.settings.secure_epsilon, epoch.delta) if epoch.unit == "cpu_day" else None
         try:

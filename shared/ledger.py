@@ -64,8 +64,8 @@ class Spend(BaseModel):
     mechanism: str
     unit: Literal["cpu_second", "cpu_sample", "cpu_window", "cpu_day"] = LEGACY_UNIT_NAME  # none: before the fixed unit
     n_samples: int = Field(ge=1)
-    noise: dict | None = Field(default=None, description="Secure releases: the epoch's NoiseSpec, from which the "
-                               "day's releases are composed with dp-accounting.")
+    noise: str | None = Field(default=None, description="Secure releases: the epoch's NoiseSpec (JSON), from which "
+                              "the day's releases are composed with dp-accounting.")
     survivors: int | None = Field(default=None, ge=1, description="Secure releases: the shares the noise is "
                                   "accounted with (the epoch's fewest survivors: the worst case).")
 
