@@ -138,7 +138,7 @@ def test_members_vanishing_mid_round(tmp_path, monkeypatch, n, gone, fraction):
     r, needed = net.round, net.agg.epoch.min_survivors
     vanished = set(net.members[1:1 + gone])
     net.alive -= vanished
-    for _ in range(4):
+    for _ in range(net.agg.epoch.reveal_rounds + 3):
         net.step()
     st = net.status(r)
     assert st is not None
