@@ -28,7 +28,7 @@ from shared.logs import Problems
 from shared.paths import Paths, is_datasite_email
 from shared.permissions import ensure_permissions
 from shared.schema import Interval, SecureFigure, SecureRoundStatus
-from shared.secnoise import calibrate, epsilon_of, fleet_estimate, noise_sd, release_event
+from shared.secnoise import calibrate, epsilon_of, fleet_estimate, fleet_mean, noise_sd, release_event
 from shared.secure_schema import (
     UNIT_WORDS,
     CohortMember,
@@ -163,19 +163,18 @@ def implausible(total: np.ndarray, epoch: Epoch, survivors: int) -> str | None:
 
 def secure_figure(epoch: Epoch, round_: int, total: np.ndarray, survivors: int,
                   recent: list[SecureRoundStatus]) -> SecureFigure:
-    """The published figure of one unmasked round: the mean with its exact standard error and 95 % interval (noise
-    plus the stochastic rounding's at most 1/4 step^2 per member), the fleet percentiles and the share above 90 %."""
+    """The published figure of one unmasked round: the mean with its 95 % interval (``secnoise.fleet_mean``: the
+    noise's exact spread plus the stochastic rounding's), the fleet percentiles and the share above 90 %."""
     sd_mean, _ = noise_sd(epoch.noise, survivors)
     se = math.sqrt(sd_mean ** 2 + survivors / 4) / epoch.scale / survivors
-    mean = float(total[0]) / epoch.scale / survivors
-    half = _half_width(epoch, survivors, se)
+    mean = fleet_mean(int(total[0]), spec=epoch.noise, survivors=survivors, scale=epoch.scale)
     fleet = fleet_estimate([int(v) for v in total[1:]], spec=epoch.noise, survivors=survivors,
                            edges=epoch.bin_edges(), threshold=90.0)
     start, end = epoch.window(round_)
     eps = epsilon_of([release_event(epoch.noise, survivors)] * releases_for(epoch.unit, epoch.window_s), epoch.delta)
     return SecureFigure(
         epoch=epoch.epoch, round=round_, window_start=_utc(start), window_end=_utc(end), cohort=len(epoch.cohort),
-        survivors=survivors, mean=mean, standard_error=se, ci95_low=mean - half, ci95_high=mean + half,
+        survivors=survivors, mean=mean.estimate, standard_error=se, ci95_low=mean.low, ci95_high=mean.high,
         percentiles=_percentiles(fleet), share_above=_share_above(fleet), threshold=90.0, unit=epoch.unit,
         unit_words=UNIT_WORDS[epoch.unit], epsilon=eps, delta=epoch.delta, noise=NOISE_WORDS[epoch.noise.family],
         method=f"secure aggregation (pairwise and self masks, Shamir-shared seeds) of {survivors} members' quantized "
@@ -183,15 +182,6 @@ def secure_figure(epoch: Epoch, round_: int, total: np.ndarray, survivors: int,
                "distribution",
         recent=recent[-RECENT:],
     )
-
-
-def _half_width(epoch: Epoch, survivors: int, se: float) -> float:
-    """95 % half-width of the mean. Gaussian noise: 1.96 se. Discrete Laplace (heavier tails): the Laplace quantile
-    of the noise, sd / sqrt(2) * ln(20), which covers at least 95 % (the sum of more than t shares is more nearly
-    Gaussian, so this is conservative), widened by the rounding term."""
-    if epoch.noise.family == "dgaussian":
-        return 1.96 * se
-    return max(1.96 * se, se / math.sqrt(2) * math.log(20))
 
 
 def _percentiles(fleet) -> dict[str, Interval]:
