@@ -64,8 +64,8 @@ def release_event(spec: NoiseSpec, survivors: int):
 
     dlaplace: DLap(a_m) on the mean (sensitivity D) and two DLap(a_h) of sensitivity 1 on the histogram, whatever
     the survivors: the sum of any t shares is exactly DLap(a), the others add independent noise (post-processing),
-    so this is conservative for survivors > t. dgaussian: one ZCDpEvent per part with KLS21's rho for n shares, never
-    more than at n = t (the same post-processing argument: more shares never cost more)."""
+    so this is conservative for survivors > t. dgaussian: one ZCDpEvent per part with KLS21's rho for n shares (its
+    tau term included), never growing with n (the same post-processing argument: more shares never cost more)."""
     from dp_accounting import dp_event
 
     if survivors < spec.shares_for:
@@ -76,20 +76,26 @@ def release_event(spec: NoiseSpec, survivors: int):
             dp_event.DiscreteLaplaceDpEvent(spec.mean_param, spec.mean_sensitivity),
             dp_event.SelfComposedDpEvent(dp_event.DiscreteLaplaceDpEvent(spec.hist_param, 1), 2),
         ])
-    rho_m = min(_kls_rho(spec.mean_sensitivity, spec.mean_param, spec.shares_for, n, 1)
-                for n in {spec.shares_for, survivors})
-    rho_h = min(_kls_rho(math.sqrt(2), spec.hist_param, spec.shares_for, n, spec.n_hist)
-                for n in {spec.shares_for, survivors})
+    rho_m = _kls_rho(spec.mean_sensitivity, spec.mean_param, spec.shares_for, survivors, 1)
+    rho_h = _kls_rho(math.sqrt(2), spec.hist_param, spec.shares_for, survivors, spec.n_hist)
     return dp_event.ComposedDpEvent([dp_event.ZCDpEvent(rho_m), dp_event.ZCDpEvent(rho_h)])
 
 
+@lru_cache(maxsize=4096)
 def _kls_rho(l2: float, sigma: float, t: int, n: int, dim: int) -> float:
-    """KLS21 Thm 1 (third branch of Prop. 14): rho of the sum of n shares N_Z(0, sigma^2 / t) for an L2 change l2."""
+    """rho of the sum of n >= t shares N_Z(0, sigma^2 / t) for an L2 change ``l2``: min over m in [t, n] of KLS21's
+    (l2 / sqrt(m sigma^2 / t) + sqrt(dim) tau_m)^2 / 2 (any m of the shares carry the rest as post-processing), so
+    it never grows with n although tau_m does. tau_m = 10 sum_{k=1}^{m-1} exp(-2 pi^2 (sigma^2 / t) k / (k + 1))."""
     local_var = sigma * sigma / t
-    tau = 10.0 * sum(math.exp(-2 * math.pi**2 * local_var * k / (k + 1)) for k in range(1, min(n, 10_000)))
-    if n > 10_000:  # the remaining terms are each below exp(-2 pi^2 local_var * 10^4 / (10^4 + 1)): bound them
-        tau += 10.0 * (n - 10_000) * math.exp(-2 * math.pi**2 * local_var * 10_000 / 10_001)
-    return (l2 / math.sqrt(n * local_var) + math.sqrt(dim) * tau) ** 2 / 2
+    c = 2 * math.pi**2 * local_var
+    if 10.0 * n * math.exp(-c / 2) * math.sqrt(dim) < 1e-15 * l2 / math.sqrt(n * local_var):
+        return (l2 / math.sqrt(n * local_var)) ** 2 / 2  # tau below a double's resolution for every m <= n
+    tau = 10.0 * math.fsum(math.exp(-c * k / (k + 1)) for k in range(1, t))
+    best = math.inf
+    for m in range(t, n + 1):
+        best = min(best, (l2 / math.sqrt(m * local_var) + math.sqrt(dim) * tau) ** 2 / 2)
+        tau += 10.0 * math.exp(-c * m / (m + 1))
+    return best
 
 
 def epsilon_of(events: Sequence, delta: float) -> float:
@@ -171,7 +177,7 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
     def spec_for(c: float) -> NoiseSpec:
         if family == "dlaplace":
             m, h = mean_fraction * c / mean_sensitivity, (1 - mean_fraction) * c / 2
-        else:  # rho = D^2 / (2 sigma^2) (tau, negligible here, is in the accountant's check)
+        else:  # rho = D^2 / (2 sigma^2); the tau term is in the accountant's check, so the search absorbs it
             m, h = mean_sensitivity / math.sqrt(2 * mean_fraction * c), math.sqrt(2 / (2 * (1 - mean_fraction) * c))
         return NoiseSpec(family=family, mean_sensitivity=mean_sensitivity, mean_param=m, hist_param=h,
                          shares_for=shares_for, n_hist=n_hist)
@@ -373,9 +379,10 @@ def _excess_kurtosis(spec: NoiseSpec, param: float, survivors: int) -> float:
 
 def _z(level: float, kurtosis: float) -> float:
     """Two-sided normal quantile for ``level``, widened by Cornish-Fisher for a symmetric law of excess kurtosis
-    ``kurtosis`` (z + (z^3 - 3 z) k / 24; never narrowed)."""
+    ``kurtosis`` (z + (z^3 - 3 z) k / 24; never narrowed), and never beyond Chebyshev's 1 / sqrt(1 - level), which
+    holds for any symmetric law (a nearly degenerate one has a huge kurtosis and a tiny sd)."""
     z = NormalDist().inv_cdf(0.5 + level / 2)
-    return z + max(0.0, (z**3 - 3 * z) * kurtosis / 24)
+    return min(z + max(0.0, (z**3 - 3 * z) * kurtosis / 24), 1 / math.sqrt(1 - level))
 
 
 class Interval(BaseModel):

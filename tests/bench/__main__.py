@@ -2,9 +2,10 @@
 
     ./run.sh bench [--quick] [--out bench-results] [--only NAME ...] [--work DIR]
 
-Benchmarks (one module each): aggregator_scale, accuracy, member_overhead, relay_bytes, e2e_latency, soak. Each
-runs in its own process. The aggregator timings run alone; the member overhead (light, measured as the member's own
-CPU time) runs beside the accuracy simulation; the relay bytes next; the local network next (with --quick: beside
+Benchmarks (one module each): aggregator_scale, accuracy, secure_accuracy, member_overhead, relay_bytes, e2e_latency,
+soak. Each runs in its own process. The aggregator timings run alone; the member overhead (light, measured as the
+member's own CPU time) runs beside the accuracy simulation; the secure-aggregation accuracy (about 2 minutes of one
+core) alone after them; the relay bytes next; the local network next (with --quick: beside
 the others, to stay under two minutes); the soak (7 simulated days, 1 with --quick; member and aggregator side by
 side) runs last. The full run takes about 17 minutes on a 2-core machine, --quick about 2.5.
 """
@@ -34,9 +35,11 @@ from tests.bench.common import (
     write_report,
 )
 
-BENCHMARKS = ("aggregator_scale", "accuracy", "member_overhead", "relay_bytes", "e2e_latency", "soak")
-PHASES_FULL = (("aggregator_scale",), ("member_overhead", "accuracy"), ("relay_bytes",), ("e2e_latency",), ("soak",))
-PHASES_QUICK = (("aggregator_scale",), ("member_overhead", "accuracy", "relay_bytes", "e2e_latency"), ("soak",))
+BENCHMARKS = ("aggregator_scale", "accuracy", "secure_accuracy", "member_overhead", "relay_bytes", "e2e_latency", "soak")
+PHASES_FULL = (("aggregator_scale",), ("member_overhead", "accuracy"), ("secure_accuracy",), ("relay_bytes",),
+               ("e2e_latency",), ("soak",))
+PHASES_QUICK = (("aggregator_scale",), ("member_overhead", "accuracy", "relay_bytes", "e2e_latency"),
+                ("secure_accuracy",), ("soak",))
 
 
 def log(line: str) -> None:
