@@ -35,11 +35,11 @@ from tests.bench.common import (
     write_report,
 )
 
-BENCHMARKS = ("aggregator_scale", "accuracy", "secure_accuracy", "member_overhead", "relay_bytes", "e2e_latency", "soak")
-PHASES_FULL = (("aggregator_scale",), ("member_overhead", "accuracy"), ("secure_accuracy",), ("relay_bytes",),
+BENCHMARKS = ("aggregator_scale", "accuracy", "secure_accuracy", "secure_protocol", "member_overhead", "relay_bytes", "e2e_latency", "soak")
+PHASES_FULL = (("aggregator_scale",), ("member_overhead", "accuracy"), ("secure_accuracy", "secure_protocol"), ("relay_bytes",),
                ("e2e_latency",), ("soak",))
 PHASES_QUICK = (("aggregator_scale",), ("member_overhead", "accuracy", "relay_bytes", "e2e_latency"),
-                ("secure_accuracy",), ("soak",))
+                ("secure_accuracy", "secure_protocol"), ("soak",))
 
 
 def log(line: str) -> None:
