@@ -77,7 +77,7 @@ def plan_epoch(number: int, keys: Mapping[str, str], settings: Settings, aggrega
     scale = scale_for(unit, units)
     family = noise_family_for(unit)
     delta = settings.secure_delta if family == "dgaussian" else 0.0
-    noise = calibrate(family=family, epsilon=settings.secure_epsilon, delta=delta,
+    noise = calibrate(family=family, epsilon=settings.secure_target, delta=delta,
                       mean_sensitivity=mean_sensitivity_for(unit, scale, units), releases=releases_for(unit, w),
                       mean_fraction=MEAN_FRACTION, shares_for=min_survivors)
     return Epoch(
@@ -87,7 +87,7 @@ def plan_epoch(number: int, keys: Mapping[str, str], settings: Settings, aggrega
         cohort=[CohortMember(email=e, x25519=keys[e]) for e in cohort],
         neighbours=secagg.neighbour_graph(cohort, degree), threshold=threshold, min_survivors=min_survivors,
         scale=scale, bins=settings.secure_bins, units_per_window=units, unit=unit,
-        epsilon=settings.secure_epsilon, delta=delta, noise=noise,
+        epsilon=settings.secure_target, delta=delta, noise=noise,
     )
 
 

@@ -28,7 +28,6 @@ from shared.permissions import ensure_permissions
 from shared.schema import CPU_BOUNDS, utc_now
 from shared.secnoise import NoiseSpec, epsilon_of, quantize, release_event, sample_share
 from shared.secure_schema import (
-    UNIT_ORDER,
     UNIT_WORDS,
     Epoch,
     Inbox,
@@ -92,9 +91,9 @@ def epoch_problem(epoch: Epoch, me: str, my_key: str, settings: Settings) -> str
     if n < settings.min_cohort or epoch.min_survivors < settings.min_cohort:
         return (f"epoch {epoch.epoch} has {n} members and needs {epoch.min_survivors} survivors; this member needs at "
                 f"least {settings.min_cohort} (min_cohort)")
-    if UNIT_ORDER[epoch.unit] < UNIT_ORDER[settings.secure_unit]:
-        return (f"epoch {epoch.epoch} protects {UNIT_WORDS[epoch.unit]}, less than {UNIT_WORDS[settings.secure_unit]} "
-                "(secure_unit)")
+    if epoch.unit != settings.secure_unit:  # an epsilon per day says little about one window, and vice versa
+        return (f"epoch {epoch.epoch} protects {UNIT_WORDS[epoch.unit]}, this member asks for "
+                f"{UNIT_WORDS[settings.secure_unit]} (secure_unit)")
     if epoch.units_per_window != settings.samples_per_window:
         return f"epoch {epoch.epoch} counts {epoch.units_per_window} seconds a window, this member {settings.samples_per_window}"
     needed = mean_sensitivity_for(epoch.unit, epoch.scale, epoch.units_per_window)
@@ -105,8 +104,8 @@ def epoch_problem(epoch: Epoch, me: str, my_key: str, settings: Settings) -> str
         eps = epoch_epsilon(epoch)
     except ValueError as e:
         return f"epoch {epoch.epoch}'s noise cannot be accounted: {e}"
-    mine = settings.secure_epsilon if UNIT_ORDER[epoch.unit] == UNIT_ORDER[settings.secure_unit] else None
-    if mine is not None and eps > mine * (1 + 1e-6):
+    mine = settings.secure_target
+    if eps > mine * (1 + 1e-6):
         return (f"epoch {epoch.epoch}'s noise gives epsilon {eps:.4g} per unit with {epoch.min_survivors} survivors, "
                 f"more than this member's secure_epsilon {mine:g}")
     if epoch.delta > settings.secure_delta:
@@ -347,7 +346,7 @@ class SecureMember:
             delta=epoch.delta, mechanism=f"secure-{epoch.noise.family}", unit=epoch.unit,
             n_samples=epoch.units_per_window, noise=epoch.noise.model_dump_json(), survivors=epoch.noise.shares_for,
         )
-        also = day_check(self.settings.secure_epsilon, epoch.delta) if epoch.unit == "cpu_day" else None
+        also = day_check(self.settings.secure_target, epoch.delta) if epoch.unit == "cpu_day" else None
         try:
             if also is not None and ledger.retention < timedelta(days=1):
                 raise OSError("the ledger keeps less than a day (add a budget with horizon_s = 86400) and the "

@@ -232,7 +232,6 @@ class Inbox(_Wire):
 # ---------------------------------------------------------------------------------------------------
 # The rules both roles apply to an epoch's parameters (one place)
 # ---------------------------------------------------------------------------------------------------
-UNIT_ORDER = {"cpu_second": 0, "cpu_window": 1, "cpu_day": 2}  # each protects everything the previous one does
 DAY_S = 86400
 
 

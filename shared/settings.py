@@ -49,6 +49,9 @@ DEFAULT_BUDGETS = (
 )
 
 
+SECURE_EPSILON_DEFAULTS = {"cpu_second": 5.0, "cpu_window": 1.25, "cpu_day": 10.0}
+
+
 class Settings(BaseModel):
     """Everything a user can set. Unknown keys are refused so that typos surface at once."""
 
@@ -125,6 +128,11 @@ class Settings(BaseModel):
         return self
 
     @property
+    def secure_target(self) -> float:
+        """Secure mode's epsilon per unit: the setting, else the unit's default."""
+        return self.secure_epsilon if self.secure_epsilon is not None else SECURE_EPSILON_DEFAULTS[self.secure_unit]
+
+    @property
     def samples_per_window(self) -> int:
         """Units (whole seconds of activity) a window averages: its sensitivity is 100 / this."""
         return units_per_window(self.interval_s)
@@ -161,10 +169,11 @@ class Settings(BaseModel):
         description="What secure mode's epsilon protects: one second of activity, a member's whole window, or its "
         "whole UTC day. Member: the weakest unit it accepts; aggregator: the unit its epochs use.",
     )
-    secure_epsilon: float = Field(
-        default=1.0, gt=0, le=100,
-        description="Epsilon per unit in secure mode (per second, per window, or per UTC day). Member: the most it "
-        "accepts from an epoch; aggregator: what its epochs target.",
+    secure_epsilon: float | None = Field(
+        default=None, gt=0, le=100,
+        description="Epsilon per unit in secure mode, mean and histogram together (80 % / 20 %). Member: the most it "
+        "accepts from an epoch; aggregator: what its epochs target. Unset: 5 per second, 1.25 per window (1 for the "
+        "mean, 0.25 for the histogram), 10 per UTC day.",
     )
     secure_delta: float = Field(
         default=1e-6, ge=0, le=1e-3,
