@@ -283,3 +283,31 @@ def test_every_secure_release_is_charged_before_its_upload_and_the_day_budget_ho
     assert epsilon_of([release_event(e.noise, e.noise.shares_for)] * per_day, e.delta) <= 0.5 * (1 + 1e-6)
     with pytest.raises(msec.DayBudgetExceeded):
         msec.day_check(0.5, e.delta)([spends[0]] * (per_day + per_day // 10), spends[0])
+
+
+def test_the_secure_figure_reaches_prometheus_in_its_conventions(tmp_path, monkeypatch):
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cpu_tracker_aggregator.metrics import secure_metrics
+
+    net = Net(tmp_path, 4, monkeypatch)
+    for _ in range(3):
+        net.step()
+    fig = net.agg.figure
+    assert fig is not None
+
+    class One:
+        def collect(self):
+            return secure_metrics(fig)
+
+    reg = CollectorRegistry()
+    reg.register(One())
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(generate_latest(reg).decode()) for s in fam.samples}
+    assert samples[("cpu_tracker_secure_network_cpu_ratio", ())] == pytest.approx(fig.mean / 100)
+    assert samples[("cpu_tracker_secure_network_cpu_ci95_high_ratio", ())] == pytest.approx(fig.ci95_high / 100)
+    assert samples[("cpu_tracker_secure_survivors", ())] == fig.survivors == 4
+    p90 = (("bound", "estimate"), ("quantile", "90"))
+    assert samples[("cpu_tracker_secure_fleet_cpu_percentile_ratio", p90)] == pytest.approx(fig.percentiles["p90"].value / 100)
+    assert samples[("cpu_tracker_secure_recent_rounds", (("status", "published"),))] >= 1
