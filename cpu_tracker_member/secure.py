@@ -362,7 +362,8 @@ class SecureMember:
             return False
         self.problems.clear("ledger-write")
         upload = self._upload(epoch, round_, raw_mean)
-        return self._write(upload.model_copy(update={"reveals": reveals}))
+        return self._write(upload.model_copy(update={"reveals": reveals, "unit": epoch.unit,
+                                                     "epsilon": spend.epsilon}))
 
     def _release_epsilon(self, epoch: Epoch) -> float:
         """One release's epsilon for its unit with the fewest survivors (the ledger's rolling budgets add these)."""

@@ -114,6 +114,8 @@ class MemberReport(_Wire):
     window: Window
     release: Release
     privacy_unit: PrivacyUnit
+    mode: Literal["local"] = Field(default="local", description="local: the member's own noisy release (a member in "
+                                   "secure mode writes round files instead, shared.secure_schema.SecureUpload).")
     cpu: float | None = Field(default=None, description="Legacy (tutorial) key: equals release.value.")
     timestamp: str | None = Field(default=None, description="Legacy (tutorial) key: created_at, 'YYYY-MM-DD HH:MM:SS' UTC.")
 

@@ -190,6 +190,7 @@ class SecureUpload(_Wire):
 
     schema_version: Literal[1] = 1
     kind: Literal["cpu_tracker.secure_round"] = UPLOAD_KIND
+    mode: Literal["secure"] = "secure"
     app_version: str
     email: str
     epoch: int = Field(ge=1)
@@ -198,6 +199,9 @@ class SecureUpload(_Wire):
     vector: str = Field(description="The masked vector, little-endian uint64 words, base64.")
     sealed: dict[str, str] = Field(description="Neighbour -> AES-GCM-sealed share of this round's self-mask seed.")
     reveals: list[Reveal] = Field(default_factory=list, max_length=16)
+    unit: Unit | None = Field(default=None, description="The privacy unit of this release (the epoch's).")
+    epsilon: float | None = Field(default=None, ge=0, description="Epsilon of this release for `unit` with the "
+                                  "epoch's fewest survivors, as the member's ledger charged it.")
 
     _check_email = field_validator("email")(_email)
 

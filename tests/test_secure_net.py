@@ -1,6 +1,6 @@
 """Secure aggregation on a real network: a SyftBox relay server and 6 clients on 127.0.0.1 (5 members in secure
-mode, 1 aggregator), the app started by SyftBox's scheduler through run.sh, real keys, masks, shares and noise,
-real files synced through the relay. One member is killed mid-run."""
+mode, 1 member still in local mode, 1 aggregator: a network migrating), the app started by SyftBox's scheduler through
+run.sh, real keys, masks, shares and noise, real files synced through the relay. One member is killed mid-run."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ import pytest
 from shared.schema import SCHEMA_DIR
 from shared.secagg import decode_vector
 from shared.secure_schema import Epoch, SecureUpload
-from tests.localnet.demo import install_tracker, secure_settings, site_paths
+from tests.localnet.demo import REPO, install_tracker, secure_settings, site_paths
 from tests.localnet.network import LocalNetwork
 
 pytestmark = pytest.mark.network
 
 MEMBERS = [f"s{i}@example.org" for i in range(1, 6)]
+LOCAL = "l1@example.org"
 AGG = "agg@example.org"
 INTERVAL = 8.0
 
@@ -28,8 +29,10 @@ INTERVAL = 8.0
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     root = tmp_path_factory.mktemp("secure")
-    with LocalNetwork(root, Path(sys.prefix) / "bin", [*MEMBERS, AGG], log=lambda _: None) as n:
-        install_tracker(n, MEMBERS, AGG, secure_settings(AGG, INTERVAL) + "stale_after_s = 60\n")
+    with LocalNetwork(root, Path(sys.prefix) / "bin", [*MEMBERS, LOCAL, AGG], log=lambda _: None) as n:
+        install_tracker(n, MEMBERS, AGG, secure_settings(AGG, INTERVAL) + "stale_after_s = 60\nmin_members = 1\n")
+        n.install_app(REPO, symlink=False, emails=[LOCAL],
+                      files={"cpu_tracker.toml": f'aggregator = "{AGG}"\ninterval_s = {INTERVAL}\n'})
         yield n
 
 
@@ -53,7 +56,10 @@ def test_secure_rounds_complete_and_the_dashboard_figure_comes_from_the_sum(net)
     assert sec["ci95_low"] < sec["mean"] < sec["ci95_high"] and sec["ci95_high"] - sec["ci95_low"] < 10
     assert {"p50", "p90", "p99"} <= set(sec["percentiles"]) and sec["share_above"] is not None
     assert sec["epsilon"] <= 5.0 + 1e-6
-    assert dash["counts"]["fresh"] == 0 and dash["estimate"] is None  # no member published a local report
+    # both figures during a migration: the local member's report as `estimate`, the secure cohort's sum as `secure`
+    dash = net.wait_for(lambda: (d := current(net)) and d["counts"]["fresh"] == 1 and d.get("secure") and d,
+                        timeout=120, what="the local member's report beside the secure figure")
+    assert dash["estimate"]["members"] == 1 and dash["mode"] == "local" and dash["secure"]["mode"] == "secure"
     jsonschema.validate(dash, json.loads((SCHEMA_DIR / "current.schema.json").read_text()))
     # window end to figure: the published round ended at most 2 intervals (plus a tick) before the figure
     from datetime import datetime
@@ -64,7 +70,7 @@ def test_secure_rounds_complete_and_the_dashboard_figure_comes_from_the_sum(net)
 
 def test_no_member_receives_another_members_upload_and_the_relay_holds_only_masked_words(net):
     secure_with(net, 5)
-    for m in MEMBERS:
+    for m in [*MEMBERS, LOCAL]:
         mine = site_paths(net, m)
         for other in MEMBERS:
             if other != m:
