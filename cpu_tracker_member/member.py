@@ -249,7 +249,8 @@ def run_member(
             member.problems.clear("clock")
             log.log(logging.INFO if once else logging.DEBUG, "published window ending %s (epsilon %g)",
                     end.isoformat(timespec="seconds"), s.epsilon)
-        summary.add(end.timestamp(), windows=1, published=published, epsilon=s.epsilon * published)
+        per_release = s.epsilon if secure is None else s.secure_target  # secure: at most; the epoch's noise decides
+        summary.add(end.timestamp(), windows=1, published=published, epsilon=per_release * published)
         start = end
         if once:
             return

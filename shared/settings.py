@@ -296,7 +296,12 @@ def settings_warnings(settings: Settings) -> list[str]:
     (and how far into each span), a noise scale the default aggregator rejects, an ignored setting. Pure: the
     caller logs them (once per settings load). Empty for the default settings."""
     out: list[str] = []
-    eps, w = settings.epsilon, settings.interval_s
+    w = settings.interval_s
+    eps = settings.epsilon  # local mode: epsilon per release; secure mode: the epoch's, at most secure_target
+    if settings.mode == "secure":
+        if settings.secure_unit == "cpu_day":  # its own daily check; each release's share of it is small
+            return out
+        eps = settings.secure_target
     if settings.sample_period_s is not None:
         out.append(
             f"sample_period_s = {settings.sample_period_s:g} is ignored and no longer changes the privacy: every "
@@ -320,7 +325,7 @@ def settings_warnings(settings: Settings) -> list[str]:
                 f"all the time, lower epsilon to {b.epsilon / touched:.3g} or raise that budget to {touched * eps:g}."
             )
     scale = laplace_scale(mean_sensitivity(*CPU_BOUNDS, settings.samples_per_window), eps)
-    if scale > settings.max_noise_scale:
+    if settings.mode == "local" and scale > settings.max_noise_scale:
         out.append(
             f"Every report will be rejected by an aggregator with max_noise_scale {settings.max_noise_scale:g}: its "
             f"noise scale is {scale:.3g} points (100 / {settings.samples_per_window} whole seconds / epsilon {eps:g}). "

@@ -311,3 +311,15 @@ def test_the_secure_figure_reaches_prometheus_in_its_conventions(tmp_path, monke
     p90 = (("bound", "estimate"), ("quantile", "90"))
     assert samples[("cpu_tracker_secure_fleet_cpu_percentile_ratio", p90)] == pytest.approx(fig.percentiles["p90"].value / 100)
     assert samples[("cpu_tracker_secure_recent_rounds", (("status", "published"),))] >= 1
+
+
+def test_status_says_secure_mode_the_epoch_and_the_secure_releases(tmp_path, monkeypatch):
+    from cpu_tracker_member.status import status_text
+
+    net = Net(tmp_path, 3, monkeypatch)
+    net.step()
+    m = net.members[0]
+    text = status_text(net.secure[m].paths, net.settings, _t((net.round + 1) * W))
+    assert "Mode: secure" in text and "a member's whole window at epsilon 1.25" in text
+    assert f"Epoch {net.agg.epoch.epoch} from {AGG}: 3 members" in text and "this datasite is listed" in text
+    assert "Secure releases in the ledger: 1" in text
