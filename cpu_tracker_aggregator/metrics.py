@@ -83,8 +83,8 @@ def secure_metrics(sec):
         yield GaugeMetricFamily(f"{PREFIX}_{name}", text, value=value / PERCENT)
     yield GaugeMetricFamily(f"{PREFIX}_secure_round", "Number of the latest published secure round (UTC window).",
                             value=sec.round)
-    yield GaugeMetricFamily(f"{PREFIX}_secure_window_end_timestamp_seconds", "End of that round's window.",
-                            value=sec.window_end.timestamp())
+    yield GaugeMetricFamily(f"{PREFIX}_secure_round_end_timestamp_seconds", "End of that round's window.",
+                            value=sec.round_end.timestamp())
     yield GaugeMetricFamily(f"{PREFIX}_secure_survivors", "Members whose uploads that round's sum holds.",
                             value=sec.survivors)
     yield GaugeMetricFamily(f"{PREFIX}_secure_cohort", "Members in the epoch.", value=sec.cohort)

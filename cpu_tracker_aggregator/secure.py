@@ -173,7 +173,7 @@ def secure_figure(epoch: Epoch, round_: int, total: np.ndarray, survivors: int,
     start, end = epoch.window(round_)
     eps = epsilon_of([release_event(epoch.noise, survivors)] * releases_for(epoch.unit, epoch.window_s), epoch.delta)
     return SecureFigure(
-        epoch=epoch.epoch, round=round_, window_start=_utc(start), window_end=_utc(end), cohort=len(epoch.cohort),
+        epoch=epoch.epoch, round=round_, round_start=_utc(start), round_end=_utc(end), cohort=len(epoch.cohort),
         survivors=survivors, mean=mean.estimate, standard_error=se, ci95_low=mean.low, ci95_high=mean.high,
         percentiles=_percentiles(fleet), share_above=_share_above(fleet), threshold=90.0, unit=epoch.unit,
         unit_words=UNIT_WORDS[epoch.unit], epsilon=eps, delta=epoch.delta, noise=NOISE_WORDS[epoch.noise.family],
@@ -414,7 +414,7 @@ class SecureAggregator:
         self.figure = secure_figure(e, rnd.number, total, len(rnd.survivors), list(self.recent))
 
     def _record(self, rnd: Round, status: str) -> None:
-        self.recent.append(SecureRoundStatus(round=rnd.number, window_end=_utc(rnd.epoch.window(rnd.number)[1]),
+        self.recent.append(SecureRoundStatus(round=rnd.number, round_end=_utc(rnd.epoch.window(rnd.number)[1]),
                                              status=status, survivors=len(rnd.survivors), reason=rnd.reason))
         if status != "published" and self.figure is not None:
             self.figure = self.figure.model_copy(update={"recent": list(self.recent)})

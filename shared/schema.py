@@ -217,7 +217,7 @@ class Interval(_Wire):
 
 class SecureRoundStatus(_Wire):
     round: int
-    window_end: AwareDatetime
+    round_end: AwareDatetime
     status: Literal["published", "refused", "failed"]
     survivors: int
     reason: str | None = None
@@ -230,8 +230,8 @@ class SecureFigure(_Wire):
     mode: Literal["secure"] = "secure"
     epoch: int
     round: int
-    window_start: AwareDatetime
-    window_end: AwareDatetime
+    round_start: AwareDatetime
+    round_end: AwareDatetime
     cohort: int = Field(description="Members in the epoch.")
     survivors: int = Field(description="Members whose upload the round's sum holds.")
     mean: float = Field(description="Network mean CPU (percent) over the survivors' windows.")

@@ -64,7 +64,7 @@ def test_secure_rounds_complete_and_the_dashboard_figure_comes_from_the_sum(net)
     # window end to figure: the published round ended at most 2 intervals (plus a tick) before the figure
     from datetime import datetime
 
-    lag = (datetime.fromisoformat(dash["generated_at"]) - datetime.fromisoformat(sec["window_end"])).total_seconds()
+    lag = (datetime.fromisoformat(dash["generated_at"]) - datetime.fromisoformat(sec["round_end"])).total_seconds()
     assert lag <= 2 * INTERVAL + 4, lag
 
 

@@ -2,7 +2,7 @@
 started by SyftBox's scheduler): from a round's window end to the first ``current.json`` that shows its figure, in
 intervals, without dropouts and after one member is stopped (its client and app killed).
 
-Each published round's lag is ``generated_at`` of the first ``current.json`` showing it minus its ``window_end``
+Each published round's lag is ``generated_at`` of the first ``current.json`` showing it minus its ``round_end``
 (polled twice a second). Goals (issue 10): at most 2 intervals without dropouts, at most 3 with.
 """
 
@@ -66,7 +66,7 @@ def _poll(agg, seen: dict[int, float], out: list[float] | None = None, after: in
     sec = dash.get("secure")
     if not sec or sec["round"] in seen:
         return
-    lag = (datetime.fromisoformat(dash["generated_at"]) - datetime.fromisoformat(sec["window_end"])).total_seconds()
+    lag = (datetime.fromisoformat(dash["generated_at"]) - datetime.fromisoformat(sec["round_end"])).total_seconds()
     seen[sec["round"]] = lag
     if out is not None and sec["round"] > after:
         out.append(lag)
