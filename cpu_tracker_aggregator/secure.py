@@ -306,7 +306,7 @@ class SecureAggregator:
         first = current + 2
         try:
             epoch = plan_epoch(number, wanted, self.settings, self.paths.email, first, now)
-            ensure_permissions(self.paths.public_dir(), self.paths.email, ["*"])
+            ensure_permissions(self.paths.epoch_dir(), self.paths.email, sorted(wanted))  # the cohort alone
             atomic_write_bytes(self.paths.epoch_file(), epoch.model_dump_json(indent=1).encode())
         except (OSError, ValueError) as ex:
             self.problems.report("epoch", f"secure mode: cannot publish epoch {number}: {ex}")

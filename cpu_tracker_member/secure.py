@@ -24,7 +24,6 @@ from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_json, ensure
 from shared.ledger import BudgetExceeded, Ledger, Spend
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.permissions import ensure_permissions
 from shared.schema import CPU_BOUNDS, utc_now
 from shared.secnoise import NoiseSpec, epsilon_of, quantize, release_event, sample_share
 from shared.secure_schema import (
@@ -210,9 +209,7 @@ class SecureMember:
                     raise OSError(f"{path} is not a 32-byte X25519 key: remove it to make a new one")
                 self._private = raw
                 self._public_b64 = base64.b64encode(secagg.public_key(raw)).decode()
-            folder = self.paths.public_dir()
-            ensure_permissions(folder, self.paths.email, ["*"])
-            key_file = self.paths.secure_key_file()
+            key_file = self.paths.secure_key_file()  # in the report folder: the aggregator alone reads it
             current = _read_json(key_file)
             if not current or current.get("x25519") != self._public_b64:
                 body = SecureKey(email=self.paths.email, x25519=self._public_b64, created_at=utc_now())

@@ -40,7 +40,7 @@ DASHBOARD_SCHEMA_FILE = "dashboard.schema.json"
 REPORT_SCHEMA_FILE = "member_report.schema.json"
 PAGE_FILE = "index.html"
 SECURE_KEY_FILE = "secure_key.json"
-EPOCH_FILE = "secure/epoch.json"
+EPOCH_FILE = "epoch.json"
 INBOX_FILE = "inbox.json"
 SYFTPERM_FILE = "syftperm.yaml"
 SYFT_PUB_FILE = "syft.pub.yaml"
@@ -135,11 +135,16 @@ class Paths:
         return self.private / "secure"
 
     def secure_key_file(self, member: str | None = None) -> Path:
-        """A member's public key, world-readable in its public folder."""
-        return self.public_dir(member) / SECURE_KEY_FILE
+        """A member's public key, in its report folder: for the aggregator only, which hands it to the cohort in
+        the epoch (nothing public says who takes part)."""
+        return self.report_dir(member) / SECURE_KEY_FILE
+
+    def epoch_dir(self, aggregator: str | None = None) -> Path:
+        """The aggregator's epoch folder, readable by the epoch's cohort only."""
+        return self.datasites / (aggregator or self.email) / "app_data" / f"{self.app_name}_epoch"
 
     def epoch_file(self, aggregator: str | None = None) -> Path:
-        return self.public_dir(aggregator) / EPOCH_FILE
+        return self.epoch_dir(aggregator) / EPOCH_FILE
 
     def upload_dir(self, member: str | None = None) -> Path:
         """A member's round uploads: inside its report folder, so under the same aggregator-only permission."""

@@ -3,8 +3,8 @@ the aggregator's per-member inbox, and the secure figure on the dashboard. Same 
 ``shared.schema``: fields are never removed or renamed, new ones are optional, ``schema_version`` changes only
 with a breaking change. Layout on SyftBox (``shared.paths``):
 
-- ``<member>/public/cpu_tracker/secure_key.json``   ``SecureKey``, world-readable: the X25519 public key.
-- ``<aggregator>/public/cpu_tracker/secure/epoch.json``   ``Epoch``, world-readable: cohort, graph, parameters.
+- ``<member>/app_data/cpu_tracker/secure_key.json``   ``SecureKey``, the aggregator only: the X25519 public key.
+- ``<aggregator>/app_data/cpu_tracker_epoch/epoch.json``   ``Epoch``, the cohort only: members, keys, graph, parameters.
 - ``<member>/app_data/cpu_tracker/secure/r<round>.json``   ``SecureUpload``, the aggregator only.
 - ``<aggregator>/app_data/cpu_tracker/inbox/<member>/inbox.json``   ``Inbox``, that member only.
 """

@@ -88,6 +88,10 @@ def test_no_member_receives_another_members_upload_and_the_relay_holds_only_mask
         words = decode_vector(up.vector, epoch.dim).astype(object)
         assert all(small < w < (1 << 64) - small for w in words), f"{f} holds a small (unmasked) word"
     assert not list(snapshot.glob("*/private/**/*.key"))
+    public = "".join(p.read_text() for p in site_paths(net, AGG).public_dir().rglob("*.json"))
+    assert not any(m in public for m in [*MEMBERS, LOCAL])  # nothing world-readable says who takes part
+    outsider = site_paths(net, LOCAL)  # a local-mode member is not in the cohort: it cannot read the epoch
+    assert not outsider.epoch_file(AGG).exists()
 
 
 def test_a_member_killed_mid_run_is_handled(net):
