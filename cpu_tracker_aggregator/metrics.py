@@ -93,13 +93,13 @@ def secure_metrics(sec):
     pct = GaugeMetricFamily(f"{PREFIX}_secure_fleet_cpu_percentile_ratio", "Fleet percentiles of the members' "
                             "window means (DP), with their 95 % interval.", labels=["quantile", "bound"])
     for q, item in sorted(sec.percentiles.items()):
-        for bound, value in (("estimate", item.value), ("low", item.low), ("high", item.high)):
+        for bound, value in (("estimate", item.estimate), ("low", item.low), ("high", item.high)):
             pct.add_metric([q[1:], bound], value / PERCENT)
     yield pct
     if sec.share_above is not None:
         above = GaugeMetricFamily(f"{PREFIX}_secure_members_above_threshold_ratio", f"Share of members above "
                                   f"{sec.threshold:g} % CPU (DP), with its 95 % interval.", labels=["bound"])
-        for bound, value in (("estimate", sec.share_above.value), ("low", sec.share_above.low),
+        for bound, value in (("estimate", sec.share_above.estimate), ("low", sec.share_above.low),
                              ("high", sec.share_above.high)):
             above.add_metric([bound], value)
         yield above

@@ -23,11 +23,11 @@ import numpy as np
 from pydantic import ValidationError
 
 from shared import secagg
-from shared.atomic import atomic_write_bytes, write_if_changed
+from shared.atomic import atomic_write_bytes, read_capped, write_if_changed
 from shared.logs import Problems
 from shared.paths import Paths, is_datasite_email
 from shared.permissions import ensure_permissions
-from shared.schema import Interval, SecureFigure, SecureRoundStatus
+from shared.schema import SecureFigure, SecureRoundStatus
 from shared.secnoise import calibrate, epsilon_of, fleet_estimate, fleet_mean, noise_sd, release_event
 from shared.secure_schema import (
     UNIT_WORDS,
@@ -46,7 +46,6 @@ from shared.secure_schema import (
 from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.aggregator")
-MAX_FILE_BYTES = 1 << 20
 ABSENT_ROUNDS = 3  # a member missing from this many closed rounds in a row is left out of the next epoch
 MEAN_FRACTION = 0.8  # of each release's epsilon, on the mean coordinate; the rest on the histogram
 RECENT = 12
@@ -175,27 +174,13 @@ def secure_figure(epoch: Epoch, round_: int, total: np.ndarray, survivors: int,
     return SecureFigure(
         epoch=epoch.epoch, round=round_, round_start=_utc(start), round_end=_utc(end), cohort=len(epoch.cohort),
         survivors=survivors, mean=mean.estimate, standard_error=se, ci95_low=mean.low, ci95_high=mean.high,
-        percentiles=_percentiles(fleet), share_above=_share_above(fleet), threshold=90.0, unit=epoch.unit,
+        percentiles={q: getattr(fleet, q) for q in ("p50", "p90", "p99")}, share_above=fleet.share_above, threshold=90.0, unit=epoch.unit,
         unit_words=UNIT_WORDS[epoch.unit], epsilon=eps, delta=epoch.delta, noise=NOISE_WORDS[epoch.noise.family],
         method=f"secure aggregation (pairwise and self masks, Shamir-shared seeds) of {survivors} members' quantized "
                f"window means with {NOISE_WORDS[epoch.noise.family]} noise shares; interval from the noise's "
                "distribution",
         recent=recent[-RECENT:],
     )
-
-
-def _percentiles(fleet) -> dict[str, Interval]:
-    out = {}
-    for name in ("p50", "p90", "p99"):
-        item = getattr(fleet, name, None)
-        if item is not None:
-            out[name] = Interval(value=item.estimate, low=item.low, high=item.high)
-    return out
-
-
-def _share_above(fleet) -> Interval | None:
-    item = getattr(fleet, "share_above", None)
-    return None if item is None else Interval(value=item.estimate, low=item.low, high=item.high)
 
 
 def _utc(t: float) -> datetime:
@@ -267,7 +252,7 @@ class SecureAggregator:
         for name in names:
             if not is_datasite_email(name) or (allowed is not None and name not in allowed):
                 continue
-            raw = _read_bytes(self.paths.secure_key_file(name))
+            raw = read_capped(self.paths.secure_key_file(name))
             if raw is None:
                 continue
             try:
@@ -325,7 +310,7 @@ class SecureAggregator:
 
     def _next_number(self) -> int:
         """After a restart: one more than the epoch on disk, so that members never see a number go back."""
-        raw = _read_bytes(self.paths.epoch_file())
+        raw = read_capped(self.paths.epoch_file())
         try:
             return Epoch.model_validate_json(raw).epoch + 1 if raw else 1
         except ValidationError:
@@ -333,7 +318,7 @@ class SecureAggregator:
 
     # -- rounds ---------------------------------------------------------------------------------------
     def _read_upload(self, member: str, round_: int) -> SecureUpload | None:
-        raw = _read_bytes(self.paths.upload_file(round_, member))
+        raw = read_capped(self.paths.upload_file(round_, member))
         if raw is None:
             return None
         try:
@@ -449,9 +434,3 @@ class SecureAggregator:
                 return
 
 
-def _read_bytes(path) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read(MAX_FILE_BYTES)
-    except OSError:
-        return None

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from shared import __version__
 from shared import secagg
-from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_json, ensure_private_dir
+from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_json, ensure_private_dir, read_capped
 from shared.ledger import BudgetExceeded, Ledger, Spend
 from shared.logs import Problems
 from shared.paths import Paths
@@ -42,7 +42,6 @@ from shared.settings import Settings
 log = logging.getLogger("cpu_tracker.member")
 KEEP_UPLOADS = 4  # round files kept: the aggregator reads reveals for round r in the uploads of r + 1 .. r + 3
 KEEP_REVEALED_ROUNDS = 200
-MAX_FILE_BYTES = 1 << 20
 
 
 def round_of(window_end: datetime, window_s: float) -> int:
@@ -224,7 +223,7 @@ class SecureMember:
     def epoch_for(self, round_: int) -> Epoch | None:
         """The epoch that covers ``round_`` and that this member accepts (logged once when there is none)."""
         path = self.paths.epoch_file(self.settings.aggregator)
-        raw = _read_bytes(path)
+        raw = read_capped(path)
         problem = None
         if raw is None:
             problem = f"no epoch from {self.settings.aggregator} yet ({path} not synced): waiting"
@@ -265,7 +264,7 @@ class SecureMember:
         answered the other way for that round (even before a restart) gets nothing more."""
         if self._revealed is None:
             self._revealed = Revealed.load(self.paths.secure_private / "revealed.json")
-        raw = _read_bytes(self.paths.inbox_file(self.paths.email, self.settings.aggregator))
+        raw = read_capped(self.paths.inbox_file(self.paths.email, self.settings.aggregator))
         if raw is None:
             return []
         try:
@@ -416,18 +415,8 @@ def _inbox_problem(entry, epoch: Epoch) -> str | None:
     return None
 
 
-def _read_bytes(path) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read(MAX_FILE_BYTES)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError:
-        return None
-
-
 def _read_json(path) -> dict | None:
-    raw = _read_bytes(path)
+    raw = read_capped(path)
     try:
         return json.loads(raw) if raw else None
     except ValueError:

@@ -19,6 +19,8 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.secnoise import Interval  # estimate, low, high: one interval model for every published figure
+
 SCHEMA_VERSION = 1
 REPORT_KIND = "cpu_tracker.member_report"
 DASHBOARD_KIND = "cpu_tracker.dashboard"
@@ -209,12 +211,6 @@ class History(_Wire):
 # ---------------------------------------------------------------------------------------------------
 # Secure aggregation's figure (issue 10): the rounds' noisy sums, never a member's value
 # ---------------------------------------------------------------------------------------------------
-class Interval(_Wire):
-    value: float
-    low: float
-    high: float
-
-
 class SecureRoundStatus(_Wire):
     round: int
     round_end: AwareDatetime

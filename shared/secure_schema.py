@@ -54,33 +54,27 @@ def _email(v: str) -> str:
     return v
 
 
-class SecureKey(_Wire):
-    """A member's long-term X25519 public key (the private key never leaves the machine's private folder)."""
+class CohortMember(_Wire):
+    """A member and its X25519 public key (base64, 32 bytes)."""
+
+    email: str
+    x25519: str = Field(description="Raw X25519 public key, base64 (32 bytes).")
+
+    _check_email = field_validator("email")(_email)
+
+    @field_validator("x25519")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        return _b64(v, 32, "x25519")
+
+
+class SecureKey(CohortMember):
+    """A member's long-term public key, for the aggregator (the private key never leaves the machine's private
+    folder); the aggregator copies it into the epoch as a ``CohortMember``."""
 
     schema_version: Literal[1] = 1
     kind: Literal["cpu_tracker.secure_key"] = KEY_KIND
-    email: str
-    x25519: str = Field(description="Raw public key, base64 (32 bytes).")
     created_at: AwareDatetime
-
-    _check_email = field_validator("email")(_email)
-
-    @field_validator("x25519")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        return _b64(v, 32, "x25519")
-
-
-class CohortMember(_Wire):
-    email: str
-    x25519: str = Field(description="The member's public key as the aggregator read it (base64).")
-
-    _check_email = field_validator("email")(_email)
-
-    @field_validator("x25519")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        return _b64(v, 32, "x25519")
 
 
 class Epoch(_Wire):

@@ -365,9 +365,9 @@ def test_shows_the_secure_round_beside_the_local_figure(site: Site) -> None:
     sec = SecureFigure(
         epoch=3, round=88_000_000, round_start=now - timedelta(seconds=40), round_end=now - timedelta(seconds=20),
         cohort=12, survivors=11, mean=41.234, standard_error=0.71, ci95_low=39.8, ci95_high=42.66,
-        percentiles={"p50": Interval(value=35.0, low=30.0, high=40.0), "p90": Interval(value=80.0, low=70.0, high=90.0),
-                     "p99": Interval(value=95.0, low=85.0, high=100.0)},
-        share_above=Interval(value=0.125, low=0.0, high=0.3), unit="cpu_window", unit_words="a member's whole window",
+        percentiles={"p50": Interval(estimate=35.0, low=30.0, high=40.0), "p90": Interval(estimate=80.0, low=70.0, high=90.0),
+                     "p99": Interval(estimate=95.0, low=85.0, high=100.0)},
+        share_above=Interval(estimate=0.125, low=0.0, high=0.3), unit="cpu_window", unit_words="a member's whole window",
         epsilon=1.25, delta=0.0, noise="distributed discrete Laplace", method="secure aggregation",
         recent=[SecureRoundStatus(round=87_999_999, round_end=now - timedelta(seconds=40), status="refused",
                                   survivors=2, reason="2 of 12 members uploaded")],
