@@ -153,8 +153,8 @@ def _epsilon_cached(groups: tuple, delta: float) -> float:
 
 def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: int, releases: int,
               mean_fraction: float, shares_for: int, n_hist: int = DEFAULT_N_HIST) -> NoiseSpec:
-    """The least noise such that ``releases`` releases with exactly ``shares_for`` survivors are (epsilon, delta)-DP
-    in total by ``epsilon_of``, within 1 % of epsilon (never above).
+    """The least noise (to 1 %) such that ``releases`` releases with exactly ``shares_for`` survivors are
+    (epsilon, delta)-DP in total by ``epsilon_of``: the spent epsilon is in [0.99 epsilon, epsilon].
 
     The split: one scalar c sets both parts. dlaplace: c is a release's pure epsilon, a_m * D = mean_fraction * c and
     2 * a_h = (1 - mean_fraction) * c. dgaussian: c is a release's rho, mean_fraction * c on the mean and the rest on
@@ -189,7 +189,7 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
         return spec_for(epsilon / releases)  # basic composition, exact for pure DP
     # a safe start (dlaplace: pure composition; zCDP: below the rho that eps = rho + 2 sqrt(rho log(1/delta)) gives),
     # halved until safe, doubled until not; then safeguarded regula falsi keeping the safe end, until epsilon is
-    # within 0.5 % (PLD's epsilon is a step function of c on its grid: the bracket's width stops it too)
+    # within 1 % (PLD's epsilon is a step function of c on its grid, steps ~0.5 %: the bracket's width stops it too)
     lo = epsilon / releases if family == "dlaplace" else epsilon**2 / (8 * releases * (1 + math.log(1 / delta)))
     f_lo = spent(lo) - epsilon
     while f_lo > 0:
@@ -201,7 +201,7 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
         hi *= 2
         f_hi = spent(hi) - epsilon
     for _ in range(60):
-        if f_lo >= -0.005 * epsilon or hi / lo < 1 + 1e-3:
+        if f_lo >= -0.01 * epsilon or hi / lo < 1 + 1e-3:
             break
         mid = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
         if not lo + 0.1 * (hi - lo) <= mid <= hi - 0.1 * (hi - lo):  # too near an end: bisect instead
