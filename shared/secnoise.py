@@ -81,21 +81,52 @@ def release_event(spec: NoiseSpec, survivors: int):
     return dp_event.ComposedDpEvent([dp_event.ZCDpEvent(rho_m), dp_event.ZCDpEvent(rho_h)])
 
 
+_TAU_HEAD = 1000  # tau's first terms are summed exactly, the rest bounded above (e^x <= 1 + x e^x, H_m - H_K <= ln(m/K))
+
+
+def _tau(c: float, m: int) -> float:
+    """KLS21's tau for m shares, 10 sum_{k=1}^{m-1} exp(-c k / (k + 1)) with c = 2 pi^2 sigma_local^2; exact for
+    m <= 1000, an upper bound beyond (so rho is never understated)."""
+    head = math.fsum(math.exp(-c * k / (k + 1)) for k in range(1, min(m, _TAU_HEAD)))
+    if m <= _TAU_HEAD:
+        return 10.0 * head
+    # k = K..m-1: exp(-c) exp(c / (k + 1)) <= exp(-c) (1 + c / (k + 1) exp(c / (K + 1)))
+    tail = math.exp(-c) * ((m - _TAU_HEAD) + c * math.exp(c / (_TAU_HEAD + 1)) * math.log(m / _TAU_HEAD))
+    return 10.0 * (head + tail)
+
+
 @lru_cache(maxsize=4096)
 def _kls_rho(l2: float, sigma: float, t: int, n: int, dim: int) -> float:
     """rho of the sum of n >= t shares N_Z(0, sigma^2 / t) for an L2 change ``l2``: min over m in [t, n] of KLS21's
     (l2 / sqrt(m sigma^2 / t) + sqrt(dim) tau_m)^2 / 2 (any m of the shares carry the rest as post-processing), so
-    it never grows with n although tau_m does. tau_m = 10 sum_{k=1}^{m-1} exp(-2 pi^2 (sigma^2 / t) k / (k + 1))."""
+    it never grows with n although tau_m does."""
     local_var = sigma * sigma / t
     c = 2 * math.pi**2 * local_var
     if 10.0 * n * math.exp(-c / 2) * math.sqrt(dim) < 1e-15 * l2 / math.sqrt(n * local_var):
         return (l2 / math.sqrt(n * local_var)) ** 2 / 2  # tau below a double's resolution for every m <= n
-    tau = 10.0 * math.fsum(math.exp(-c * k / (k + 1)) for k in range(1, t))
     best = math.inf
-    for m in range(t, n + 1):
-        best = min(best, (l2 / math.sqrt(m * local_var) + math.sqrt(dim) * tau) ** 2 / 2)
-        tau += 10.0 * math.exp(-c * m / (m + 1))
+    for m in range(t, n + 1) if n - t <= 10_000 else sorted({t, n, *range(t, n + 1, max(1, (n - t) // 10_000))}):
+        best = min(best, (l2 / math.sqrt(m * local_var) + math.sqrt(dim) * _tau_cached(c, m)) ** 2 / 2)
     return best
+
+
+@lru_cache(maxsize=65536)
+def _tau_cached(c: float, m: int) -> float:
+    return _tau(c, m)
+
+
+def _sigma_for_rho(l2: float, rho: float, t: int, dim: int) -> float:
+    """The least total sigma (to 1e-9 relative) whose KLS21 rho at n = t shares is <= rho."""
+    sigma = l2 / math.sqrt(2 * rho)  # tau = 0
+    if _kls_rho(l2, sigma, t, t, dim) <= rho * (1 + 1e-12):
+        return sigma
+    lo, hi = sigma, sigma * 2
+    while _kls_rho(l2, hi, t, t, dim) > rho:
+        lo, hi = hi, hi * 2
+    while hi / lo > 1 + 1e-9:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if _kls_rho(l2, mid, t, t, dim) <= rho else (mid, hi)
+    return hi
 
 
 def epsilon_of(events: Sequence, delta: float) -> float:
@@ -158,7 +189,8 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
 
     The split: one scalar c sets both parts. dlaplace: c is a release's pure epsilon, a_m * D = mean_fraction * c and
     2 * a_h = (1 - mean_fraction) * c. dgaussian: c is a release's rho, mean_fraction * c on the mean and the rest on
-    the histogram (zCDP adds). c is found by bisection (deterministic) against the accountant; delta = 0 is pure DP
+    the histogram (zCDP adds), each part's sigma solved with KLS21's tau term, so a histogram whose shares are small
+    (sigma^2 / t < 1, where tau bites) pays for it out of its own part. c is found by bisection (deterministic) against the accountant; delta = 0 is pure DP
     (dlaplace only) and solved in closed form."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got family={family!r}")
@@ -177,8 +209,9 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
     def spec_for(c: float) -> NoiseSpec:
         if family == "dlaplace":
             m, h = mean_fraction * c / mean_sensitivity, (1 - mean_fraction) * c / 2
-        else:  # rho = D^2 / (2 sigma^2); the tau term is in the accountant's check, so the search absorbs it
-            m, h = mean_sensitivity / math.sqrt(2 * mean_fraction * c), math.sqrt(2 / (2 * (1 - mean_fraction) * c))
+        else:  # each part's sigma gives exactly its share of rho, KLS21's tau term included
+            m = _sigma_for_rho(mean_sensitivity, mean_fraction * c, shares_for, 1)
+            h = _sigma_for_rho(math.sqrt(2), (1 - mean_fraction) * c, shares_for, n_hist)
         return NoiseSpec(family=family, mean_sensitivity=mean_sensitivity, mean_param=m, hist_param=h,
                          shares_for=shares_for, n_hist=n_hist)
 
@@ -189,7 +222,8 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
         return spec_for(epsilon / releases)  # basic composition, exact for pure DP
     # a safe start (dlaplace: pure composition; zCDP: below the rho that eps = rho + 2 sqrt(rho log(1/delta)) gives),
     # halved until safe, doubled until not; then safeguarded regula falsi keeping the safe end, until epsilon is
-    # within 1 % (PLD's epsilon is a step function of c on its grid, steps ~0.5 %: the bracket's width stops it too)
+    # within 1 % (0.2 % for zCDP; PLD's epsilon is a step function of c on its grid, steps ~0.5 %: the bracket's
+    # width stops it too)
     lo = epsilon / releases if family == "dlaplace" else epsilon**2 / (8 * releases * (1 + math.log(1 / delta)))
     f_lo = spent(lo) - epsilon
     while f_lo > 0:
@@ -200,8 +234,9 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
         lo, f_lo = hi, f_hi
         hi *= 2
         f_hi = spent(hi) - epsilon
+    tol = 0.002 if family == "dgaussian" else 0.01  # RDP's epsilon is smooth and cheap; PLD's has steps
     for _ in range(60):
-        if f_lo >= -0.01 * epsilon or hi / lo < 1 + 1e-3:
+        if f_lo >= -tol * epsilon or hi / lo < 1 + tol / 10:
             break
         mid = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
         if not lo + 0.1 * (hi - lo) <= mid <= hi - 0.1 * (hi - lo):  # too near an end: bisect instead

@@ -359,3 +359,20 @@ def test_fleet_estimate_without_noise_to_speak_of():
         fleet_estimate(counts, spec=spec, survivors=40, edges=EDGES[::-1])
     with pytest.raises(ValueError, match="counts"):
         fleet_estimate(counts[:-1], spec=spec, survivors=40, edges=EDGES)
+
+
+def test_kls_tau_term_is_charged_to_the_histogram_and_never_understated():
+    """With t = 8,000 the histogram's shares have sigma^2 / t ~ 0.1 and KLS21's tau term is large: the histogram
+    gets more noise, the mean's sigma stays what its share of rho gives (as at t = 800), and the round trip holds.
+    Beyond 1,000 terms tau is bounded above, never below the exact sum."""
+    common = dict(family="dgaussian", epsilon=10.0, delta=1e-6, mean_sensitivity=10_000, releases=288,
+                  mean_fraction=0.8)
+    small, large = calibrate(**common, shares_for=800), calibrate(**common, shares_for=8000)
+    assert large.mean_param == pytest.approx(small.mean_param, rel=1e-3)
+    assert large.hist_param > 2 * small.hist_param
+    spent = epsilon_of([release_event(large, 8000)] * 288, 1e-6)
+    assert 0.99 * 10 <= spent <= 10
+    for c in (0.5, 2.0, 5.0):
+        for m in (1001, 1500, 8000):
+            exact = 10 * math.fsum(math.exp(-c * k / (k + 1)) for k in range(1, m))
+            assert exact <= secnoise._tau(c, m) <= exact * (1 + 1e-4)
