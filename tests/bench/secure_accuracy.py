@@ -393,11 +393,12 @@ def run(ctx) -> Result:
         "Local mode and the tutorial put the whole budget of the unit on the mean (no histogram), which favours "
         "them; the tutorial's truncated noise (diffprivlib.tools.mean on each member's one value, bounds 0-100) is "
         "biased towards 50 and does not average away.",
-        "Family per unit: dlaplace is pure DP and exact for one release; for the day unit the 288 releases compose "
-        "far more cheaply in zCDP, and dgaussian at mean_fraction 0.8 meets the goal with a usable histogram (see "
-        "the family table: dlaplace accounted by PLD reaches the goal only at 0.8-0.9 with 3.5-8 x the histogram "
-        "noise). For dgaussian with t in the hundreds, each member's histogram share has sigma below 1 and "
-        "KLS21's tau term costs budget: the reason the day unit puts 0.8, not 0.5, on the mean.",
+        "Family per unit: dlaplace is pure DP and exact for one release (dgaussian at the same epsilon, even with "
+        "delta 1e-6, is 2-4 x noisier on the mean); over the day's 288 releases Gaussian noise composes far more "
+        "cheaply in zCDP: dgaussian at mean_fraction 0.8 meets the goal with a histogram sd of ~35 per bin, while "
+        "dlaplace (accounted by PLD) reaches 1.5 only at mean_fraction 0.8-0.9 with 3.5-8 x the histogram noise "
+        "(family table). With t in the thousands each member's histogram share has sigma^2 / t below 1 and KLS21's "
+        "tau term bites: calibrate charges it to the histogram's own part.",
         "Percentile intervals are unions of bins (5 points wide): where one bin holds the percentile with "
         "certainty, the interval is that bin and covers ~100 %; coverage nears 95 % only where the noise spans "
         "several bins' worth of members. The share >= 90 % is a linear statistic: ~95 % (higher where the true "
