@@ -16,7 +16,8 @@ to another (e_i - e_j: L1 2, L2 sqrt 2).
   negative-binomial construction of Goryczka & Xiong 2017, used as in Agarwal, Kairouz & Liu 2021 for Skellam).
 - dgaussian (zCDP): the sum of n shares N_Z(0, sigma^2 / t) is (rho)-zCDP with
   rho = (||D||_2 / sqrt(n sigma^2 / t) + sqrt(d) * tau)^2 / 2, tau = 10 * sum_{k=1}^{n-1} exp(-2 pi^2 (sigma^2/t)
-  k / (k+1)) (Kairouz, Liu & Steinke 2021, Theorem 1 / Prop. 14, third branch; d = the part's dimension). Shares:
+  k / (k+1)) (Kairouz, Liu & Steinke 2021, Theorem 1 / Prop. 14, third branch; d = the part's dimension), taken as
+  the least over any m in [t, n] of the shares (the others are independent extra noise). Shares:
   exact discrete Gaussian sampler of Canonne, Kamath & Steinke 2020 (Algorithms 1-3), as diffprivlib implements it.
 
 Composition and conversion to (epsilon, delta) are dp-accounting's (PLD accountant for DLap events, RDP accountant
@@ -34,7 +35,7 @@ from functools import lru_cache
 from statistics import NormalDist
 from typing import Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 FAMILIES = ("dlaplace", "dgaussian")
 PLD_DISCRETIZATION = 1e-3  # dp-accounting PLD grid: pessimistic (losses rounded up); 288 releases compose in ~40 ms
@@ -276,7 +277,7 @@ def sample_share(spec: NoiseSpec, n_hist: int, rng=None) -> list[int]:
     t = spec.shares_for
     if spec.family == "dlaplace":
         draw = _nb_difference
-        params = (math.exp(-spec.mean_param), math.exp(-spec.hist_param))
+        params = (spec.mean_param, spec.hist_param)
         args = (1.0 / t,)
     else:
         draw = _discrete_gaussian
@@ -285,13 +286,14 @@ def sample_share(spec: NoiseSpec, n_hist: int, rng=None) -> list[int]:
     return [draw(params[0], *args, rng)] + [draw(params[1], *args, rng) for _ in range(n_hist)]
 
 
-def _nb_difference(q: float, r: float, rng) -> int:
-    return _neg_binomial(r, q, rng) - _neg_binomial(r, q, rng)
+def _nb_difference(a: float, r: float, rng) -> int:
+    return _neg_binomial(r, a, rng) - _neg_binomial(r, a, rng)
 
 
-def _neg_binomial(r: float, q: float, rng) -> int:
-    """NB(r, q): failures before the r-th success, success probability 1 - q (mean r q / (1 - q))."""
-    return _poisson(rng.gammavariate(r, q / (1.0 - q)), rng)
+def _neg_binomial(r: float, a: float, rng) -> int:
+    """NB(r, q = e^-a): failures before the r-th success, success probability 1 - q (mean r q / (1 - q)), as
+    Poisson(Gamma(r, q / (1 - q))); q / (1 - q) = 1 / expm1(a), exact also for tiny a."""
+    return _poisson(rng.gammavariate(r, 1.0 / math.expm1(a)), rng)
 
 
 def _poisson(mu: float, rng) -> int:
@@ -364,7 +366,9 @@ def quantize(value: float, scale: int, rng=None) -> int:
     """Unbiased stochastic rounding of value * scale: floor, plus 1 with the fractional part's probability.
 
     ``value`` is clipped to the CPU bounds [0, 100] first, so the result is in [0, 100 * scale]. Its rounding error
-    has mean 0 and variance frac (1 - frac) <= 1/4 quantized units^2."""
+    has mean 0 and variance frac (1 - frac) <= 1/4 quantized units^2. Sensitivity: it is floor(v + U), U uniform;
+    with one U for two values, the results are at most ceil(|v - v'|) apart, so by joint convexity the noise sized
+    for ``mean_sensitivity = ceil(sensitivity in points * scale)`` covers the rounding too."""
     if not math.isfinite(value):
         raise ValueError(f"value must be finite, got value={value}")
     if not (isinstance(scale, int) and scale >= 1):
@@ -389,9 +393,8 @@ def noise_sd(spec: NoiseSpec, survivors: int) -> tuple[float, float]:
 
 def _share_var(spec: NoiseSpec, param: float) -> float:
     t = spec.shares_for
-    if spec.family == "dlaplace":
-        q = math.exp(-param)
-        return 2 * q / (t * (1 - q) ** 2)
+    if spec.family == "dlaplace":  # 2 q / (1 - q)^2 = 2 e^a / expm1(a)^2
+        return 2 * math.exp(param) / (t * math.expm1(param) ** 2)
     return _dgauss_var(param * param / t)
 
 

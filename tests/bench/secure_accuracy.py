@@ -439,12 +439,12 @@ def _bins_table(real: np.ndarray, quick: bool) -> str:
                 spec = calibrate(family="dlaplace", epsilon=2.0, delta=0, mean_sensitivity=100 * SCALE, releases=1,
                                  mean_fraction=0.5, shares_for=shares_for(k), n_hist=m)
                 rng, srng = np.random.default_rng([SEED, k, m, len(kind)]), random.Random(f"{k}-{m}-{kind}")
-                q, r = math.exp(-spec.hist_param), k / spec.shares_for
+                a, r = spec.hist_param, k / spec.shares_for
                 hits, width = Counter(), Counter()
                 for _ in range(reps):
                     x = fleet(kind, k, rng, real)
                     counts, _ = np.histogram(x, bins=edges)
-                    noisy = [int(c) + _neg_binomial(r, q, srng) - _neg_binomial(r, q, srng) for c in counts]
+                    noisy = [int(c) + _neg_binomial(r, a, srng) - _neg_binomial(r, a, srng) for c in counts]
                     est = fleet_estimate(noisy, spec=spec, survivors=k, edges=edges)
                     xs = np.sort(x)
                     for name, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
