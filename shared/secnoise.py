@@ -82,7 +82,7 @@ def release_event(spec: NoiseSpec, survivors: int):
     return dp_event.ComposedDpEvent([dp_event.ZCDpEvent(rho_m), dp_event.ZCDpEvent(rho_h)])
 
 
-_TAU_HEAD = 1000  # tau's first terms are summed exactly, the rest bounded above (e^x <= 1 + x e^x, H_m - H_K <= ln(m/K))
+_TAU_HEAD = 1000  # tau's first terms summed exactly, the rest bounded above (e^x <= 1 + x e^x, H_m - H_K <= ln(m/K))
 
 
 def _tau(c: float, m: int) -> float:
@@ -191,7 +191,8 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
     The split: one scalar c sets both parts. dlaplace: c is a release's pure epsilon, a_m * D = mean_fraction * c and
     2 * a_h = (1 - mean_fraction) * c. dgaussian: c is a release's rho, mean_fraction * c on the mean and the rest on
     the histogram (zCDP adds), each part's sigma solved with KLS21's tau term, so a histogram whose shares are small
-    (sigma^2 / t < 1, where tau bites) pays for it out of its own part. c is found by bisection (deterministic) against the accountant; delta = 0 is pure DP
+    (sigma^2 / t < 1, where tau bites) pays for it out of its own part. c is found by a deterministic bracketed
+    search against the accountant (to 1 %, unless one step of the PLD grid is larger); delta = 0 is pure DP
     (dlaplace only) and solved in closed form."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got family={family!r}")
@@ -217,7 +218,7 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
                          shares_for=shares_for, n_hist=n_hist)
 
     def spent(c: float) -> float:
-        return epsilon_of([dp_event_self(release_event(spec_for(c), shares_for), releases)], delta)
+        return epsilon_of([_self_composed(release_event(spec_for(c), shares_for), releases)], delta)
 
     if delta == 0:
         return spec_for(epsilon / releases)  # basic composition, exact for pure DP
@@ -250,7 +251,7 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
     return spec_for(lo)
 
 
-def dp_event_self(event, count: int):
+def _self_composed(event, count: int):
     """``count`` repetitions of ``event`` as one dp-accounting event."""
     from dp_accounting import dp_event
 

@@ -130,7 +130,8 @@ def test_sample_share_shape_and_refusals():
 # Calibration and accounting
 # ---------------------------------------------------------------------------------------------------
 CASES = [
-    dict(family="dlaplace", epsilon=2.0, delta=0.0, mean_sensitivity=1000, releases=1, mean_fraction=0.5, shares_for=80),
+    dict(family="dlaplace", epsilon=2.0, delta=0.0, mean_sensitivity=1000, releases=1, mean_fraction=0.5,
+         shares_for=80),
     dict(family="dlaplace", epsilon=5.0, delta=0.0, mean_sensitivity=50, releases=3, mean_fraction=0.8, shares_for=8),
     dict(family="dlaplace", epsilon=10.0, delta=1e-6, mean_sensitivity=1000, releases=288, mean_fraction=0.8,
          shares_for=800),
@@ -336,7 +337,8 @@ def test_fleet_mean_interval_covers():
     hits = 0
     for _ in range(reps):
         x = _fleet("bimodal", k, rng)
-        total = sum(quantize(float(v), scale, qrng) for v in x) + int(_summed_noise(spec, k, 1, spec.mean_param, rng)[0])
+        noise = int(_summed_noise(spec, k, 1, spec.mean_param, rng)[0])
+        total = sum(quantize(float(v), scale, qrng) for v in x) + noise
         iv = fleet_mean(total, spec=spec, survivors=k, scale=scale)
         hits += iv.low <= float(x.mean()) <= iv.high
     assert abs(hits / reps - 0.95) <= 6 * math.sqrt(0.95 * 0.05 / reps)

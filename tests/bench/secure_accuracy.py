@@ -309,8 +309,8 @@ def operator_table(sizes=(10, 100, 1000, 10000)) -> str:
         specs = [calibrate(family=unit.family, epsilon=unit.epsilon, delta=unit.delta, mean_sensitivity=sens,
                            releases=unit.releases, mean_fraction=unit.mean_fraction, shares_for=shares_for(k),
                            n_hist=N_HIST) for k in sizes]
-        lines.append(f"| {label} | local: RMSE of the mean | " + " | ".join(f"{local / math.sqrt(k):.3g}" for k in sizes)
-                     + " |")
+        lines.append(f"| {label} | local: RMSE of the mean | "
+                     + " | ".join(f"{local / math.sqrt(k):.3g}" for k in sizes) + " |")
         lines.append(f"| | secure: RMSE of the mean | " + " | ".join(f"{secure_rmse(s, k):.3g}"
                                                                     for s, k in zip(specs, sizes)) + " |")
         lines.append(f"| | secure: p50 rank +- (% of fleet) | " + " | ".join(_rank(rank_half_width(s, k))
@@ -334,7 +334,8 @@ def run(ctx) -> Result:
                 cells.append(cell)
                 ctx.log(f"secure_accuracy: {unit.name} {kind} k={k}: rmse {cell.rmse:.3f} (formula "
                         f"{cell.rmse_formula:.3f}) local {cell.local_rmse:.2f} tutorial {cell.tut_rmse:.2f} mean "
-                        f"coverage {cell.mean_coverage:.3f} pct {cell.pct_coverage} ({time.perf_counter() - started:.1f} s)")
+                        f"coverage {cell.mean_coverage:.3f} pct {cell.pct_coverage} "
+                        f"({time.perf_counter() - started:.1f} s)")
     full = [simulate(u, "mixed", 100, trials_for(100, ctx.quick)[0], 0, real, fraction=1.0) for u in UNITS]
 
     for unit in UNITS:
@@ -457,7 +458,8 @@ def _bins_table(real: np.ndarray, quick: bool) -> str:
 
 
 def _survivor_table(cells: list[Cell], full: list[Cell]) -> str:
-    lines = ["Minimum-survivor fraction (mixed fleet, k = 100, all survive): RMSE of the mean, simulated (formula):", "",
+    lines = ["Minimum-survivor fraction (mixed fleet, k = 100, all survive): RMSE of the mean, simulated (formula):",
+             "",
              "| unit | t = 0.8 k | t = k | ratio |", "|---|---|---|---|"]
     for f in full:
         c = next(c for c in cells if c.unit == f.unit and c.fleet == "mixed" and c.k == 100)
