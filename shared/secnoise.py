@@ -17,7 +17,8 @@ to another (e_i - e_j: L1 2, L2 sqrt 2).
 - dgaussian (zCDP): the sum of n shares N_Z(0, sigma^2 / t) is (rho)-zCDP with
   rho = (||D||_2 / sqrt(n sigma^2 / t) + sqrt(d) * tau)^2 / 2, tau = 10 * sum_{k=1}^{n-1} exp(-2 pi^2 (sigma^2/t)
   k / (k+1)) (Kairouz, Liu & Steinke 2021, Theorem 1 / Prop. 14, third branch; d = the part's dimension), taken as
-  the least over any m in [t, n] of the shares (the others are independent extra noise). Shares:
+  the least over any m in [t, n] of the shares (the others are independent extra noise); the theorem assumes each
+  share's sigma / sqrt(t) >= 1/2, which calibrate keeps and release_event checks. Shares:
   exact discrete Gaussian sampler of Canonne, Kamath & Steinke 2020 (Algorithms 1-3), as diffprivlib implements it.
 
 Composition and conversion to (epsilon, delta) are dp-accounting's (PLD accountant for DLap events, RDP accountant
@@ -77,6 +78,9 @@ def release_event(spec: NoiseSpec, survivors: int):
             dp_event.DiscreteLaplaceDpEvent(spec.mean_param, spec.mean_sensitivity),
             dp_event.SelfComposedDpEvent(dp_event.DiscreteLaplaceDpEvent(spec.hist_param, 1), 2),
         ])
+    if min(spec.mean_param, spec.hist_param) ** 2 / spec.shares_for < 0.25:
+        raise ValueError(f"dgaussian shares need sigma^2 / t >= 1/4 (KLS21 Thm 1 assumes sigma >= 1/2), got "
+                         f"mean_param={spec.mean_param}, hist_param={spec.hist_param}, shares_for={spec.shares_for}")
     rho_m = _kls_rho(spec.mean_sensitivity, spec.mean_param, spec.shares_for, survivors, 1)
     rho_h = _kls_rho(math.sqrt(2), spec.hist_param, spec.shares_for, survivors, spec.n_hist)
     return dp_event.ComposedDpEvent([dp_event.ZCDpEvent(rho_m), dp_event.ZCDpEvent(rho_h)])
@@ -117,8 +121,9 @@ def _tau_cached(c: float, m: int) -> float:
 
 
 def _sigma_for_rho(l2: float, rho: float, t: int, dim: int) -> float:
-    """The least total sigma (to 1e-9 relative) whose KLS21 rho at n = t shares is <= rho."""
-    sigma = l2 / math.sqrt(2 * rho)  # tau = 0
+    """The least total sigma (to 1e-9 relative) whose KLS21 rho at n = t shares is <= rho, and whose shares have
+    sigma / sqrt(t) >= 1/2 (the theorem's assumption)."""
+    sigma = max(l2 / math.sqrt(2 * rho), math.sqrt(t) / 2)  # tau = 0
     if _kls_rho(l2, sigma, t, t, dim) <= rho * (1 + 1e-12):
         return sigma
     lo, hi = sigma, sigma * 2

@@ -374,6 +374,8 @@ def test_kls_tau_term_is_charged_to_the_histogram_and_never_understated():
     assert large.hist_param > 2 * small.hist_param
     spent = epsilon_of([release_event(large, 8000)] * 288, 1e-6)
     assert 0.99 * 10 <= spent <= 10
+    with pytest.raises(ValueError, match="1/4"):  # shares below KLS21's sigma >= 1/2
+        release_event(_spec("dgaussian", 1.0, 50.0, t=8), 8)
     for c in (0.5, 2.0, 5.0):
         for m in (1001, 1500, 8000):
             exact = 10 * math.fsum(math.exp(-c * k / (k + 1)) for k in range(1, m))
