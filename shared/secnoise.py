@@ -401,22 +401,28 @@ def _share_var(spec: NoiseSpec, param: float) -> float:
     t = spec.shares_for
     if spec.family == "dlaplace":  # 2 q / (1 - q)^2 = 2 e^a / expm1(a)^2
         return 2 * math.exp(param) / (t * math.expm1(param) ** 2)
-    return _dgauss_var(param * param / t)
+    return _dgauss_moments(param * param / t)[0]
 
 
-def _dgauss_var(s2: float) -> float:
-    if s2 >= 100:  # the deficit is below s2 * 4 pi^2 s2 exp(-2 pi^2 s2): nothing in a double
-        return s2
-    top = int(40 * math.sqrt(s2)) + 40
-    w = [math.exp(-x * x / (2 * s2)) for x in range(top)]
-    return 2 * sum(x * x * wx for x, wx in enumerate(w)) / (w[0] + 2 * sum(w[1:]))
+@lru_cache(maxsize=256)
+def _dgauss_moments(s2: float) -> tuple[float, float]:
+    """(variance, fourth cumulant) of N_Z(0, s2), summed over its support (s2 >= 100: those of N(0, s2), whose
+    deficit, below s2 * 4 pi^2 s2 exp(-2 pi^2 s2), is nothing in a double)."""
+    if s2 >= 100:
+        return s2, 0.0
+    w = [math.exp(-x * x / (2 * s2)) for x in range(int(40 * math.sqrt(s2)) + 40)]
+    z = w[0] + 2 * math.fsum(w[1:])
+    m2 = 2 * math.fsum(x**2 * wx for x, wx in enumerate(w)) / z
+    m4 = 2 * math.fsum(x**4 * wx for x, wx in enumerate(w)) / z
+    return m2, m4 - 3 * m2 * m2
 
 
 def _excess_kurtosis(spec: NoiseSpec, param: float, survivors: int) -> float:
-    """Excess kurtosis of one coordinate's summed noise: dlaplace (1 + 4q + q^2) / (2 (n/t) q) from the cumulants
-    of NB(r, q); dgaussian 0 (the discrete Gaussian's is below 1e-7 for sigma >= 1: taken as 0)."""
-    if spec.family != "dlaplace":
-        return 0.0
+    """Excess kurtosis of one coordinate's summed noise of n shares (cumulants add): dlaplace
+    (1 + 4q + q^2) / (2 (n/t) q) from those of NB(r, q); dgaussian kappa4 / (n var^2) of the share's law."""
+    if spec.family == "dgaussian":
+        var, kappa4 = _dgauss_moments(param * param / spec.shares_for)
+        return kappa4 / (survivors * var * var)
     q = math.exp(-param)
     return (1 + 4 * q + q * q) / (2 * survivors / spec.shares_for * q)
 
