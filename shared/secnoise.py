@@ -16,7 +16,9 @@ to another (e_i - e_j: L1 2, L2 sqrt 2).
   negative-binomial construction of Goryczka & Xiong 2017, used as in Agarwal, Kairouz & Liu 2021 for Skellam).
 - dgaussian (zCDP): the sum of n shares N_Z(0, sigma^2 / t) is (rho)-zCDP with
   rho = (||D||_2 / sqrt(n sigma^2 / t) + sqrt(d) * tau)^2 / 2, tau = 10 * sum_{k=1}^{n-1} exp(-2 pi^2 (sigma^2/t)
-  k / (k+1)) (Kairouz, Liu & Steinke 2021, Theorem 1 / Prop. 14, third branch; d = the part's dimension). Shares:
+  k / (k+1)) (Kairouz, Liu & Steinke 2021, Theorem 1 / Prop. 14, third branch; d = the part's dimension), taken as
+  the least over any m in [t, n] of the shares (the others are independent extra noise); the theorem assumes each
+  share's sigma / sqrt(t) >= 1/2, which calibrate keeps and release_event checks. Shares:
   exact discrete Gaussian sampler of Canonne, Kamath & Steinke 2020 (Algorithms 1-3), as diffprivlib implements it.
 
 Composition and conversion to (epsilon, delta) are dp-accounting's (PLD accountant for DLap events, RDP accountant
@@ -34,7 +36,7 @@ from functools import lru_cache
 from statistics import NormalDist
 from typing import Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 FAMILIES = ("dlaplace", "dgaussian")
 PLD_DISCRETIZATION = 1e-3  # dp-accounting PLD grid: pessimistic (losses rounded up); 288 releases compose in ~40 ms
@@ -76,26 +78,61 @@ def release_event(spec: NoiseSpec, survivors: int):
             dp_event.DiscreteLaplaceDpEvent(spec.mean_param, spec.mean_sensitivity),
             dp_event.SelfComposedDpEvent(dp_event.DiscreteLaplaceDpEvent(spec.hist_param, 1), 2),
         ])
+    if min(spec.mean_param, spec.hist_param) ** 2 / spec.shares_for < 0.25:
+        raise ValueError(f"dgaussian shares need sigma^2 / t >= 1/4 (KLS21 Thm 1 assumes sigma >= 1/2), got "
+                         f"mean_param={spec.mean_param}, hist_param={spec.hist_param}, shares_for={spec.shares_for}")
     rho_m = _kls_rho(spec.mean_sensitivity, spec.mean_param, spec.shares_for, survivors, 1)
     rho_h = _kls_rho(math.sqrt(2), spec.hist_param, spec.shares_for, survivors, spec.n_hist)
     return dp_event.ComposedDpEvent([dp_event.ZCDpEvent(rho_m), dp_event.ZCDpEvent(rho_h)])
+
+
+_TAU_HEAD = 1000  # tau's first terms summed exactly, the rest bounded above (e^x <= 1 + x e^x, H_m - H_K <= ln(m/K))
+
+
+def _tau(c: float, m: int) -> float:
+    """KLS21's tau for m shares, 10 sum_{k=1}^{m-1} exp(-c k / (k + 1)) with c = 2 pi^2 sigma_local^2; exact for
+    m <= 1000, an upper bound beyond (so rho is never understated)."""
+    head = math.fsum(math.exp(-c * k / (k + 1)) for k in range(1, min(m, _TAU_HEAD)))
+    if m <= _TAU_HEAD:
+        return 10.0 * head
+    # k = K..m-1: exp(-c) exp(c / (k + 1)) <= exp(-c) (1 + c / (k + 1) exp(c / (K + 1)))
+    tail = math.exp(-c) * ((m - _TAU_HEAD) + c * math.exp(c / (_TAU_HEAD + 1)) * math.log(m / _TAU_HEAD))
+    return 10.0 * (head + tail)
 
 
 @lru_cache(maxsize=4096)
 def _kls_rho(l2: float, sigma: float, t: int, n: int, dim: int) -> float:
     """rho of the sum of n >= t shares N_Z(0, sigma^2 / t) for an L2 change ``l2``: min over m in [t, n] of KLS21's
     (l2 / sqrt(m sigma^2 / t) + sqrt(dim) tau_m)^2 / 2 (any m of the shares carry the rest as post-processing), so
-    it never grows with n although tau_m does. tau_m = 10 sum_{k=1}^{m-1} exp(-2 pi^2 (sigma^2 / t) k / (k + 1))."""
+    it never grows with n although tau_m does."""
     local_var = sigma * sigma / t
     c = 2 * math.pi**2 * local_var
     if 10.0 * n * math.exp(-c / 2) * math.sqrt(dim) < 1e-15 * l2 / math.sqrt(n * local_var):
         return (l2 / math.sqrt(n * local_var)) ** 2 / 2  # tau below a double's resolution for every m <= n
-    tau = 10.0 * math.fsum(math.exp(-c * k / (k + 1)) for k in range(1, t))
     best = math.inf
-    for m in range(t, n + 1):
-        best = min(best, (l2 / math.sqrt(m * local_var) + math.sqrt(dim) * tau) ** 2 / 2)
-        tau += 10.0 * math.exp(-c * m / (m + 1))
+    for m in range(t, n + 1) if n - t <= 10_000 else sorted({t, n, *range(t, n + 1, max(1, (n - t) // 10_000))}):
+        best = min(best, (l2 / math.sqrt(m * local_var) + math.sqrt(dim) * _tau_cached(c, m)) ** 2 / 2)
     return best
+
+
+@lru_cache(maxsize=65536)
+def _tau_cached(c: float, m: int) -> float:
+    return _tau(c, m)
+
+
+def _sigma_for_rho(l2: float, rho: float, t: int, dim: int) -> float:
+    """The least total sigma (to 1e-9 relative) whose KLS21 rho at n = t shares is <= rho, and whose shares have
+    sigma / sqrt(t) >= 1/2 (the theorem's assumption)."""
+    sigma = max(l2 / math.sqrt(2 * rho), math.sqrt(t) / 2)  # tau = 0
+    if _kls_rho(l2, sigma, t, t, dim) <= rho * (1 + 1e-12):
+        return sigma
+    lo, hi = sigma, sigma * 2
+    while _kls_rho(l2, hi, t, t, dim) > rho:
+        lo, hi = hi, hi * 2
+    while hi / lo > 1 + 1e-9:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if _kls_rho(l2, mid, t, t, dim) <= rho else (mid, hi)
+    return hi
 
 
 def epsilon_of(events: Sequence, delta: float) -> float:
@@ -153,12 +190,14 @@ def _epsilon_cached(groups: tuple, delta: float) -> float:
 
 def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: int, releases: int,
               mean_fraction: float, shares_for: int, n_hist: int = DEFAULT_N_HIST) -> NoiseSpec:
-    """The least noise such that ``releases`` releases with exactly ``shares_for`` survivors are (epsilon, delta)-DP
-    in total by ``epsilon_of``, within 1 % of epsilon (never above).
+    """The least noise (to 1 %) such that ``releases`` releases with exactly ``shares_for`` survivors are
+    (epsilon, delta)-DP in total by ``epsilon_of``: the spent epsilon is in [0.99 epsilon, epsilon].
 
     The split: one scalar c sets both parts. dlaplace: c is a release's pure epsilon, a_m * D = mean_fraction * c and
     2 * a_h = (1 - mean_fraction) * c. dgaussian: c is a release's rho, mean_fraction * c on the mean and the rest on
-    the histogram (zCDP adds). c is found by bisection (deterministic) against the accountant; delta = 0 is pure DP
+    the histogram (zCDP adds), each part's sigma solved with KLS21's tau term, so a histogram whose shares are small
+    (sigma^2 / t < 1, where tau bites) pays for it out of its own part. c is found by a deterministic bracketed
+    search against the accountant (to 1 %, unless one step of the PLD grid is larger); delta = 0 is pure DP
     (dlaplace only) and solved in closed form."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got family={family!r}")
@@ -177,19 +216,21 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
     def spec_for(c: float) -> NoiseSpec:
         if family == "dlaplace":
             m, h = mean_fraction * c / mean_sensitivity, (1 - mean_fraction) * c / 2
-        else:  # rho = D^2 / (2 sigma^2); the tau term is in the accountant's check, so the search absorbs it
-            m, h = mean_sensitivity / math.sqrt(2 * mean_fraction * c), math.sqrt(2 / (2 * (1 - mean_fraction) * c))
+        else:  # each part's sigma gives exactly its share of rho, KLS21's tau term included
+            m = _sigma_for_rho(mean_sensitivity, mean_fraction * c, shares_for, 1)
+            h = _sigma_for_rho(math.sqrt(2), (1 - mean_fraction) * c, shares_for, n_hist)
         return NoiseSpec(family=family, mean_sensitivity=mean_sensitivity, mean_param=m, hist_param=h,
                          shares_for=shares_for, n_hist=n_hist)
 
     def spent(c: float) -> float:
-        return epsilon_of([dp_event_self(release_event(spec_for(c), shares_for), releases)], delta)
+        return epsilon_of([_self_composed(release_event(spec_for(c), shares_for), releases)], delta)
 
     if delta == 0:
         return spec_for(epsilon / releases)  # basic composition, exact for pure DP
     # a safe start (dlaplace: pure composition; zCDP: below the rho that eps = rho + 2 sqrt(rho log(1/delta)) gives),
     # halved until safe, doubled until not; then safeguarded regula falsi keeping the safe end, until epsilon is
-    # within 0.5 % (PLD's epsilon is a step function of c on its grid: the bracket's width stops it too)
+    # within 1 % (0.2 % for zCDP; PLD's epsilon is a step function of c on its grid, steps ~0.5 %: the bracket's
+    # width stops it too)
     lo = epsilon / releases if family == "dlaplace" else epsilon**2 / (8 * releases * (1 + math.log(1 / delta)))
     f_lo = spent(lo) - epsilon
     while f_lo > 0:
@@ -200,8 +241,9 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
         lo, f_lo = hi, f_hi
         hi *= 2
         f_hi = spent(hi) - epsilon
+    tol = 0.002 if family == "dgaussian" else 0.01  # RDP's epsilon is smooth and cheap; PLD's has steps
     for _ in range(60):
-        if f_lo >= -0.005 * epsilon or hi / lo < 1 + 1e-3:
+        if f_lo >= -tol * epsilon or hi / lo < 1 + tol / 10:
             break
         mid = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
         if not lo + 0.1 * (hi - lo) <= mid <= hi - 0.1 * (hi - lo):  # too near an end: bisect instead
@@ -214,7 +256,7 @@ def calibrate(*, family: str, epsilon: float, delta: float, mean_sensitivity: in
     return spec_for(lo)
 
 
-def dp_event_self(event, count: int):
+def _self_composed(event, count: int):
     """``count`` repetitions of ``event`` as one dp-accounting event."""
     from dp_accounting import dp_event
 
@@ -241,7 +283,7 @@ def sample_share(spec: NoiseSpec, n_hist: int, rng=None) -> list[int]:
     t = spec.shares_for
     if spec.family == "dlaplace":
         draw = _nb_difference
-        params = (math.exp(-spec.mean_param), math.exp(-spec.hist_param))
+        params = (spec.mean_param, spec.hist_param)
         args = (1.0 / t,)
     else:
         draw = _discrete_gaussian
@@ -250,13 +292,14 @@ def sample_share(spec: NoiseSpec, n_hist: int, rng=None) -> list[int]:
     return [draw(params[0], *args, rng)] + [draw(params[1], *args, rng) for _ in range(n_hist)]
 
 
-def _nb_difference(q: float, r: float, rng) -> int:
-    return _neg_binomial(r, q, rng) - _neg_binomial(r, q, rng)
+def _nb_difference(a: float, r: float, rng) -> int:
+    return _neg_binomial(r, a, rng) - _neg_binomial(r, a, rng)
 
 
-def _neg_binomial(r: float, q: float, rng) -> int:
-    """NB(r, q): failures before the r-th success, success probability 1 - q (mean r q / (1 - q))."""
-    return _poisson(rng.gammavariate(r, q / (1.0 - q)), rng)
+def _neg_binomial(r: float, a: float, rng) -> int:
+    """NB(r, q = e^-a): failures before the r-th success, success probability 1 - q (mean r q / (1 - q)), as
+    Poisson(Gamma(r, q / (1 - q))); q / (1 - q) = 1 / expm1(a), exact also for tiny a."""
+    return _poisson(rng.gammavariate(r, 1.0 / math.expm1(a)), rng)
 
 
 def _poisson(mu: float, rng) -> int:
@@ -329,7 +372,9 @@ def quantize(value: float, scale: int, rng=None) -> int:
     """Unbiased stochastic rounding of value * scale: floor, plus 1 with the fractional part's probability.
 
     ``value`` is clipped to the CPU bounds [0, 100] first, so the result is in [0, 100 * scale]. Its rounding error
-    has mean 0 and variance frac (1 - frac) <= 1/4 quantized units^2."""
+    has mean 0 and variance frac (1 - frac) <= 1/4 quantized units^2. Sensitivity: it is floor(v + U), U uniform;
+    with one U for two values, the results are at most ceil(|v - v'|) apart, so by joint convexity the noise sized
+    for ``mean_sensitivity = ceil(sensitivity in points * scale)`` covers the rounding too."""
     if not math.isfinite(value):
         raise ValueError(f"value must be finite, got value={value}")
     if not (isinstance(scale, int) and scale >= 1):
@@ -354,25 +399,30 @@ def noise_sd(spec: NoiseSpec, survivors: int) -> tuple[float, float]:
 
 def _share_var(spec: NoiseSpec, param: float) -> float:
     t = spec.shares_for
-    if spec.family == "dlaplace":
-        q = math.exp(-param)
-        return 2 * q / (t * (1 - q) ** 2)
-    return _dgauss_var(param * param / t)
+    if spec.family == "dlaplace":  # 2 q / (1 - q)^2 = 2 e^a / expm1(a)^2
+        return 2 * math.exp(param) / (t * math.expm1(param) ** 2)
+    return _dgauss_moments(param * param / t)[0]
 
 
-def _dgauss_var(s2: float) -> float:
-    if s2 >= 100:  # the deficit is below s2 * 4 pi^2 s2 exp(-2 pi^2 s2): nothing in a double
-        return s2
-    top = int(40 * math.sqrt(s2)) + 40
-    w = [math.exp(-x * x / (2 * s2)) for x in range(top)]
-    return 2 * sum(x * x * wx for x, wx in enumerate(w)) / (w[0] + 2 * sum(w[1:]))
+@lru_cache(maxsize=256)
+def _dgauss_moments(s2: float) -> tuple[float, float]:
+    """(variance, fourth cumulant) of N_Z(0, s2), summed over its support (s2 >= 100: those of N(0, s2), whose
+    deficit, below s2 * 4 pi^2 s2 exp(-2 pi^2 s2), is nothing in a double)."""
+    if s2 >= 100:
+        return s2, 0.0
+    w = [math.exp(-x * x / (2 * s2)) for x in range(int(40 * math.sqrt(s2)) + 40)]
+    z = w[0] + 2 * math.fsum(w[1:])
+    m2 = 2 * math.fsum(x**2 * wx for x, wx in enumerate(w)) / z
+    m4 = 2 * math.fsum(x**4 * wx for x, wx in enumerate(w)) / z
+    return m2, m4 - 3 * m2 * m2
 
 
 def _excess_kurtosis(spec: NoiseSpec, param: float, survivors: int) -> float:
-    """Excess kurtosis of one coordinate's summed noise: dlaplace (1 + 4q + q^2) / (2 (n/t) q) from the cumulants
-    of NB(r, q); dgaussian 0 (the discrete Gaussian's is below 1e-7 for sigma >= 1: taken as 0)."""
-    if spec.family != "dlaplace":
-        return 0.0
+    """Excess kurtosis of one coordinate's summed noise of n shares (cumulants add): dlaplace
+    (1 + 4q + q^2) / (2 (n/t) q) from those of NB(r, q); dgaussian kappa4 / (n var^2) of the share's law."""
+    if spec.family == "dgaussian":
+        var, kappa4 = _dgauss_moments(param * param / spec.shares_for)
+        return kappa4 / (survivors * var * var)
     q = math.exp(-param)
     return (1 + 4 * q + q * q) / (2 * survivors / spec.shares_for * q)
 
