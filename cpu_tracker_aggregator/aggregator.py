@@ -50,6 +50,11 @@ class Aggregator:
 
     def __post_init__(self) -> None:
         self.alerts = Alerts(self.paths, self.settings, self.problems)  # private alerts (safe zones)
+        self.secure = None
+        if self.settings.mode == "secure":  # imported only here: local mode never loads the cryptography
+            from cpu_tracker_aggregator.secure import SecureAggregator
+
+            self.secure = SecureAggregator(self.paths, self.settings, self.problems)
         self.roster = Roster(self.paths, self.settings)
         self.history = self._load_history()
         self.publisher = Publisher(self.paths.public_dir())
@@ -81,7 +86,8 @@ class Aggregator:
         Problems are logged once; the tick always completes."""
         snapshot = self.roster.tick(now)
         alerts_changed = self.alerts.tick(now)
-        changed = (alerts_changed or self._last is None or snapshot.members_lines is not None
+        secure_changed = self._secure_tick(now)
+        changed = (alerts_changed or self._last is None or snapshot.members_lines is not None or secure_changed
                    or not _same_figure(snapshot, self._last_snapshot)
                    # a heartbeat: a live aggregator's points are never more than stale_after_s apart
                    or (now - self._last.generated_at).total_seconds() >= self.settings.stale_after_s)
@@ -89,6 +95,8 @@ class Aggregator:
         if changed:
             dashboard = self.alerts.attach(build_dashboard(snapshot, self.history, now, self.settings))
             self.history = dashboard.history
+            if self.secure is not None and self.secure.figure is not None:
+                dashboard = with_secure(dashboard, self.secure.figure)
         else:  # no report, status or reason changed since a tick that published everything
             dashboard = self._last
         self._write_private(snapshot, now, changed)  # first: a crash must never take back a published point
@@ -100,6 +108,19 @@ class Aggregator:
         except OSError as e:
             self.problems.report("metrics", f"cannot write {self.paths.metrics_file}: {e}. Check disk space.")
         return dashboard
+
+    def _secure_tick(self, now: datetime) -> bool:
+        """Secure rounds' upkeep; True when their figure changed. A failure is logged once and the local figure
+        carries on."""
+        if self.secure is None:
+            return False
+        try:
+            changed = self.secure.tick(now)
+            self.problems.clear("secure", "secure rounds running again")
+            return changed
+        except (OSError, ValueError) as e:
+            self.problems.report("secure", f"secure rounds stopped by an error: {e}", logging.ERROR)
+            return False
 
     def _publish(self, dashboard: Dashboard, now: int, changed: bool) -> bool:
         """Write the public folder (permissions, static files, what changed); False (logged once) on failure."""
@@ -154,6 +175,17 @@ def _port(text: str | None) -> int | None:
         return int(text)
     log.warning("SYFTBOX_APP_PORT=%r is not a TCP port: the metrics endpoint uses metrics_port instead", text)
     return None
+
+
+def with_secure(dashboard: Dashboard, figure) -> Dashboard:
+    """The dashboard carrying the latest secure figure; its sentence says so when the local figure has too few
+    members (a network in secure mode)."""
+    update = {"secure": figure}
+    if dashboard.estimate is None:
+        update["message"] = (f"Secure round {figure.round}: network mean {figure.mean:.1f} % (95 % interval "
+                             f"{figure.ci95_low:.1f}-{figure.ci95_high:.1f}) over {figure.survivors} members, from "
+                             "their noisy sum only.")
+    return dashboard.model_copy(update=update)
 
 
 def _same_figure(a: Snapshot, b: Snapshot | None) -> bool:

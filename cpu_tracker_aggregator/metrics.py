@@ -69,6 +69,8 @@ class FigureCollector:
         yield GaugeMetricFamily(f"{PREFIX}_min_members", "Fewest fresh members for a figure.",
                                 value=d.settings.min_members)
         yield from monitor_metrics(d)
+        if d.secure is not None:
+            yield from secure_metrics(d.secure)
 
 
 def monitor_metrics(d: Dashboard):
@@ -107,6 +109,44 @@ def monitor_metrics(d: Dashboard):
             estimate.add_metric(m, a.estimate / PERCENT)
         members.add_metric(m, a.members)
     yield from (firing, exhausted, state, since, used, rounds, spent, eps, threshold, estimate, members)
+
+
+def secure_metrics(sec):
+    """The latest secure round's figure: mean and interval (ratios), survivors and cohort, percentiles, the share
+    above the threshold, the epsilon achieved, and the latest rounds' outcomes."""
+    for name, value, text in (
+        ("secure_network_cpu_ratio", sec.mean, "Network mean CPU from the latest secure round (DP, noisy sum only)."),
+        ("secure_network_cpu_ci95_low_ratio", sec.ci95_low, "Lower end of its 95 % interval."),
+        ("secure_network_cpu_ci95_high_ratio", sec.ci95_high, "Upper end of its 95 % interval."),
+    ):
+        yield GaugeMetricFamily(f"{PREFIX}_{name}", text, value=value / PERCENT)
+    yield GaugeMetricFamily(f"{PREFIX}_secure_round", "Number of the latest published secure round (UTC window).",
+                            value=sec.round)
+    yield GaugeMetricFamily(f"{PREFIX}_secure_round_end_timestamp_seconds", "End of that round's window.",
+                            value=sec.round_end.timestamp())
+    yield GaugeMetricFamily(f"{PREFIX}_secure_survivors", "Members whose uploads that round's sum holds.",
+                            value=sec.survivors)
+    yield GaugeMetricFamily(f"{PREFIX}_secure_cohort", "Members in the epoch.", value=sec.cohort)
+    yield GaugeMetricFamily(f"{PREFIX}_secure_epsilon", f"Epsilon achieved by that round, per {sec.unit_words}.",
+                            value=sec.epsilon)
+    pct = GaugeMetricFamily(f"{PREFIX}_secure_fleet_cpu_percentile_ratio", "Fleet percentiles of the members' "
+                            "window means (DP), with their 95 % interval.", labels=["quantile", "bound"])
+    for q, item in sorted(sec.percentiles.items()):
+        for bound, value in (("estimate", item.estimate), ("low", item.low), ("high", item.high)):
+            pct.add_metric([q[1:], bound], value / PERCENT)
+    yield pct
+    if sec.share_above is not None:
+        above = GaugeMetricFamily(f"{PREFIX}_secure_members_above_threshold_ratio", f"Share of members above "
+                                  f"{sec.threshold:g} % CPU (DP), with its 95 % interval.", labels=["bound"])
+        for bound, value in (("estimate", sec.share_above.estimate), ("low", sec.share_above.low),
+                             ("high", sec.share_above.high)):
+            above.add_metric([bound], value)
+        yield above
+    rounds = GaugeMetricFamily(f"{PREFIX}_secure_recent_rounds", "Outcome of the latest secure rounds.",
+                               labels=["status"])
+    for status in ("published", "refused", "failed"):
+        rounds.add_metric([status], sum(1 for r in sec.recent if r.status == status))
+    yield rounds
 
 
 class Metrics:

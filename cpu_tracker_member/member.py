@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -219,12 +220,20 @@ def run_member(
     member.ensure_folder()
     for warning in settings_warnings(s):
         log.warning("%s", warning)
+    secure = None
+    if s.mode == "secure":  # imported only here: local mode never loads the cryptography and accounting
+        from cpu_tracker_member.secure import SecureMember
+
+        secure = SecureMember(member.paths, s, member.problems, member.ledger)
     read()  # psutil's first reading is meaningless: discard it
     start = wall()
     summary = Hourly(log, lambda totals, now: hourly_line(member, totals, now))
     monitors = MemberMonitors(member)  # private alerts (safe zones): one check per window
     while not stop.is_set():
-        raw = measure_window(s.interval_s, read=read, clock=clock, stop=stop)
+        # secure rounds are UTC windows (round r = [r * interval, (r + 1) * interval)): end each window on one
+        span = s.interval_s if secure is None else (math.floor(wall().timestamp() / s.interval_s) + 1) * \
+            s.interval_s - wall().timestamp()
+        raw = measure_window(span, read=read, clock=clock, stop=stop)
         if raw is None:
             return
         end, published = wall(), False
@@ -232,11 +241,18 @@ def run_member(
             member.problems.report(
                 "clock", f"the clock went back from {start.isoformat()} to {end.isoformat()}: window skipped; "
                 "windows that re-use time already spent are charged again by the ledger")
+        elif secure is not None:
+            published = member.parents_safe() and member.ensure_folder() and secure.publish(raw, start, end)
+            if published:
+                member.problems.clear("clock")
+                log.log(logging.INFO if once else logging.DEBUG, "secure round ending %s uploaded",
+                        end.isoformat(timespec="seconds"))
         elif published := (member.publish(raw, start, end) is not None):
             member.problems.clear("clock")
             log.log(logging.INFO if once else logging.DEBUG, "published window ending %s (epsilon %g)",
                     end.isoformat(timespec="seconds"), s.epsilon)
-        summary.add(end.timestamp(), windows=1, published=published, epsilon=s.epsilon * published)
+        per_release = s.epsilon if secure is None else s.secure_target  # secure: at most; the epoch's noise decides
+        summary.add(end.timestamp(), windows=1, published=published, epsilon=per_release * published)
         if end > start:
             monitors.step(raw, end)
         start = end

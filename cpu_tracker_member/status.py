@@ -58,5 +58,26 @@ def status_text(paths: Paths, settings: Settings, now: datetime, recent: int = 1
         out.append(f"  {r['window_end'][:26]:<26}{r['raw_mean']:>10.2f}{r['released']:>11.2f}")
     if not rows:
         out.append("  (nothing published yet)")
-    out += ["", *guarantee_lines(settings)]
+    out += ["", *(guarantee_lines(settings) if settings.mode == "local" else secure_lines(paths, settings, spends))]
     return "\n".join(out)
+
+
+def secure_lines(paths: Paths, settings: Settings, spends) -> list[str]:
+    """Secure mode in plain words: what the aggregator receives, the unit and epsilon, the epoch seen."""
+    from shared.secure_schema import UNIT_WORDS, Epoch
+
+    lines = [f"Mode: secure. The aggregator receives only masked round files and learns the cohort's noisy sum; each "
+             f"round protects {UNIT_WORDS[settings.secure_unit]} at epsilon {settings.secure_target:g} at most "
+             f"(secure_unit, secure_epsilon){' per UTC day, delta ' + format(settings.secure_delta, 'g') if settings.secure_unit == 'cpu_day' else ''}."]
+    try:
+        epoch = Epoch.model_validate_json(paths.epoch_file(settings.aggregator).read_bytes())
+        listed = epoch.key_of(paths.email) is not None
+        lines.append(f"Epoch {epoch.epoch} from {epoch.aggregator}: {len(epoch.cohort)} members, rounds "
+                     f"{epoch.first_round}-{epoch.last_round()}, at least {epoch.min_survivors} survivors; this "
+                     f"datasite is {'listed' if listed else 'not listed (enrolled at the next epoch)'}.")
+    except (OSError, ValueError) as e:
+        lines.append(f"No valid epoch file from the aggregator yet ({type(e).__name__}).")
+    secure = [sp for sp in spends if sp.mechanism.startswith("secure")]
+    lines.append(f"Secure releases in the ledger: {len(secure)}"
+                 + (f", the latest for the window ending {secure[-1].window_end.isoformat(timespec='seconds')}." if secure else "."))
+    return lines

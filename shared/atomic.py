@@ -143,3 +143,13 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_capped(path: Path, limit: int = 1 << 20) -> bytes | None:
+    """The first ``limit`` bytes of a file another process writes atomically; None when it is missing or cannot be
+    read (the caller treats both as "not there yet")."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError:
+        return None

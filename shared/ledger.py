@@ -39,7 +39,7 @@ from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -62,8 +62,12 @@ class Spend(BaseModel):
     epsilon: float = Field(gt=0)
     delta: float = Field(default=0.0, ge=0)
     mechanism: str
-    unit: Literal["cpu_second", "cpu_sample"] = LEGACY_UNIT_NAME  # lines without it predate the fixed unit
+    unit: Literal["cpu_second", "cpu_sample", "cpu_window", "cpu_day"] = LEGACY_UNIT_NAME  # none: before the fixed unit
     n_samples: int = Field(ge=1)
+    noise: str | None = Field(default=None, description="Secure releases: the epoch's NoiseSpec (JSON), from which "
+                              "the day's releases are composed with dp-accounting.")
+    survivors: int | None = Field(default=None, ge=1, description="Secure releases: the shares the noise is "
+                                  "accounted with (the epoch's fewest survivors: the worst case).")
 
     @model_validator(mode="after")
     def _ordered(self) -> "Spend":
@@ -171,13 +175,16 @@ class Ledger:
         """What compaction keeps: the longest horizon this ledger has ever enforced, + 1 h for clock slack."""
         return timedelta(seconds=self.max_horizon_s + 3600)
 
-    def admit(self, new: Spend) -> None:
+    def admit(self, new: Spend, also: Callable[[Sequence[Spend], Spend], None] | None = None) -> None:
         """Record ``new`` (fsynced) if every budget allows it, else raise BudgetExceeded and record nothing.
-        Raises OSError if it cannot be recorded (then nothing was recorded either), LedgerCorrupt if the file
-        became unreadable."""
+        ``also(recorded, new)`` is a further check run under the same lock (secure mode's daily composition); it
+        raises BudgetExceeded to refuse. Raises OSError if it cannot be recorded (then nothing was recorded
+        either), LedgerCorrupt if the file became unreadable."""
         with _locked(self.path, create=True) as fd:
             self._catch_up(fd, new.released_at)
             check_budgets(self._relevant_arrays(new), self.budgets)
+            if also is not None:
+                also(self._spends, new)
             _append(fd, new.model_dump_json().encode("utf-8") + b"\n")
             self._spends.append(_slim(new))
             self._rows.append(_row(new))

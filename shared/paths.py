@@ -48,6 +48,9 @@ HISTORY_INDEX_FILE = f"{HISTORY_DIR}/index.json"
 DASHBOARD_SCHEMA_FILE = "dashboard.schema.json"
 REPORT_SCHEMA_FILE = "member_report.schema.json"
 PAGE_FILE = "index.html"
+SECURE_KEY_FILE = "secure_key.json"
+EPOCH_FILE = "epoch.json"
+INBOX_FILE = "inbox.json"
 SYFTPERM_FILE = "syftperm.yaml"
 SYFT_PUB_FILE = "syft.pub.yaml"
 _EMAIL = re.compile(r"[^@/\\\s*?\[\]]+@[^@/\\\s*?\[\]]+")  # no separator, whitespace or glob character
@@ -134,6 +137,38 @@ class Paths:
     def current_file(self) -> Path:
         return self.public_dir() / CURRENT_FILE
 
+    # -- secure aggregation (shared.secure_schema names what each file holds) ---------------------------
+    @property
+    def secure_private(self) -> Path:
+        """The member's X25519 private key and what it revealed: local, never synced."""
+        return self.private / "secure"
+
+    def secure_key_file(self, member: str | None = None) -> Path:
+        """A member's public key, in its report folder: for the aggregator only, which hands it to the cohort in
+        the epoch (nothing public says who takes part)."""
+        return self.report_dir(member) / SECURE_KEY_FILE
+
+    def epoch_dir(self, aggregator: str | None = None) -> Path:
+        """The aggregator's epoch folder, readable by the epoch's cohort only."""
+        return self.datasites / (aggregator or self.email) / "app_data" / f"{self.app_name}_epoch"
+
+    def epoch_file(self, aggregator: str | None = None) -> Path:
+        return self.epoch_dir(aggregator) / EPOCH_FILE
+
+    def upload_dir(self, member: str | None = None) -> Path:
+        """A member's round uploads: inside its report folder, so under the same aggregator-only permission."""
+        return self.report_dir(member) / "secure"
+
+    def upload_file(self, round_: int, member: str | None = None) -> Path:
+        return self.upload_dir(member) / f"r{round_}.json"
+
+    def inbox_dir(self, member: str, aggregator: str | None = None) -> Path:
+        """The aggregator's folder for one member, readable by that member only (apart from the app's own report
+        folder, so that no permission file of one covers the other)."""
+        return self.datasites / (aggregator or self.email) / "app_data" / f"{self.app_name}_inbox" / member
+
+    def inbox_file(self, member: str, aggregator: str | None = None) -> Path:
+        return self.inbox_dir(member, aggregator) / INBOX_FILE
 
     # -- private alerts (safe zones) -----------------------------------------------------------
     @property

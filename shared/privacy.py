@@ -64,7 +64,8 @@ def laplace_release(
 UNIT_NAME = "cpu_second"
 UNIT_S = 1.0
 LEGACY_UNIT_NAME = "cpu_sample"  # before: one sample of sample_period_s seconds, a unit that moved with a setting
-LEGACY_PERIOD_MAX_S = 0.1  # the old default period, the longest one an old ledger line is credited with
+LEGACY_PERIOD_MAX_S = 0.1
+COARSER_UNITS = ("cpu_window", "cpu_day")  # secure mode's units: a member's whole window, its whole UTC day  # the old default period, the longest one an old ledger line is credited with
 
 
 def units_per_window(interval_s: float) -> int:
@@ -96,7 +97,7 @@ def epsilon_per_unit(unit: str, epsilon: float, *, n_samples: int, window_s: flo
     activity touches up to ceil(1 / s) + 1 samples of s seconds, so it costs epsilon * (ceil(1 / s) + 1)
     (group privacy, Dwork & Roth 2014, Thm 2.2). s is taken as window_s / n_samples, and never more than the old
     default 0.1 s: a clock step that stretched an old window can only overstate the spend, never understate it."""
-    if unit == UNIT_NAME:
+    if unit in (UNIT_NAME, *COARSER_UNITS):  # a release private for a whole window or day is so for any second in it
         return epsilon
     if unit == LEGACY_UNIT_NAME:
         if n_samples < 1 or not window_s > 0:

@@ -19,6 +19,8 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.secnoise import Interval  # estimate, low, high: one interval model for every published figure
+
 SCHEMA_VERSION = 1
 REPORT_KIND = "cpu_tracker.member_report"
 DASHBOARD_KIND = "cpu_tracker.dashboard"
@@ -114,6 +116,8 @@ class MemberReport(_Wire):
     window: Window
     release: Release
     privacy_unit: PrivacyUnit
+    mode: Literal["local"] = Field(default="local", description="local: the member's own noisy release (a member in "
+                                   "secure mode writes round files instead, shared.secure_schema.SecureUpload).")
     cpu: float | None = Field(default=None, description="Legacy (tutorial) key: equals release.value.")
     timestamp: str | None = Field(default=None, description="Legacy (tutorial) key: created_at, 'YYYY-MM-DD HH:MM:SS' UTC.")
 
@@ -204,6 +208,52 @@ class History(_Wire):
     coarse: Series = Field(description="Averages of `recent` per 5 minutes, last 30 days.")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Secure aggregation's figure (issue 10): the rounds' noisy sums, never a member's value
+# ---------------------------------------------------------------------------------------------------
+class SecureRoundStatus(_Wire):
+    round: int
+    round_end: AwareDatetime
+    status: Literal["published", "refused", "failed"]
+    survivors: int
+    reason: str | None = None
+
+
+class SecureFigure(_Wire):
+    """The latest figure of the secure rounds, on ``dashboard.json`` and ``current.json`` as ``secure``. Computed
+    from the unmasked noisy sum only: the aggregator never sees a member's value."""
+
+    mode: Literal["secure"] = "secure"
+    epoch: int
+    round: int
+    round_start: AwareDatetime
+    round_end: AwareDatetime
+    cohort: int = Field(description="Members in the epoch.")
+    survivors: int = Field(description="Members whose upload the round's sum holds.")
+    mean: float = Field(description="Network mean CPU (percent) over the survivors' windows.")
+    standard_error: float
+    ci95_low: float
+    ci95_high: float
+    percentiles: dict[str, Interval] = Field(default_factory=dict, description="p50, p90, p99 of the members' window "
+                                             "means, each with a 95 % interval.")
+    share_above: Interval | None = Field(default=None, description="Share of members (0-1) above `threshold`.")
+    threshold: float = 90.0
+    unit: Literal["cpu_second", "cpu_window", "cpu_day"]
+    unit_words: str = Field(description="What `epsilon` protects, in words.")
+    epsilon: float = Field(description="Epsilon achieved for `unit` by this release (dp-accounting).")
+    delta: float
+    noise: str = Field(description="The distributed noise, e.g. 'distributed discrete Laplace'.")
+    method: str
+    recent: list[SecureRoundStatus] = Field(default_factory=list, description="The latest rounds, newest last.")
+
+    @field_validator("mean", "standard_error", "ci95_low", "ci95_high")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+
 class _Figure(_Wire):
     """What every published figure says: the network estimate now and its context."""
 
@@ -217,6 +267,9 @@ class _Figure(_Wire):
     counts: Counts
     privacy: PrivacySummary
     settings: AggregatorSettings
+    mode: Literal["local"] = Field(default="local", description="`estimate` comes from local-mode reports.")
+    secure: SecureFigure | None = Field(default=None, description="The latest secure round's figure, from the "
+                                        "cohort's noisy sum (absent when no secure round has been published).")
 
 
 class Dashboard(_Figure):
@@ -289,7 +342,13 @@ class Current(_Figure):
 
 def json_schemas() -> dict[str, dict]:
     """The JSON Schemas of the wire formats, by file name."""
+    from shared import secure_schema as sec  # it builds on this module
+
     return {
+        "secure_key.schema.json": sec.SecureKey.model_json_schema(mode="serialization"),
+        "secure_epoch.schema.json": sec.Epoch.model_json_schema(mode="serialization"),
+        "secure_round.schema.json": sec.SecureUpload.model_json_schema(mode="serialization"),
+        "secure_inbox.schema.json": sec.Inbox.model_json_schema(mode="serialization"),
         "member_report.schema.json": MemberReport.model_json_schema(mode="serialization"),
         "dashboard.schema.json": Dashboard.model_json_schema(mode="serialization"),
         "current.schema.json": Current.model_json_schema(mode="serialization"),

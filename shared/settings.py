@@ -49,6 +49,9 @@ DEFAULT_BUDGETS = (
 )
 
 
+SECURE_EPSILON_DEFAULTS = {"cpu_second": 5.0, "cpu_window": 1.25, "cpu_day": 10.0}
+
+
 class Settings(BaseModel):
     """Everything a user can set. Unknown keys are refused so that typos surface at once."""
 
@@ -125,6 +128,11 @@ class Settings(BaseModel):
         return self
 
     @property
+    def secure_target(self) -> float:
+        """Secure mode's epsilon per unit: the setting, else the unit's default."""
+        return self.secure_epsilon if self.secure_epsilon is not None else SECURE_EPSILON_DEFAULTS[self.secure_unit]
+
+    @property
     def samples_per_window(self) -> int:
         """Units (whole seconds of activity) a window averages: its sensitivity is 100 / this."""
         return units_per_window(self.interval_s)
@@ -149,6 +157,38 @@ class Settings(BaseModel):
         description="Aggregator: a file of member emails, one per line, # starts a comment; a relative path is read "
         "from the app folder (the working directory the app runs in). Adds to `members`.",
     )
+
+    # -- secure aggregation (issue 10): members take part in the aggregator's epochs, the aggregator runs them ----
+    mode: Literal["local", "secure"] = Field(
+        default="local",
+        description="Member: local publishes a Laplace-noised mean for the aggregator; secure takes part in the "
+        "aggregator's secure rounds instead (the aggregator then learns only the noisy sum of the cohort).",
+    )
+    secure_unit: Literal["cpu_second", "cpu_window", "cpu_day"] = Field(
+        default="cpu_window",
+        description="What secure mode's epsilon protects: one second of activity, a member's whole window, or its "
+        "whole UTC day. Member: the weakest unit it accepts; aggregator: the unit its epochs use.",
+    )
+    secure_epsilon: float | None = Field(
+        default=None, gt=0, le=100,
+        description="Epsilon per unit in secure mode, mean and histogram together (80 % / 20 %). Member: the most it "
+        "accepts from an epoch; aggregator: what its epochs target. Unset: 5 per second, 1.25 per window (1 for the "
+        "mean, 0.25 for the histogram), 10 per UTC day.",
+    )
+    secure_delta: float = Field(
+        default=1e-6, ge=0, le=1e-3,
+        description="Delta of the cpu_day unit (the distributed discrete Gaussian); the other units are pure (0).",
+    )
+    min_cohort: int = Field(
+        default=3, ge=3, le=10**6,
+        description="Secure mode: fewest members in an epoch and survivors in a round (member: it refuses smaller).",
+    )
+    min_survivor_fraction: float = Field(
+        default=0.8, gt=0, le=1,
+        description="Aggregator: a round needs this share of the cohort (and at least min_cohort); the noise is "
+        "sized so that that many members' shares already carry all of it.",
+    )
+    secure_bins: int = Field(default=20, ge=2, le=100, description="Histogram bins over [0, 100] (fleet percentiles).")
 
     @model_validator(mode="after")
     def _check_members(self) -> "Settings":
@@ -265,7 +305,12 @@ def settings_warnings(settings: Settings) -> list[str]:
     (and how far into each span), a noise scale the default aggregator rejects, an ignored setting. Pure: the
     caller logs them (once per settings load). Empty for the default settings."""
     out: list[str] = []
-    eps, w = settings.epsilon, settings.interval_s
+    w = settings.interval_s
+    eps = settings.epsilon  # local mode: epsilon per release; secure mode: the epoch's, at most secure_target
+    if settings.mode == "secure":
+        if settings.secure_unit == "cpu_day":  # its own daily check; each release's share of it is small
+            return out
+        eps = settings.secure_target
     if settings.sample_period_s is not None:
         out.append(
             f"sample_period_s = {settings.sample_period_s:g} is ignored and no longer changes the privacy: every "
@@ -289,7 +334,7 @@ def settings_warnings(settings: Settings) -> list[str]:
                 f"all the time, lower epsilon to {b.epsilon / touched:.3g} or raise that budget to {touched * eps:g}."
             )
     scale = laplace_scale(mean_sensitivity(*CPU_BOUNDS, settings.samples_per_window), eps)
-    if scale > settings.max_noise_scale:
+    if settings.mode == "local" and scale > settings.max_noise_scale:
         out.append(
             f"Every report will be rejected by an aggregator with max_noise_scale {settings.max_noise_scale:g}: its "
             f"noise scale is {scale:.3g} points (100 / {settings.samples_per_window} whole seconds / epsilon {eps:g}). "

@@ -375,3 +375,36 @@ def test_shows_the_private_alerts_and_hides_them_when_none_run(site: Site) -> No
                     "li.dataset.state, li.textContent])")
     assert [i[:2] for i in items] == [["cpu_high", "firing"]]
     assert "FIRING" in items[0][2] and "violation rounds 1 of 4" in items[0][2] and "<b>now</b>" in items[0][2]
+
+
+def test_shows_the_secure_round_beside_the_local_figure(site: Site) -> None:
+    from shared.schema import Interval, SecureFigure, SecureRoundStatus
+
+    now = utc_now()
+    sec = SecureFigure(
+        epoch=3, round=88_000_000, round_start=now - timedelta(seconds=40), round_end=now - timedelta(seconds=20),
+        cohort=12, survivors=11, mean=41.234, standard_error=0.71, ci95_low=39.8, ci95_high=42.66,
+        percentiles={"p50": Interval(estimate=35.0, low=30.0, high=40.0), "p90": Interval(estimate=80.0, low=70.0, high=90.0),
+                     "p99": Interval(estimate=95.0, low=85.0, high=100.0)},
+        share_above=Interval(estimate=0.125, low=0.0, high=0.3), unit="cpu_window", unit_words="a member's whole window",
+        epsilon=1.25, delta=0.0, noise="distributed discrete Laplace", method="secure aggregation",
+        recent=[SecureRoundStatus(round=87_999_999, round_end=now - timedelta(seconds=40), status="refused",
+                                  survivors=2, reason="2 of 12 members uploaded")],
+    )
+    dash = dashboard(now).model_copy(update={"secure": sec})
+    site.publish(dash)
+    site.open()
+    assert site.shown("secure-card") and site.shown("estimate-detail")  # both figures during a migration
+    assert (site.text("secure-mean"), site.text("secure-ci-low"), site.text("secure-ci-high")) == (
+        pct(sec.mean), pct(sec.ci95_low), pct(sec.ci95_high))
+    assert (site.text("secure-survivors"), site.text("secure-cohort")) == ("11", "12")
+    assert site.text("secure-p90") == "80 % (70–90)"
+    assert site.text("secure-above") == "12.5 % (0–30)"
+    assert site.text("secure-unit") == "a member's whole window" and site.text("secure-epsilon") == "1.25"
+    assert "refused (2 of 12 members uploaded)" in site.text("secure-recent")
+
+
+def test_no_secure_card_in_local_mode(site: Site) -> None:
+    site.publish(dashboard(utc_now()))
+    site.open()
+    assert not site.shown("secure-card")

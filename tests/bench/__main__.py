@@ -2,10 +2,12 @@
 
     ./run.sh bench [--quick] [--out bench-results] [--only NAME ...] [--work DIR]
 
-Benchmarks (one module each): aggregator_scale, accuracy, member_overhead, relay_bytes, e2e_latency, soak,
-safezone (private alerts, last: a simulation, about 2 minutes). Each
-runs in its own process. The aggregator timings run alone; the member overhead (light, measured as the member's own
-CPU time) runs beside the accuracy simulation; the relay bytes next; the local network next (with --quick: beside
+Benchmarks (one module each): aggregator_scale, accuracy, secure_accuracy, secure_protocol, secure_latency,
+member_overhead, relay_bytes, e2e_latency, soak, safezone (private alerts, last: a simulation of about 3 minutes).
+Each runs in its own process. The aggregator timings run alone; the member overhead (light, measured as the
+member's own CPU time) runs beside the accuracy simulation; the secure-aggregation accuracy (about 2 minutes of one
+core) beside the secure protocol's costs after them; the secure rounds on a local network after the other network
+benchmark; the relay bytes next; the local network next (with --quick: beside
 the others, to stay under two minutes); the soak (7 simulated days, 1 with --quick; member and aggregator side by
 side) runs last. The full run takes about 17 minutes on a 2-core machine, --quick about 2.5.
 """
@@ -35,9 +37,12 @@ from tests.bench.common import (
     write_report,
 )
 
-BENCHMARKS = ("aggregator_scale", "accuracy", "member_overhead", "relay_bytes", "e2e_latency", "soak", "safezone")
-PHASES_FULL = (("aggregator_scale",), ("member_overhead", "accuracy"), ("relay_bytes",), ("e2e_latency",), ("soak",), ("safezone",))
-PHASES_QUICK = (("aggregator_scale",), ("member_overhead", "accuracy", "relay_bytes", "e2e_latency"), ("soak",), ("safezone",))
+BENCHMARKS = ("aggregator_scale", "accuracy", "secure_accuracy", "secure_protocol", "secure_latency", "member_overhead",
+              "relay_bytes", "e2e_latency", "soak", "safezone")
+PHASES_FULL = (("aggregator_scale",), ("member_overhead", "accuracy"), ("secure_accuracy", "secure_protocol"),
+               ("relay_bytes",), ("e2e_latency",), ("secure_latency",), ("soak",), ("safezone",))
+PHASES_QUICK = (("aggregator_scale",), ("member_overhead", "accuracy", "relay_bytes", "e2e_latency"),
+                ("secure_accuracy", "secure_protocol"), ("secure_latency",), ("soak",), ("safezone",))
 
 
 def log(line: str) -> None:
