@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import os
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,12 +24,21 @@ import numpy as np
 from pydantic import ValidationError
 
 from shared import secagg
+from cpu_tracker_aggregator.reader import open_datasites, read_report, signature
 from shared.atomic import atomic_write_bytes, read_capped, write_if_changed
 from shared.logs import Problems
 from shared.paths import Paths, is_datasite_email
 from shared.permissions import ensure_permissions
 from shared.schema import SecureFigure, SecureRoundStatus
-from shared.secnoise import calibrate, epsilon_of, fleet_estimate, fleet_mean, noise_sd, release_event
+from shared.secnoise import (
+    calibrate,
+    epsilon_of,
+    fleet_estimate,
+    fleet_mean,
+    mean_standard_error,
+    noise_sd,
+    release_event,
+)
 from shared.secure_schema import (
     UNIT_WORDS,
     CohortMember,
@@ -46,6 +56,7 @@ from shared.secure_schema import (
 from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.aggregator")
+MAX_MEMBER_FILE_BYTES = 1 << 18  # a round file is about 3 KB at 1,000 members, at most tens of KB
 ABSENT_ROUNDS = 3  # a member missing from this many closed rounds in a row is left out of the next epoch
 MEAN_FRACTION = 0.8  # of each release's epsilon, on the mean coordinate; the rest on the histogram
 RECENT = 12
@@ -164,8 +175,7 @@ def secure_figure(epoch: Epoch, round_: int, total: np.ndarray, survivors: int,
                   recent: list[SecureRoundStatus]) -> SecureFigure:
     """The published figure of one unmasked round: the mean with its 95 % interval (``secnoise.fleet_mean``: the
     noise's exact spread plus the stochastic rounding's), the fleet percentiles and the share above 90 %."""
-    sd_mean, _ = noise_sd(epoch.noise, survivors)
-    se = math.sqrt(sd_mean ** 2 + survivors / 4) / epoch.scale / survivors
+    se = mean_standard_error(epoch.noise, survivors, epoch.scale)
     mean = fleet_mean(int(total[0]), spec=epoch.noise, survivors=survivors, scale=epoch.scale)
     fleet = fleet_estimate([int(v) for v in total[1:]], spec=epoch.noise, survivors=survivors,
                            edges=epoch.bin_edges(), threshold=90.0)
@@ -198,7 +208,8 @@ class Round:
     dropped: list[str] = field(default_factory=list)
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     sealed: dict[str, dict[str, str]] = field(default_factory=dict)  # sender -> receiver -> sealed share
-    status: str = "open"  # open -> unmasking | refused -> published | failed
+    reveals: dict[str, Reveal] = field(default_factory=dict)  # member -> its reveal for this round, once found
+    status: str = "unmasking"  # or refused, then published | failed
     reason: str | None = None
 
 
@@ -216,6 +227,8 @@ class SecureAggregator:
     _absent: dict[str, int] = field(default_factory=dict)
     _excluded: set[str] = field(default_factory=set)
     _old: Epoch | None = None
+    _files: dict[tuple[str, ...], tuple[tuple[int, int, int], object]] = field(default_factory=dict)
+    _inbox_state: tuple | None = None
     _inboxes: dict[str, bytes] = field(default_factory=dict)
 
     def tick(self, now: datetime) -> bool:
@@ -235,8 +248,11 @@ class SecureAggregator:
             rnd = self.rounds[r]
             if rnd.status == "unmasking":
                 self._try_unmask(rnd, current)
-        for r in [r for r in self.rounds if r < current - 2 * (e.reveal_rounds + 2)]:
+        oldest = current - 2 * (e.reveal_rounds + 2)
+        for r in [r for r in self.rounds if r < oldest]:
             del self.rounds[r]
+        for parts in [p for p in self._files if _upload_round(p) is not None and _upload_round(p) < oldest]:
+            del self._files[parts]
         self._write_inboxes()
         return self.figure is not before
 
@@ -252,16 +268,8 @@ class SecureAggregator:
         for name in names:
             if not is_datasite_email(name) or (allowed is not None and name not in allowed):
                 continue
-            raw = read_capped(self.paths.secure_key_file(name))
-            if raw is None:
-                continue
-            try:
-                key = SecureKey.model_validate_json(raw)
-            except ValidationError:
-                self.problems.report(f"key-{name}", f"secure mode: {name}'s secure_key.json is not valid: left out")
-                continue
-            self.problems.clear(f"key-{name}")
-            if key.email == name:
+            key = self._member_file(self.paths.secure_key_file(name), SecureKey, f"key-{name}")
+            if key is not None and key.email == name:
                 out[name] = key.x25519
         return out
 
@@ -318,15 +326,40 @@ class SecureAggregator:
 
     # -- rounds ---------------------------------------------------------------------------------------
     def _read_upload(self, member: str, round_: int) -> SecureUpload | None:
-        raw = read_capped(self.paths.upload_file(round_, member))
-        if raw is None:
-            return None
+        return self._member_file(self.paths.upload_file(round_, member), SecureUpload, f"upload-{member}")
+
+    def _member_file(self, path, model, problem: str):
+        """A file in a member's datasite, parsed with ``model``; None when absent, refused or invalid (logged once).
+        Read with the roster's walk (``reader.read_report``: no symlink followed, size capped) and parsed again only
+        when its stat signature changes, so a tick costs one ``lstat`` per file that did not."""
+        parts = path.relative_to(self.paths.datasites).parts
         try:
-            return SecureUpload.model_validate_json(raw)
-        except ValidationError as e:
-            self.problems.report(f"upload-{member}", f"secure round {round_}: {member}'s upload is not valid and "
-                                 f"counts as dropped ({e.errors()[0].get('msg')})")
+            sig = signature(os.lstat(path))
+        except OSError:
+            self._files.pop(parts, None)
             return None
+        hit = self._files.get(parts)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        ds = str(self.paths.datasites)
+        ds_fd = open_datasites(ds)
+        try:
+            got = None if ds_fd < 0 else read_report(ds_fd, ds, parts, MAX_MEMBER_FILE_BYTES)
+        finally:
+            if ds_fd >= 0:
+                os.close(ds_fd)
+        parsed = None
+        if got is not None and type(got.data) is not bytes:
+            self.problems.report(problem, f"secure mode: {path} is refused ({got.data}): left out")
+        elif got is not None:
+            try:
+                parsed = model.model_validate_json(got.data)
+                self.problems.clear(problem)
+            except ValidationError as e:
+                self.problems.report(problem, f"secure mode: {path} is not valid and is left out "
+                                     f"({e.errors()[0].get('msg')})")
+        self._files[parts] = (sig, parsed)
+        return parsed
 
     def _close(self, epoch: Epoch, r: int) -> None:
         rnd = Round(epoch, r)
@@ -349,25 +382,24 @@ class SecureAggregator:
                           f"{epoch.min_survivors} the noise needs: nothing is revealed or published")
             rnd.vectors.clear()
             self._record(rnd, "refused")
-        else:
-            rnd.status = "unmasking"
-            if rnd.dropped:
-                log.info("secure round %d: %d survivors, %d dropped (%s)", r, len(rnd.survivors), len(rnd.dropped),
-                         ", ".join(rnd.dropped[:5]))
+        elif rnd.dropped:
+            log.info("secure round %d: %d survivors, %d dropped (%s)", r, len(rnd.survivors), len(rnd.dropped),
+                     ", ".join(rnd.dropped[:5]))
         self.rounds[r] = rnd
 
     def _reveals(self, rnd: Round, current: int) -> dict[str, Reveal]:
-        """Each member's reveal for ``rnd`` from its uploads of the following rounds (the first one found)."""
-        out = {}
+        """Each member's reveal for ``rnd`` from its uploads of the following rounds (the first one found, kept)."""
         for m in rnd.epoch.emails():
+            if m in rnd.reveals:
+                continue
             for later in range(rnd.number + 1, min(current, rnd.number + rnd.epoch.reveal_rounds + 1) + 1):
                 up = self._read_upload(m, later)
                 found = None if up is None or up.email != m else next(
                     (x for x in up.reveals if x.round == rnd.number), None)
                 if found is not None:
-                    out[m] = found
+                    rnd.reveals[m] = found
                     break
-        return out
+        return rnd.reveals
 
     def _try_unmask(self, rnd: Round, current: int) -> None:
         e = rnd.epoch
@@ -406,8 +438,12 @@ class SecureAggregator:
 
     # -- inboxes --------------------------------------------------------------------------------------
     def _write_inboxes(self) -> None:
-        """Each cohort member's inbox: the rounds being unmasked (or refused) with the shares sealed for it.
-        Written only when it changed; readable by that member only."""
+        """Each cohort member's inbox: the rounds being unmasking (or refused) with the shares its neighbours sealed
+        for it. Rebuilt only when a round opened or changed status, and written only where it changed; readable by
+        that member only."""
+        state = tuple((r, rnd.epoch.epoch, rnd.status) for r, rnd in sorted(self.rounds.items())[-8:])
+        if state == self._inbox_state:
+            return
         members = set(self.epoch.emails()) | (set(self._old.emails()) if self._old else set())
         for m in sorted(members):
             entries = []
@@ -418,7 +454,7 @@ class SecureAggregator:
                 if rnd.status == "refused":
                     entries.append(InboxRound(round=r, epoch=rnd.epoch.epoch, status="refused", reason=rnd.reason))
                 elif rnd.status == "unmasking":
-                    sealed = {s: rnd.sealed[s][m] for s in rnd.survivors if m in rnd.sealed.get(s, {})}
+                    sealed = {s: rnd.sealed[s][m] for s in rnd.epoch.neighbours[m] if m in rnd.sealed.get(s, {})}
                     entries.append(InboxRound(round=r, epoch=rnd.epoch.epoch, status="unmasking",
                                               survivors=rnd.survivors, dropped=rnd.dropped, sealed=sealed))
             body = Inbox(epoch=self.epoch.epoch, member=m, rounds=entries).model_dump_json().encode()
@@ -431,6 +467,14 @@ class SecureAggregator:
                 self.problems.clear("inbox-write")
             except OSError as ex:
                 self.problems.report("inbox-write", f"secure mode: cannot write inboxes ({ex}); free disk space")
-                return
+                return  # retried at the next tick
+        self._inbox_state = state
 
 
+def _upload_round(parts: tuple[str, ...]) -> int | None:
+    """The round of a cached upload's path (``<member>/app_data/<app>/secure/r<round>.json``), else None."""
+    name = parts[-1]
+    if len(parts) >= 2 and parts[-2] == "secure" and name.startswith("r") and name.endswith(".json"):
+        digits = name[1:-5]
+        return int(digits) if digits.isdigit() else None
+    return None

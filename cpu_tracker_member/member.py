@@ -231,8 +231,7 @@ def run_member(
     monitors = MemberMonitors(member)  # private alerts (safe zones): one check per window
     while not stop.is_set():
         # secure rounds are UTC windows (round r = [r * interval, (r + 1) * interval)): end each window on one
-        span = s.interval_s if secure is None else (math.floor(wall().timestamp() / s.interval_s) + 1) * \
-            s.interval_s - wall().timestamp()
+        span = s.interval_s if secure is None else _to_boundary(wall().timestamp(), s.interval_s)
         raw = measure_window(span, read=read, clock=clock, stop=stop)
         if raw is None:
             return
@@ -258,6 +257,11 @@ def run_member(
         start = end
         if once:
             return
+
+
+def _to_boundary(now: float, interval_s: float) -> float:
+    """Seconds from ``now`` to the next UTC multiple of ``interval_s`` (the end of the current secure round)."""
+    return (math.floor(now / interval_s) + 1) * interval_s - now
 
 
 def hourly_line(member: Member, totals: dict[str, float], now: float) -> str:

@@ -12,6 +12,9 @@ import base64
 import json
 import logging
 import math
+import os
+from collections import Counter
+from functools import lru_cache
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Callable
@@ -42,6 +45,7 @@ from shared.settings import Settings
 log = logging.getLogger("cpu_tracker.member")
 KEEP_UPLOADS = 4  # round files kept: the aggregator reads reveals for round r in the uploads of r + 1 .. r + 3
 KEEP_REVEALED_ROUNDS = 200
+MAX_EPOCH_BYTES = 1 << 26  # the cohort, its keys and graph: about 7 MB at 10,000 members
 
 
 def round_of(window_end: datetime, window_s: float) -> int:
@@ -114,6 +118,12 @@ def epoch_problem(epoch: Epoch, me: str, my_key: str, settings: Settings) -> str
     return None
 
 
+@lru_cache(maxsize=8)
+def _spec(noise_json: str) -> NoiseSpec:
+    """A ledger line's NoiseSpec: the day's thousands of releases share a few, parsed once each."""
+    return NoiseSpec.model_validate_json(noise_json)
+
+
 class DayBudgetExceeded(BudgetExceeded):
     def __init__(self, day: str, spent: float, cap: float):
         RuntimeError.__init__(self, f"secure release skipped: with it, epsilon {spent:.4g} (dp-accounting, delta "
@@ -129,9 +139,10 @@ def day_check(cap: float, delta: float) -> Callable:
         day = new.window_start.replace(hour=0, minute=0, second=0, microsecond=0)
         while day < new.window_end:
             end = day + timedelta(days=1)
-            same = [s for s in (*recorded, new) if s.unit == "cpu_day" and s.noise is not None
-                    and s.window_start < end and s.window_end > day]
-            spent = epsilon_of([release_event(NoiseSpec.model_validate_json(s.noise), s.survivors) for s in same], delta)
+            same = Counter((s.noise, s.survivors) for s in (*recorded, new) if s.unit == "cpu_day"
+                           and s.noise is not None and s.window_start < end and s.window_end > day)
+            events = [ev for (noise, survivors), n in same.items() for ev in [release_event(_spec(noise), survivors)] * n]
+            spent = epsilon_of(events, delta)
             if spent > cap * (1 + 1e-9):
                 raise DayBudgetExceeded(day.date().isoformat(), spent, cap)
             day = end
@@ -191,6 +202,7 @@ class SecureMember:
     _epochs: dict[int, Epoch] = field(default_factory=dict)
     _pairs: dict[tuple[int, str], bytes] = field(default_factory=dict)
     _revealed: Revealed | None = None
+    _epoch_seen: tuple[tuple[int, int, int], str | None] | None = None  # (stat signature, why refused) of the file
 
     # -- key ------------------------------------------------------------------------------------------
     def ensure_key(self) -> bool:
@@ -223,19 +235,18 @@ class SecureMember:
     def epoch_for(self, round_: int) -> Epoch | None:
         """The epoch that covers ``round_`` and that this member accepts (logged once when there is none)."""
         path = self.paths.epoch_file(self.settings.aggregator)
-        raw = read_capped(path)
-        problem = None
-        if raw is None:
+        try:  # parsed again only when it changed: at 10,000 members it is megabytes, read every window
+            st = os.stat(path)
+            sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            sig = None
+        if sig is None:
             problem = f"no epoch from {self.settings.aggregator} yet ({path} not synced): waiting"
+        elif self._epoch_seen is not None and self._epoch_seen[0] == sig:
+            problem = self._epoch_seen[1]
         else:
-            try:
-                epoch = Epoch.model_validate_json(raw)
-                self._epochs[epoch.epoch] = epoch
-                for old in sorted(self._epochs)[:-2]:
-                    del self._epochs[old]
-            except ValidationError as e:
-                problem = (f"the epoch file {path} is not valid and is refused ({_first_error(e)}); this member "
-                           "publishes nothing until the aggregator fixes it")
+            problem = self._read_epoch(path)
+            self._epoch_seen = (sig, problem)
         chosen = next((e for e in sorted(self._epochs.values(), key=lambda e: -e.epoch)
                        if e.first_round <= round_ <= e.last_round()), None)
         if chosen is not None and problem is None:
@@ -248,6 +259,18 @@ class SecureMember:
         self.problems.clear("epoch", f"secure mode: taking part in epoch {chosen.epoch} "
                             f"({len(chosen.cohort)} members, {UNIT_WORDS[chosen.unit]} at epsilon {chosen.epsilon:g})")
         return chosen
+
+    def _read_epoch(self, path) -> str | None:
+        """Parse the epoch file into ``_epochs`` (the latest two kept); why it is refused, or None."""
+        try:
+            epoch = Epoch.model_validate_json(read_capped(path, MAX_EPOCH_BYTES) or b"")
+        except ValidationError as e:
+            return (f"the epoch file {path} is not valid and is refused ({_first_error(e)}); this member publishes "
+                    "nothing until the aggregator fixes it")
+        self._epochs[epoch.epoch] = epoch
+        for old in sorted(self._epochs)[:-2]:
+            del self._epochs[old]
+        return None
 
     def pair(self, epoch: Epoch, peer: str) -> bytes:
         key = (epoch.epoch, peer)
@@ -380,8 +403,8 @@ class SecureMember:
 
     def _upload_reveals_only(self, epoch: Epoch, round_: int, reveals: list[Reveal]) -> bool:
         """Out of budget: no masked vector this round, but the reveals others' rounds need still go out (they hold
-        nothing about this member's activity). The round file then has an all-zero, unsealed vector the aggregator
-        does not count."""
+        nothing about this member's activity). The round file then has an empty vector and no sealed shares, which
+        the aggregator does not count."""
         if reveals:
             empty = SecureUpload(app_version=__version__, email=self.paths.email, epoch=epoch.epoch, round=round_,
                                  created_at=utc_now(), vector="", sealed={}, reveals=reveals)

@@ -459,13 +459,23 @@ class FleetEstimate(BaseModel):
     max_bin_width: float = Field(description="Widest bin: the resolution of the percentiles.")
 
 
+def mean_standard_error(spec: NoiseSpec, survivors: int, scale: int) -> float:
+    """Standard deviation (points) of the network mean from the secure sum: the noise plus the stochastic rounding."""
+    return _mean_sum_sd(noise_sd(spec, survivors)[0], survivors) / (survivors * scale)
+
+
+def _mean_sum_sd(sd_noise: float, survivors: int) -> float:
+    """The summed mean coordinate's sd: the noise's and the rounding's, at most 1/4 unit^2 per member."""
+    return math.sqrt(sd_noise**2 + survivors / 4)
+
+
 def fleet_mean(mean_sum: int, *, spec: NoiseSpec, survivors: int, scale: int, confidence: float = 0.95) -> Interval:
     """Network mean (points) from the secure sum of the mean coordinates, with its interval: the noise's exact sd
     plus the stochastic rounding's (at most 1/4 unit^2 per member, taken at that bound), a normal quantile widened
     by Cornish-Fisher for the noise's kurtosis."""
     _check_survivors(spec, survivors)
     sd_noise = noise_sd(spec, survivors)[0]
-    sd = math.sqrt(sd_noise**2 + survivors / 4)
+    sd = _mean_sum_sd(sd_noise, survivors)
     kurt = _excess_kurtosis(spec, spec.mean_param, survivors) * (sd_noise / sd) ** 4
     half = _z(confidence, kurt) * sd / (survivors * scale)
     est = mean_sum / (survivors * scale)

@@ -4,6 +4,7 @@ driven round by round."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -323,3 +324,93 @@ def test_status_says_secure_mode_the_epoch_and_the_secure_releases(tmp_path, mon
     assert "Mode: secure" in text and "a member's whole window at epsilon 1.25" in text
     assert f"Epoch {net.agg.epoch.epoch} from {AGG}: 3 members" in text and "this datasite is listed" in text
     assert "Secure releases in the ledger: 1" in text
+
+
+def test_a_restarted_member_never_reveals_the_other_half_for_an_answered_round(tmp_path, monkeypatch):
+    """The never-both rule survives a restart: after answering round r (shares for every survivor), a fresh process
+    shown an inbox that now calls a peer dropped reveals no round key for it."""
+    net = Net(tmp_path, 5, monkeypatch)
+    net.step()
+    r = net.round
+    net.step()  # round r closed with every member surviving
+    net.step()  # uploads of r + 1 carry the reveals for r
+    m, peer = net.members[0], net.members[1]
+    first = next(x for x in net.upload(m, r + 1).reveals if x.round == r)
+    assert peer in first.shares and not first.keys
+    old = net.secure[m]
+    restarted = msec.SecureMember(old.paths, net.settings, Problems(log), old.ledger)
+    restarted.ensure_key()
+    restarted.epoch_for(r)
+    inbox_path = net.agg.paths.inbox_file(m)
+    inbox = Inbox.model_validate_json(inbox_path.read_bytes())
+    lie = InboxRound(round=r, epoch=net.agg.epoch.epoch, status="unmasking",
+                     survivors=[s for s in net.members if s != peer], dropped=[peer], sealed={})
+    inbox_path.write_bytes(inbox.model_copy(update={"rounds": [lie]}).model_dump_json().encode())
+    assert not any(x.round == r for x in restarted.reveals(r + 5))
+
+
+def test_the_private_key_stays_outside_the_synced_tree_owner_only(tmp_path, monkeypatch):
+    net = Net(tmp_path, 3, monkeypatch)
+    member = net.secure[net.members[0]]
+    key = member.paths.secure_private / "x25519.key"
+    assert key.exists() and (key.stat().st_mode & 0o777) == 0o600
+    assert member.paths.datasites.resolve() not in key.resolve().parents
+    public = member.paths.secure_key_file().read_text()
+    assert key.read_bytes().hex() not in public and base64.b64encode(key.read_bytes()).decode() not in public
+
+
+def test_an_inbox_claiming_too_few_survivors_gets_no_reveal(tmp_path, monkeypatch):
+    """A member checks the survivor count itself: an inbox marked "unmasking" with fewer than min_survivors
+    survivors is answered with nothing, whatever the aggregator claims."""
+    net = Net(tmp_path, 5, monkeypatch)
+    net.step()
+    r = net.round
+    net.step()
+    e = net.agg.epoch
+    m = net.members[0]
+    few = net.members[: e.min_survivors - 1]
+    inbox_path = net.agg.paths.inbox_file(m)
+    inbox = Inbox.model_validate_json(inbox_path.read_bytes())
+    lie = InboxRound(round=r, epoch=e.epoch, status="unmasking", survivors=few,
+                     dropped=[x for x in net.members if x not in few], sealed={})
+    inbox_path.write_bytes(inbox.model_copy(update={"rounds": [lie]}).model_dump_json().encode())
+    assert net.secure[m].reveals(r + 1) == []
+
+
+def test_a_member_adding_garbage_makes_the_round_refused_not_published(tmp_path, monkeypatch):
+    net = Net(tmp_path, 5, monkeypatch)
+    net.step()
+    r = net.round
+    real = msec.window_vector
+
+    def garbage(raw, epoch, rng=None):
+        v = real(raw, epoch, rng)
+        if net._who == net.members[2] and net._round == r:
+            v[0] += 10**9  # far outside what 5 members' means and the noise allow
+        net.sent[(net._who, net._round)] = v
+        return v
+
+    monkeypatch.setattr(msec, "window_vector", garbage)
+    for _ in range(4):
+        net.step()
+    st = net.status(r)
+    assert st.status == "failed" and "implausible" in st.reason
+    assert net.agg.figure is None or net.agg.figure.round != r
+
+
+def test_a_member_reads_an_epoch_of_thousands_of_members(tmp_path, monkeypatch):
+    """The epoch of a large cohort (megabytes: every member's key and neighbours) is read whole, and parsed once."""
+    from cpu_tracker_aggregator.secure import plan_epoch
+
+    net = Net(tmp_path, 3, monkeypatch)
+    m = net.members[0]
+    member = net.secure[m]
+    filler = base64.b64encode(bytes(range(32))).decode()
+    keys = {f"x{i:05d}@example.org": filler for i in range(6000)} | {m: member._public_b64}
+    epoch = plan_epoch(9, keys, net.settings, AGG, net.round + 1, _t(net.round * W))
+    path = net.agg.paths.epoch_file()
+    path.write_bytes(epoch.model_dump_json().encode())
+    assert path.stat().st_size > 1 << 20
+    assert member.epoch_for(net.round + 1).epoch == 9
+    monkeypatch.setattr(Epoch, "model_validate_json", lambda *a, **k: pytest.fail("parsed again"))
+    assert member.epoch_for(net.round + 2).epoch == 9
