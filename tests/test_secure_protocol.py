@@ -414,3 +414,18 @@ def test_a_member_reads_an_epoch_of_thousands_of_members(tmp_path, monkeypatch):
     assert member.epoch_for(net.round + 1).epoch == 9
     monkeypatch.setattr(Epoch, "model_validate_json", lambda *a, **k: pytest.fail("parsed again"))
     assert member.epoch_for(net.round + 2).epoch == 9
+
+
+@pytest.mark.parametrize("unit", ["cpu_second", "cpu_window", "cpu_day"])
+def test_wrap_around_is_negligible_for_the_largest_sums(unit):
+    """The README's bound: 10,000 members' largest values plus 6 standard deviations of the summed noise (and of
+    each histogram count) stay below 2^40, against the 2^64 modulus, so no honest sum ever wraps."""
+    from cpu_tracker_aggregator.secure import plan_epoch
+    from shared.secnoise import noise_sd
+
+    settings = Settings(aggregator=AGG, mode="secure", interval_s=W, secure_unit=unit)
+    filler = base64.b64encode(bytes(range(32))).decode()
+    e = plan_epoch(1, {f"x{i:05d}@example.org": filler for i in range(10_000)}, settings, AGG, 0, _t(0))
+    sd_mean, sd_hist = noise_sd(e.noise, 10_000)
+    assert 100 * e.scale * 10_000 + 6 * sd_mean < 2**40
+    assert 10_000 + 6 * sd_hist < 2**40
