@@ -89,7 +89,7 @@ def plan_epoch(number: int, keys: Mapping[str, str], settings: Settings, aggrega
     delta = settings.secure_delta if family == "dgaussian" else 0.0
     noise = calibrate(family=family, epsilon=settings.secure_target, delta=delta,
                       mean_sensitivity=mean_sensitivity_for(unit, scale, units), releases=releases_for(unit, w),
-                      mean_fraction=MEAN_FRACTION, shares_for=min_survivors)
+                      mean_fraction=MEAN_FRACTION, shares_for=secagg.lying_floor(n, degree))
     return Epoch(
         epoch=number, created_at=created_at, aggregator=aggregator,
         salt=base64.b64encode(secrets.token_bytes(16)).decode(), window_s=w, first_round=first_round,

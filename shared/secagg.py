@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import secrets
 from typing import Iterable, Mapping, Sequence
 
@@ -251,6 +252,25 @@ def shamir_threshold(degree: int) -> int:
     """Shares needed to rebuild a self-mask seed: more than half the neighbours, so that no split of them into
     "told it dropped" and "told it survived" gives an aggregator both all round keys and enough shares."""
     return degree // 2 + 1
+
+
+def lying_floor(n: int, degree: int) -> int:
+    """The fewest honest members whose sum an aggregator that lies about dropouts can unmask in one round, when each
+    member reveals only after ``shamir_threshold(degree)`` of its neighbours signed a view consistent with its own
+    (no Sybils among them). Such a set Q is closed: each of its members has at least t = degree // 2 + 1 neighbours
+    in Q, because a mask between two members whose views agree that both survived is revealed by neither, so both
+    uploads must be in the sum. In the complete graph that needs |Q| >= t + 1. In the ring of degree 2h (each member
+    joined to the h nearest on each side) the periodic patterns (runs of Q members between gaps of h - 1) need
+    |Q| >= n (h + 1) / (2h), and no closed set is smaller in an exhaustive search of every ring up to 22 members and
+    an exact integer program on larger ones (``tests/test_secagg.py``); this is that bound, rounded up. Noise sized for
+    this many shares keeps a member's epsilon against such an aggregator."""
+    if n < 2 or not 1 <= degree <= n - 1:
+        raise ValueError(f"need 2 <= n and 1 <= degree <= n - 1, got n={n}, degree={degree}")
+    t = shamir_threshold(degree)
+    if degree >= n - 1:
+        return min(n, t + 1)
+    h = degree // 2
+    return min(n, max(t + 1, math.ceil(n * (h + 1) / (2 * h) - 1e-9)))
 
 
 def is_symmetric(graph: Mapping[str, Sequence[str]]) -> bool:

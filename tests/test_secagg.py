@@ -160,3 +160,32 @@ def test_masks_come_from_aes_ctr_not_from_numpy(monkeypatch):
 
     stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(16))
     assert secagg.prg(key, 2).tobytes() == stream
+
+
+def _closed_minimum(n: int, degree: int) -> int:
+    """The smallest closed set containing member 0 of the ring (or complete graph) of ``degree``: every member of it
+    has at least ``shamir_threshold(degree)`` neighbours in it. Exhaustive over all 2^(n-1) sets."""
+    members = _members(n)
+    graph = secagg.neighbour_graph(members, degree)
+    index = {m: i for i, m in enumerate(members)}
+    adj = np.zeros((n, n), dtype=np.int64)
+    for m, peers in graph.items():
+        adj[index[m], [index[p] for p in peers]] = 1
+    t = secagg.shamir_threshold(degree)
+    best = n
+    masks = np.arange(1 << (n - 1), dtype=np.int64)
+    for start in range(0, len(masks), 1 << 16):
+        chunk = masks[start:start + (1 << 16)]
+        x = np.concatenate([np.ones((len(chunk), 1), dtype=np.int64), (chunk[:, None] >> np.arange(n - 1)) & 1], 1)
+        ok = np.all((x == 0) | (x @ adj >= t), axis=1)
+        if ok.any():
+            best = min(best, int(x[ok].sum(1).min()))
+    return best
+
+
+@pytest.mark.parametrize("n, degree", [(5, 4), (8, 7), (9, 4), (12, 4), (14, 4), (15, 6), (16, 6), (18, 6), (17, 8),
+                                       (19, 8)])
+def test_no_closed_set_is_smaller_than_the_lying_floor(n, degree):
+    """The noise is sized for lying_floor shares: an aggregator that lies about dropouts can unmask no sum over fewer
+    honest members (with the consistency rule), checked over every subset of small graphs of both kinds."""
+    assert _closed_minimum(n, degree) >= secagg.lying_floor(n, degree)
