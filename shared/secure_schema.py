@@ -243,19 +243,6 @@ def mean_sensitivity_for(unit: str, scale: int, units_per_window: int) -> int:
     return full
 
 
-DAY_ROUND_S = 300.0  # the cpu_day unit releases every 5 minutes: 288 releases a day, not 4,320 at 20 s windows
-
-
-def release_seconds(unit: str, interval_s: float) -> float:
-    """Length of one secure round (one release) for ``unit`` when members measure windows of ``interval_s``: the
-    window itself, except for ``cpu_day``, whose day of releases composes in every round's noise, so it releases every
-    DAY_ROUND_S seconds (the smallest whole number of windows that long) while the member keeps measuring every window;
-    the round's release is the mean of its windows."""
-    if unit != "cpu_day" or interval_s >= DAY_ROUND_S:
-        return float(interval_s)
-    return math.ceil(DAY_ROUND_S / interval_s - 1e-9) * float(interval_s)
-
-
 def releases_for(unit: str, window_s: float) -> int:
     """Releases one unit of protection must cover: the windows that touch one UTC day for ``cpu_day`` (windows are
     aligned to UTC multiples of ``window_s``), else one."""
