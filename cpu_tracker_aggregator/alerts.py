@@ -43,6 +43,12 @@ from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.aggregator")
 MAX_SIGNALS_BYTES = 65536
+# Bounded influence: the violation rounds' worth one member's breach flags may start in one generation. A round is
+# shared among the members that flagged its epoch; a member whose share reaches this is muted for the rest of the
+# generation (its flags, vector and zone no longer count). So one member costs every other member at most one
+# violation round (epsilon / 3(b + 1) + 2 epsilon / 3b of the monitor's epsilon), and it takes b members' flags to
+# exhaust a monitor.
+FLAG_ALLOWANCE = 1.0
 NOISE_SCALES_ALLOWED = 40  # a vector component further than this many Laplace scales outside [0, 1] is refused
 
 
@@ -68,6 +74,10 @@ class Run(BaseModel):
     since: AwareDatetime | None = None
     f_hat: float | None = None
     end_reason: str = ""
+    flag_shares: dict[str, float] = Field(default_factory=dict, description="Violation rounds' worth each member's "
+                                          "flags started in this generation.")
+    muted: list[str] = Field(default_factory=list, description="Members whose flags used FLAG_ALLOWANCE: they no "
+                             "longer count in this generation.")
 
 
 class RunsFile(BaseModel):
@@ -81,6 +91,13 @@ def cost_warnings(specs: list[sz.MonitorSpec], settings: Settings) -> list[str]:
     n = settings.samples_per_window
     per_second = sum(s.epsilon for s in specs) / n
     out = []
+    for b in settings.monitor_budgets:  # the aggregator's own settings hold the members' default cap
+        if per_second > b.epsilon * (1 + 1e-9):
+            out.append(f"the monitors together may cost each member up to {per_second:.3g} epsilon per second of "
+                       f"activity (their lifetime epsilon / {n} s windows), more than the members' own cap on all "
+                       f"private alerts (monitor_budgets: {b.epsilon:g} on any span of {b.horizon_s:g} s): members "
+                       "with these settings will refuse some of their spends and stay silent. Run fewer monitors or "
+                       "lower their epsilon.")
     for b in settings.budgets:
         if b.horizon_s == 0 and settings.epsilon + per_second > b.epsilon * (1 + 1e-9):
             out.append(f"the monitors cost each member up to {per_second:.3g} epsilon per second of activity (their "
@@ -187,17 +204,25 @@ class Alerts:
         mine = {m: s for m, s in mine.items() if s is not None and s.generation == run.generation}
         changed = False
         if run.phase == "monitoring":
-            breached = sorted(m for m in run.zones if (s := mine.get(m)) and s.breach_epoch == run.epoch)
+            breached = sorted(m for m in run.zones if m not in run.muted and (s := mine.get(m))
+                              and s.breach_epoch == run.epoch)
             if not breached:
                 return False
+            for m in breached:  # the round is shared among its flaggers
+                run.flag_shares[m] = run.flag_shares.get(m, 0.0) + 1.0 / len(breached)
+                if run.flag_shares[m] >= FLAG_ALLOWANCE * (1 - 1e-9):
+                    run.muted.append(m)
+                    log.warning("monitor %s: the breach flags of %s started %.3g violation round(s) of this "
+                                "generation, its allowance: it no longer counts in this generation (its flags, vector "
+                                "and zone are ignored)", spec.name, m, run.flag_shares[m])
             life = life.on_violation(spec)
-            run.expected = sorted(run.zones)
+            run.expected = sorted(m for m in run.zones if m not in run.muted)
             run.epoch, run.phase, run.used = life.epoch, life.phase, life.used
             run.vectors, run.collect_since, changed = {}, now, True
             log.info("monitor %s: violation round %d of %d (a member left its safe zone)", spec.name, run.used,
                      spec.violations)
         for m, s in mine.items():  # vectors for this epoch (a breaching member sends the next epoch's at once)
-            if s.vector_epoch == run.epoch and s.vector is not None and m not in run.vectors:
+            if s.vector_epoch == run.epoch and s.vector is not None and m not in run.vectors and m not in run.muted:
                 if self._vector_ok(spec, m, s.vector):
                     run.vectors[m] = s.vector
                     changed = True
@@ -344,6 +369,9 @@ class Alerts:
                 "firing": f"{what} above {spec.threshold:g}{unit}",
                 "exhausted": f"stopped: {run.end_reason}",
             }[state]
+            if run.muted and state != "exhausted":
+                message += (f" ({len(run.muted)} member(s) muted for this generation: their flags used their "
+                            "allowance, and the alert covers the others)")
             out.append(AlertState(
                 monitor=spec.name, kind=spec.kind, threshold=spec.threshold, margin=spec.margin, window=spec.window,
                 state=state, firing=run.firing, since=run.since, violation_rounds_used=run.used,

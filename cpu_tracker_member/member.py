@@ -93,7 +93,8 @@ class Member:
         """The ledger, loaded once; None (and releases paused) while it is unreadable."""
         if self._ledger is None:
             try:
-                self._ledger = Ledger(self.paths.ledger_file, self.settings.budgets)
+                self._ledger = Ledger(self.paths.ledger_file, self.settings.budgets,
+                                      keep_s=max(b.horizon_s for b in self.settings.monitor_budgets))
                 self.problems.clear("ledger", "privacy ledger readable again: releases resume")
             except (LedgerCorrupt, OSError) as e:
                 self.problems.report("ledger", f"privacy ledger unusable, releases paused: {e}", logging.ERROR)
@@ -191,7 +192,8 @@ class Member:
 
     def _keep_raw(self, raw: float, report: MemberReport) -> None:
         line = json.dumps(
-            {"window_end": report.window.end.isoformat(), "raw_mean": raw, "released": report.release.value,
+            {"window_start": report.window.start.isoformat(), "window_end": report.window.end.isoformat(),
+             "raw_mean": raw, "released": report.release.value,
              "epsilon": report.release.epsilon, "n_samples": report.window.n_samples}
         )
         path = self.paths.raw_file
@@ -253,7 +255,7 @@ def run_member(
         per_release = s.epsilon if secure is None else s.secure_target  # secure: at most; the epoch's noise decides
         summary.add(end.timestamp(), windows=1, published=published, epsilon=per_release * published)
         if end > start:
-            monitors.step(raw, end)
+            monitors.step(raw, start, end)
         start = end
         if once:
             return

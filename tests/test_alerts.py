@@ -41,7 +41,8 @@ class Net:
         self.agg = Aggregator(self.agg_paths, Settings(aggregator=AGG, role="aggregator", monitors=tuple(monitors),
                                                        stale_after_s=10, min_members=3),
                               Problems(logging.getLogger("cpu_tracker.aggregator")))
-        ms = Settings(aggregator=AGG, interval_s=INTERVAL, budgets=(Budget(horizon_s=0, epsilon=1000.0),))
+        ms = Settings(aggregator=AGG, interval_s=INTERVAL, budgets=(Budget(horizon_s=0, epsilon=1000.0),),
+                      monitor_budgets=(Budget(horizon_s=0, epsilon=1000.0),))
         self.members = {}
         for i, m in enumerate(MEMBERS):
             member = Member(Paths(root / m.split("@")[0], m), ms, Problems(logging.getLogger("cpu_tracker.member")))
@@ -52,7 +53,7 @@ class Net:
         for m, (member, monitors) in self.members.items():
             raw = cpu[m] if isinstance(cpu, dict) else cpu
             member.publish(raw, start, self.now)
-            monitors.step(raw, self.now)
+            monitors.step(raw, start, self.now)
         self.sync()
         dash = self.agg.tick(self.now)
         self.sync()
@@ -74,6 +75,11 @@ class Net:
 def _copy(src: Path, dst: Path) -> None:
     if src.is_dir():
         shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def track_of(monitors: MemberMonitors, name: str = "cpu_high"):
+    """The member's track of the generation the aggregator names now."""
+    return monitors.tracks[monitors.current[name]]
 
 
 def true_mean(history: list[float], k: int) -> float:
@@ -112,13 +118,16 @@ def test_every_spend_is_in_the_ledger_and_matches_the_published_epsilon(net):
     for m, (member, monitors) in net.members.items():
         spends = load_spends(member.paths.ledger_file)
         mine = [x for x in spends if x.mechanism.startswith("safezone_")]
-        track = monitors.tracks["cpu_high"]
-        assert sorted({x.mechanism for x in mine}) == ["safezone_vector", "safezone_zone"]
-        assert sum(x.mechanism == "safezone_vector" for x in mine) == track.vectors
-        assert sum(x.mechanism == "safezone_zone" for x in mine) == track.zones
+        track = track_of(monitors)
+        instances = {x.mechanism: x.epsilon for x in mine}  # a zone's lines (one per window it used) share an id
+        assert sum(m.startswith("safezone_vector:cpu_high:") for m in instances) == track.vectors
+        assert sum(m.startswith("safezone_zone:cpu_high:") for m in instances) == track.zones
         n = member.settings.samples_per_window  # charged per second of activity: epsilon / whole seconds
-        assert sum(x.epsilon for x in mine) * n == pytest.approx(sz.Account(track.vectors, track.zones).spent(s))
+        assert sum(instances.values()) * n == pytest.approx(sz.Account(track.vectors, track.zones).spent(s))
         assert all(x.unit == "cpu_second" for x in mine)
+        for m in instances:  # each zone's lines follow each other without a gap or an overlap
+            lines = [x for x in mine if x.mechanism == m]
+            assert all(a.window_end == b.window_start for a, b in zip(lines, lines[1:]))
         spent.append(sz.Account(track.vectors, track.zones).spent(s))
     # one violation round so far: two vectors and two zones, what every member taking part in every round spent
     assert a["violation_rounds_used"] == 1
@@ -185,7 +194,7 @@ def test_b_violation_rounds_then_exhausted_and_silent(tmp_path):
     for m, (member, monitors) in net.members.items():
         spends = load_spends(member.paths.ledger_file)
         assert len(spends) - before[m] == 6  # only the continuous releases: the monitor spends nothing more
-        t = monitors.tracks["cpu_high"]
+        t = track_of(monitors)
         assert (t.vectors, t.zones) <= (2, 1)
 
 
@@ -207,17 +216,18 @@ def test_a_malformed_safe_zone_keeps_the_member_silent_and_says_why(net, caplog)
     zone_file = member.paths.zones_file(m, AGG)
     net.sync = lambda: None  # the relay stops carrying files: the broken zone stays as it is
     zone_file.write_text('{"kind": "cpu_tracker.safe_zones", "zones": [')
-    before = monitors.tracks["cpu_high"].model_copy()
+    before = track_of(monitors).model_copy()
     for _ in range(3):
         start, net.now = net.now, net.now + timedelta(seconds=INTERVAL)
         assert member.publish(100.0, start, net.now) is not None  # releases go on
-        monitors.step(100.0, net.now)
+        monitors.step(100.0, start, net.now)
     assert caplog.text.count("staying silent for this monitor until it can be read") == 1
     assert "is refused (not a SafeZonesFile" in caplog.text
-    assert monitors.tracks["cpu_high"] == before  # no check, no spend, no flag
+    assert track_of(monitors) == before  # no check, no spend, no flag
     zone_file.unlink()
     zone_file.mkdir()  # a folder where the file should be: cannot be read
-    monitors.step(100.0, net.now)
+    start, net.now = net.now, net.now + timedelta(seconds=INTERVAL)
+    monitors.step(100.0, start, net.now)
     assert "cannot read my safe zone" in caplog.text
 
 
@@ -238,12 +248,12 @@ def test_a_member_refuses_more_than_its_monitor_budget_whatever_the_aggregator_a
     for level in [20.0] * 8:
         net.round(level)
     member, monitors = net.members[MEMBERS[0]]
-    monitors.tracks["cpu_high"].vectors = MONITOR["violations"] + 1  # as if b + 1 vectors were sent
+    track_of(monitors).vectors = MONITOR["violations"] + 1  # as if b + 1 vectors were sent
     defs = json.loads(net.agg_paths.monitors_file().read_text())
     defs["monitors"][0].update(phase="collecting", epoch=7)
     member.paths.monitors_file(AGG).write_text(json.dumps(defs))
     before = len(load_spends(member.paths.ledger_file))
-    monitors.step(20.0, net.now + timedelta(seconds=INTERVAL))
+    monitors.step(20.0, net.now, net.now + timedelta(seconds=INTERVAL))
     assert len(load_spends(member.paths.ledger_file)) == before
     assert "noisy vectors are spent; no more are sent" in caplog.text
 
