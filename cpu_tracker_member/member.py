@@ -13,11 +13,11 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from threading import Event
 from typing import Callable
 
-from cpu_tracker_member.monitor import MemberMonitors
+from cpu_tracker_member.monitor import MemberMonitors, composed_words
 from shared import __version__
 from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps
 from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend, spent_per_budget
@@ -30,6 +30,7 @@ from shared.schema import CPU_BOUNDS, MemberReport, PrivacyUnit, Window, utc_now
 from shared.settings import Settings, settings_warnings
 
 RAW_KEEP = 2000  # raw window means kept for the owner's `status`
+HOUR = timedelta(hours=1)
 
 log = logging.getLogger("cpu_tracker.member")
 
@@ -276,6 +277,8 @@ def hourly_line(member: Member, totals: dict[str, float], now: float) -> str:
         left = [f"{b.epsilon - spent:.4g} of {b.epsilon:g} per {b.horizon_s:g} s"
                 for b, spent in spent_per_budget(ledger.spends, spans, end)]
         line += "; budget left " + ", ".join(left)
+    if ledger is not None and (composed := composed_words(member.settings, ledger.spends, end - HOUR, end)):
+        line += "; " + composed
     return line
 
 
