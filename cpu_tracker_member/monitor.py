@@ -249,15 +249,20 @@ class MemberMonitors:
         if ledger is None:
             return False
         key = f"monitor-budget:{track.monitor}"
+        spend = Spend(released_at=now, window_start=start, window_end=stop, epsilon=epsilon / pin.seconds,
+                      mechanism=sz.spend_mechanism(what, track.monitor, instance), unit="cpu_second",
+                      n_samples=pin.seconds)
+        try:  # the cap first on what this process knows (no write while it refuses; admit checks again)
+            self._also(ledger.spends, spend)
+        except BudgetExceeded as e:
+            self.problems.report(key, f"monitor {track.monitor}: {e}; staying silent for it")
+            return False
         before = (track.pin, getattr(track, count) if count else None)
         if track.pin is None or count:
             track.pin = pin
             if count:
                 setattr(track, count, getattr(track, count) + 1)
             self._save(durable=True)
-        spend = Spend(released_at=now, window_start=start, window_end=stop, epsilon=epsilon / pin.seconds,
-                      mechanism=sz.spend_mechanism(what, track.monitor, instance), unit="cpu_second",
-                      n_samples=pin.seconds)
         try:
             needs = max(b.horizon_s for b in self.settings.monitor_budgets)
             if ledger.retention.total_seconds() < needs:

@@ -210,6 +210,12 @@ class Adversary:
         return Verdict.of(self)
 
 
+def spent_window_unit(ledger_file: Path, interval_s: float) -> float:
+    """Every vector and zone in a member's ledger once, in the monitors' unit (one window mean of interval_s)."""
+    rows = _rows([s for s in load_spends(ledger_file) if s.mechanism.startswith("safezone_")])
+    return float(rows[:, 2].sum()) * math.floor(interval_s + 1e-9)
+
+
 def _rows(spends) -> np.ndarray:
     """[start, end, epsilon per second] per vector or zone: a zone's lines (same mechanism with an id) are one row,
     its epsilon counted once; lines without an id (the code before pins) are one row each."""

@@ -10,8 +10,8 @@ from datetime import timedelta
 import pytest
 
 from shared.schema import MonitorSignal, MonitorSignalsFile
-from tests.adversary_coordinator import INSIDE, OUTSIDE, T0, Adversary, Monitor
-from tests.test_alerts import MEMBERS, Net, track_of
+from tests.adversary_coordinator import OUTSIDE, T0, Adversary, Monitor, spent_window_unit
+from tests.test_alerts import MEMBERS, Net
 
 
 def changed_once(caplog, name: str) -> int:
@@ -19,14 +19,14 @@ def changed_once(caplog, name: str) -> int:
                for r in caplog.records)
 
 
-def exhaust_then(change):
-    """Play honestly with a zone the member leaves at once, and call ``change(m)`` once the member stops (its b + 1
-    vectors and b zones are spent); then go on playing."""
+def change_when(when, change):
+    """Play honestly with a zone the member leaves at once, and call ``change(m)`` once ``when(m, i)``; then go on
+    playing."""
 
     def act(adv, i):
         adv.coordinate()
         m = adv.monitors["cpu_high"]
-        if m.stalled == 3 and not getattr(m, "changed", False):
+        if when(m, i) and not getattr(m, "changed", False):
             change(m)
             m.changed, m.stalled = True, 0
             adv.write()
@@ -34,12 +34,16 @@ def exhaust_then(change):
     return act
 
 
-@pytest.mark.parametrize("field,value", [("violations", 8), ("epsilon", 40.0)])
-def test_raising_b_or_epsilon_within_a_generation_buys_nothing(tmp_path, monkeypatch, caplog, field, value):
+EXHAUSTED = lambda m, i: m.stalled == 3  # noqa: E731  its b + 1 vectors and b zones are spent
+AFTER_FIRST_ROUND = lambda m, i: i == 3  # noqa: E731  a vector, a zone, a breach and the next vector
+
+
+@pytest.mark.parametrize("field,value,when", [("violations", 8, EXHAUSTED), ("epsilon", 40.0, AFTER_FIRST_ROUND)])
+def test_changing_b_or_epsilon_within_a_generation_buys_nothing(tmp_path, monkeypatch, caplog, field, value, when):
     adv = Adversary(tmp_path, monkeypatch)
     adv.show(Monitor("cpu_high", zone=dict(OUTSIDE)))
     spent_before = []
-    adv.run(12, exhaust_then(lambda m: (spent_before.append(len(adv.spends())), setattr(m, field, value))))
+    adv.run(12, change_when(when, lambda m: (spent_before.append(len(adv.spends())), setattr(m, field, value))))
     adv.run(30, lambda a, i: a.coordinate())
     v = adv.verdict()
     assert spent_before and spent_before[0] > 0  # it took part until the change
@@ -69,7 +73,7 @@ def test_a_new_generation_each_time_the_member_is_exhausted_stops_at_the_cap(tmp
 
 
 def test_losing_its_state_every_few_windows_for_a_day_stays_within_the_daily_cap(tmp_path, monkeypatch, caplog):
-    adv = Adversary(tmp_path, monkeypatch, interval_s=60.0)
+    adv = Adversary(tmp_path, monkeypatch, interval_s=120.0)
     m = Monitor("cpu_high")
     adv.show(m)
 
@@ -78,7 +82,7 @@ def test_losing_its_state_every_few_windows_for_a_day_stays_within_the_daily_cap
         if i % 4 == 0:  # the aggregator restarts without its state: a new generation, epoch 0
             adv.new_generation(m, f"lost{i}")
 
-    adv.run(1800, act)  # 30 hours
+    adv.run(900, act)  # 30 hours of 2-minute windows
     v = adv.verdict()
     v.assert_within(lifetime=False)
     assert v.peak_day > 3.5  # the daily cap is what stopped it (4 on any day)
@@ -92,7 +96,10 @@ def test_flapping_between_two_generations_spends_each_once(tmp_path, monkeypatch
     state = {"A": a, "B": b}
 
     def act(adv, i):
-        adv.monitors["cpu_high"] = state["A" if i // 3 % 2 == 0 else "B"]
+        shown = state["A" if i // 3 % 2 == 0 else "B"]
+        if adv.monitors["cpu_high"] is not shown:  # back to the other one, asking for a vector again
+            shown.epoch, shown.phase = shown.epoch + 1, "collecting"
+        adv.monitors["cpu_high"] = shown
         adv.coordinate()
 
     adv.show(a)
@@ -234,8 +241,7 @@ def test_one_member_flagging_every_epoch_costs_the_others_one_round(tmp_path, ca
     assert s.muted == [liar]
     split = (300 / 15, 2 * 300 / 12)  # eps / 3(b + 1), 2 eps / 3b
     for m in MEMBERS:
-        member, monitors = net.members[m]
-        t = track_of(monitors)
-        spent = t.vectors * split[0] + t.zones * split[1]
+        member, _ = net.members[m]
+        spent = spent_window_unit(member.paths.ledger_file, member.settings.interval_s)  # from its own ledger
         assert spent <= 2 * (split[0] + split[1]) + 1e-9  # its own first round, and the one the liar started
     assert caplog.text.count(f"the breach flags of {liar} started") == 1
