@@ -107,6 +107,7 @@ def test_the_alert_fires_within_two_rounds_of_the_crossing_and_clears(net):
     assert down <= cleared <= down + 2, (states, down)
     a = net.alert(dash)
     assert a["violation_rounds_used"] == 2 and a["violation_rounds"] == 3 and a["members"] == 3
+    assert net.agg.alerts.runs["cpu_high"].muted == []  # flags the fleet raises together are shared: nobody muted
 
 
 def test_every_spend_is_in_the_ledger_and_matches_the_published_epsilon(net):
@@ -261,3 +262,38 @@ def test_a_member_refuses_more_than_its_monitor_budget_whatever_the_aggregator_a
 def test_monitors_members_cannot_afford_are_said_at_start(tmp_path, caplog):
     Net(tmp_path, [{**MONITOR, "epsilon": 1000}])  # 1000 / 20 s windows = 50 per second: over the default 10
     assert "members with these settings will refuse some of their spends" in caplog.text
+
+
+def test_the_hourly_line_and_status_state_the_figure_composed_with_the_alerts(net):
+    from cpu_tracker_member.member import hourly_line
+    from cpu_tracker_member.status import status_text
+
+    for level in [20.0] * 8:
+        net.round(level)
+    member, _ = net.members[MEMBERS[0]]
+    line = hourly_line(member, {"windows": 8, "published": 8, "epsilon": 40}, net.now.timestamp())
+    # one vector (300 / 12 per window mean) and one zone (2 x 300 / 9) on the same seconds, 2 s windows: per second
+    alerts = (300 / 12 + 2 * 300 / 9) / 2
+    assert f"one second of activity cost up to epsilon {5 + alerts:.4g} here (releases 5 + alerts {alerts:.3g})" \
+        in line
+    assert f"epsilon {5 + alerts:.4g}" in status_text(member.paths, member.settings, net.now)
+
+
+def test_the_composed_figure_for_each_secure_unit():
+    from cpu_tracker_member.monitor import composed_words
+    from shared.ledger import Spend
+
+    def line(mech, a, b, eps):
+        return Spend(released_at=T0 + timedelta(seconds=b), window_start=T0 + timedelta(seconds=a),
+                     window_end=T0 + timedelta(seconds=b), epsilon=eps, mechanism=mech, n_samples=20)
+
+    spends = [line("safezone_vector:x:1", 0, 900, 0.1), line("safezone_zone:x:2", 0, 920, 0.2),
+              line("safezone_zone:x:2", 920, 940, 0.2), line("laplace", 900, 920, 5.0)]
+    end = T0 + timedelta(seconds=940)
+    common = {"aggregator": AGG, "mode": "secure"}
+    second = composed_words(Settings(**common, secure_unit="cpu_second"), spends, T0, end)
+    assert "one second of activity cost up to epsilon 5.3 here (releases 5 + alerts 0.3)" in second
+    window = composed_words(Settings(**common, secure_unit="cpu_window"), spends, T0, end)
+    assert "one window (20 s) of activity cost up to epsilon 7.25 here (releases 1.25 + alerts 6)" in window
+    assert composed_words(Settings(**common, secure_unit="cpu_day"), spends, T0, end) is None  # day_check composes
+    assert composed_words(Settings(aggregator=AGG), spends[3:], T0, end) is None  # no alert spent: nothing to say
