@@ -274,8 +274,8 @@ class MemberMonitors:
             if count:
                 setattr(track, count, before[1])
             self._save()
-            what_went_wrong = str(e) if isinstance(e, BudgetExceeded) else f"cannot record its spend in the ledger ({e})"
-            self.problems.report(key, f"monitor {track.monitor}: {what_went_wrong}; staying silent for it")
+            why = str(e) if isinstance(e, BudgetExceeded) else f"cannot record its spend in the ledger ({e})"
+            self.problems.report(key, f"monitor {track.monitor}: {why}; staying silent for it")
             return False
         track.last_spend = now
         self.problems.clear(key, f"monitor {track.monitor}: budget available again")

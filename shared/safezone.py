@@ -35,7 +35,8 @@ Delta_1 = 1/K (mean) or 3/K (imbalance) and Delta_2 = 1/K or sqrt(5)/K. The drif
 inside both v_i(t) and v_i(t0) moves x_i by the same amount in both (it cancels) and x_i^2 by 2 (x_t - x_0) delta
 <= 2/K. A change of one *second* changes at most two window means by a total of 100 / interval_s points, less
 than one window's worth, so the same epsilon also bounds the loss for any one second of activity (the ledger's
-unit). In the sparse-vector proof the radius is the noisy threshold (Laplace(Delta_2 / eps_r): eps_r) and the
+unit). What a member spends in that unit, the cap on all monitors together and the day unit's composition: the
+Spending section below (docs/alerts.md). In the sparse-vector proof the radius is the noisy threshold (Laplace(Delta_2 / eps_r): eps_r) and the
 check's logistic noise of scale 2 Delta_2 / eps_c pays eps_c for the one "outside" answer a zone can give.
 """
 
@@ -402,10 +403,14 @@ def spend_mechanism(what: str, monitor: str, instance: str) -> str:
     return f"{what}:{monitor}:{instance}"
 
 
+WINDOW_JITTER_S = 0.1  # secure rounds end on UTC boundaries: a 20 s window may measure 19.99 s by the wall clock
+
+
 @dataclass(frozen=True)
 class WindowMean:
     """One window mean of the member with the times it covers (Unix seconds, [start, end)) and its whole seconds
-    (its sensitivity for one second of activity is 1 / seconds of a window's worth)."""
+    (its sensitivity for one second of activity is 1 / seconds of a window's worth). A window up to WINDOW_JITTER_S
+    short of a whole second counts it (0.5 % of a spend at 20 s, less than the secure release's own 1 s grace)."""
 
     start: float
     end: float
@@ -413,10 +418,11 @@ class WindowMean:
 
     @property
     def seconds(self) -> int:
-        return math.floor(self.end - self.start + 1e-9)
+        return math.floor(self.end - self.start + WINDOW_JITTER_S)
 
 
-def usable_windows(windows: Sequence[WindowMean], k: int, *, seconds: int, interval_s: float) -> list[WindowMean] | None:
+def usable_windows(windows: Sequence[WindowMean], k: int, *, seconds: int,
+                   interval_s: float) -> list[WindowMean] | None:
     """The last ``k`` windows, if one vector or check may use them together, else None: each covers at least
     ``seconds`` whole seconds (the sensitivity its spend is charged for), they follow each other in time, and the
     gaps between them add up to at most one window (``interval_s``: a quick restart), so they are the last
@@ -480,8 +486,9 @@ class MonitorCapExceeded(BudgetExceeded):
 
     def __init__(self, spent: float, cap: float, horizon_s: float):
         where = "one instant" if horizon_s == 0 else f"one span of {horizon_s:g} s"
-        RuntimeError.__init__(self, f"monitor spend skipped: with it, the private alerts together would spend {spent:.4g} epsilon "
-                         f"(per second of activity) on {where}, over this member's monitor_budgets cap of {cap:g}")
+        RuntimeError.__init__(self, f"monitor spend skipped: with it, the private alerts together would spend "
+                              f"{spent:.4g} epsilon (per second of activity) on {where}, over this member's "
+                              f"monitor_budgets cap of {cap:g}")
         self.spent, self.cap, self.horizon_s = spent, cap, horizon_s
 
 

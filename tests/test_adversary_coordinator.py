@@ -5,12 +5,13 @@ its data is charged there; each fails on the code before pins were kept (the doc
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from shared.schema import MonitorSignal, MonitorSignalsFile
-from tests.adversary_coordinator import OUTSIDE, T0, Adversary, Monitor, spent_window_unit
+from shared.settings import Settings
+from tests.adversary_coordinator import AGG, OUTSIDE, T0, Adversary, Monitor, spent_window_unit
 from tests.test_alerts import MEMBERS, Net
 
 
@@ -245,3 +246,22 @@ def test_one_member_flagging_every_epoch_costs_the_others_one_round(tmp_path, ca
         spent = spent_window_unit(member.paths.ledger_file, member.settings.interval_s)  # from its own ledger
         assert spent <= 2 * (split[0] + split[1]) + 1e-9  # its own first round, and the one the liar started
     assert caplog.text.count(f"the breach flags of {liar} started") == 1
+
+
+def test_a_cpu_day_member_keeps_its_alerts_within_its_day(tmp_path, monkeypatch, caplog):
+    """Secure mode with the whole-day unit: the monitors' spends on a day count against secure_epsilon (10) with the
+    day's secure releases (none here: no epoch is offered), by group privacy: a spend of e per second on S seconds of
+    the day costs S e for the whole day."""
+    settings = Settings(aggregator=AGG, mode="secure", secure_unit="cpu_day", interval_s=20.0)
+    adv = Adversary(tmp_path, monkeypatch, settings=settings)
+    adv.show(Monitor("cpu_high"))
+    adv.run(30)
+    spends = adv.spends()
+    assert spends  # its first vector fits in the day: 2 windows x 20 / 9 = 4.4
+    for day in {s.window_start.date() for s in spends}:
+        lo = datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp()
+        hi = lo + 86400
+        whole_day = sum(max(0.0, min(s.window_end.timestamp(), hi) - max(s.window_start.timestamp(), lo)) * s.epsilon
+                        for s in spends)
+        assert whole_day <= settings.secure_target * (1 + 1e-9), whole_day
+    assert "secure_epsilon 10" in caplog.text  # the zone would take the day past it: refused, said

@@ -210,6 +210,9 @@ def test_usable_windows_are_recent_following_and_long_enough():
     assert sz.usable_windows(stale, 1, seconds=20, interval_s=20) == stale[-1:]
     two_gaps = windows((0, 20), (32, 52), (64, 84))  # 12 + 12 s: more than one window in all
     assert sz.usable_windows(two_gaps, 3, seconds=20, interval_s=20) is None
+    aligned = windows((0, 19.995), (19.995, 40.003), (40.003, 59.99))  # secure rounds: wall-clock jitter
+    assert sz.usable_windows(aligned, 3, seconds=20, interval_s=20) == aligned
+    assert sz.usable_windows(windows((0, 19.8), (19.8, 40)), 2, seconds=20, interval_s=20) is None
     overlap = windows((0, 20), (10, 30))
     assert sz.usable_windows(overlap, 2, seconds=20, interval_s=20) is None
 
