@@ -35,9 +35,11 @@ Delta_1 = 1/K (mean) or 3/K (imbalance) and Delta_2 = 1/K or sqrt(5)/K. The drif
 inside both v_i(t) and v_i(t0) moves x_i by the same amount in both (it cancels) and x_i^2 by 2 (x_t - x_0) delta
 <= 2/K. A change of one *second* changes at most two window means by a total of 100 / interval_s points, less
 than one window's worth, so the same epsilon also bounds the loss for any one second of activity (the ledger's
-unit). What a member spends in that unit, the cap on all monitors together and the day unit's composition: the
-Spending section below (docs/alerts.md). In the sparse-vector proof the radius is the noisy threshold (Laplace(Delta_2 / eps_r): eps_r) and the
+unit). In the sparse-vector proof the radius is the noisy threshold (Laplace(Delta_2 / eps_r): eps_r) and the
 check's logistic noise of scale 2 Delta_2 / eps_c pays eps_c for the one "outside" answer a zone can give.
+
+What a member spends in that unit, the cap on all monitors together and the day unit's composition: the Spending
+section below (docs/alerts.md).
 """
 
 from __future__ import annotations
