@@ -44,10 +44,11 @@ from shared.settings import Settings
 log = logging.getLogger("cpu_tracker.aggregator")
 MAX_SIGNALS_BYTES = 65536
 # Bounded influence: the violation rounds' worth one member's breach flags may start in one generation. A round is
-# shared among the members that flagged its epoch; a member whose share reaches this is muted for the rest of the
-# generation (its flags, vector and zone no longer count). So one member costs every other member at most one
-# violation round (epsilon / 3(b + 1) + 2 epsilon / 3b of the monitor's epsilon), and it takes b members' flags to
-# exhaust a monitor.
+# shared among the members whose flags for its epoch count, also those that arrive after it started (members that
+# checked before they heard of it); a member whose share reaches this is muted: its flags no longer start a round
+# (its vector and zone still count). So one member alone starts at most one violation round per generation and costs
+# every other member at most epsilon / 3(b + 1) + 2 epsilon / 3b of the monitor's epsilon, and k members together
+# start fewer than 2k rounds (each share is below 1 before the round that mutes it, which adds at most 1).
 FLAG_ALLOWANCE = 1.0
 NOISE_SCALES_ALLOWED = 40  # a vector component further than this many Laplace scales outside [0, 1] is refused
 
@@ -74,10 +75,12 @@ class Run(BaseModel):
     since: AwareDatetime | None = None
     f_hat: float | None = None
     end_reason: str = ""
-    flag_shares: dict[str, float] = Field(default_factory=dict, description="Violation rounds' worth each member's "
-                                          "flags started in this generation.")
-    muted: list[str] = Field(default_factory=list, description="Members whose flags used FLAG_ALLOWANCE: they no "
-                             "longer count in this generation.")
+    flaggers: dict[int, list[str]] = Field(default_factory=dict, description="The members whose flags for each "
+                                           "epoch started (or later joined) its violation round.")
+    late_from: list[str] = Field(default_factory=list, description="The zone holders of the epoch whose round started "
+                                 "last: their flags for it may still arrive.")
+    muted: list[str] = Field(default_factory=list, description="Members whose share of the rounds reached "
+                             "FLAG_ALLOWANCE: their flags no longer start a round in this generation.")
 
 
 class RunsFile(BaseModel):
@@ -105,6 +108,15 @@ def cost_warnings(specs: list[sz.MonitorSpec], settings: Settings) -> list[str]:
                        f"budget of {b.epsilon:g} on any instant: members with these settings will refuse some of "
                        "their spends and stay silent. Lower the monitors' epsilon or raise that budget.")
     return out
+
+
+def flag_shares(flaggers: dict[int, list[str]]) -> dict[str, float]:
+    """Each member's share of the violation rounds: 1 / k of each round whose flags counted from k members."""
+    shares: dict[str, float] = {}
+    for members in flaggers.values():
+        for m in members:
+            shares[m] = shares.get(m, 0.0) + 1.0 / len(members)
+    return shares
 
 
 def spec_hash(spec: sz.MonitorSpec) -> str:
@@ -202,27 +214,22 @@ class Alerts:
         life = sz.Lifecycle(run.epoch, run.phase, run.used)
         mine = {m: sig.get(spec.name) for m, sig in self.signals.items()}
         mine = {m: s for m, s in mine.items() if s is not None and s.generation == run.generation}
-        changed = False
+        changed = self._late_flags(spec, run, mine)
         if run.phase == "monitoring":
             breached = sorted(m for m in run.zones if m not in run.muted and (s := mine.get(m))
                               and s.breach_epoch == run.epoch)
             if not breached:
-                return False
-            for m in breached:  # the round is shared among its flaggers
-                run.flag_shares[m] = run.flag_shares.get(m, 0.0) + 1.0 / len(breached)
-                if run.flag_shares[m] >= FLAG_ALLOWANCE * (1 - 1e-9):
-                    run.muted.append(m)
-                    log.warning("monitor %s: the breach flags of %s started %.3g violation round(s) of this "
-                                "generation, its allowance: it no longer counts in this generation (its flags, vector "
-                                "and zone are ignored)", spec.name, m, run.flag_shares[m])
+                return changed
+            run.flaggers[run.epoch], run.late_from = breached, sorted(run.zones)
+            self._mute(spec, run)
             life = life.on_violation(spec)
-            run.expected = sorted(m for m in run.zones if m not in run.muted)
+            run.expected = sorted(run.zones)
             run.epoch, run.phase, run.used = life.epoch, life.phase, life.used
             run.vectors, run.collect_since, changed = {}, now, True
             log.info("monitor %s: violation round %d of %d (a member left its safe zone)", spec.name, run.used,
                      spec.violations)
         for m, s in mine.items():  # vectors for this epoch (a breaching member sends the next epoch's at once)
-            if s.vector_epoch == run.epoch and s.vector is not None and m not in run.vectors and m not in run.muted:
+            if s.vector_epoch == run.epoch and s.vector is not None and m not in run.vectors:
                 if self._vector_ok(spec, m, s.vector):
                     run.vectors[m] = s.vector
                     changed = True
@@ -251,6 +258,27 @@ class Alerts:
                                  offset=[float(x) for x in o], radius=a.radius) for m, o in zip(members, offsets)}
         run.zones_issued, run.assigned_at = run.zones_issued + 1, now
         return True
+
+    def _late_flags(self, spec: sz.MonitorSpec, run: Run, mine: dict[str, MonitorSignal]) -> bool:
+        """Flags for the epoch whose violation round started last, from its zone holders not muted, that arrived
+        after it started: they share its cost (and may lift a mute that its first flagger alone earned)."""
+        e = run.epoch - 1
+        late = [m for m in run.late_from if (s := mine.get(m)) is not None and s.breach_epoch == e
+                and m not in run.flaggers.get(e, []) and m not in run.muted]
+        if not late or e not in run.flaggers:
+            return False
+        run.flaggers[e] = sorted([*run.flaggers[e], *late])
+        self._mute(spec, run)
+        return True
+
+    def _mute(self, spec: sz.MonitorSpec, run: Run) -> None:
+        """Members whose share of this generation's violation rounds reached FLAG_ALLOWANCE (each logged once)."""
+        shares = flag_shares(run.flaggers)
+        muted = sorted(m for m, x in shares.items() if x >= FLAG_ALLOWANCE * (1 - 1e-9))
+        for m in sorted(set(muted) - set(run.muted)):
+            log.warning("monitor %s: the breach flags of %s started %.3g violation round(s) of this generation, its "
+                        "allowance: they no longer start a round in this generation", spec.name, m, shares[m])
+        run.muted = muted
 
     def _vector_ok(self, spec: sz.MonitorSpec, member: str, vector: list[float]) -> bool:
         """A noisy vector of the right length within NOISE_SCALES_ALLOWED Laplace scales of [0, 1] (one member's
@@ -371,7 +399,7 @@ class Alerts:
             }[state]
             if run.muted and state != "exhausted":
                 message += (f" ({len(run.muted)} member(s) muted for this generation: their flags used their "
-                            "allowance, and the alert covers the others)")
+                            "allowance and no longer start a round)")
             out.append(AlertState(
                 monitor=spec.name, kind=spec.kind, threshold=spec.threshold, margin=spec.margin, window=spec.window,
                 state=state, firing=run.firing, since=run.since, violation_rounds_used=run.used,

@@ -297,3 +297,25 @@ def test_the_composed_figure_for_each_secure_unit():
     assert "one window (20 s) of activity cost up to epsilon 7.25 here (releases 1.25 + alerts 6)" in window
     assert composed_words(Settings(**common, secure_unit="cpu_day"), spends, T0, end) is None  # day_check composes
     assert composed_words(Settings(aggregator=AGG), spends[3:], T0, end) is None  # no alert spent: nothing to say
+
+
+def test_flags_that_arrive_after_their_round_started_share_it(net):
+    """Members run unsynchronised: the first flag starts the round, the others' flags for the same epoch come a tick
+    later. The first flagger alone is muted for that tick; once the others' flags arrive the round is shared and
+    nobody is."""
+    for level in [20.0] * 8:
+        net.round(level)
+    net.round(100.0)  # half of the sliding window at 100 %: still inside every zone
+    run = net.agg.alerts.runs["cpu_high"]
+    assert run.phase == "monitoring" and run.used == 0
+    start, net.now = net.now, net.now + timedelta(seconds=INTERVAL)
+    for m, (member, monitors) in net.members.items():  # the load arrives everywhere: every member leaves its zone
+        member.publish(100.0, start, net.now)
+        monitors.step(100.0, start, net.now)
+    first = MEMBERS[0]
+    _copy(net.members[first][0].paths.report_dir(), net.agg_paths.report_dir(first))  # only its flag has arrived
+    net.agg.tick(net.now)
+    assert run.used == 1 and run.flaggers[run.epoch - 1] == [first] and run.muted == [first]
+    net.sync()
+    net.agg.tick(net.now + timedelta(seconds=1))
+    assert run.flaggers[run.epoch - 1] == MEMBERS and run.muted == []

@@ -27,6 +27,7 @@ AGG = "agg@example.org"
 INTERVAL, K, T, M = 5, 2, 80, 5
 SETTINGS = (f'aggregator = "{AGG}"\ninterval_s = {INTERVAL}\ntick_s = 1\nstale_after_s = 12\n'
             'budgets = [{horizon_s = 0, epsilon = 1000.0}]\n'
+            'monitor_budgets = [{horizon_s = 0, epsilon = 1000.0}]\n'  # 300 for one 5 s window: 60 a second
             f'monitors = [{{name = "cpu_high", threshold = {T}, margin = {M}, window = {K}, epsilon = 300, '
             'violations = 8}]\n')
 

@@ -151,7 +151,7 @@ def _spend(what: str, instance: str, first_round: int, last_window_end_round: in
 
 
 def run_safezone(spec: MonitorSpec, v: np.ndarray, rng: np.random.Generator, *, caps=DEFAULT_MONITOR_BUDGETS,
-                 allowance: float = FLAG_ALLOWANCE, min_members: int = 3) -> dict:
+                 allowance: float = FLAG_ALLOWANCE) -> dict:
     """One generation of Algorithms 1-5 over the trace, with the coordinator's flag allowance and each spend admitted
     by the member's default cap first, until it is exhausted (or the trace ends). Round t's vector covers windows
     t .. t + K - 1; a zone synchronised at t is checked at t + 1, ...; the violation at tv is recovered at tv + 1."""
@@ -177,8 +177,8 @@ def run_safezone(spec: MonitorSpec, v: np.ndarray, rng: np.random.Generator, *, 
 
     t, life, shares, muted = 0, Lifecycle(), np.zeros(n), np.zeros(n, dtype=bool)
     end = rounds
+    active = np.ones(n, dtype=bool)  # muted members still send vectors and hold zones: only their flags are ignored
     while admit(_spend(sz.VECTOR_SPEND, str(next(ids)), t, t + k, s.vector)):  # a synchronisation at t
-        active = ~muted
         noisy = v[t][active] + rng.laplace(0, l1 / s.vector, v[t][active].shape)
         out["up"] += int(active.sum())
         a = sz.assign(spec, noisy)
@@ -192,7 +192,7 @@ def run_safezone(spec: MonitorSpec, v: np.ndarray, rng: np.random.Generator, *, 
         out["down"] += int(active.sum())
         offset = np.array(sz.assign_offsets(a.centre, a.v_hat, noisy))
         r_hat = a.radius + rng.laplace(0, l2 / s.radius, int(active.sum()))
-        tv, flaggers = _first_violation(v, t, active, offset, r_hat, s.check, l2, rng)
+        tv, flaggers = _first_violation(v, t, active, offset, r_hat, s.check, l2, rng, counts=~muted)
         last = rounds - 1 if tv is None else tv
         pred[t:last + 1] = state
         if last > t + 1:
@@ -207,8 +207,8 @@ def run_safezone(spec: MonitorSpec, v: np.ndarray, rng: np.random.Generator, *, 
         out["muted"] += int(newly.sum())
         life = life.on_violation(spec)
         t = tv + 1
-        if t >= rounds or (~muted).sum() < min_members:
-            end = min(t, rounds)
+        if t >= rounds:
+            end = rounds
             break
     starts, ends, eps = sz.monitor_rows(ledger)
     days = {T0 + timedelta(days=d) for d in range(int(rounds * INTERVAL_S // DAY_S) + 2)}
@@ -218,15 +218,17 @@ def run_safezone(spec: MonitorSpec, v: np.ndarray, rng: np.random.Generator, *, 
     return out
 
 
-def _first_violation(v, t, active, offset, r_hat, eps_c, l2, rng, chunk: int = 4000):
-    """The first round after t at which some active member's check says "outside", and those members (indices)."""
+def _first_violation(v, t, active, offset, r_hat, eps_c, l2, rng, *, counts, chunk: int = 4000):
+    """The first round after t at which the check of some member whose flags count says "outside", and the members
+    (indices) whose flags count that say so then: they share the round."""
     members = np.nonzero(active)[0]
+    counting = counts[members]
     start = t + 1
     while start < len(v):
         stop = min(len(v), start + chunk)
         d = np.linalg.norm(v[start:stop][:, members] - v[t][members][None] - offset[None], axis=-1)
         p = expit(eps_c * (d - r_hat[None, :]) / (2 * l2))  # = safezone.outside_probability, every round
-        out = rng.random(p.shape) < p
+        out = (rng.random(p.shape) < p) & counting[None, :]
         rows = np.nonzero(out.any(axis=1))[0]
         if len(rows):
             return start + int(rows[0]), members[out[rows[0]]]
@@ -406,7 +408,7 @@ def run(ctx) -> Result:
         "their settings and are judged over their lifetime (one generation: until b violation rounds are used).",
         "Safe zones: each spend admitted by the member's default cap (monitor_budgets); one member's flags may "
         "start one violation round's worth per generation (shared among the members flagging the same epoch; then "
-        "it is muted for that generation).",
+        "its flags are ignored for that generation, its vector and zone still count).",
         "Messages per round for the whole fleet: safe zones = noisy vectors and breach flags up, zones down; naive "
         f"monitors = {MEMBERS} releases (one per member).",
         "The published figure: each member's continuous release at the default epsilon 5 per second of activity "
