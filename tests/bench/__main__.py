@@ -3,7 +3,7 @@
     ./run.sh bench [--quick] [--out bench-results] [--only NAME ...] [--work DIR]
 
 Benchmarks (one module each): aggregator_scale, accuracy, secure_accuracy, secure_protocol, secure_latency,
-member_overhead, relay_bytes, e2e_latency, soak, safezone (private alerts, last: a simulation of about 3 minutes).
+member_overhead, relay_bytes, e2e_latency, soak, safezone (private alerts, last: a simulation of under a minute).
 Each runs in its own process. The aggregator timings run alone; the member overhead (light, measured as the
 member's own CPU time) runs beside the accuracy simulation; the secure-aggregation accuracy (about 2 minutes of one
 core) beside the secure protocol's costs after them; the secure rounds on a local network after the other network
