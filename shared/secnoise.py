@@ -585,16 +585,17 @@ FALSE_REFUSAL = 1e-6  # the most often an honest round is refused: every check t
 
 
 def noise_tail(spec: NoiseSpec, survivors: int, weights: Sequence[float], rate: float) -> float:
-    """The least y (to 1e-9 relative) with P(|sum_i w_i N_i| > y) <= ``rate`` that the Chernoff bound proves, for the
-    noise of ``survivors`` shares: N_0 the mean coordinate's, N_1.. the histogram's (``weights`` in that order).
+    """A y with P(|sum_i w_i N_i| > y) <= ``rate`` for the noise of ``survivors`` shares, N_0 the mean coordinate's and
+    N_1.. the histogram's (``weights`` in that order), from the noise's exact law.
 
-    P(Y >= y) <= exp(K(l) - l y) for every l > 0, K the cumulant generating function of Y (the sum of the coordinates'
-    K_i(l w_i): they are independent), and the same for -Y (the noise is symmetric), so y = inf_l (K(l) + log(2 /
-    rate)) / l. dlaplace: N_i = NB(r, q) - NB(r, q), r = survivors / t, q = e^-a, exactly, whose
-    K(l) = r (2 log(1 - q) - log(1 - q e^l) - log(1 - q e^-l)) for |l| < a; the objective is unimodal in l (its
-    derivative's numerator l K' - K - log(2 / rate) increases from below 0), minimised by golden section. dgaussian:
-    each share is N_Z(0, s^2), s^2 = sigma^2 / t, whose moment generating function is at most the continuous
-    Gaussian's, e^(l^2 s^2 / 2) (Canonne, Kamath & Steinke 2020, the discrete Gaussian is s^2-subgaussian), so
+    dlaplace: N_i = NB(r, q) - NB(r, q) exactly (r = survivors / t, q = e^-a), and a sum of j coordinates of one
+    parameter is NB(j r, q) - NB(j r, q); for such a sum (equal weights) y is the least integer whose exact two-sided
+    tail is <= rate (``_nb_difference_limit``). Otherwise the Chernoff bound: P(Y >= y) <= exp(K(l) - l y) for every
+    l > 0, K the sum of the coordinates' cumulant generating functions K_i(l w_i), so y = inf_l (K(l) + log(2 / rate))
+    / l (the noise is symmetric); for NB differences K(l) = r (2 log(1 - q) - log(1 - q e^l) - log(1 - q e^-l)),
+    |l| < a, and the objective is unimodal in l (its derivative's numerator l K' - K - log(2 / rate) increases from
+    below 0): golden section. dgaussian: each share is N_Z(0, s^2), s^2 = sigma^2 / t, whose moment generating function
+    is at most the continuous Gaussian's, e^(l^2 s^2 / 2) (Canonne, Kamath & Steinke 2020: it is s^2-subgaussian), so
     y = sqrt(2 V log(2 / rate)) with V = survivors * sum_i w_i^2 s_i^2."""
     if not 0 < rate < 1:
         raise ValueError(f"rate must be in (0, 1), got rate={rate}")
@@ -609,6 +610,9 @@ def noise_tail(spec: NoiseSpec, survivors: int, weights: Sequence[float], rate: 
         v = survivors * math.fsum(w * w * p * p / spec.shares_for for p, w in terms)
         return math.sqrt(2 * v * log_inv)
     r = survivors / spec.shares_for
+    if len({(p, abs(w)) for p, w in terms}) == 1:
+        p, w = terms[0]
+        return abs(w) * _nb_difference_limit(r * len(terms), p, rate)
     l_max = min(p / abs(w) for p, w in terms)
 
     def objective(u: float) -> float:  # u = l / l_max in (0, 1)
@@ -631,6 +635,36 @@ def noise_tail(spec: NoiseSpec, survivors: int, weights: Sequence[float], rate: 
             b = lo + golden * (hi - lo)
             fb = objective(b)
     return min(fa, fb)
+
+
+@lru_cache(maxsize=1024)
+def _nb_difference_limit(r: float, a: float, rate: float) -> int:
+    """The least integer y with P(|Z| > y) <= rate for Z = NB(r, q) - NB(r, q), q = e^-a, from the exact law:
+    P(Z > y) = sum_k P(B = k) P(A > y + k), the NB pmf by its ratio recurrence p(j + 1) = p(j) q (j + r) / (j + 1) in
+    logs, the tails summed from the far end (relative precision), the support cut where the mass left is below
+    e^-60 of the rate (counted as if it all lay beyond y: never understated; beyond the mode the ratio is at most
+    rho = q max(1, (size + r) / (size + 1)), so that mass is at most p(size) / (1 - rho))."""
+    q = math.exp(-a)
+    size = int((math.log(1 / rate) + 60 + r * (1 + abs(math.log(a)))) / a) + 64
+    log_p, pmf = r * math.log1p(-q), []
+    for j in range(size):
+        pmf.append(math.exp(log_p))
+        log_p += math.log(q) + math.log(j + r) - math.log(j + 1)
+    cut = math.exp(log_p) / (1 - q * max(1.0, (size + r) / (size + 1)))  # the mass beyond the support
+    at_least = [0.0] * (size + 1)  # at_least[m] = P(A >= m) within the support
+    for j in range(size - 1, -1, -1):
+        at_least[j] = at_least[j + 1] + pmf[j]
+
+    def upper_tail(y: int) -> float:  # P(Z > y), the cut mass added whole (for either variable)
+        return math.fsum(pmf[k] * at_least[y + 1 + k] for k in range(size - y - 1)) + 2 * cut
+
+    lo, hi = 0, size - 1
+    if 2 * upper_tail(hi) > rate:
+        raise ValueError(f"the support ({size}) is too short for rate={rate}, r={r}, a={a}")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if 2 * upper_tail(mid) <= rate else (mid + 1, hi)
+    return lo
 
 
 @lru_cache(maxsize=256)
