@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from cpu_tracker_aggregator.alerts import Alerts
 from cpu_tracker_aggregator.roster import Roster, Snapshot, members_json_chunks
-from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history
+from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history, secure_is_recent
 from cpu_tracker_aggregator.metrics import Metrics
 from cpu_tracker_aggregator.publish import Publisher
 from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_chunks, write_if_changed
@@ -87,7 +87,10 @@ class Aggregator:
         snapshot = self.roster.tick(now)
         alerts_changed = self.alerts.tick(now)
         secure_changed = self._secure_tick(now)
+        lead_lapsed = (self._last is not None and self._last.lead == "secure"  # its round is no longer recent
+                       and not secure_is_recent(self._last.secure, now, self.settings))
         changed = (alerts_changed or self._last is None or snapshot.members_lines is not None or secure_changed
+                   or lead_lapsed
                    or not _same_figure(snapshot, self._last_snapshot)
                    # a heartbeat: a live aggregator's points are never more than stale_after_s apart
                    or (now - self._last.generated_at).total_seconds() >= self.settings.stale_after_s)
