@@ -501,8 +501,9 @@ def run(ctx) -> Result:
                 f"+- {se:.2g})", exact, "points", "local mode, same unit and epsilon (exact)", pair[0].local_rmse_exact,
                 f"<= {goal} points" if goal_k == k else "simulated within 4 SE of exact",
                 bool(exact <= goal) if goal_k == k else bool(abs(rmse - exact) <= 4 * se),
-                f"(local simulated {local:.3g}; tutorial recipe {tut:.3g}, bias {np.mean([c.tut_bias for c in pair]):+.2g};"
-                f" 95 % interval of the mean covers {100 * cov:.1f} % of {trials})"))
+                f"(local simulated {local:.3g}; tutorial recipe {tut:.3g}, bias "
+                + " / ".join(f"{c.tut_bias:+.2g} ({c.fleet})" for c in pair)
+                + f"; 95 % interval of the mean covers {100 * cov:.1f} % of {trials})"))
     n = sum(c.trials for c in cells)
     mean_cov = sum(c.mean_coverage * c.trials for c in cells) / n
     res.rows.append(Row("coverage of the mean's 95 % interval, every unit, k and fleet", 100 * mean_cov, "%", "", None,
@@ -558,10 +559,12 @@ def run(ctx) -> Result:
         "bins trade that for a wider rank noise (bins table). A coverage of 93-97 % on ordinary fleets would need an "
         "interval below the bin's width, which the histogram cannot support without guessing where in the bin the "
         "members are.",
-        "False refusals: every check refuses only noise beyond a Chernoff bound on the exact law at rate / (bins + 3), "
-        "so an honest round is refused with probability <= 1e-6 by the union bound. The 6-sigma rule it replaces "
-        "refused 0.1-0.3 % of honest rounds: 6 sd of a discrete Laplace is only 8.5 scales, e^-8.5 = 2e-4 per "
-        "coordinate.",
+        "False refusals: each of the bins + 3 checks refuses only noise beyond the least integer whose exact tail is "
+        "<= 1e-6 / (bins + 3) (one coordinate, the bins' sum: NB differences) or beyond a Chernoff bound on the exact "
+        "law (mean against histogram; subgaussian for the discrete Gaussian), so an honest round is refused with "
+        "probability <= 1e-6 by the union bound. The 6-sigma rule it replaces refuses what the row shows (0.18 % on "
+        "an idle fleet in tests/test_secnoise.py; 0.1-0.3 % in the issue's soak): 6 sd of a discrete Laplace is only "
+        "8.5 of its scales, e^-8.5 = 2e-4 per coordinate.",
         "Trials per cell (secure, tutorial): " + ", ".join(f"k = {k:,}: {trials_for(k, ctx.quick)}" for k in KS) + ".",
     ]
     return res
