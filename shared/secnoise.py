@@ -674,11 +674,18 @@ def _plausible_limits(spec: NoiseSpec, survivors: int, scale: int, edges: tuple[
     with the rate split evenly over the 1 + m + 2 two-sided checks."""
     m = len(edges) - 1
     each = rate / (m + 3)
-    centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    centres = _centred(edges)
     return (noise_tail(spec, survivors, [1.0], each),
             noise_tail(spec, survivors, [0.0, 1.0], each),
             noise_tail(spec, survivors, [0.0] + [1.0] * m, each),
             noise_tail(spec, survivors, [1.0 / scale] + [-c for c in centres], each))
+
+
+def _centred(edges: Sequence[float]) -> list[float]:
+    """The bins' centres less the middle of the range: weighting the counts by these, the known total n carries the
+    rest, so the histogram's noise weighs half as much in the mean against histogram check."""
+    middle = (edges[0] + edges[-1]) / 2
+    return [(a + b) / 2 - middle for a, b in zip(edges, edges[1:])]
 
 
 def implausibility(total: Sequence[int], *, spec: NoiseSpec, survivors: int, scale: int, edges: Sequence[float],
@@ -687,7 +694,8 @@ def implausibility(total: Sequence[int], *, spec: NoiseSpec, survivors: int, sca
     it can). An honest sum is the members' part plus the noise of ``survivors`` shares, and its members' part is
     bounded: the mean coordinate in 0..100 * scale * n, each count in 0..n, the counts adding up to n, and the mean
     within n (widest bin / 2 + 1 / scale) points of the bins' centres (each value lies within half its bin of the
-    centre; stochastic rounding moves it by less than one unit). Each check refuses only noise beyond its
+    centre; stochastic rounding moves it by less than one unit), the centres summed as n * middle + the counts
+    weighted by (centre - middle), which uses the known total n where the noisy counts' sum would add noise. Each check refuses only noise beyond its
     ``noise_tail`` at rate / (m + 3), so an honest round is refused with probability at most ``rate`` (the union
     bound). A member may add anything within the modulus: what stays inside these ranges is not caught."""
     m = len(edges) - 1
@@ -704,12 +712,12 @@ def implausibility(total: Sequence[int], *, spec: NoiseSpec, survivors: int, sca
         return f"a histogram count lies outside 0..{n} by more than the noise ({y_bin:.0f})"
     if abs(math.fsum(hist) - n) > y_sum:
         return f"the histogram counts add up to {math.fsum(hist):.0f}, not {n} survivors within the noise ({y_sum:.0f})"
-    centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    middle = (edges[0] + edges[-1]) / 2
+    from_hist = n * middle + math.fsum(c * h for c, h in zip(_centred(edges), hist))  # sum of centres, total n
     slack = n * (max(b - a for a, b in zip(edges, edges[1:])) / 2 + 1 / scale)
-    gap = mean / scale - math.fsum(c * h for c, h in zip(centres, hist))
-    if abs(gap) > slack + y_both:
+    if abs(mean / scale - from_hist) > slack + y_both:
         return (f"the mean coordinate ({mean / scale / n:.1f} points) disagrees with the histogram "
-                f"({math.fsum(c * h for c, h in zip(centres, hist)) / n:.1f}) by more than half a bin and the noise")
+                f"({from_hist / n:.1f}) by more than half a bin and the noise")
     return None
 
 
