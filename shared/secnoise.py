@@ -695,7 +695,8 @@ def implausibility(total: Sequence[int], *, spec: NoiseSpec, survivors: int, sca
     bounded: the mean coordinate in 0..100 * scale * n, each count in 0..n, the counts adding up to n, and the mean
     within n (widest bin / 2 + 1 / scale) points of the bins' centres (each value lies within half its bin of the
     centre; stochastic rounding moves it by less than one unit), the centres summed as n * middle + the counts
-    weighted by (centre - middle), which uses the known total n where the noisy counts' sum would add noise. Each check refuses only noise beyond its
+    weighted by (centre - middle), which uses the known total n where the noisy counts' sum would add noise.
+    Each check refuses only noise beyond its
     ``noise_tail`` at rate / (m + 3), so an honest round is refused with probability at most ``rate`` (the union
     bound). A member may add anything within the modulus: what stays inside these ranges is not caught."""
     m = len(edges) - 1

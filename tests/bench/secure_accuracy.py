@@ -373,8 +373,9 @@ def collusion_table(sizes=KS) -> str:
     from shared import secagg
     from shared.secure_schema import UNIT_WORDS
 
-    lines = ["| unit (target epsilon) | k | t (lying floor) | " + " | ".join(f"c = {int(f * 100)} % of k" for f in COLLUDING)
-             + " |", "|---|---|---|" + "---|" * len(COLLUDING)]
+    lines = ["| unit (target epsilon) | k | t (lying floor) | "
+             + " | ".join(f"c = {int(f * 100)} % of k" for f in COLLUDING) + " |",
+             "|---|---|---|" + "---|" * len(COLLUDING)]
     for unit in UNITS:
         for k in sizes:
             e = product_epoch(unit, k)
@@ -414,11 +415,12 @@ def operator_table(sizes=(10, 100, 1000, 10000)) -> str:
     for unit in UNITS:
         epochs = [product_epoch(unit, k) for k in sizes]
         e = epochs[-1]
-        label = f"{UNIT_WORDS[unit]} ({e.epsilon:g}{', delta 1e-6' if e.delta else ''}, {releases(e) if unit == 'cpu_day' else 1})"
+        per_day = releases(e) if unit == "cpu_day" else 1
+        label = f"{UNIT_WORDS[unit]} ({e.epsilon:g}{', delta 1e-6' if e.delta else ''}, {per_day})"
         lines.append(f"| {label} | local: RMSE | " + " | ".join(f"{local_sd(unit) / math.sqrt(k):.3g}" for k in sizes)
                      + " |")
-        lines.append("| | secure: RMSE (at most) | " + " | ".join(f"{secure_rmse(ep, k):.3g}" for ep, k in zip(epochs, sizes))
-                     + " |")
+        lines.append("| | secure: RMSE (at most) | "
+                     + " | ".join(f"{secure_rmse(ep, k):.3g}" for ep, k in zip(epochs, sizes)) + " |")
         lines.append("| | secure: t (shares the noise is sized for) | " + " | ".join(
             f"{ep.noise.shares_for:,}" for ep in epochs) + " |")
         lines.append("| | secure: p50 rank +- (% of fleet) | " + " | ".join(
@@ -437,8 +439,8 @@ def bins_table(real: np.ndarray, quick: bool) -> str:
     from shared.secnoise import _neg_binomial, calibrate, fleet_estimate
 
     reps = 150 if quick else 500
-    lines = [f"Bins against resolution (whole-window unit, epsilon 1.25, k survivors; {reps} fleets per cell): coverage "
-             "of p50 / p90 / p99 (informative intervals only) and mean width, points:", "",
+    lines = [f"Bins against resolution (whole-window unit, epsilon 1.25, k survivors; {reps} fleets per cell): "
+             "coverage of p50 / p90 / p99 (informative intervals only) and mean width, points:", "",
              "| fleet | k | bins | coverage | width p50 / p90 / p99 |", "|---|---|---|---|---|"]
     for kind in FLEETS:
         for k in (1000, 10000):
@@ -504,7 +506,8 @@ def run(ctx) -> Result:
             goal_k, goal = GOAL_RMSE.get(unit, (None, None))
             res.rows.append(Row(
                 f"{unit}: RMSE of the network mean, k = {k:,} (t = {pair[0].t:,}), exact for these fleets (simulated "
-                f"{rmse:.3g} +- {se:.2g}; at most {bound:.3g})", exact, "points", "local mode, same unit and epsilon (exact)", pair[0].local_rmse_exact,
+                f"{rmse:.3g} +- {se:.2g}; at most {bound:.3g})", exact, "points",
+                "local mode, same unit and epsilon (exact)", pair[0].local_rmse_exact,
                 f"<= {goal} points (the bound)" if goal_k == k else "simulated within 4 SE of exact",
                 bool(bound <= goal) if goal_k == k else bool(abs(rmse - exact) <= 4 * se),
                 f"(local simulated {local:.3g}; tutorial recipe {tut:.3g}, bias "
