@@ -33,7 +33,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+
+from pydantic import validate_email
+from pydantic_core import PydanticCustomError
 
 from shared import APP_NAME
 
@@ -53,19 +57,39 @@ EPOCH_FILE = "epoch.json"
 INBOX_FILE = "inbox.json"
 SYFTPERM_FILE = "syftperm.yaml"
 SYFT_PUB_FILE = "syft.pub.yaml"
-_EMAIL = re.compile(r"[^@/\\\s*?\[\]]+@[^@/\\\s*?\[\]]+")  # no separator, whitespace or glob character
+_EMAIL = re.compile(r"[^@/\\\s*?\[\]{}]+@[^@/\\\s*?\[\]{}]+")  # no separator, whitespace or glob character
 
 
-def is_datasite_email(name: str) -> bool:
-    """The one rule for a datasite's name (a member folder, the ``aggregator`` setting): one ``@``, printable UTF-8,
-    no path separator, whitespace or glob character (``*?[]``: the newer server reads those as patterns)."""
+def datasite_email_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a datasite's email (None: it can). The one rule for a datasite's name (a member folder,
+    the ``aggregator`` setting): an address SyftBox itself accepts as a datasite's email, written as SyftBox writes
+    it, with nothing the newer server reads as a pattern.
+
+    - SyftBox's rule: the client's config declares ``email: EmailStr`` (syftbox 0.4.0 ``lib/client_config.py``), so
+      a datasite exists only under an address that pydantic's ``validate_email`` (email-validator) accepts, and its
+      folder is named by the *normalised* form (the domain lower-cased, IDNA decoded): ``Agg@Example.ORG`` becomes
+      the folder ``Agg@example.org``. A name that is not its own normalised form names no datasite.
+    - Ours on top: one ``@``, printable UTF-8, no path separator, whitespace or glob character (``* ? [ ] { }``:
+      the newer server reads those as patterns, so ``*@example.org``, which EmailStr accepts, would name everyone
+      at example.org in a permission file)."""
     if not (_EMAIL.fullmatch(name) and name.isprintable()):
-        return False
+        return "one @, no spaces, slashes or pattern characters (* ? [ ] { })"
     try:
         name.encode("utf-8")  # a folder name that is not UTF-8 on disk arrives with surrogate escapes
+        _, normalised = validate_email(name)
     except UnicodeEncodeError:
-        return False
-    return True
+        return "not valid UTF-8"
+    except (PydanticCustomError, ValueError) as e:
+        return f"SyftBox refuses it as an email ({str(e).split(': ', 1)[-1].rstrip('.')})"
+    if normalised != name:
+        return f"SyftBox writes it as {normalised!r}"
+    return None
+
+
+@lru_cache(maxsize=1 << 18)  # the aggregator asks again for every member folder at every tick
+def is_datasite_email(name: str) -> bool:
+    """``datasite_email_problem(name) is None``: a name that can be a datasite's email."""
+    return datasite_email_problem(name) is None
 
 
 @dataclass(frozen=True)
