@@ -19,7 +19,7 @@ from typing import Callable
 
 from cpu_tracker_member.monitor import MemberMonitors
 from shared import __version__
-from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps
+from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps, secure_private_tree
 from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend, spent_per_budget
 from shared.logs import Hourly, Problems
 from shared.paths import Paths
@@ -92,7 +92,8 @@ class Member:
     def ledger(self) -> Ledger | None:
         """The ledger, loaded once; None (and releases paused) while it is unreadable."""
         if self._ledger is None:
-            try:
+            try:  # first: another local user who can rename the ledger's folder can make it forget a spend
+                secure_private_tree(self.paths.private.parent, self.paths.private)
                 self._ledger = Ledger(self.paths.ledger_file, self.settings.budgets)
                 self.problems.clear("ledger", "privacy ledger readable again: releases resume")
             except (LedgerCorrupt, OSError) as e:
