@@ -138,6 +138,12 @@ class Paths:
         """The Prometheus textfile (for node_exporter's textfile collector): local, never synced."""
         return self.private / "aggregator" / "cpu_tracker.prom"
 
+    @property
+    def sync_state_file(self) -> Path:
+        """The syftbox 0.4.0 client's record of every synced file (the hash of the version the relay holds, and the
+        last action on each path): ``LocalState`` in ``syftbox/client/plugins/sync/local_state.py``. Read only."""
+        return self.data_dir / "plugins" / "local_syncstate.json"
+
     # -- synced ---------------------------------------------------------------------------------
     def report_dir(self, member: str | None = None) -> Path:
         """The member's report folder (``member`` defaults to this datasite)."""
