@@ -117,9 +117,9 @@ def secure_private_tree(root: Path, app_dir: Path) -> None:
             if stat.S_ISDIR(st.st_mode):
                 _own_dir(path)
             elif st.st_uid != os.geteuid() or stat.S_ISLNK(st.st_mode):
-                raise PrivateTreeError(errno.EPERM, f"is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'owned by uid %d' % st.st_uid}"
-                                       f" inside the app's private folder, so another user may have put it there: "
-                                       f"remove it", str(path))
+                what = "a symlink" if stat.S_ISLNK(st.st_mode) else f"owned by uid {st.st_uid}"
+                raise PrivateTreeError(errno.EPERM, f"is {what} inside the app's private folder, so another user may "
+                                       "have put it there: remove it", str(path))
             elif st.st_mode & 0o022:
                 os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022, follow_symlinks=False)
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 import time
@@ -639,3 +640,27 @@ def withdraw(files: Iterable[Path]) -> tuple[list[str], list[str]]:
         except OSError as e:
             failed.append(f"{path} ({e.strerror or e})")
     return removed, failed
+
+
+@lru_cache(maxsize=64)
+def guard_for(datasite: Path, sync_state_file: Path | None = None) -> PermissionGuard:
+    """One guard per datasite in this process, shared by the parts of a role (its caches serve them all)."""
+    return PermissionGuard(Path(datasite), sync_state_file)
+
+
+def withhold(guard: PermissionGuard, folder: Path, readers: Sequence[str], files: Iterable[Path]) -> str | None:
+    """Why what the app writes in ``folder`` could be read by anyone but ``readers`` (and the owner), with ``files``
+    (what the app published there) then withdrawn; None when the app may write there. The caller says it once
+    (``exposure_sentence``)."""
+    problem = guard.exposure(folder, readers)
+    if problem is None:
+        return None
+    _, failed = withdraw(files)
+    return problem + (f"; cannot remove {', '.join(failed)}: remove them by hand" if failed else "")
+
+
+def exposure_sentence(problems: Sequence[str], what: str) -> str:
+    """One log line for the folders found exposed in one pass (``what`` names them: "inbox folders")."""
+    more = f" ({len(problems)} {what}; the first shown)" if len(problems) > 1 else ""
+    return (f"{problems[0]}{more}. The app's files there are withdrawn (removed, so that the relay removes them too) "
+            "and nothing is written there until that is changed.")

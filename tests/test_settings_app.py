@@ -271,7 +271,8 @@ def test_hostile_settings_files_get_a_sentence(tmp_path, name):
     assert message.endswith(".") and "\n" not in message and len(message) < 2000, message
 
 
-@pytest.mark.parametrize("name", ["array nested 5,000 deep", "a 5,000-digit integer", "a huge integer inside a monitor"])
+@pytest.mark.parametrize("name", ["array nested 5,000 deep", "a 5,000-digit integer",
+                                  "a huge integer inside a monitor"])
 def test_hostile_settings_stop_the_app_with_one_line_not_a_traceback(tmp_path, name):
     (tmp_path / "cpu_tracker.toml").write_text(f'aggregator = "a@x.org"\n{HOSTILE_TOML[name]}\n')
     done = _run(_workspace(tmp_path), tmp_path, "--once")
