@@ -260,6 +260,8 @@ def rule_readers(rule: Rule, folder: tuple[str, ...]) -> set[str]:
                 if named is None:
                     out |= {"*"} if _reaches(pattern.replace(EMAIL_TEMPLATE, "*"), folder) else set()
                     continue
+                if "@" not in named:  # no one's email: every SyftBox user's has an @
+                    continue
                 user, pattern = named, pattern.replace(EMAIL_TEMPLATE, wcglob.escape(named))
             else:
                 pattern = pattern.replace(EMAIL_TEMPLATE, wcglob.escape(user))
