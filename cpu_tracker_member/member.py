@@ -106,7 +106,8 @@ class Member:
     def guard(self) -> PermissionGuard:
         """The check of every permission file that could expose the app's files (made once: it keeps caches)."""
         if self._guard is None:
-            self._guard = PermissionGuard(self.paths.my_datasite, self.paths.sync_state_file)
+            self._guard = PermissionGuard(self.paths.my_datasite, self.paths.sync_state_file,
+                                          frozenset({self.paths.report_file().name}))
         return self._guard
 
     def own_folders(self) -> list[Path]:
@@ -172,6 +173,19 @@ class Member:
             "or spent until that is changed; releases then resume by themselves.", logging.ERROR)
         return False
 
+    def delivered(self) -> bool:
+        """False (said once) while the last report written has not reached the relay, by the SyftBox client's own
+        record: the client is offline or the relay down, and a new release would replace it unseen (the client
+        uploads only the newest), so none is spent until it has. A relay outage of any length thus costs at most
+        that one release. True again (said once) once it is there; always True without a record (the Go client)."""
+        if self.guard().delivered(self.paths.report_file()) is False:
+            self.problems.report("undelivered", f"the last report ({self.paths.report_file()}) has not reached the "
+                                 "relay yet (the SyftBox client is offline or the relay is down): no release is "
+                                 "spent until it has, since a new one would replace it unseen")
+            return False
+        self.problems.clear("undelivered", "the relay has the last report: releases resume")
+        return True
+
     def published_files(self) -> list[Path]:
         """Every file the member publishes (shared/paths.py): withdrawn together when their folder is exposed."""
         p = self.paths
@@ -190,7 +204,7 @@ class Member:
         if not self.ensure_folder() or not self.parents_safe():
             return None
         ledger = self.ledger()
-        if ledger is None:
+        if ledger is None or not self.delivered():
             return None
         raw, report = build_report(raw_mean, self.settings.samples_per_window, start, end, self.settings)
         spend = Spend(

@@ -332,9 +332,11 @@ class Synced:
 UPLOADED = {"CREATE_REMOTE", "MODIFY_REMOTE", "DELETE_REMOTE"}
 
 
-def parse_sync_state(raw: bytes, datasite: str) -> dict[tuple[str, ...], dict[str, Synced]] | None:
-    """The permission files of ``datasite`` in the client's ``local_syncstate.json``, by folder (relative to the
-    datasite) and name; None when the file is not the 0.4.0 client's record (its size and types are not trusted)."""
+def parse_sync_state(raw: bytes, datasite: str, watch: frozenset[str] = frozenset()
+                     ) -> dict[tuple[str, ...], dict[str, Synced]] | None:
+    """The permission files (and the files named in ``watch``) of ``datasite`` in the client's
+    ``local_syncstate.json``, by folder (relative to the datasite) and name; None when the file is not the 0.4.0
+    client's record (its size and types are not trusted)."""
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError):
@@ -345,11 +347,11 @@ def parse_sync_state(raw: bytes, datasite: str) -> dict[tuple[str, ...], dict[st
     hashes: dict[str, str | None] = {}
     infos: dict[str, tuple] = {}
     for key, entry in doc.get("states", {}).items():
-        if _ours_perm(key, datasite):
+        if _ours_perm(key, datasite, watch):
             h = entry.get("hash") if isinstance(entry, dict) else None
             hashes[key] = h if isinstance(h, str) else "?"  # something is there, of unknown content
     for key, entry in doc.get("status_info", {}).items():
-        if _ours_perm(key, datasite):
+        if _ours_perm(key, datasite, watch):
             infos[key] = _status(entry)
     out: dict[tuple[str, ...], dict[str, Synced]] = {}
     for key in hashes.keys() | infos.keys():
@@ -359,8 +361,11 @@ def parse_sync_state(raw: bytes, datasite: str) -> dict[tuple[str, ...], dict[st
     return out
 
 
-def _ours_perm(key, datasite: str) -> bool:
-    return isinstance(key, str) and key.startswith(datasite + "/") and is_permission_name(key.rsplit("/", 1)[-1])
+def _ours_perm(key, datasite: str, watch: frozenset[str]) -> bool:
+    if not (isinstance(key, str) and key.startswith(datasite + "/")):
+        return False
+    name = key.rsplit("/", 1)[-1]
+    return is_permission_name(name) or name in watch
 
 
 def _status(entry) -> tuple:
@@ -386,6 +391,7 @@ class PermissionGuard:
 
     datasite: Path  # the owner's own datasite folder: datasites/<email>
     sync_state_file: Path | None = None  # <data_dir>/plugins/local_syncstate.json
+    watch: frozenset[str] = frozenset()  # names of other files whose delivery ``delivered`` may be asked about
     _listing: dict[Path, tuple] = field(default_factory=dict)
     _files: dict[Path, tuple] = field(default_factory=dict)
     _known: dict[str, PermFile] = field(default_factory=dict)
@@ -426,6 +432,23 @@ class PermissionGuard:
         if not isinstance(listing, dict) or any(_odd(n) for n in listing):
             return False
         return self._left_behind(Path(folder), rel, listing, self._sync_view()) is not None
+
+    def delivered(self, path: Path) -> bool | None:
+        """Whether the relay holds the file now at ``path`` (one whose name is in ``watch``), by the client's record:
+        True when it does, or when nothing is there; False while the version on disk has not been uploaded (the
+        client offline, the relay down); None when there is no record (the Go client): unknown."""
+        sync = self._sync_view()
+        if sync is None:
+            return None
+        try:
+            local = hashlib.sha256(read_regular(path, MAX_PERM_FILE_BYTES)).hexdigest()
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        rel = Path(path).relative_to(self.datasite).parts
+        entry = sync.get(rel[:-1], {}).get(rel[-1])
+        return entry is not None and entry.hash == local
 
     def remember(self, folder: Path) -> None:
         """Read the permission files of ``folder`` before the app overwrites them, so that a version the relay may
@@ -484,8 +507,8 @@ class PermissionGuard:
         """The version of each permission file the relay holds, where it is not the one on disk."""
         for name in sorted(synced):
             entry = synced[name]
-            if _odd(name) or entry.hash is None:
-                continue  # odd names: _left_behind; no hash: nothing on the relay
+            if _odd(name) or entry.hash is None or not is_permission_name(name):
+                continue  # odd names: _left_behind; no hash: nothing on the relay; watched files: not permissions
             local = self._read(here / name, listing[name])[1] if name in listing else None
             if entry.hash == local:
                 continue
@@ -605,7 +628,8 @@ class PermissionGuard:
         if self._sync is not None and self._sync[0] == sig:
             return self._sync[1]
         try:
-            view = parse_sync_state(read_regular(path, MAX_SYNC_STATE_BYTES + 1, follow=True), self.datasite.name)
+            view = parse_sync_state(read_regular(path, MAX_SYNC_STATE_BYTES + 1, follow=True), self.datasite.name,
+                                    self.watch)
         except OSError:
             view = None
         if view is None:

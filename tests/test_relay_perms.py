@@ -130,13 +130,15 @@ class World:
                                                       {"path": "**", "user": "*", "permissions": ["read"]}]))
         self.client.sync()
 
-    def window(self) -> bool:
-        """One member window (as run_member runs it), then one client pass. True if a report was published."""
+    def window(self, *, relay_up: bool = True) -> bool:
+        """One member window (as run_member runs it), then one client pass (none while the relay is down). True if a
+        report was published."""
         before = self.paths.report_file().read_bytes() if self.paths.report_file().exists() else None
         reads = iter([0.0, 37.5])
         run_member(self.member, threading.Event(), read=lambda: next(reads), wall=self.wall, clock=FakeClock(20.0),
                    once=True)
-        self.client.sync()
+        if relay_up:
+            self.client.sync()
         published = self.paths.report_file().exists() and self.paths.report_file().read_bytes() != before
         self.published += published
         return published
@@ -382,3 +384,20 @@ def test_the_record_is_syftbox_own_format(world: World) -> None:
     entry = state.states[rel.relative_to(world.paths.datasites)]
     assert entry.hash == hashlib.sha256(rel.read_bytes()).hexdigest()
     assert world.relay.store.get_metadata(rel.relative_to(world.paths.datasites), ME).hash == entry.hash
+
+
+def test_a_relay_outage_costs_a_member_at_most_one_release(world: World, caplog) -> None:
+    """Issue 19: while the relay is down the client uploads nothing and only the newest report would reach it once
+    back, so every release written meanwhile but the last is charged for nothing (11 in a 120 s outage at 20 s
+    windows, before). The member reads the client's record: once the last report has not reached the relay, it
+    spends nothing more until it has. Ten windows of outage cost one release; releases resume with the relay."""
+    from shared.ledger import load_spends
+
+    before = len(load_spends(world.paths.ledger_file))
+    written = [world.window(relay_up=False) for _ in range(10)]
+    assert written == [True] + [False] * 9
+    assert len(load_spends(world.paths.ledger_file)) == before + 1
+    assert sum("has not reached the relay yet" in r.getMessage() for r in caplog.records) == 1
+    world.client.sync()  # the relay is back: the one report written during the outage goes up
+    assert [world.window() for _ in range(3)] == [True] * 3 and world.exposed() == []
+    assert len(load_spends(world.paths.ledger_file)) == before + 4
