@@ -11,6 +11,7 @@
 │   ├── member/monitors.json                 private alerts: the member's references and noisy radii
 │   ├── aggregator/alerts.json               private alerts: the coordinator's state and the noisy vectors
 │   └── aggregator/cpu_tracker.prom          the public figures for Prometheus (textfile collector)
+├── plugins/local_syncstate.json             the SyftBox 0.4.0 client's record of what the relay holds (read only)
 └── datasites/
     ├── <member>/app_data/cpu_tracker/
     │   ├── cpu_tracker.json                 the DP report (MemberReport)
