@@ -402,29 +402,35 @@ class PermissionGuard:
     _uploaded: dict[str, datetime] = field(default_factory=dict)
     _memo: dict[str, object] = field(default_factory=dict)
     _verdicts: dict[tuple, str | None] = field(default_factory=dict)
+    _noted: set[tuple[str, ...]] = field(default_factory=set)
 
     def refresh(self) -> None:
         """Forget this period's listings and verdicts (call once per window or tick): a folder is listed, and a
         folder judged for given readers, at most once a period."""
         self._memo.clear()
         self._verdicts.clear()
+        self._noted.clear()
+
+    def __post_init__(self) -> None:
+        self._root = os.fspath(self.datasite).rstrip("/")
+        self._owner = self.datasite.name
 
     def _rel(self, path) -> tuple[str, ...]:
-        root, text = os.fspath(self.datasite), os.fspath(path)
-        if text == root:
+        text = os.fspath(path)
+        if text == self._root:
             return ()
-        if not text.startswith(root + os.sep):
-            raise ValueError(f"{text} is not inside {root}")
-        return tuple(p for p in text[len(root) + 1:].split(os.sep) if p)
+        if not text.startswith(self._root + "/"):
+            raise ValueError(f"{text} is not inside {self._root}")
+        return tuple(p for p in text[len(self._root) + 1:].split("/") if p)
 
     def _join(self, rel: tuple[str, ...]) -> str:
-        return os.path.join(os.fspath(self.datasite), *rel)
+        return "/".join((self._root, *rel))
 
     def exposure(self, folder: Path, allowed: Iterable[str], *, top: Path | None = None) -> str | None:
         """Why what the app writes in ``folder`` (inside ``datasite``) could be read by someone not in ``allowed``
         (the owner is always allowed): the file, the rule and what to change; None when nothing could. ``top``: the
         app's own folder that holds ``folder`` (default: ``folder`` itself), whose own files are the app's."""
-        allowed = frozenset(allowed) | {self.datasite.name}
+        allowed = frozenset(allowed) | {self._owner}
         rel = self._rel(folder)
         own = len(self._rel(top)) if top is not None else len(rel)
         key = (rel, allowed, own)
@@ -436,7 +442,9 @@ class PermissionGuard:
         sync = self._sync_view()
         if sync is not None:  # every folder on the way, even past a problem: what it records now is gone next time
             for depth in range(len(rel) + 1):
-                self._note_uploads(self._join(rel[:depth]), sync.get(rel[:depth], {}))
+                if rel[:depth] not in self._noted:
+                    self._noted.add(rel[:depth])
+                    self._note_uploads(self._join(rel[:depth]), sync.get(rel[:depth], {}))
         for depth in range(len(rel) + 1):
             problem = self._folder_problem(self._join(rel[:depth]), rel[:depth], rel[depth:], allowed, sync,
                                            above=depth < own)
@@ -478,7 +486,7 @@ class PermissionGuard:
         listing = self._list(here)
         if isinstance(listing, dict):
             for name, sig in listing.items():
-                self._read(os.path.join(here, name), sig)
+                self._read(f"{here}/{name}", sig)
 
     # -- one folder -------------------------------------------------------------------------------------
     def _folder_problem(self, here: str, at: tuple[str, ...], below: tuple[str, ...], allowed: frozenset[str],
@@ -489,12 +497,12 @@ class PermissionGuard:
         if listing is None:
             listing = {}
         for name in sorted(listing):
-            path = os.path.join(here, name)
+            path = f"{here}/{name}"
             pf, digest = self._read(path, listing[name])
             if _odd(name):
                 self._odd_seen[here] = time.time()
                 return (f"{path} is a permission file to the relay (its name ends in {SYFTPERM_FILE}), whose rules "
-                        f"replace the first rules of {os.path.join(here, SYFTPERM_FILE)} there and stay after it is "
+                        f"replace the first rules of {here}/{SYFTPERM_FILE} there and stay after it is "
                         f"deleted; remove it, then {self._resave(here)}")
             problem = exposure(pf, below, allowed, above=above)
             if problem is not None:
@@ -511,7 +519,7 @@ class PermissionGuard:
 
     @staticmethod
     def _resave(here: str) -> str:
-        return (f"change and save {os.path.join(here, SYFTPERM_FILE)} (or create it: [] is enough) so that the relay "
+        return (f"change and save {here}/{SYFTPERM_FILE} (or create it: [] is enough) so that the relay "
                 "replaces that folder's rules (this app does it by itself in its own folders)")
 
     def _note_uploads(self, here: str, synced: dict[str, Synced]) -> None:
@@ -522,7 +530,7 @@ class PermissionGuard:
             if entry.status == "synced" and entry.at is not None and (
                     entry.action in UPLOADED - {"DELETE_REMOTE"} or (name == SYFTPERM_FILE and
                                                                    entry.action == "DELETE_REMOTE")):
-                key = os.path.join(here, name)
+                key = f"{here}/{name}"
                 self._uploaded[key] = max(self._uploaded.get(key, entry.at), entry.at, key=_instant)
 
     def _relay_problem(self, here: str, below, allowed, listing: dict, synced: dict[str, Synced],
@@ -532,7 +540,7 @@ class PermissionGuard:
             entry = synced[name]
             if _odd(name) or entry.hash is None or not is_permission_name(name):
                 continue  # odd names: _left_behind; no hash: nothing on the relay; watched files: not permissions
-            path = os.path.join(here, name)
+            path = f"{here}/{name}"
             local = self._read(path, listing[name])[1] if name in listing else None
             if entry.hash == local:
                 continue
@@ -553,15 +561,15 @@ class PermissionGuard:
         """An odd-named permission file of ``here`` whose rules the relay may still apply, else None."""
         if sync is not None:
             synced = sync.get(at, {})
-            reset = self._uploaded.get(os.path.join(here, SYFTPERM_FILE))  # the relay replaced (or dropped) its rules
+            reset = self._uploaded.get(f"{here}/{SYFTPERM_FILE}")  # the relay replaced (or dropped) its rules
             for name in sorted(synced):
                 if not _odd(name):
                     continue
                 # its rules were applied when it was last uploaded: then if remembered, else no later than the last
                 # action the client recorded on it (any later upload would have replaced that record)
-                uploaded = self._uploaded.get(os.path.join(here, name)) or synced[name].at
+                uploaded = self._uploaded.get(f"{here}/{name}") or synced[name].at
                 if uploaded is None or reset is None or _after(uploaded, reset):
-                    return os.path.join(here, name)
+                    return f"{here}/{name}"
             return None
         seen = self._odd_seen.get(here)
         if seen is None:
@@ -606,7 +614,7 @@ class PermissionGuard:
         out = {}
         for name in names:
             try:
-                fst = os.lstat(os.path.join(folder, name))
+                fst = os.lstat(f"{folder}/{name}")
                 out[name] = (fst.st_ino, fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_mode)
             except FileNotFoundError:
                 continue
