@@ -22,8 +22,8 @@ from cpu_tracker_aggregator.metrics import Metrics
 from cpu_tracker_aggregator.publish import Publisher
 from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_chunks, write_if_changed
 from shared.logs import Hourly, Problems
-from shared.paths import Paths
-from shared.permissions import ensure_permissions
+from shared.paths import Paths, is_datasite_email
+from shared.permissions import ensure_permissions, exposure_sentence, guard_for, withhold
 from shared.runner import Role
 from shared.schema import Dashboard, History, json_schemas, schema_text, utc_now
 from shared.settings import Settings
@@ -85,6 +85,7 @@ class Aggregator:
         changed. A tick that changed nothing writes no file (it only puts back files deleted behind its back).
         Problems are logged once; the tick always completes."""
         snapshot = self.roster.tick(now)
+        self._withhold_exposed()
         alerts_changed = self.alerts.tick(now)
         secure_changed = self._secure_tick(now)
         lead_lapsed = (self._last is not None and self._last.lead == "secure"  # its round is no longer recent
@@ -110,6 +111,29 @@ class Aggregator:
         except OSError as e:
             self.problems.report("metrics", f"cannot write {self.paths.metrics_file}: {e}. Check disk space.")
         return dashboard
+
+    def _withhold_exposed(self) -> None:
+        """Every tick, before anything is written: the aggregator's folders that only some may read (the epoch's
+        cohort, each member's inbox and safe zones) are checked again, since a file there is written only when it
+        changes; an exposed one's file is withdrawn, said once per kind (shared/permissions.py)."""
+        p, guard = self.paths, guard_for(self.paths.my_datasite, self.paths.sync_state_file)
+        guard.refresh()
+        epoch = self.secure.epoch if self.secure is not None else None
+        cohort = epoch.emails() if epoch else []
+        checks = [("epoch-exposed", "epoch folders", [(p.epoch_dir(), cohort, p.epoch_file())])]
+        for key, what, folder_of, file_of in (("inbox-exposed", "inbox folders", p.inbox_dir, p.inbox_file),
+                                              ("zones-exposed", "safe-zone folders", p.zones_dir, p.zones_file)):
+            root = folder_of("x").parent
+            try:
+                names = [n for n in os.listdir(root) if is_datasite_email(n)]
+            except OSError:
+                names = []
+            checks.append((key, what, [(folder_of(m), [m], file_of(m)) for m in sorted(names)]))
+        for key, what, folders in checks:
+            found = [why for folder, readers, file in folders if os.path.lexists(file)
+                     and (why := withhold(guard, folder, readers, [file]))]
+            if found:
+                self.problems.report(key, exposure_sentence(found, what), logging.ERROR)
 
     def _secure_tick(self, now: datetime) -> bool:
         """Secure rounds' upkeep; True when their figure changed. A failure is logged once and the local figure

@@ -36,7 +36,7 @@ from shared import safezone as sz
 from shared.atomic import PRIVATE, atomic_write_bytes, write_if_changed
 from shared.logs import Problems
 from shared.paths import MONITOR_SIGNALS_FILE, Paths, is_datasite_email
-from shared.permissions import ensure_permissions
+from shared.permissions import ensure_permissions, exposure_sentence, guard_for, withhold
 from shared.schema import (AlertState, Dashboard, MonitorDefinition, MonitorSignal, MonitorSignalsFile, MonitorsFile,
                            SafeZone, SafeZonesFile)
 from shared.settings import Settings
@@ -187,7 +187,7 @@ class Alerts:
         for name in [n for n in self.runs if n not in {s.name for s in self.specs}]:
             del self.runs[name]
             changed_private = True
-        if changed_private:
+        if changed_private or "zones-exposed" in self.problems.active:  # the latter: put back what was withdrawn
             try:
                 self._save()
                 self._write_zones()
@@ -348,12 +348,21 @@ class Alerts:
                 times[m] = max(times.get(m, _epoch0()), run.assigned_at or _epoch0())
         root = self.paths.zones_dir("x").parent
         known = set(os.listdir(root)) if root.is_dir() else set()
+        guard, exposed = guard_for(self.paths.my_datasite, self.paths.sync_state_file), []
         for member in sorted(set(holders) | {m for m in known if is_datasite_email(m)}):
             folder = self.paths.zones_dir(member)
+            why = withhold(guard, folder, [member], [self.paths.zones_file(member)])
+            if why:  # a permission file would let others read it: withdrawn, written once that is fixed
+                exposed.append(why)
+                continue
             ensure_permissions(folder, self.paths.email, [member])
             body = SafeZonesFile(member=member, generated_at=times.get(member, _epoch0()),
                                  zones=holders.get(member, []))
             write_if_changed(folder / "zones.json", body.model_dump_json().encode() + b"\n")
+        if exposed:
+            self.problems.report("zones-exposed", exposure_sentence(exposed, "safe-zone folders"), logging.ERROR)
+        else:
+            self.problems.clear("zones-exposed", "the safe-zone folders' permission files are safe again")
 
     def monitors_file(self) -> MonitorsFile:
         """The public definitions and rounds; dated by the last change of any round, so that an unchanged file keeps

@@ -28,7 +28,7 @@ from cpu_tracker_aggregator.reader import open_datasites, read_report, signature
 from shared.atomic import atomic_write_bytes, read_capped, write_if_changed
 from shared.logs import Problems
 from shared.paths import Paths, is_datasite_email
-from shared.permissions import ensure_permissions
+from shared.permissions import ensure_permissions, exposure_sentence, guard_for, withhold
 from shared.schema import SecureFigure, SecureRoundStatus
 from shared.secnoise import (
     FALSE_REFUSAL,
@@ -268,6 +268,8 @@ class SecureAggregator:
         wanted = {m: k for m, k in keys.items() if m not in self._excluded}
         listed = {m.email: m.x25519 for m in e.cohort} if e else {}
         if not rollover and wanted == listed:
+            if not os.path.lexists(self.paths.epoch_file()):  # withdrawn while exposed (or deleted): put back
+                self._publish_epoch(e)
             return
         if not rollover and e.first_round > current:
             return  # announced and not started: changes wait for its first round
@@ -281,12 +283,11 @@ class SecureAggregator:
         first = current + 2
         try:
             epoch = plan_epoch(number, wanted, self.settings, self.paths.email, first, now)
-            ensure_permissions(self.paths.epoch_dir(), self.paths.email, sorted(wanted))  # the cohort alone
-            atomic_write_bytes(self.paths.epoch_file(), epoch.model_dump_json(indent=1).encode())
-        except (OSError, ValueError) as ex:
+        except ValueError as ex:
             self.problems.report("epoch", f"secure mode: cannot publish epoch {number}: {ex}")
             return
-        self.problems.clear("epoch")
+        if not self._publish_epoch(epoch):
+            return
         if e is not None:  # the old epoch ends where the new one begins; its rounds in flight finish
             self._old = e.model_copy(update={"rounds": max(1, first - e.first_round)})
             for rnd in self.rounds.values():
@@ -297,6 +298,25 @@ class SecureAggregator:
         log.info("secure mode: epoch %d published: %d members, rounds from %d, threshold %d, at least %d survivors, "
                  "%s, epsilon %g per %s", number, len(wanted), first, epoch.threshold, epoch.min_survivors,
                  NOISE_WORDS[epoch.noise.family], epoch.epsilon, UNIT_WORDS[epoch.unit])
+
+    def _publish_epoch(self, epoch: Epoch) -> bool:
+        """Write ``epoch`` where its cohort alone may read it; False (said once) when it cannot be written, or when a
+        permission file would let others read it (then the file there is withdrawn, and nothing is written)."""
+        cohort = sorted(epoch.emails())
+        exposed = withhold(guard_for(self.paths.my_datasite, self.paths.sync_state_file), self.paths.epoch_dir(),
+                           cohort, [self.paths.epoch_file()])
+        if exposed:
+            self.problems.report("epoch-exposed", exposure_sentence([exposed], "epoch folders"), logging.ERROR)
+            return False
+        self.problems.clear("epoch-exposed", "the epoch folder's permission files are safe again")
+        try:
+            ensure_permissions(self.paths.epoch_dir(), self.paths.email, cohort)  # the cohort alone
+            atomic_write_bytes(self.paths.epoch_file(), epoch.model_dump_json(indent=1).encode())
+        except OSError as ex:
+            self.problems.report("epoch", f"secure mode: cannot publish epoch {epoch.epoch}: {ex}")
+            return False
+        self.problems.clear("epoch")
+        return True
 
     def _next_number(self) -> int:
         """After a restart: one more than the epoch on disk, so that members never see a number go back."""
@@ -424,9 +444,10 @@ class SecureAggregator:
         for it. Rebuilt only when a round opened or changed status, and written only where it changed; readable by
         that member only."""
         state = tuple((r, rnd.epoch.epoch, rnd.status) for r, rnd in sorted(self.rounds.items())[-8:])
-        if state == self._inbox_state:
+        if state == self._inbox_state and "inbox-exposed" not in self.problems.active:  # else: put withdrawn back
             return
         members = set(self.epoch.emails()) | (set(self._old.emails()) if self._old else set())
+        guard, exposed = guard_for(self.paths.my_datasite, self.paths.sync_state_file), []
         for m in sorted(members):
             entries = []
             for r in sorted(self.rounds)[-8:]:
@@ -440,7 +461,11 @@ class SecureAggregator:
                     entries.append(InboxRound(round=r, epoch=rnd.epoch.epoch, status="unmasking",
                                               survivors=rnd.survivors, dropped=rnd.dropped, sealed=sealed))
             body = Inbox(epoch=self.epoch.epoch, member=m, rounds=entries).model_dump_json().encode()
-            if self._inboxes.get(m) == body:
+            if self._inboxes.get(m) == body and os.path.lexists(self.paths.inbox_file(m)):
+                continue
+            why = withhold(guard, self.paths.inbox_dir(m), [m], [self.paths.inbox_file(m)])
+            if why:  # a permission file would let others read it: withdrawn, written once that is fixed
+                exposed.append(why)
                 continue
             try:
                 ensure_permissions(self.paths.inbox_dir(m), self.paths.email, [m])
@@ -450,6 +475,10 @@ class SecureAggregator:
             except OSError as ex:
                 self.problems.report("inbox-write", f"secure mode: cannot write inboxes ({ex}); free disk space")
                 return  # retried at the next tick
+        if exposed:
+            self.problems.report("inbox-exposed", exposure_sentence(exposed, "inbox folders"), logging.ERROR)
+            return  # tried again at the next tick
+        self.problems.clear("inbox-exposed", "the inbox folders' permission files are safe again")
         self._inbox_state = state
 
 

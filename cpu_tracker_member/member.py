@@ -14,16 +14,17 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from threading import Event
 from typing import Callable
 
 from cpu_tracker_member.monitor import MemberMonitors, composed_words
 from shared import __version__
-from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps
+from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps, secure_private_tree
 from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend, spent_per_budget
 from shared.logs import Hourly, Problems
 from shared.paths import Paths
-from shared.permissions import ensure_permissions, parent_grant_problem
+from shared.permissions import PermissionGuard, ensure_permissions, withdraw
 from shared.privacy import UNIT_NAME, UNIT_S, laplace_release, mean_sensitivity
 from shared.runner import Role
 from shared.schema import CPU_BOUNDS, MemberReport, PrivacyUnit, Window, utc_now
@@ -89,11 +90,14 @@ class Member:
     settings: Settings
     problems: Problems
     _ledger: Ledger | None = None
+    _guard: PermissionGuard | None = None
+    exposed: str | None = None  # why the app's files would be exposed, at the last check (None: they are not)
 
     def ledger(self) -> Ledger | None:
         """The ledger, loaded once; None (and releases paused) while it is unreadable."""
         if self._ledger is None:
-            try:
+            try:  # first: another local user who can rename the ledger's folder can make it forget a spend
+                secure_private_tree(self.paths.private.parent, self.paths.private)
                 self._ledger = Ledger(self.paths.ledger_file, self.settings.budgets,
                                       keep_s=max(b.horizon_s for b in self.settings.monitor_budgets))
                 self.problems.clear("ledger", "privacy ledger readable again: releases resume")
@@ -101,15 +105,35 @@ class Member:
                 self.problems.report("ledger", f"privacy ledger unusable, releases paused: {e}", logging.ERROR)
         return self._ledger
 
+    def guard(self) -> PermissionGuard:
+        """The check of every permission file that could expose the app's files (made once: it keeps caches)."""
+        if self._guard is None:
+            self._guard = PermissionGuard(self.paths.my_datasite, self.paths.sync_state_file,
+                                          frozenset({self.paths.report_file().name}))
+        return self._guard
+
+    def own_folders(self) -> list[Path]:
+        """The folders the member writes into: the report folder, and its secure-mode uploads once they exist."""
+        uploads = self.paths.upload_dir()
+        return [self.paths.report_dir(), *([uploads] if self.settings.mode == "secure" or uploads.is_dir() else [])]
+
     def ensure_folder(self) -> bool:
         """(Re)create the report folder and its permission files; say so if something had to be repaired.
         False (logged once) when they cannot be put in order: then nothing may be published there, since a
-        report without its permission files would fall under whatever a parent folder grants."""
+        report without its permission files would fall under whatever a parent folder grants. Where the relay may
+        still apply rules a removed ``*syftperm.yaml`` left, its ``syftperm.yaml`` is written again so that they go."""
         folder = self.paths.report_dir()
+        guard = self.guard()
         try:
             if folder.exists() and not folder.is_dir():
                 raise NotADirectoryError(f"{folder} is a file; remove it so the report folder can be created")
-            fixed = ensure_permissions(folder, self.paths.email, [self.settings.aggregator])
+            guard.refresh()
+            guard.remember(folder)  # what the relay may still hold is judged by its content, not counted unknown
+            fixed = ensure_permissions(folder, self.paths.email, [self.settings.aggregator],
+                                       reset=guard.needs_reset(folder))
+            for extra in self.own_folders()[1:]:
+                if extra.is_dir() and guard.needs_reset(extra):
+                    ensure_permissions(extra, self.paths.email, [self.settings.aggregator], reset=True)
             if not os.access(folder, os.W_OK):  # found before spending budget on a report that cannot be written
                 read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
                 raise OSError(errno.EROFS if read_only else errno.EACCES,
@@ -125,36 +149,64 @@ class Member:
         return True
 
     def parents_safe(self) -> bool:
-        """False (the report withdrawn, logged once) while a permission file above the report folder could let
-        anyone but the owner and the aggregator read it: the 0.4.0 relay applies the most recently written
-        permission file on a path, whatever its depth, and a terminal parent syft.pub.yaml overrides ours, so
-        our own files cannot protect the report alone. True again (logged once) when that is fixed."""
-        problem = parent_grant_problem(
-            self.paths.my_datasite, self.paths.report_file(), [self.paths.email, self.settings.aggregator]
-        )
+        """False (the app's files withdrawn, logged once) while a permission file could let anyone but the owner and
+        the aggregator read what the member writes: any file the relay honours from the datasite root down to and
+        inside the report folder (and its ``secure/`` uploads), on disk or as the relay still holds it
+        (``PermissionGuard``). True again (logged once) when that is fixed."""
+        guard = self.guard()
+        guard.refresh()
+        top = self.paths.report_dir()
+        found = [guard.exposure(f, [self.settings.aggregator], top=top) for f in self.own_folders()]  # each: it learns
+        problem = next((p for p in found if p), None)
+        self.exposed = problem
         if problem is None:
-            self.problems.clear("parents", "the permission files above the report folder are safe again: "
-                                "releases resume")
+            self.problems.clear("parents", "the permission files over the app's files are safe again: releases resume")
             return True
-        try:
-            self.paths.report_file().unlink(missing_ok=True)  # the relay then deletes its copy too
+        removed, failed = withdraw(self.published_files())
+        if failed:
+            self.problems.report("withdraw", f"cannot withdraw {', '.join(failed)}; remove them by hand")
+        else:
             self.problems.clear("withdraw")
-        except OSError as e:
-            self.problems.report("withdraw", f"cannot withdraw {self.paths.report_file()}: {e}; remove it by hand")
+        for path in removed:
+            log.info("withdrew %s", path)
         self.problems.report(
-            "parents", f"{problem}. The report is withdrawn (its file removed, so the relay removes it too) and "
-            "nothing is published or spent until that is changed; releases then resume by themselves.",
-            logging.ERROR)
+            "parents", f"{problem}. The app's files in {self.paths.report_dir()} (the report, monitor.json, the secure "
+            "key and round files) are withdrawn (removed, so that the relay removes them too) and nothing is published "
+            "or spent until that is changed; releases then resume by themselves.", logging.ERROR)
         return False
+
+    def delivered(self) -> bool:
+        """False (said once) while the last report written has not reached the relay, by the SyftBox client's own
+        record: the client is offline or the relay down, and a new release would replace it unseen (the client
+        uploads only the newest), so none is spent until it has. A relay outage of any length thus costs at most
+        that one release. True again (said once) once it is there; always True without a record (the Go client)."""
+        if self.guard().delivered(self.paths.report_file()) is False:
+            self.problems.report("undelivered", f"the last report ({self.paths.report_file()}) has not reached the "
+                                 "relay yet (the SyftBox client is offline or the relay is down): no release is "
+                                 "spent until it has, since a new one would replace it unseen")
+            return False
+        self.problems.clear("undelivered", "the relay has the last report: releases resume")
+        return True
+
+    def published_files(self) -> list[Path]:
+        """Every file the member publishes (shared/paths.py): withdrawn together when their folder is exposed."""
+        p = self.paths
+        files = [p.report_file(), p.monitor_signals_file(), p.secure_key_file()]
+        try:
+            names = os.listdir(p.upload_dir())
+        except OSError:
+            names = []
+        rounds = (int(n[1:-5]) for n in names if n.startswith("r") and n.endswith(".json") and n[1:-5].isdigit())
+        return files + [f for r in rounds if (f := p.upload_file(r)).name in names]
 
     def publish(self, raw_mean: float, start: datetime, end: datetime) -> MemberReport | None:
         """Spend budget for the window, then write the report. Returns the report, or None if nothing was
         published (parent permission unsafe, budget exhausted, ledger unusable, disk trouble: each logged
         once)."""
-        if not self.parents_safe() or not self.ensure_folder():
+        if not self.ensure_folder() or not self.parents_safe():
             return None
         ledger = self.ledger()
-        if ledger is None:
+        if ledger is None or not self.delivered():
             return None
         raw, report = build_report(raw_mean, self.settings.samples_per_window, start, end, self.settings)
         spend = Spend(
@@ -219,8 +271,8 @@ def run_member(
     s = member.settings
     for folder in (member.paths.report_dir(), member.paths.ledger_file.parent):
         remove_stale_temps(folder)  # left by a kill mid-write; this process holds the instance lock
-    member.parents_safe()  # an unsafe parent withdraws a report left from before at once, not a window later
-    member.ensure_folder()
+    if member.ensure_folder():
+        member.parents_safe()  # an exposed folder withdraws what was left from before at once, not a window later
     for warning in settings_warnings(s):
         log.warning("%s", warning)
     secure = None
@@ -244,7 +296,7 @@ def run_member(
                 "clock", f"the clock went back from {start.isoformat()} to {end.isoformat()}: window skipped; "
                 "windows that re-use time already spent are charged again by the ledger")
         elif secure is not None:
-            published = member.parents_safe() and member.ensure_folder() and secure.publish(raw, start, end)
+            published = member.ensure_folder() and member.parents_safe() and secure.publish(raw, start, end)
             if published:
                 member.problems.clear("clock")
                 log.log(logging.INFO if once else logging.DEBUG, "secure round ending %s uploaded",

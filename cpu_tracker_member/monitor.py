@@ -50,7 +50,6 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from shared import safezone as sz
 from shared.atomic import PRIVATE, atomic_write_bytes, read_regular
 from shared.ledger import BudgetExceeded, LedgerCorrupt, Spend
-from shared.permissions import parent_grant_problem
 from shared.schema import MonitorDefinition, MonitorSignal, MonitorSignalsFile, MonitorsFile, SafeZone, SafeZonesFile
 from shared.settings import Settings
 
@@ -423,8 +422,7 @@ class MemberMonitors:
         if not signals and not path.exists():
             self._written = signals
             return
-        problem = parent_grant_problem(self.paths.my_datasite, path, [self.paths.email, self.settings.aggregator])
-        if problem is not None or not (path.parent / "syftperm.yaml").exists():
+        if self.member.exposed is not None or not (path.parent / "syftperm.yaml").exists():
             return  # the member's publish() withdraws and says why; nothing goes where others could read it
         try:
             atomic_write_bytes(path, MonitorSignalsFile(created_at=end, signals=signals).model_dump_json().encode()

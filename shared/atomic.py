@@ -86,6 +86,86 @@ def ensure_private_dir(folder: Path) -> None:
             os.chmod(folder, PRIVATE_DIR)
 
 
+class PrivateTreeError(OSError):
+    """A private folder another local user could change (its owner, its mode, or a folder above it)."""
+
+    def __str__(self) -> str:
+        return f"{self.filename} {self.strerror}"
+
+
+def secure_private_tree(root: Path, app_dir: Path) -> None:
+    """Make the private tree safe from other local users, or raise ``PrivateTreeError`` saying what to change.
+
+    ``root`` is ``<data_dir>/private``, ``app_dir`` the app's folder in it. Whatever the umask the files were made
+    under: ``root`` and every folder from there down to and inside ``app_dir`` must be real folders (not symlinks)
+    owned by this user, and are made 0700; no file or folder inside ``app_dir`` may belong to another user or be a
+    symlink, and none stays writable by others (files keep their read bits: a 0700 folder already hides them). Above
+    ``root``, no folder may let another user rename what it holds (writable by others without the sticky bit, or
+    sticky while holding the next folder under another user's name): whoever can rename ``root`` away can make the
+    app forget its privacy ledger. Missing folders are created 0700."""
+    root, app_dir = Path(root), Path(app_dir)
+    _check_above(root)
+    ensure_private_dir(app_dir)
+    here = root
+    for part in ("", *app_dir.relative_to(root).parts):
+        here = here / part if part else here
+        _own_dir(here)
+    for dirpath, dirnames, filenames in os.walk(app_dir):  # does not follow symlinked folders: refused below
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
+                _own_dir(path)
+            elif st.st_uid != os.geteuid() or stat.S_ISLNK(st.st_mode):
+                what = "a symlink" if stat.S_ISLNK(st.st_mode) else f"owned by uid {st.st_uid}"
+                raise PrivateTreeError(errno.EPERM, f"is {what} inside the app's private folder, so another user may "
+                                       "have put it there: remove it", str(path))
+            elif st.st_mode & 0o022:
+                os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022, follow_symlinks=False)
+
+
+def _own_dir(path: Path) -> None:
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PrivateTreeError(errno.ENOTDIR, f"is {describe(st.st_mode)}, not a folder: remove it so that the app "
+                               "can make a private folder there", str(path))
+    if st.st_uid != os.geteuid():
+        raise PrivateTreeError(errno.EPERM, f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}), who "
+                               "could change what it holds: remove it (the app makes it again, mode 0700)", str(path))
+    if st.st_mode & 0o077:
+        os.chmod(path, PRIVATE_DIR)
+
+
+def _check_above(root: Path) -> None:
+    """No folder from ``root``'s parent up to ``/`` lets another user rename the entry on the way to ``root``."""
+    for start in {Path(os.path.abspath(root)), Path(os.path.realpath(root))}:  # the path as named, and as it is
+        _check_chain(start)
+
+
+def _check_chain(child: Path) -> None:
+    for folder in child.parents:
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:  # made later, 0700, by ensure_private_dir
+            child = folder
+            continue
+        try:
+            child_uid = os.lstat(child).st_uid
+        except FileNotFoundError:
+            child_uid = os.geteuid()  # made by this process, next
+        ours = {0, os.geteuid()}
+        others_write = st.st_mode & 0o022
+        if others_write and not (st.st_mode & stat.S_ISVTX and child_uid in ours):
+            raise PrivateTreeError(
+                errno.EPERM, f"can be written by other users (mode {stat.S_IMODE(st.st_mode):04o}), who could then "
+                f"rename {child} and make the app forget the privacy budget it spent; run `chmod go-w {folder}`",
+                str(folder))
+        if st.st_uid not in ours:
+            raise PrivateTreeError(errno.EPERM, f"belongs to uid {st.st_uid}, who could rename {child}; keep the "
+                                   "SyftBox folder under folders owned by you or root", str(folder))
+        child = folder
+
+
 def _about(e: OSError, path: Path) -> OSError:
     """``e`` naming the target file, not the random temp name: the same fault gives the same message (so it is
     logged once), and the message names the file the user knows. Keeps the subclass (PermissionError, ...)."""
@@ -149,6 +229,9 @@ def _fsync_dir(folder: Path) -> None:
 
 class NotRegularFile(OSError):
     """What is at the path is not a regular file (a FIFO, socket, device, folder, or a symlink not followed)."""
+
+    def __str__(self) -> str:
+        return f"{self.filename} {self.strerror}"
 
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)

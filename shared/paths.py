@@ -11,6 +11,7 @@
 │   ├── member/monitors.json                 private alerts: the member's references and noisy radii
 │   ├── aggregator/alerts.json               private alerts: the coordinator's state and the noisy vectors
 │   └── aggregator/cpu_tracker.prom          the public figures for Prometheus (textfile collector)
+├── plugins/local_syncstate.json             the SyftBox 0.4.0 client's record of what the relay holds (read only)
 └── datasites/
     ├── <member>/app_data/cpu_tracker/
     │   ├── cpu_tracker.json                 the DP report (MemberReport)
@@ -33,7 +34,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+
+from pydantic import validate_email
+from pydantic_core import PydanticCustomError
 
 from shared import APP_NAME
 
@@ -53,19 +58,39 @@ EPOCH_FILE = "epoch.json"
 INBOX_FILE = "inbox.json"
 SYFTPERM_FILE = "syftperm.yaml"
 SYFT_PUB_FILE = "syft.pub.yaml"
-_EMAIL = re.compile(r"[^@/\\\s*?\[\]]+@[^@/\\\s*?\[\]]+")  # no separator, whitespace or glob character
+_EMAIL = re.compile(r"[^@/\\\s*?\[\]{}]+@[^@/\\\s*?\[\]{}]+")  # no separator, whitespace or glob character
 
 
-def is_datasite_email(name: str) -> bool:
-    """The one rule for a datasite's name (a member folder, the ``aggregator`` setting): one ``@``, printable UTF-8,
-    no path separator, whitespace or glob character (``*?[]``: the newer server reads those as patterns)."""
+def datasite_email_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a datasite's email (None: it can). The one rule for a datasite's name (a member folder,
+    the ``aggregator`` setting): an address SyftBox itself accepts as a datasite's email, written as SyftBox writes
+    it, with nothing the newer server reads as a pattern.
+
+    - SyftBox's rule: the client's config declares ``email: EmailStr`` (syftbox 0.4.0 ``lib/client_config.py``), so
+      a datasite exists only under an address that pydantic's ``validate_email`` (email-validator) accepts, and its
+      folder is named by the *normalised* form (the domain lower-cased, IDNA decoded): ``Agg@Example.ORG`` becomes
+      the folder ``Agg@example.org``. A name that is not its own normalised form names no datasite.
+    - Ours on top: one ``@``, printable UTF-8, no path separator, whitespace or glob character (``* ? [ ] { }``:
+      the newer server reads those as patterns, so ``*@example.org``, which EmailStr accepts, would name everyone
+      at example.org in a permission file)."""
     if not (_EMAIL.fullmatch(name) and name.isprintable()):
-        return False
+        return "one @, no spaces, slashes or pattern characters (* ? [ ] { })"
     try:
         name.encode("utf-8")  # a folder name that is not UTF-8 on disk arrives with surrogate escapes
+        _, normalised = validate_email(name)
     except UnicodeEncodeError:
-        return False
-    return True
+        return "not valid UTF-8"
+    except (PydanticCustomError, ValueError) as e:
+        return f"SyftBox refuses it as an email ({str(e).split(': ', 1)[-1].rstrip('.')})"
+    if normalised != name:
+        return f"SyftBox writes it as {normalised!r}"
+    return None
+
+
+@lru_cache(maxsize=1 << 18)  # the aggregator asks again for every member folder at every tick
+def is_datasite_email(name: str) -> bool:
+    """``datasite_email_problem(name) is None``: a name that can be a datasite's email."""
+    return datasite_email_problem(name) is None
 
 
 @dataclass(frozen=True)
@@ -113,6 +138,12 @@ class Paths:
     def metrics_file(self) -> Path:
         """The Prometheus textfile (for node_exporter's textfile collector): local, never synced."""
         return self.private / "aggregator" / "cpu_tracker.prom"
+
+    @property
+    def sync_state_file(self) -> Path:
+        """The syftbox 0.4.0 client's record of every synced file (the hash of the version the relay holds, and the
+        last action on each path): ``LocalState`` in ``syftbox/client/plugins/sync/local_state.py``. Read only."""
+        return self.data_dir / "plugins" / "local_syncstate.json"
 
     # -- synced ---------------------------------------------------------------------------------
     def report_dir(self, member: str | None = None) -> Path:

@@ -1,35 +1,75 @@
-"""Permission files for the folders the app publishes, for both SyftBox clients, and the check of the
-permission files above a private folder.
+"""Permission files: the ones the app writes for its folders, and the check, before each release or write, that no
+permission file the relay honours lets anyone else read what the app puts there.
 
-- ``syftperm.yaml`` (the PyPI client 0.4.x and its server): an ordered list of rules, later rules win.
-  We start with a rule that *disallows* everything to everyone, then grant the owner everything and the
-  readers read. That protects the report against a broader parent grant only when our file is applied
-  last, and the 0.4.0 server does not apply files by depth: it applies every file on the path in database
-  row order, so the most recently *written* file wins (FACTS.md). A parent grant written or edited after
-  our file makes the report downloadable by anyone, and re-writing our unchanged file uploads nothing.
-- ``syft.pub.yaml`` (the newer Go client): ``terminal: true`` and one rule naming the readers. A parent
-  file with ``terminal: true`` overrides ours.
+What the relay honours (syftbox 0.4.0, read in its code and checked on its own storage, ``tests/test_relay_perms.py``):
 
-So our own files cannot protect the report alone: ``parent_grant_problem`` reads every permission file on
-the path from the datasite root down to the report folder, and the member withdraws its report while any
-of them could let someone other than the owner and the aggregator read it.
+- **Any file whose name ends in ``syftperm.yaml``** is a permission file to the server (``file_store.py``:
+  ``path.name.endswith(PERM_FILE)``), but its rules are stored under ``<folder>/syftperm.yaml`` whatever its name
+  (``PermissionRule.permfile_path``), upserted at priorities 0..n-1: ``notes.syftperm.yaml`` *replaces the first n
+  rules* of its folder's ``syftperm.yaml`` on the relay, and deleting it removes nothing (the delete looks for rules
+  under its own name). Its rules stay until that folder's ``syftperm.yaml`` is uploaded again (or deleted). The
+  client's own checks look only at files named exactly ``syftperm.yaml``, so it uploads any other such file as is.
+- Rules of every permission file on a path are applied in database row order, so the most recently *written* file
+  wins, whatever its depth: a parent grant written after the report folder's own file leaks the report.
+- **A permission file the client will not upload stays old on the relay**: the 0.4.0 client validates an exact
+  ``syftperm.yaml`` before upload; an emptied or comment-only file, a rule with an unknown key, an unknown
+  permission, a path starting ``../`` or a user that is not an email or ``*`` is refused and retried forever, and
+  the relay keeps enforcing the previous version.
+- The newer (Go) client and server read ``syft.pub.yaml``: ``terminal: true`` in a parent overrides the files below
+  it, and read entries holding ``* ? [ ]`` are patterns (``*@*`` is everyone).
+
+So the check (``PermissionGuard.exposure``) reads, from the datasite root down to and inside each folder the app
+writes, every file whose name ends in ``syftperm.yaml`` and every ``syft.pub.yaml``, and counts as a grant to
+everyone: a rule that lets anyone but the allowed readers read (or administer) anything the app writes there; a file
+that cannot be read, is not a regular file, is not UTF-8 or YAML, is empty or comment-only, or holds anything the
+app does not know (fail closed: "unknown" is "everyone"); any file other than ``syftperm.yaml`` whose name ends in
+``syftperm.yaml``; a terminal ``syft.pub.yaml`` above the folder; and **whatever the relay may still hold** that is
+not known to be safe. What the relay holds comes from the 0.4.0 client's own record of each synced file,
+``<data_dir>/plugins/local_syncstate.json`` (``syftbox/client/plugins/sync/local_state.py``): ``states[path].hash``
+is the sha256 of the version the relay has, and ``status_info[path]`` the last action on the path and when. A
+``syftperm.yaml`` whose relay version differs from the local file is judged by that version if the app has seen
+its content (by hash), else it counts as a grant to everyone until the client has uploaded the local one; a file
+ending in ``syftperm.yaml`` recorded after its folder's ``syftperm.yaml`` was last uploaded leaves its rules on the
+relay, even deleted. Without that record (the Go client) the check falls back to what is on disk, remembering an
+odd-named permission file it saw until the folder's ``syftperm.yaml`` changes after it (docs/permissions.md says
+what this fallback cannot see).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import yaml
+from wcmatch import fnmatch as wcfnmatch
 from wcmatch import glob as wcglob
 
-from shared.atomic import read_regular, write_if_changed
+from shared.atomic import atomic_write_bytes, describe, read_regular
 from shared.paths import SYFT_PUB_FILE, SYFTPERM_FILE
 
 ALL = ["admin", "create", "write", "read"]
+MAX_PERM_FILE_BYTES = 1 << 20
+MAX_SYNC_STATE_BYTES = 256 << 20  # the 0.4.0 client's record of every file it syncs: tens of MB at 10,000 members
+RESET_MARK = b"# cpu_tracker: written again so that the relay drops rules another permission file left: "
 
 
+def is_permission_name(name: str) -> bool:
+    """Whether a file of this name is a permission file to some SyftBox server (0.4.0: any name ending in
+    ``syftperm.yaml``; the Go server: ``syft.pub.yaml``)."""
+    return name.endswith(SYFTPERM_FILE) or name == SYFT_PUB_FILE
+
+
+# ---------------------------------------------------------------------------------------------------
+# The files the app writes
+# ---------------------------------------------------------------------------------------------------
 def syftperm_rules(owner: str, readers: Sequence[str]) -> list[dict]:
     """Rules for ``syftperm.yaml``: nobody but ``owner`` (everything) and ``readers`` (read only)."""
     rules = [
@@ -58,126 +98,627 @@ def _permission_files(owner: str, readers: tuple[str, ...]) -> tuple[tuple[str, 
     )
 
 
-def ensure_permissions(folder: Path, owner: str, readers: Sequence[str]) -> list[str]:
-    """Create ``folder`` and (re)write its permission files where they differ from what they must be.
-    Returns the names of the files that were missing or changed (empty when all was in order)."""
+def ensure_permissions(folder: Path, owner: str, readers: Sequence[str], *, reset: bool = False) -> list[str]:
+    """Create ``folder`` and (re)write its permission files where they differ from what they must be. Returns the
+    names of the files that were missing or changed (empty when all was in order).
+
+    ``reset`` writes ``syftperm.yaml`` again with a dated comment (``RESET_MARK``) so that its bytes change: the
+    client uploads it and the relay replaces the folder's rules, dropping those another ``*syftperm.yaml`` left
+    behind. A file that is ours plus that comment is in order."""
     folder.mkdir(parents=True, exist_ok=True)
-    return [name for name, data in permission_files(owner, readers).items() if write_if_changed(folder / name, data)]
+    fixed = []
+    for name, data in permission_files(owner, readers).items():
+        try:
+            current = read_regular(folder / name, len(data) + len(RESET_MARK) + 64)
+        except OSError:  # missing, or not a regular file (a FIFO, a folder, a symlink): replaced
+            current = None
+        wanted = data
+        if name == SYFTPERM_FILE and reset:
+            wanted = data + RESET_MARK + datetime.now().astimezone().isoformat(timespec="seconds").encode() + b"\n"
+        elif current is not None and _ours(current, data):
+            continue
+        atomic_write_bytes(folder / name, wanted)
+        fixed.append(name)
+    return fixed
+
+
+def _ours(current: bytes, data: bytes) -> bool:
+    rest = current[len(data):]
+    return current.startswith(data) and (not rest or (rest.startswith(RESET_MARK) and rest.count(b"\n") == 1
+                                                      and rest.endswith(b"\n")))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Parent permission files
+# What a permission file grants (pure)
 # ---------------------------------------------------------------------------------------------------
-_GRANTS_READ = {"read", "admin"}  # syftbox 0.4.0: write and create need read; admin is everything
-_GLOB = set("*?[]{}")  # the Go server reads a user entry with any of these as a pattern
-MAX_PERM_FILE_BYTES = 1 << 20
+_SYFTPERM_KEYS = {"path", "user", "permissions", "type"}
+_SYFTPERM_PERMS = {"read", "create", "write", "admin"}
+_GRANTS_READ = {"read", "admin"}  # 0.4.0: read is read, admin is everything; write and create need read
+_PUB_KEYS, _PUB_RULE_KEYS, _PUB_ACCESS = {"terminal", "rules"}, {"pattern", "access"}, ("admin", "write", "read")
+_GLOB = set("*?[]{}")  # a user entry holding one of these is a pattern to the Go server
+_FLAGS = wcfnmatch.DOTMATCH | wcfnmatch.IGNORECASE  # wider than either server's matching: fail closed
+EMAIL_TEMPLATE = "{useremail}"
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 10x faster than safe_load, the same constructor
 
 
-def parent_grant_problem(datasite: Path, report_file: Path, allowed: Sequence[str]) -> str | None:
-    """Why a permission file above ``report_file``'s folder (inside ``datasite``, the owner's datasite root)
-    could let someone other than ``allowed`` (the owner and the aggregator) read the report, naming the file
-    and the rule to change; None when every such file is safe.
+@dataclass(frozen=True)
+class Rule:
+    number: int
+    pattern: str
+    users: tuple[str, ...]
+    grants: tuple[str, ...]  # of what lets someone read: "read", "admin" (0.4.0); "admin", "write", "read" (Go)
 
-    Checked at the datasite root and every folder down to the report folder's parent, in both formats: a
-    ``syftperm.yaml`` rule that allows read or admin to ``*``, to a pattern or to any other email, on a path
-    pattern that matches the report; a ``syft.pub.yaml`` that is terminal, or whose rule grants admin, write
-    or read to anyone else on such a pattern. A file that cannot be read or parsed counts as unsafe: what the
-    relay makes of it cannot be known."""
-    datasite, report_file = Path(datasite), Path(report_file)
-    parts = report_file.relative_to(datasite).parts
-    allowed_set = set(allowed)
-    here = datasite
-    for depth in range(len(parts) - 1):  # the root, then each folder above the report folder
-        target = "/".join(parts[depth:])  # the report's path relative to the permission file's folder
-        for name, check in ((SYFTPERM_FILE, _syftperm_problem), (SYFT_PUB_FILE, _syft_pub_problem)):
-            path = here / name
-            problem = _read_and_check(path, check, target, allowed_set)
-            if problem:
-                return f"{path} {problem}"
-        here = here / parts[depth]
-    return None
+    def words(self) -> str:
+        return f"rule {self.number} (path {self.pattern!r}, users {list(self.users)!r}, grants {list(self.grants)!r})"
 
 
-def _read_and_check(path: Path, check, target: str, allowed: set[str]) -> str | None:
-    try:
-        data = read_regular(path, MAX_PERM_FILE_BYTES + 1)  # never blocks on a FIFO, never follows a symlink
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return f"cannot be read ({e.strerror or e}), so what it grants is unknown; fix its permissions or remove it"
+@dataclass(frozen=True)
+class PermFile:
+    """What one permission file says, as far as reading goes: its rules that grant read, whether it is terminal, and
+    why it cannot be understood (``unknown``: then it counts as a grant to everyone)."""
+
+    rules: tuple[Rule, ...] = ()
+    terminal: bool = False
+    unknown: str | None = None
+
+
+def parse_permission_file(name: str, data: bytes) -> PermFile:
+    """Read ``data`` as the permission file ``name`` (``syft.pub.yaml``, or any name ending in ``syftperm.yaml``).
+    Anything not understood makes the whole file ``unknown``."""
     if len(data) > MAX_PERM_FILE_BYTES:
-        return "is larger than 1 MiB, so what it grants is unknown; shorten it or remove it"
+        return PermFile(unknown="is larger than 1 MiB")
     try:
-        doc = yaml.safe_load(data.decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        return f"is not valid YAML ({e.__class__.__name__}), so what it grants is unknown; fix it or remove it"
+        doc = yaml.load(data.decode("utf-8"), Loader=_LOADER)  # as the server reads it: UTF-8, then safe YAML
+    except UnicodeDecodeError:
+        return PermFile(unknown="is not UTF-8")
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        return PermFile(unknown=f"is not valid YAML ({e.__class__.__name__})")
+    if doc is None:
+        return PermFile(unknown="is empty or only comments, which the SyftBox client refuses to upload (the relay "
+                                "keeps its previous version)")
     try:
-        return check(doc, target, allowed)
-    except (TypeError, ValueError, AttributeError, KeyError) as e:
-        return f"cannot be understood ({e}), so what it grants is unknown; fix it or remove it"
+        return _parse_pub(doc) if name == SYFT_PUB_FILE else _parse_syftperm(doc)
+    except _Unknown as e:
+        return PermFile(unknown=f"cannot be understood ({e})")
 
 
-def _applies(pattern, target: str) -> bool:
-    """Whether a rule's path ``pattern`` (relative to its file's folder) can match ``target``. ``{useremail}``
-    stands for the reader's email: taken as any one name. Not a string: treated as matching everything."""
-    if not isinstance(pattern, str):
-        raise ValueError(f"path pattern {pattern!r} is not text")
-    pattern = pattern.replace("{useremail}", "*").lstrip("/") or "**"
-    return wcglob.globmatch(target, pattern, flags=wcglob.GLOBSTAR | wcglob.DOTGLOB)
+class _Unknown(ValueError):
+    pass
 
 
-def _outsider(user, allowed: set[str]) -> bool:
-    if not isinstance(user, str):
-        raise ValueError(f"user {user!r} is not text")
+def _strings(value, what: str) -> tuple[str, ...]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise _Unknown(f"{what} is not text or a list of text")
+    return tuple(values)
+
+
+def _parse_syftperm(doc) -> PermFile:
+    if not isinstance(doc, list):
+        raise _Unknown("it is not a list of rules")
+    rules = []
+    for number, rule in enumerate(doc, start=1):
+        if not isinstance(rule, dict):
+            raise _Unknown(f"rule {number} is not a mapping")
+        extra = sorted(map(str, set(rule) - _SYFTPERM_KEYS))
+        if extra:
+            raise _Unknown(f"rule {number} has key {extra[0]!r}, which the app does not know")
+        pattern, user = rule.get("path"), rule.get("user")
+        if not isinstance(pattern, str) or not isinstance(user, str):
+            raise _Unknown(f"rule {number} has no text path or user")
+        perms = {p.lower() for p in _strings(rule.get("permissions"), f"rule {number} permissions")}
+        if perms - _SYFTPERM_PERMS:
+            raise _Unknown(f"rule {number} has permission {sorted(perms - _SYFTPERM_PERMS)[0]!r}")
+        kind = rule.get("type", "allow")
+        if kind not in ("allow", "disallow"):
+            raise _Unknown(f"rule {number} has type {kind!r}")
+        grants = tuple(sorted(perms & _GRANTS_READ))
+        if kind == "allow" and grants:  # a disallow rule only takes away
+            rules.append(Rule(number, pattern, (user,), grants))
+    return PermFile(tuple(rules))
+
+
+def _parse_pub(doc) -> PermFile:
+    if not isinstance(doc, dict):
+        raise _Unknown("it is not a mapping")
+    extra = sorted(map(str, set(doc) - _PUB_KEYS))
+    if extra:
+        raise _Unknown(f"it has key {extra[0]!r}, which the app does not know")
+    terminal = doc.get("terminal", False)
+    if not isinstance(terminal, bool):
+        raise _Unknown(f"terminal is {terminal!r}, not true or false")
+    raw_rules = doc.get("rules") or []
+    if not isinstance(raw_rules, list):
+        raise _Unknown("rules is not a list")
+    rules = []
+    for number, rule in enumerate(raw_rules, start=1):
+        if not isinstance(rule, dict) or set(rule) - _PUB_RULE_KEYS:
+            raise _Unknown(f"rule {number} is not a mapping of pattern and access")
+        pattern, access = rule.get("pattern", "**"), rule.get("access") or {}
+        if not isinstance(pattern, str) or not isinstance(access, dict) or set(access) - set(_PUB_ACCESS):
+            raise _Unknown(f"rule {number} has a pattern or access the app does not know")
+        users: dict[str, str] = {}
+        for kind in _PUB_ACCESS:
+            for user in _strings(access.get(kind) or [], f"rule {number} access.{kind}"):
+                users.setdefault(user, kind)
+        if users:
+            rules.append(Rule(number, pattern, tuple(users), tuple(sorted(set(users.values())))))
+    return PermFile(tuple(rules), terminal)
+
+
+def rule_readers(rule: Rule, folder: tuple[str, ...]) -> set[str]:
+    """Who ``rule`` (in a permission file of some folder) lets read something inside ``folder`` (given relative to
+    the permission file's folder): the users it names (``*`` and patterns stand for everyone), for a path pattern
+    that can match a path inside ``folder``. ``{useremail}`` (0.4.0: the reader's own email) counts as one reader only
+    where it is a whole path component that ``folder`` names; anywhere else it stands for everyone."""
+    out: set[str] = set()
+    for user in rule.users:
+        pattern = rule.pattern
+        if EMAIL_TEMPLATE in pattern:
+            if user == "*":
+                named = _template_reader(pattern, folder)
+                if named is None:
+                    out |= {"*"} if _reaches(pattern.replace(EMAIL_TEMPLATE, "*"), folder) else set()
+                    continue
+                if "@" not in named:  # no one's email: every SyftBox user's has an @
+                    continue
+                user, pattern = named, pattern.replace(EMAIL_TEMPLATE, wcglob.escape(named))
+            else:
+                pattern = pattern.replace(EMAIL_TEMPLATE, wcglob.escape(user))
+        if _reaches(pattern, folder):
+            out.add(user)
+    return out
+
+
+def _template_reader(pattern: str, folder: tuple[str, ...]) -> str | None:
+    parts = pattern.lstrip("/").split("/")
+    where = [i for i, part in enumerate(parts) if EMAIL_TEMPLATE in part]
+    first = where[0]
+    if any(parts[i] != EMAIL_TEMPLATE for i in where) or any("**" in p for p in parts[:first]) or first >= len(folder):
+        return None
+    return folder[first]
+
+
+def _reaches(pattern: str, folder: tuple[str, ...]) -> bool:
+    """Whether ``pattern`` can match some path strictly inside ``folder`` (both relative to the permission file's
+    folder). An over-approximation of both servers' matching: ``**`` anywhere, a brace or an escape counts as
+    matching; components are compared case-insensitively, with dot files matched."""
+    if "{" in pattern or "\\" in pattern:
+        return True
+    parts = pattern.lstrip("/").split("/")
+    for i, part in enumerate(parts):
+        if "**" in part or i >= len(folder):
+            return True
+        if not wcfnmatch.fnmatch(folder[i], part, flags=_FLAGS):
+            return False
+    return False  # the pattern ends at the folder or above it: it names no file inside
+
+
+def _outsider(user: str, allowed: frozenset[str]) -> bool:
     return user not in allowed or bool(_GLOB & set(user))
 
 
-def _syftperm_problem(doc, target: str, allowed: set[str]) -> str | None:
-    if doc is None:
+def exposure(pf: PermFile, folder: tuple[str, ...], allowed: frozenset[str], *, above: bool = True) -> str | None:
+    """Why ``pf`` (in a folder at or above the app's folder ``folder``, given relative to it) could let someone not
+    in ``allowed`` read what the app writes there; None when it cannot. ``above``: the file lies above all of the
+    app's own folders (only there is ``terminal: true`` someone else's: it would override the app's own files)."""
+    if pf.unknown:
+        return f"{pf.unknown}, so what it grants is unknown: fix it or remove it"
+    if pf.terminal and folder and above:
+        return ("has terminal: true, which makes the newer SyftBox server ignore the permission files below it; set "
+                "terminal: false (or remove the file)")
+    for rule in pf.rules:
+        others = sorted(u for u in rule_readers(rule, folder) if _outsider(u, allowed))
+        if others:
+            return (f"has {rule.words()}, which lets {others!r} read what the app writes in "
+                    f"{'/'.join(folder) or 'this folder'}; remove that rule or narrow it so that it does not cover it")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the relay holds: the 0.4.0 client's record of each synced file
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Synced:
+    """What the client recorded for one permission file: the hash of the version the relay holds (None: none), and
+    its last action on the path, with when (None: none recorded)."""
+
+    hash: str | None
+    status: str | None
+    action: str | None
+    at: datetime | None
+
+
+UPLOADED = {"CREATE_REMOTE", "MODIFY_REMOTE", "DELETE_REMOTE"}
+
+
+def parse_sync_state(raw: bytes, datasite: str, watch: frozenset[str] = frozenset()
+                     ) -> dict[tuple[str, ...], dict[str, Synced]] | None:
+    """The permission files (and the files named in ``watch``) of ``datasite`` in the client's
+    ``local_syncstate.json``, by folder (relative to the datasite) and name; None when the file is not the 0.4.0
+    client's record (its size and types are not trusted)."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
         return None
-    if not isinstance(doc, list):
-        raise ValueError("it is not a list of rules")
-    for number, rule in enumerate(doc, start=1):
-        if not isinstance(rule, dict):
-            raise ValueError(f"rule {number} is not a mapping")
-        if rule.get("type", "allow") == "disallow":
+    if not isinstance(doc, dict) or not isinstance(doc.get("states", {}), dict) \
+            or not isinstance(doc.get("status_info", {}), dict):
+        return None
+    hashes: dict[str, str | None] = {}
+    infos: dict[str, tuple] = {}
+    for key, entry in doc.get("states", {}).items():
+        if _ours_perm(key, datasite, watch):
+            h = entry.get("hash") if isinstance(entry, dict) else None
+            hashes[key] = h if isinstance(h, str) else "?"  # something is there, of unknown content
+    for key, entry in doc.get("status_info", {}).items():
+        if _ours_perm(key, datasite, watch):
+            infos[key] = _status(entry)
+    out: dict[tuple[str, ...], dict[str, Synced]] = {}
+    for key in hashes.keys() | infos.keys():
+        parts = tuple(p for p in key.split("/") if p)[1:]
+        status, action, at = infos.get(key, (None, None, None))
+        out.setdefault(parts[:-1], {})[parts[-1]] = Synced(hashes.get(key), status, action, at)
+    return out
+
+
+def _ours_perm(key, datasite: str, watch: frozenset[str]) -> bool:
+    if not (isinstance(key, str) and key.startswith(datasite + "/")):
+        return False
+    name = key.rsplit("/", 1)[-1]
+    return is_permission_name(name) or name in watch
+
+
+def _status(entry) -> tuple:
+    if not isinstance(entry, dict):
+        return ("?", None, None)
+    status, action, at = entry.get("status"), entry.get("action"), entry.get("timestamp")
+    try:
+        when = datetime.fromisoformat(at) if isinstance(at, str) else None
+    except ValueError:
+        when = None
+    return (status if isinstance(status, str) else "?", action if isinstance(action, str) else None, when)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The check, with its caches
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class PermissionGuard:
+    """Checks, before the app writes into one of its folders, every permission file that could let anyone but the
+    allowed readers read it there: on disk, and what the relay holds (module docstring). Caches each folder's listing
+    (by its stat signature, for one ``refresh`` period), each file's reading (by its signature) and every content it
+    has read (by hash: to judge a version the relay still holds). Paths are kept as text inside: at 10,000 inbox
+    folders a tick, ``pathlib`` was most of the cost."""
+
+    datasite: Path  # the owner's own datasite folder: datasites/<email>
+    sync_state_file: Path | None = None  # <data_dir>/plugins/local_syncstate.json
+    watch: frozenset[str] = frozenset()  # names of other files whose delivery ``delivered`` may be asked about
+    _listing: dict[str, tuple] = field(default_factory=dict)
+    _files: dict[str, tuple] = field(default_factory=dict)
+    _known: dict[str, PermFile] = field(default_factory=dict)
+    _sync: tuple | None = None
+    _odd_seen: dict[str, float] = field(default_factory=dict)
+    _uploaded: dict[str, datetime] = field(default_factory=dict)
+    _memo: dict[str, object] = field(default_factory=dict)
+    _verdicts: dict[tuple, str | None] = field(default_factory=dict)
+    _noted: set[tuple[str, ...]] = field(default_factory=set)
+
+    def refresh(self) -> None:
+        """Forget this period's listings and verdicts (call once per window or tick): a folder is listed, and a
+        folder judged for given readers, at most once a period."""
+        self._memo.clear()
+        self._verdicts.clear()
+        self._noted.clear()
+
+    def __post_init__(self) -> None:
+        self._root = os.fspath(self.datasite).rstrip("/")
+        self._owner = self.datasite.name
+
+    def _rel(self, path) -> tuple[str, ...]:
+        text = os.fspath(path)
+        if text == self._root:
+            return ()
+        if not text.startswith(self._root + "/"):
+            raise ValueError(f"{text} is not inside {self._root}")
+        return tuple(p for p in text[len(self._root) + 1:].split("/") if p)
+
+    def _join(self, rel: tuple[str, ...]) -> str:
+        return "/".join((self._root, *rel))
+
+    def exposure(self, folder: Path, allowed: Iterable[str], *, top: Path | None = None) -> str | None:
+        """Why what the app writes in ``folder`` (inside ``datasite``) could be read by someone not in ``allowed``
+        (the owner is always allowed): the file, the rule and what to change; None when nothing could. ``top``: the
+        app's own folder that holds ``folder`` (default: ``folder`` itself), whose own files are the app's."""
+        allowed = frozenset(allowed) | {self._owner}
+        rel = self._rel(folder)
+        own = len(self._rel(top)) if top is not None else len(rel)
+        key = (rel, allowed, own)
+        if key not in self._verdicts:
+            self._verdicts[key] = self._exposure(rel, allowed, own)
+        return self._verdicts[key]
+
+    def _exposure(self, rel: tuple[str, ...], allowed: frozenset[str], own: int) -> str | None:
+        sync = self._sync_view()
+        if sync is not None:  # every folder on the way, even past a problem: what it records now is gone next time
+            for depth in range(len(rel) + 1):
+                if rel[:depth] not in self._noted:
+                    self._noted.add(rel[:depth])
+                    self._note_uploads(self._join(rel[:depth]), sync.get(rel[:depth], {}))
+        for depth in range(len(rel) + 1):
+            problem = self._folder_problem(self._join(rel[:depth]), rel[:depth], rel[depth:], allowed, sync,
+                                           above=depth < own)
+            if problem is not None:
+                return problem
+        return None
+
+    def needs_reset(self, folder: Path) -> bool:
+        """True when the relay may still apply rules that a (now removed) ``*syftperm.yaml`` left in ``folder``, which
+        only a new upload of its ``syftperm.yaml`` clears (``ensure_permissions(..., reset=True)``)."""
+        rel = self._rel(folder)
+        here = self._join(rel)
+        listing = self._list(here)
+        if not isinstance(listing, dict) or any(_odd(n) for n in listing):
+            return False
+        return self._left_behind(here, rel, listing, self._sync_view()) is not None
+
+    def delivered(self, path: Path) -> bool | None:
+        """Whether the relay holds the file now at ``path`` (one whose name is in ``watch``), by the client's record:
+        True when it does, or when nothing is there; False while the version on disk has not been uploaded (the
+        client offline, the relay down); None when there is no record (the Go client): unknown."""
+        sync = self._sync_view()
+        if sync is None:
+            return None
+        try:
+            local = hashlib.sha256(read_regular(path, MAX_PERM_FILE_BYTES)).hexdigest()
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        rel = self._rel(path)
+        entry = sync.get(rel[:-1], {}).get(rel[-1])
+        return entry is not None and entry.hash == local
+
+    def remember(self, folder: Path) -> None:
+        """Read the permission files of ``folder`` before the app overwrites them, so that a version the relay may
+        still hold is judged by its content, not counted unknown."""
+        here = self._join(self._rel(folder))
+        listing = self._list(here)
+        if isinstance(listing, dict):
+            for name, sig in listing.items():
+                self._read(f"{here}/{name}", sig)
+
+    # -- one folder -------------------------------------------------------------------------------------
+    def _folder_problem(self, here: str, at: tuple[str, ...], below: tuple[str, ...], allowed: frozenset[str],
+                        sync, *, above: bool) -> str | None:
+        listing = self._list(here)
+        if isinstance(listing, str):
+            return f"{here} {listing}"
+        if listing is None:
+            listing = {}
+        for name in sorted(listing):
+            path = f"{here}/{name}"
+            pf, digest = self._read(path, listing[name])
+            if _odd(name):
+                self._odd_seen[here] = time.time()
+                return (f"{path} is a permission file to the relay (its name ends in {SYFTPERM_FILE}), whose rules "
+                        f"replace the first rules of {here}/{SYFTPERM_FILE} there and stay after it is "
+                        f"deleted; remove it, then {self._resave(here)}")
+            problem = exposure(pf, below, allowed, above=above)
+            if problem is not None:
+                return f"{path} {problem}"
+        if sync is not None:
+            problem = self._relay_problem(here, below, allowed, listing, sync.get(at, {}), above)
+            if problem is not None:
+                return problem
+        left = self._left_behind(here, at, listing, sync)
+        if left is not None:
+            return (f"the relay may still apply the rules of {left}, which it keeps after the file is gone, until you "
+                    f"{self._resave(here)}")
+        return None
+
+    @staticmethod
+    def _resave(here: str) -> str:
+        return (f"change and save {here}/{SYFTPERM_FILE} (or create it: [] is enough) so that the relay "
+                "replaces that folder's rules (this app does it by itself in its own folders)")
+
+    def _note_uploads(self, here: str, synced: dict[str, Synced]) -> None:
+        """Remember when each permission file of ``here`` was last uploaded (a ``syftperm.yaml`` also: deleted), as
+        the client records it: its record keeps only each path's last action, and a later failed upload or deletion
+        hides when the rules were applied."""
+        for name, entry in synced.items():
+            if entry.status == "synced" and entry.at is not None and (
+                    entry.action in UPLOADED - {"DELETE_REMOTE"} or (name == SYFTPERM_FILE and
+                                                                   entry.action == "DELETE_REMOTE")):
+                key = f"{here}/{name}"
+                self._uploaded[key] = max(self._uploaded.get(key, entry.at), entry.at, key=_instant)
+
+    def _relay_problem(self, here: str, below, allowed, listing: dict, synced: dict[str, Synced],
+                       above: bool) -> str | None:
+        """The version of each permission file the relay holds, where it is not the one on disk."""
+        for name in sorted(synced):
+            entry = synced[name]
+            if _odd(name) or entry.hash is None or not is_permission_name(name):
+                continue  # odd names: _left_behind; no hash: nothing on the relay; watched files: not permissions
+            path = f"{here}/{name}"
+            local = self._read(path, listing[name])[1] if name in listing else None
+            if entry.hash == local:
+                continue
+            known = self._known.get(entry.hash)
+            if known is not None:
+                problem = exposure(known, below, allowed, above=above)
+                if problem is None:
+                    continue
+                return f"the relay still enforces an earlier version of {path}, which {problem}"
+            why = ("the SyftBox client has not uploaded its deletion yet" if name not in listing else
+                   "the SyftBox client has not uploaded the version on disk yet"
+                   + (", and will not while it is invalid" if entry.status == "error" else ""))
+            return (f"the relay still holds a version of {path} this app has not seen ({why}), so what it grants "
+                    "there is unknown; waiting for the client to upload it")
+        return None
+
+    def _left_behind(self, here: str, at: tuple[str, ...], listing: dict, sync) -> str | None:
+        """An odd-named permission file of ``here`` whose rules the relay may still apply, else None."""
+        if sync is not None:
+            synced = sync.get(at, {})
+            reset = self._uploaded.get(f"{here}/{SYFTPERM_FILE}")  # the relay replaced (or dropped) its rules
+            for name in sorted(synced):
+                if not _odd(name):
+                    continue
+                # its rules were applied when it was last uploaded: then if remembered, else no later than the last
+                # action the client recorded on it (any later upload would have replaced that record)
+                uploaded = self._uploaded.get(f"{here}/{name}") or synced[name].at
+                if uploaded is None or reset is None or _after(uploaded, reset):
+                    return f"{here}/{name}"
+            return None
+        seen = self._odd_seen.get(here)
+        if seen is None:
+            return None
+        sig = listing.get(SYFTPERM_FILE)
+        if isinstance(sig, tuple) and sig[2] / 1e9 > seen:
+            del self._odd_seen[here]  # its syftperm.yaml was written after: uploaded after, the relay's rules replaced
+            return None
+        return f"{here} (a file ending in {SYFTPERM_FILE} seen there)"
+
+    # -- file system and caches ---------------------------------------------------------------------------
+    def _list(self, folder: str):
+        """{name: stat signature} of the permission files in ``folder``; None when it does not exist; a sentence when
+        it is not a folder one can trust. Listed again only when the folder changed."""
+        if folder in self._memo:
+            return self._memo[folder]
+        try:
+            st = os.lstat(folder)
+        except FileNotFoundError:
+            result = None
+        except OSError as e:
+            result = f"cannot be checked ({e.strerror or e}), so what its permission files grant is unknown"
+        else:
+            result = self._scan(folder, st)
+        self._memo[folder] = result
+        return result
+
+    def _scan(self, folder: str, st: os.stat_result):
+        if not stat.S_ISDIR(st.st_mode):
+            return (f"is {describe(st.st_mode)}, not a folder, so what the relay makes of it is unknown; "
+                    "replace it with a folder")
+        sig = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        cached = self._listing.get(folder)
+        if cached is not None and cached[0] == sig:
+            names = cached[1]
+        else:
+            try:
+                names = sorted(e.name for e in os.scandir(folder) if is_permission_name(e.name))
+            except OSError as e:
+                return f"cannot be listed ({e.strerror or e}), so what its permission files grant is unknown"
+            self._listing[folder] = (sig, names)
+        out = {}
+        for name in names:
+            try:
+                fst = os.lstat(f"{folder}/{name}")
+                out[name] = (fst.st_ino, fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_mode)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                out[name] = str(e.strerror or e)
+        return out
+
+    def _read(self, path: str, sig) -> tuple[PermFile, str | None]:
+        """The file's reading and the sha256 of its bytes (None when unreadable), again only when it changed."""
+        cached = self._files.get(path)
+        if cached is not None and cached[0] == sig:
+            return cached[1], cached[2]
+        digest = None
+        if isinstance(sig, str):
+            pf = PermFile(unknown=f"cannot be read ({sig})")
+        elif not stat.S_ISREG(sig[4]):
+            pf = PermFile(unknown=f"is {describe(sig[4])}, not a regular file")
+        else:
+            try:
+                data = read_regular(path, MAX_PERM_FILE_BYTES + 1)  # never blocks on a FIFO swapped in meanwhile
+            except OSError as e:
+                pf = PermFile(unknown=f"cannot be read ({e.strerror or e})")
+            else:
+                digest = hashlib.sha256(data).hexdigest()
+                pf = self._known.get(digest) or parse_permission_file(os.path.basename(path), data)
+                if len(self._known) >= 1 << 16:
+                    self._known.pop(next(iter(self._known)))
+                self._known[digest] = pf
+        self._files[path] = (sig, pf, digest)
+        return pf, digest
+
+    def _sync_view(self):
+        """The client's record, parsed again only when the file changed; the last good one while it is being
+        rewritten (the client writes it in place); None when there is none (the Go client): the fallback."""
+        path = self.sync_state_file
+        if path is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            self._sync = None
+            return None
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._sync is not None and self._sync[0] == sig:
+            return self._sync[1]
+        try:
+            view = parse_sync_state(read_regular(path, MAX_SYNC_STATE_BYTES + 1, follow=True), self.datasite.name,
+                                    self.watch)
+        except OSError:
+            view = None
+        if view is None:
+            return self._sync[1] if self._sync is not None else None
+        self._sync = (sig, view)
+        return view
+
+
+def _odd(name: str) -> bool:
+    return name.endswith(SYFTPERM_FILE) and name != SYFTPERM_FILE
+
+
+def _after(a: datetime, b: datetime) -> bool:
+    """``a`` at or after ``b``; unknown (one naive, one aware) counts as after: fail closed."""
+    try:
+        return a >= b
+    except TypeError:
+        return True
+
+
+def _instant(t: datetime) -> float:
+    return t.timestamp()
+
+
+def withdraw(files: Iterable[Path]) -> tuple[list[str], list[str]]:
+    """Remove each of ``files`` (the client then removes the relay's copy). Returns (removed, failed) descriptions."""
+    removed, failed = [], []
+    for path in files:
+        try:
+            os.unlink(path)
+            removed.append(str(path))
+        except FileNotFoundError:
             continue
-        perms = rule.get("permissions", [])
-        perms = [perms] if isinstance(perms, str) else perms
-        if not isinstance(perms, list):
-            raise ValueError(f"rule {number} has permissions {perms!r}")
-        grants = sorted(_GRANTS_READ & {str(p).lower() for p in perms})
-        if grants and _outsider(rule.get("user"), allowed) and _applies(rule.get("path", "**"), target):
-            return (f"has rule {number} (path {rule.get('path')!r}, user {rule.get('user')!r}, "
-                    f"permissions {perms!r}) lets others read the report; remove that rule or narrow its path "
-                    "so it does not cover app_data/")
-    return None
+        except OSError as e:
+            failed.append(f"{path} ({e.strerror or e})")
+    return removed, failed
 
 
-def _syft_pub_problem(doc, target: str, allowed: set[str]) -> str | None:
-    if doc is None:
+@lru_cache(maxsize=64)
+def guard_for(datasite: Path, sync_state_file: Path | None = None) -> PermissionGuard:
+    """One guard per datasite in this process, shared by the parts of a role (its caches serve them all)."""
+    return PermissionGuard(Path(datasite), sync_state_file)
+
+
+def withhold(guard: PermissionGuard, folder: Path, readers: Sequence[str], files: Iterable[Path]) -> str | None:
+    """Why what the app writes in ``folder`` could be read by anyone but ``readers`` (and the owner), with ``files``
+    (what the app published there) then withdrawn; None when the app may write there. The caller says it once
+    (``exposure_sentence``)."""
+    problem = guard.exposure(folder, readers)
+    if problem is None:
         return None
-    if not isinstance(doc, dict):
-        raise ValueError("it is not a mapping")
-    if doc.get("terminal"):
-        return ("has terminal: true, which overrides the report folder's own syft.pub.yaml; set terminal: false "
-                "(or remove the file)")
-    rules = doc.get("rules") or []
-    if not isinstance(rules, list):
-        raise ValueError("rules is not a list")
-    for number, rule in enumerate(rules, start=1):
-        if not isinstance(rule, dict):
-            raise ValueError(f"rule {number} is not a mapping")
-        access = rule.get("access") or {}
-        if not isinstance(access, dict):
-            raise ValueError(f"rule {number} access is not a mapping")
-        for kind in ("admin", "write", "read"):
-            users = access.get(kind) or []
-            users = [users] if isinstance(users, str) else users
-            if not isinstance(users, list):
-                raise ValueError(f"rule {number} access.{kind} is not a list")
-            others = [u for u in users if _outsider(u, allowed)]
-            if others and _applies(rule.get("pattern", "**"), target):
-                return (f"has rule {number} (pattern {rule.get('pattern')!r}) grants {kind} to {others!r}, which lets "
-                        "others read the report; remove them or narrow the pattern so it does not cover app_data/")
-    return None
+    _, failed = withdraw(files)
+    return problem + (f"; cannot remove {', '.join(failed)}: remove them by hand" if failed else "")
+
+
+def exposure_sentence(problems: Sequence[str], what: str) -> str:
+    """One log line for the folders found exposed in one pass (``what`` names them: "inbox folders")."""
+    more = f" ({len(problems)} {what}; the first shown)" if len(problems) > 1 else ""
+    return (f"{problems[0]}{more}. The app's files there are withdrawn (removed, so that the relay removes them too) "
+            "and nothing is written there until that is changed.")

@@ -32,6 +32,7 @@ import importlib
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import IO, Callable, Sequence
 
 from shared import APP_NAME
-from shared.atomic import remove_stale_temps
+from shared.atomic import ensure_private_dir, remove_stale_temps, secure_private_tree
 from shared.logs import LogSink, Problems, setup_logging
 from shared.paths import HISTORY_DIR, Paths
 from shared.settings import SETTINGS_FILE, Settings, SettingsError, load_settings
@@ -85,19 +86,65 @@ def load_workspace(config: str | None) -> Paths:
 
 
 def acquire_lock(path: Path) -> IO | None:
-    """An exclusive lock held for the life of the process, or None if another instance holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
+    """An exclusive lock held for the life of the process, or None if another instance holds it.
+
+    The lock file is 0600 in a 0700 folder whatever the umask, so no other local user can open it, let alone hold it.
+    One that another user holds all the same (opened while an older version left it 0644 in a 0755 folder, or
+    planted while the folder was open) is not an instance of this app: the file is replaced, and the lock taken on
+    the new one."""
+    ensure_private_dir(path.parent)
+    for _ in range(2):
+        f = _open_lock_file(path)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            st = os.fstat(f.fileno())
+            f.close()
+            strangers = [pid for pid, uid in _flock_holders(st) if uid != os.geteuid()]
+            if not strangers:
+                return None
+            log.warning("%s is held by process %s of another user, not by an instance of this app: replacing the "
+                        "lock file", path, ", ".join(map(str, strangers)))
+            os.unlink(path)
+            continue
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        return f
+    return None
+
+
+def _open_lock_file(path: Path) -> IO:
+    """The lock file opened for writing, created 0600: a regular file of this user's, never through a symlink."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():  # planted by another user while the folder was open
+        os.close(fd)
+        os.unlink(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "r+")
+
+
+def _flock_holders(st: os.stat_result) -> list[tuple[int, int]]:
+    """(pid, uid) of each process holding a flock on the file ``st`` describes, from /proc/locks (Linux; empty
+    elsewhere or when unknown)."""
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out = []
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == dev and fields[4].isdigit():
+            try:
+                out.append((int(fields[4]), os.stat(f"/proc/{fields[4]}").st_uid))
+            except OSError:
+                continue
+    return out
 
 
 def lock_holder(path: Path) -> str:
@@ -134,6 +181,24 @@ def wait_for_lock(path: Path, stop: threading.Event, parent: Parent, what: str) 
             said = True
         stop.wait(0.5)
     return None
+
+
+def private_tree_ready(paths: Paths, stop: threading.Event, *, once: bool = False) -> bool:
+    """Make ``<data_dir>/private/`` and the app's folder in it safe from other local users (``secure_private_tree``),
+    waiting (said once) while that needs the user's hand; False if ``stop`` is set first (or at once with ``once``).
+    Nothing starts before: the lock, the ledger and the keys live there."""
+    problems = Problems(log)
+    while not stop.is_set():
+        try:
+            secure_private_tree(paths.private.parent, paths.private)
+            problems.clear("private-tree", "the private folder is safe again: starting")
+            return True
+        except OSError as e:
+            problems.report("private-tree", f"not starting: {e.filename}: {e.strerror or e}", logging.ERROR)
+            if once:
+                return False
+        stop.wait(SETTINGS_POLL_S)
+    return False
 
 
 def _settings_stamp(folder: Path) -> tuple:
@@ -213,6 +278,8 @@ def main(argv: list[str] | None, *, roles: Sequence[Role], prog: str = "cpu_trac
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    if not private_tree_ready(paths, stop, once=args.once):
+        return 2 if args.once else 0
     if args.worker:
         lock = wait_for_lock(paths.lock_file, stop, parent, "worker")
         if lock is None:

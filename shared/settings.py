@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.atomic import read_regular
-from shared.paths import is_datasite_email
+from shared.paths import datasite_email_problem
 from shared.privacy import laplace_scale, mean_sensitivity, units_per_window
 from shared.schema import CPU_BOUNDS
 
@@ -121,10 +121,10 @@ class Settings(BaseModel):
             raise ValueError(
                 f'The aggregator is not set: add `aggregator = "agg@example.org"` to {SETTINGS_FILE} in the app folder'
             )
-        if self.aggregator is not None and not is_datasite_email(self.aggregator):
+        if self.aggregator is not None and (why := datasite_email_problem(self.aggregator)):
             raise ValueError(
-                f"The aggregator must be one exact datasite email such as agg@example.org, got {self.aggregator!r} "
-                "(no *, ?, [ or ], no spaces or slashes: it is the only datasite allowed to read your report)"
+                f"The aggregator must be one exact datasite email such as agg@example.org, got {self.aggregator!r}: "
+                f"{why} (it is the only datasite allowed to read your report, so it must name exactly one)"
             )
         if not self.budgets:
             raise ValueError(
@@ -272,13 +272,17 @@ def load_settings(app_dir: Path | None = None, environ: Mapping[str, str] | None
                 raise SettingsError(f"unknown setting {key}; known: {', '.join(sorted(names))}")
             values[name] = _parse_env(name, raw)
     try:
-        return Settings.model_validate(values)
+        if (odd := _odd_value(values)) is not None:
+            problems = f"{odd}."
+        else:
+            return Settings.model_validate(values)
     except ValidationError as e:
         problems = " ".join(_sentence(err) for err in e.errors())
-        raise SettingsError(
-            f"The settings in {path} (or the CPU_TRACKER_* variables) are not valid, so the app does not start. "
-            f"{problems}"
-        ) from e
+    except (RecursionError, ValueError, TypeError, OverflowError) as e:  # what a validator may raise on odd input
+        problems = f"A value cannot be understood ({type(e).__name__}: {str(e)[:200]})."
+    raise SettingsError(
+        f"The settings in {path} (or the CPU_TRACKER_* variables) are not valid, so the app does not start. {problems}"
+    )
 
 
 def _parse_toml(path: Path, raw: bytes) -> dict:
@@ -298,13 +302,40 @@ def _parse_toml(path: Path, raw: bytes) -> dict:
     raise SettingsError(f"cannot read {path}: {why}. Fix the file or remove it to use the defaults.")
 
 
+MAX_DEPTH = 16  # the deepest setting (monitors: a list of tables of numbers) nests 3 deep
+INT64 = 1 << 63
+
+
+def _odd_value(value, where: str = "", depth: int = 0) -> str | None:
+    """Why a parsed value cannot be a setting whatever its key (None: it may be): nested more than MAX_DEPTH deep,
+    or an integer outside TOML's 64-bit range (tomllib reads ``0x`` followed by thousands of digits, whose repr alone
+    raises). Iterative over siblings, recursive only MAX_DEPTH deep."""
+    if depth > MAX_DEPTH:
+        return f"{where or 'a value'} nests more than {MAX_DEPTH} arrays or tables deep"
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and not -INT64 <= value < INT64:
+        return f"{where or 'a value'} is an integer beyond the 64-bit range TOML allows"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        name = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{_printable(key)}".lstrip(".")
+        if (why := _odd_value(item, name[:200], depth + 1)) is not None:
+            return why
+    return None
+
+
+def _printable(text: str) -> str:
+    """``text`` for a one-line message: anything not printable (a newline in a quoted TOML key) shown escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _sentence(err: dict) -> str:
     """One pydantic error as a sentence for a person: the setting, the value given, what it must be."""
     msg = str(err.get("msg", "is not valid"))
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
-    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ())).lstrip(".")
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{_printable(str(p))}" for p in err.get("loc", ())).lstrip(".")
     if not loc:  # a rule about several settings: its message is already a sentence
         return msg.rstrip(".") + "."
     if err.get("type") == "extra_forbidden":
@@ -317,7 +348,10 @@ def _sentence(err: dict) -> str:
 
 
 def _shown(value) -> str:
-    text = json.dumps(value, default=str) if not isinstance(value, float) else f"{value:g}"
+    try:
+        text = json.dumps(value, default=str) if not isinstance(value, float) else f"{value:g}"
+    except (ValueError, RecursionError):  # an integer of more than 4,300 digits, nesting thousands deep
+        return f"a {type(value).__name__} too large to show"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -392,9 +426,13 @@ def settings_warnings(settings: Settings) -> list[str]:
 def _parse_env(name: str, raw: str):
     if name in ("budgets", "monitors", "monitor_budgets"):
         try:
-            return json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise SettingsError(
-                f"{name} must be JSON, e.g. '[{{\"horizon_s\": 3600, \"epsilon\": 100}}]': {e}"
-            ) from e
+            value = json.loads(raw)
+            why = _odd_value(value, name)
+        except RecursionError:
+            why = "it nests too deeply"
+        except ValueError as e:  # JSONDecodeError, or an integer of more than 4,300 digits
+            why = str(e)[:200]
+        if why is not None:
+            raise SettingsError(f"{name} must be JSON, e.g. '[{{\"horizon_s\": 3600, \"epsilon\": 100}}]': {why}")
+        return value
     return raw

@@ -122,8 +122,9 @@ def test_the_network_figure_is_the_secure_rounds_when_it_leads(tmp_path: Path) -
                        percentiles={"p50": Interval(estimate=10.8, low=0, high=100),
                                     "p90": Interval(estimate=80, low=70, high=90)})
 
-    class Rounds:
+    class Rounds:  # what SecureAggregator exposes to the aggregator
         figure = fig
+        epoch = None
 
         def tick(self, now: datetime) -> bool:
             return True

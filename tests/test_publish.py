@@ -219,6 +219,7 @@ def test_secure_rounds_go_into_the_history_segments_and_lead_the_status(tmp_path
 
     class Rounds:  # what SecureAggregator exposes to the aggregator: tick() and the latest figure
         figure: SecureFigure | None = None
+        epoch = None
 
         def tick(self, now: datetime) -> bool:
             r = int(now.timestamp()) // window - 2  # published about two rounds after it ended

@@ -239,3 +239,166 @@ def test_sample_period_is_accepted_but_said_to_be_ignored(tmp_path):
     assert s.samples_per_window == 20  # whole seconds: the sample period changes nothing
     (warning,) = settings_warnings(s)
     assert "sample_period_s = 0.01 is ignored" in warning
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 17: any file the TOML parser reads gets a sentence, never a traceback; SyftBox's own email rule
+# ---------------------------------------------------------------------------------------------------
+HOSTILE_TOML = {
+    "array nested 5,000 deep": "monitors = " + "[" * 5000 + "]" * 5000,
+    "table nested 5,000 deep": "x = " + "{a = " * 5000 + "1" + "}" * 5000,
+    "array nested 40 deep (tomllib reads it)": "budgets = " + "[" * 40 + "]" * 40,
+    "a 5,000-digit integer": "epsilon = " + "9" * 5000,
+    "a 20,000-digit hexadecimal integer": "min_members = 0x" + "f" * 20000,
+    "a huge integer inside a monitor": "monitors = [{name = \"m\", threshold = 0x" + "f" * 20000 + "}]",
+    "a huge integer as a member": "members = [0x" + "f" * 20000 + "]",
+    "a huge integer as its name": "monitors = [{name = 0x" + "f" * 20000 + "}]",
+    "a 20,000-digit float (infinite)": "epsilon = 1" + "0" * 20000 + ".0",
+    "a datetime aggregator": "aggregator = 1979-05-27T07:32:00Z",
+    "not UTF-8": b"aggregator = \"\xff\xfe\"",
+    "a NUL in members_file": 'members_file = "a\\u0000b"',
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TOML))
+def test_hostile_settings_files_get_a_sentence(tmp_path, name):
+    text = HOSTILE_TOML[name]
+    data = text if isinstance(text, bytes) else f'aggregator = "a@x.org"\n{text}\n'.encode()
+    (tmp_path / "cpu_tracker.toml").write_bytes(data)
+    with pytest.raises(SettingsError) as e:
+        load_settings(tmp_path, {})
+    message = str(e.value)
+    assert message.endswith(".") and "\n" not in message and len(message) < 2000, message
+
+
+@pytest.mark.parametrize("name", ["array nested 5,000 deep", "a 5,000-digit integer",
+                                  "a huge integer inside a monitor"])
+def test_hostile_settings_stop_the_app_with_one_line_not_a_traceback(tmp_path, name):
+    (tmp_path / "cpu_tracker.toml").write_text(f'aggregator = "a@x.org"\n{HOSTILE_TOML[name]}\n')
+    done = _run(_workspace(tmp_path), tmp_path, "--once")
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert done.stdout.count("cpu_tracker.toml") == 1
+
+
+@pytest.mark.parametrize("env", ["[" * 5000 + "]" * 5000, "[" + "9" * 5000 + "]", '[{"horizon_s": 1e999}]'])
+def test_hostile_json_in_the_environment_gets_a_sentence(tmp_path, env):
+    with pytest.raises(SettingsError):
+        load_settings(tmp_path, {"CPU_TRACKER_AGGREGATOR": "a@x.org", "CPU_TRACKER_BUDGETS": env})
+
+
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isalnum() or c in "_-" for c in key) and key.isascii() else json.dumps(key)
+
+
+class Huge:
+    """An integer of 5,000 hexadecimal digits, as hypothesis draws it (its repr must stay printable)."""
+
+    def __repr__(self) -> str:
+        return "Huge()"
+
+
+def _toml(value) -> str:
+    """TOML for a value hypothesis drew (inline arrays and tables; big integers in hexadecimal, as tomllib reads
+    them whatever their size)."""
+    if isinstance(value, Huge):
+        return "0x" + "f" * 5000
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf") if value in (float("inf"), -float("inf")) \
+            else repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    return value.isoformat()  # date, time, datetime
+
+
+def _toml_values():
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
+    scalars = st.one_of(
+        st.integers(), st.integers(min_value=-(2 ** 70), max_value=2 ** 70), st.builds(Huge),
+        st.sampled_from([0, 1, -1, 2 ** 63 - 1, -(2 ** 63), 2 ** 63, 10 ** 6, 10 ** 6 + 1]),
+        st.floats(allow_nan=True, allow_infinity=True), st.booleans(), text,
+        st.sampled_from(["a@x.org", "agg@example.org", "{a,b}@example.org", "*@x.org", "A@X.ORG", "auto", "member",
+                         "aggregator", "both", "local", "secure", "cpu_day", "debug", "members.txt", ""]),
+        st.datetimes(timezones=st.just(__import__("datetime").timezone.utc)), st.dates(),
+    )
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["name", "kind", "threshold", "epsilon", "horizon_s", "window", "x"]) | text, inner,
+        max_size=4), max_leaves=12)
+
+
+def _documents():
+    from hypothesis import strategies as st
+
+    keys = st.sampled_from(sorted(Settings.model_fields)) | st.text(min_size=1, max_size=12)
+    return st.dictionaries(keys, _toml_values(), max_size=6).map(
+        lambda d: {"aggregator": "agg@example.org", **d} if "aggregator" not in d else d)
+
+
+def test_any_toml_document_gets_settings_or_a_sentence(tmp_path):
+    """Whatever TOML hypothesis writes (every setting's name with any value: huge integers, NaN, datetimes, odd
+    strings, nested arrays and tables), load_settings returns settings or raises SettingsError, one line that ends
+    a sentence; nothing else escapes, nor from what the app does next with accepted settings (its warnings, the
+    monitors' check)."""
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hyp_settings
+
+    from shared.safezone import parse_monitors
+
+    counts = {"accepted": 0, "refused": 0}
+
+    @hyp_settings(max_examples=400, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(_documents())
+    def check(doc):
+        text = "".join(f"{_toml_key(k)} = {_toml(v)}\n" for k, v in doc.items())
+        (tmp_path / "cpu_tracker.toml").write_text(text, "utf-8")
+        try:
+            accepted = load_settings(tmp_path, {})
+            counts["accepted"] += 1
+            settings_warnings(accepted)  # what the app says next about them: sentences too
+            for sentence in parse_monitors(accepted.monitors)[1]:
+                assert "\n" not in sentence
+        except SettingsError as e:
+            counts["refused"] += 1
+            assert str(e).endswith(".") and "\n" not in str(e), str(e)
+
+    check()
+    assert counts["accepted"] and counts["refused"] > 100, counts
+
+
+@pytest.mark.parametrize("value, why", [
+    ("{a,b}@example.org", "pattern characters"),
+    ("{ab}@example.org", "pattern characters"),
+    ("a@b", "SyftBox refuses it as an email"),
+    ("a@localhost", "SyftBox refuses it as an email"),
+    ("a..b@example.org", "SyftBox refuses it as an email"),
+    ('"a b"@example.org', "one @, no spaces"),
+    ("Agg@Example.ORG", "SyftBox writes it as 'Agg@example.org'"),
+    ("a@xn--bcher-kva.example", "SyftBox writes it as 'a@bücher.example'"),
+])
+def test_the_aggregator_follows_syftbox_email_rule(tmp_path, value, why):
+    """SyftBox names a datasite by its client config's ``email: EmailStr``, normalised: anything else names no
+    datasite (or, with pattern characters, several on the newer server)."""
+    (tmp_path / "cpu_tracker.toml").write_text(f"aggregator = {json.dumps(value)}\n")
+    with pytest.raises(SettingsError, match="must be one exact datasite email") as e:
+        load_settings(tmp_path, {})
+    assert why in str(e.value) and str(e.value).endswith(".")
+
+
+@pytest.mark.parametrize("value", ["agg@example.org", "a.b+c@sub.example.org", "o'neil@example.org", "ü@example.org",
+                                   "Agg@example.org"])
+def test_datasite_emails_syftbox_accepts_are_accepted(tmp_path, value):
+    from pydantic import validate_email
+
+    assert validate_email(value)[1] == value  # what SyftBox's client config would store
+    (tmp_path / "cpu_tracker.toml").write_text(f"aggregator = {json.dumps(value)}\n")
+    assert load_settings(tmp_path, {}).aggregator == value

@@ -1,0 +1,55 @@
+"""The aggregator's own folders that only some may read: the epoch (its cohort), each member's inbox and safe zones
+(that member). A later grant above them (in ``app_data/``, say) exposed all three, and nothing noticed: each tick now
+checks them again, withdraws what is exposed (said once per kind, however many members), writes nothing there
+while it lasts, and puts everything back once the grant is gone."""
+
+from __future__ import annotations
+
+import logging
+
+import yaml
+
+from cpu_tracker_aggregator.aggregator import Aggregator
+from shared.permissions import ensure_permissions
+from tests.test_secure_protocol import AGG, W, Net, _t
+
+def _now(net: Net):
+    """The time of the aggregator's last tick in ``net`` (its round closed then): a tick at it closes nothing new."""
+    return _t(net.round * W + net.agg.epoch.deadline_s + 0.5) if net.agg.epoch else _t(net.round * W)
+
+
+GRANT = yaml.safe_dump([{"path": "**", "user": "*", "permissions": ["read"]}])
+
+
+def test_a_grant_above_the_aggregators_own_folders_withdraws_them_until_it_is_gone(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    net = Net(tmp_path, 4, monkeypatch)
+    for _ in range(3):
+        net.step()
+    p = net.agg.paths
+    inboxes = [p.inbox_file(m) for m in net.members]
+    ensure_permissions(p.zones_dir(net.members[0]), AGG, [net.members[0]])
+    p.zones_file(net.members[0]).write_text("{}")
+    assert p.epoch_file().exists() and all(f.exists() for f in inboxes)
+    agg = Aggregator(p, net.settings, net.agg.problems)
+    agg.secure = net.agg  # the aggregator's own secure rounds, as it runs them
+
+    grant = p.my_datasite / "app_data" / "syftperm.yaml"
+    grant.write_text(GRANT)
+    caplog.clear()
+    for _ in range(2):
+        agg.tick(_now(net))
+        net.step()  # the rounds go on: nothing is written where others could read it
+    assert not p.epoch_file().exists() and not any(f.exists() for f in inboxes)
+    assert not p.zones_file(net.members[0]).exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 3, errors  # epoch, inboxes (all four in one line), zones
+    assert all(str(grant) in e and "rule 1" in e for e in errors)
+    assert any("(4 inbox folders; the first shown)" in e for e in errors)
+
+    grant.unlink()
+    for _ in range(3):
+        agg.tick(_now(net))
+        net.step()
+    assert p.epoch_file().exists() and all(f.exists() for f in inboxes)
+    assert "the inbox folders' permission files are safe again" in caplog.text
