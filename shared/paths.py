@@ -3,7 +3,8 @@
 ```txt
 <data_dir>/
 ├── private/cpu_tracker/                     <-- never synced: outside datasites/
-│   ├── app.lock                             one running instance per datasite
+│   ├── app.lock                             one running instance per datasite (the worker)
+│   ├── supervisor.lock, logs/cpu_tracker.log   the supervisor's lock; its log when the app folder is shared
 │   ├── member/ledger.jsonl                  privacy ledger (every release, append-only)
 │   ├── member/raw.jsonl                     raw window means, for the owner's eyes only
 │   ├── aggregator/history.json              network history (survives restarts)
@@ -32,11 +33,12 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 from shared import APP_NAME
 
+SETTINGS_FILE = "cpu_tracker.toml"  # in the app folder (shared.settings reads it, the supervisor watches it)
 REPORT_FILE = "cpu_tracker.json"
 MONITOR_SIGNALS_FILE = "monitor.json"
 MONITORS_FILE = "monitors.json"
@@ -68,13 +70,11 @@ def is_datasite_email(name: str) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Paths:
-    """Paths of one datasite's workspace. Pure: building it touches no file."""
+class Paths(namedtuple("Paths", "data_dir email app_name", defaults=(APP_NAME,))):
+    """Paths of one datasite's workspace (``data_dir``: Path, ``email``: str, ``app_name``). Pure: building it touches no
+    file. Immutable; a named tuple rather than a dataclass, which would cost the supervisor 1.2 MB (``inspect``)."""
 
-    data_dir: Path
-    email: str
-    app_name: str = APP_NAME
+    __slots__ = ()
 
     @property
     def datasites(self) -> Path:
@@ -92,6 +92,15 @@ class Paths:
     @property
     def lock_file(self) -> Path:
         return self.private / "app.lock"
+
+    @property
+    def supervisor_lock_file(self) -> Path:
+        return self.private / "supervisor.lock"
+
+    @property
+    def log_file(self) -> Path:
+        """The app's own log, used when several datasites share one app folder (and with it SyftBox's app log)."""
+        return self.private / "logs" / f"{self.app_name}.log"
 
     @property
     def ledger_file(self) -> Path:

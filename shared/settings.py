@@ -16,11 +16,10 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared.paths import is_datasite_email
+from shared.paths import SETTINGS_FILE, is_datasite_email
 from shared.privacy import laplace_scale, mean_sensitivity, units_per_window
 from shared.schema import CPU_BOUNDS
 
-SETTINGS_FILE = "cpu_tracker.toml"
 ENV_PREFIXES = ("SYFTBOX_CPU_TRACKER_", "CPU_TRACKER_")
 DAY_S = 86400.0
 MAX_HORIZON_S = 366 * DAY_S  # a year and a day: longer horizons mean nothing for a CPU tracker, and cost memory

@@ -22,7 +22,7 @@ from shared.envs import collect_unused, record_use
 from shared.logs import Hourly, LogSink
 from shared.paths import Paths
 from shared.settings import Settings, settings_warnings
-from shared.runner import CodeWatch, code_files
+from shared.supervisor import CodeWatch, code_files
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared", "cpu_tracker_member", "cpu_tracker_aggregator")

@@ -115,7 +115,7 @@ def test_once_publishes_a_report(tmp_path):
 def test_an_unexpected_error_in_a_loop_is_logged_and_stops_the_run(caplog):
     import threading
 
-    from shared.runner import _guarded
+    from shared.worker import _guarded
 
     def member_loop():
         raise RuntimeError("boom")
@@ -136,7 +136,7 @@ def test_a_changed_settings_file_stops_the_run_for_a_reload(tmp_path, monkeypatc
     """The README promises settings changes are picked up within SETTINGS_POLL_S (10 s)."""
     import threading
 
-    import shared.runner as app
+    import shared.worker as app
 
     monkeypatch.setattr(app, "SETTINGS_POLL_S", 0.05)
     (tmp_path / "cpu_tracker.toml").write_text('aggregator = "a@x.org"\n')
