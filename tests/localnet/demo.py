@@ -34,12 +34,14 @@ REPO = Path(__file__).resolve().parents[2]
 AGG = "aggregator@demo.example.org"
 
 
-def install_tracker(net: LocalNetwork, members: list[str], aggregator: str, settings: str) -> None:
-    """Install this app into every client as a user would: a copy with ``settings`` as its cpu_tracker.toml;
-    the aggregator's copy also says ``role = "aggregator"`` (it publishes no report of its own)."""
-    net.install_app(REPO, symlink=False, emails=members, files={"cpu_tracker.toml": settings})
+def install_tracker(net: LocalNetwork, members: list[str], aggregator: str, settings: str,
+                    files: dict[str, str] | None = None) -> None:
+    """Install this app into every client as a user would: a copy with ``settings`` as its cpu_tracker.toml (and
+    ``files``, name -> text, beside it); the aggregator's copy also says ``role = "aggregator"`` (it publishes no
+    report of its own)."""
+    net.install_app(REPO, symlink=False, emails=members, files={**(files or {}), "cpu_tracker.toml": settings})
     net.install_app(REPO, symlink=False, emails=[aggregator],
-                    files={"cpu_tracker.toml": settings + 'role = "aggregator"\n'})
+                    files={**(files or {}), "cpu_tracker.toml": settings + 'role = "aggregator"\n'})
 
 
 def site_paths(net: LocalNetwork, email: str) -> Paths:
