@@ -314,6 +314,7 @@ class Supervisor:
         self.signals: list[str] = []
         self.problems = Problems(log)
         self.worker = KeepWorker(self._spawn, self.problems)
+        self.jobs: list[Job] = []  # once the workspace is known (jobs_for)
         self.entry: Path | None = None  # our entry in apps/, once the workspace is known
 
     def _installed(self) -> bool:
@@ -373,8 +374,9 @@ class Supervisor:
             return "removed"
         return self.signals[-1] if self.signals else "request"
 
-    def _jobs(self, paths: Paths, now: float) -> list[Job]:
-        """The loop's jobs, in the order they run when several are due."""
+    def jobs_for(self, paths: Paths, now: float) -> list[Job]:
+        """The loop's jobs for the datasite at ``paths``, starting at ``now``, in the order they run when several are
+        due."""
         pins = PrepareEnv(self.folder, self.code, self.problems, self._child_env())
         jobs: list[Job] = [self.worker, WatchFiles(self.code, self.worker, pins, self._installed), pins]
         self.code.files.read()  # the folders are listed once now: the first poll is a stat per file
@@ -392,14 +394,19 @@ class Supervisor:
         env = current_env()
         log.info("cpu_tracker %s starting for %s from %s (environment %s, scheduler pid %d, relay %s)", __version__,
                  paths.email, self.folder, env.name if env else sys.prefix, self.parent.pid, relay)
-        jobs = self._jobs(paths, self.clock())
+        self.jobs = self.jobs_for(paths, self.clock())
         while True:
-            now = self.clock()
-            for job in jobs:
-                if now >= job.due and (reason := job.run(now)):
-                    return reason
+            if reason := self.step(self.clock()):
+                return reason
             if self.stop.wait(WATCH_S) or self.parent.gone():
                 return self._reason()
+
+    def step(self, now: float) -> str | None:
+        """Run the jobs due at ``now``; why the loop must end ("update", "removed"), or None."""
+        for job in self.jobs:
+            if now >= job.due and (reason := job.run(now)):
+                return reason
+        return None
 
     def _child_env(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if k != PARENT_VAR}

@@ -9,13 +9,15 @@ A role is imported only when the settings select it, so a member's worker never 
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import os
 import signal
 import threading
+from collections.abc import Callable, Sequence
+from io import TextIOWrapper
 from pathlib import Path
-from typing import Callable, Sequence
 
 from shared.atomic import remove_stale_temps
 from shared.logs import Problems, setup_logging
@@ -94,7 +96,6 @@ def main(argv: list[str] | None, *, roles: Sequence[Role | str], prog: str = "cp
     after a stop on a signal, 2 for a bad client config (or bad settings with ``--once``), 75 when another instance
     holds the datasite (direct runs; a worker waits for it instead)."""
     args = parser(prog, forced_role).parse_args(argv)
-    available = {role_name(role): role for role in roles}
     setup_logging()
     parent = Parent()
     try:
@@ -112,61 +113,82 @@ def main(argv: list[str] | None, *, roles: Sequence[Role | str], prog: str = "cp
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    if args.worker:
-        lock = wait_for_lock(paths.lock_file, stop, parent, "worker")
-        if lock is None:
-            return 0
-    else:
-        lock = acquire_lock(paths.lock_file)
-        if lock is None:
-            log.info("another cpu_tracker instance (pid %s) already runs for %s; not starting a second one",
-                     lock_holder(paths.lock_file), paths.email)
-            return EX_TEMPFAIL
+    lock, code = _instance_lock(paths, args.worker, stop, parent)
+    if lock is None:
+        return code
     for owned in (paths.report_dir(), paths.public_dir(), paths.public_dir() / HISTORY_DIR, paths.ledger_file.parent,
                   paths.history_file.parent):
         remove_stale_temps(owned)  # left by a kill mid-write: with the lock held, no one else is writing there
     threading.Thread(target=_watch_parent, args=(parent, stop), name="parent", daemon=True).start()
-    folder = app_dir()
-    problems = Problems(log)
     try:
-        while not stop.is_set():
-            stamp = _settings_stamp(folder)
-            try:
-                settings = load_settings(folder)
-                problems.clear("settings", "settings valid again")
-            except SettingsError as e:
-                problems.report("settings", f"{e} (waiting for the settings to be fixed)", logging.ERROR)
-                if args.once:
-                    return 2
-                stop.wait(SETTINGS_POLL_S)
-                continue
-            logging.getLogger().setLevel(_log_level(settings))
-            selected = settings.roles(paths.email, args.role)
-            chosen = [load_role(available[name]) for name in sorted(selected) if name in available]
-            if len(chosen) < len(selected):
-                missing = "+".join(sorted(selected - available.keys()))
-                problems.report("roles", f"the settings select role(s) {missing}, "
-                                f"which {prog} does not run; start the app through run.sh to run every role")
-            log.info("cpu_tracker for %s: roles %s, aggregator %s, epsilon %g per %gs window", paths.email,
-                     "+".join(r.name for r in chosen) or "none", settings.aggregator, settings.epsilon,
-                     settings.interval_s)
-            run_stop = threading.Event()  # the supervisor watches a worker's settings file and starts a new worker
-            threading.Thread(target=_watch, args=(folder, stamp, stop, run_stop, not args.worker), daemon=True).start()
-            failed = run_roles(paths, settings, run_stop, roles=chosen, once=args.once)
-            run_stop.set()
-            if args.once:
-                return 1 if failed else 0
-            if failed:
-                stop.wait(RESTART_S)
-            elif not stop.is_set():
-                log.info("settings changed: restarting with the new settings")
+        once = _run(paths, args, {role_name(role): role for role in roles}, stop, prog)
     finally:
         lock.close()
+    if once is not None:
+        return once
     if parent.gone():
         log.info("stopped: the process that started us (pid %d) is gone", parent.pid)
     else:
         log.info("stopped cleanly on %s", signals[0] if signals else "request")
     return 0
+
+
+def _instance_lock(paths: Paths, worker: bool, stop: threading.Event, parent: Parent) -> tuple[TextIOWrapper | None, int]:
+    """The datasite's instance lock, or None and the exit code: a worker waits for it (0 if stopped first), a direct
+    run does not start a second instance (75: try again later)."""
+    if worker:
+        return wait_for_lock(paths.lock_file, stop, parent, "worker"), 0
+    lock = acquire_lock(paths.lock_file)
+    if lock is None:
+        log.info("another cpu_tracker instance (pid %s) already runs for %s; not starting a second one",
+                 lock_holder(paths.lock_file), paths.email)
+    return lock, EX_TEMPFAIL
+
+
+def _run(paths: Paths, args: argparse.Namespace, available: dict[str, Role | str], stop: threading.Event,
+         prog: str) -> int | None:
+    """The roles, run again with each new settings (or, after an unexpected error, ``RESTART_S`` later) until
+    ``stop``; with ``--once`` one run and its exit code (None otherwise)."""
+    folder = app_dir()
+    problems = Problems(log)
+    while not stop.is_set():
+        stamp = _settings_stamp(folder)
+        try:
+            settings = load_settings(folder)
+            problems.clear("settings", "settings valid again")
+        except SettingsError as e:
+            problems.report("settings", f"{e} (waiting for the settings to be fixed)", logging.ERROR)
+            if args.once:
+                return 2
+            stop.wait(SETTINGS_POLL_S)
+            continue
+        logging.getLogger().setLevel(_log_level(settings))
+        chosen = _chosen(paths, settings, args.role, available, problems, prog)
+        run_stop = threading.Event()  # the supervisor watches a worker's settings file and starts a new worker
+        threading.Thread(target=_watch, args=(folder, stamp, stop, run_stop, not args.worker), daemon=True).start()
+        failed = run_roles(paths, settings, run_stop, roles=chosen, once=args.once)
+        run_stop.set()
+        if args.once:
+            return 1 if failed else 0
+        if failed:
+            stop.wait(RESTART_S)
+        elif not stop.is_set():
+            log.info("settings changed: restarting with the new settings")
+    return None
+
+
+def _chosen(paths: Paths, settings: Settings, forced: str | None, available: dict[str, Role | str],
+            problems: Problems, prog: str) -> list[Role]:
+    """The roles the settings select that this program runs (imported now), said in the log."""
+    selected = settings.roles(paths.email, forced)
+    chosen = [load_role(available[name]) for name in sorted(selected) if name in available]
+    if len(chosen) < len(selected):
+        missing = "+".join(sorted(selected - available.keys()))
+        problems.report("roles", f"the settings select role(s) {missing}, "
+                        f"which {prog} does not run; start the app through run.sh to run every role")
+    log.info("cpu_tracker for %s: roles %s, aggregator %s, epsilon %g per %gs window", paths.email,
+             "+".join(r.name for r in chosen) or "none", settings.aggregator, settings.epsilon, settings.interval_s)
+    return chosen
 
 
 def _watch_parent(parent: Parent, stop: threading.Event) -> None:

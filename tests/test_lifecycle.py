@@ -23,6 +23,7 @@ from shared.logs import Hourly, LogSink
 from shared.paths import Paths
 from shared.settings import Settings, settings_warnings
 from shared.supervisor import CodeWatch, code_files
+from tests.localnet.demo import app_env
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared", "cpu_tracker_member", "cpu_tracker_aggregator")
@@ -73,6 +74,13 @@ def wait_until(predicate, timeout: float, what: str):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
+def report_epsilon(paths: Paths) -> float | None:
+    try:
+        return json.loads(paths.report_file().read_text())["release"]["epsilon"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def report_version(paths: Paths) -> str | None:
     try:
         return json.loads(paths.report_file().read_text())["app_version"]
@@ -85,6 +93,7 @@ def report_version(paths: Paths) -> str | None:
 def app(tmp_path):
     """A copy of the app started by ``sh run.sh`` under an intermediate shell (standing in for the SyftBox client)
     that we can kill: yields (app folder, paths, the shell's Popen, the log file)."""
+    app_env()  # built once, outside the timeouts below
     folder = copy_app(tmp_path / "app")
     config, paths = workspace(tmp_path)
     log_file = tmp_path / "app.log"
@@ -162,6 +171,20 @@ def test_supervised_app_restarts_stopped_workers_new_code_and_sigterm_then_leave
         assert needle in text, needle
     assert "Traceback" not in text
     assert took < 30, f"new code published {took:.1f} s after the edit"  # the real network test times it
+
+
+def test_a_changed_settings_file_reaches_the_supervised_worker(app):
+    """The README promises settings changes are picked up within seconds: under the supervisor, which watches the
+    settings file, as when the roles run directly."""
+    folder, paths, client, log_file = app
+    sup = wait_until(lambda: supervisor_pid(paths), 60, "the supervisor")
+    wait_until(lambda: report_epsilon(paths), 60, "a first report")
+    assert report_epsilon(paths) == 5.0
+    (folder / "cpu_tracker.toml").write_text("epsilon = 4.0\n")
+    changed = time.monotonic()
+    wait_until(lambda: report_epsilon(paths) == 4.0, 30, "a report at the new epsilon")
+    print(f"a report at the new epsilon {time.monotonic() - changed:.1f} s after the change (2 s windows)")
+    assert supervisor_pid(paths) == sup and "cpu_tracker.toml changed" in log_file.read_text()
 
 
 def test_sigint_is_a_deliberate_stop_and_exits_0(app):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from shared.paths import Paths
+from tests.localnet.demo import app_env
 from tests.localnet.network import LocalNetwork
 from tests.test_lifecycle import copy_app
 
@@ -40,6 +41,7 @@ def checkout(dest: Path, settings: str) -> Path:
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle")
+    app_env()
     with LocalNetwork(root / "net", Path(sys.prefix) / "bin", [A, B, C], log=lambda _: None) as n:
         n.install_app(REPO, symlink=False, emails=[A],
                       files={"cpu_tracker.toml": f'aggregator = "{AGG}"\ninterval_s = {INTERVAL_A}\n'})
