@@ -137,11 +137,10 @@ def missing_for_unmask(epoch: Epoch, survivors: list[str], dropped: list[str],
 def unmask(epoch: Epoch, vectors: Mapping[str, np.ndarray], dropped: list[str],
            reveals: Mapping[str, Reveal]) -> np.ndarray:
     """The survivors' noisy sum: every self mask and every mask with a dropped member removed (int64)."""
-    seeds = {}
-    for i in vectors:
-        shares = [secagg.unpack_share(b64_bytes(reveals[j].shares[i]))
-                  for j in epoch.neighbours[i] if j in reveals and i in reveals[j].shares]
-        seeds[i] = secagg.combine_seed(shares, epoch.threshold)
+    survivors = list(vectors)
+    shares = [[secagg.unpack_share(b64_bytes(reveals[j].shares[i]))
+               for j in epoch.neighbours[i] if j in reveals and i in reveals[j].shares] for i in survivors]
+    seeds = dict(zip(survivors, secagg.combine_seeds(shares, epoch.threshold)))  # one vectorised pass
     keys = [(i, d, b64_bytes(reveals[i].keys[d])) for d in dropped for i in epoch.neighbours[d] if i in vectors]
     return secagg.unmask_sum(vectors, seeds, keys)
 

@@ -15,7 +15,8 @@ For one peer and one round a member reveals the self-mask share or the round key
 that lies about who dropped cannot strip both masks off anyone's upload.
 
 Every primitive comes from a well-kept library: X25519, HKDF-SHA256, AES-256-CTR (the mask stream) and
-AES-256-GCM (sealed shares) from ``cryptography``; Shamir over GF(2^128) from ``pycryptodome``; randomness
+AES-256-GCM (sealed shares) from ``cryptography``; Shamir over GF(2^127 - 1) with python-flint's field arithmetic
+(``shared.shamir``); randomness
 from ``secrets`` (the OS's cryptographic source). Nothing here uses numpy's generators.
 """
 
@@ -28,15 +29,16 @@ import secrets
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from shared import shamir
+
 MODULUS_BITS = 64  # arithmetic mod 2^64: numpy's uint64 wraps exactly there
-SEED_BYTES = 16  # a self-mask seed: one pycryptodome Shamir secret
+SEED_BYTES = shamir.SECRET_BYTES  # a self-mask seed: one field element of shared.shamir
 KEY_BYTES = 32
 _PROTOCOL = b"cpu_tracker secagg v1"
 
@@ -165,26 +167,29 @@ def decode_vector(text: str, dim: int) -> np.ndarray:
 # Self-mask seeds: Shamir shares, sealed for each neighbour
 # ---------------------------------------------------------------------------------------------------
 def new_seed() -> bytes:
-    return secrets.token_bytes(SEED_BYTES)
+    return shamir.to_bytes(shamir.new_secret())
 
 
 def split_seed(seed: bytes, holders: Sequence[str], threshold: int) -> dict[str, tuple[int, bytes]]:
     """Shamir shares of ``seed``, one per holder (share index = position in ``holders`` + 1): any ``threshold``
-    rebuild it, fewer tell nothing (pycryptodome, GF(2^128))."""
+    rebuild it, fewer tell nothing (``shared.shamir``, GF(2^127 - 1))."""
     if not 1 <= threshold <= len(holders):
         raise ValueError(f"threshold must be between 1 and {len(holders)}, got {threshold}")
-    if threshold == 1:  # pycryptodome needs k >= 2; a 1-of-n share is the seed itself
-        return {h: (i + 1, seed) for i, h in enumerate(holders)}
-    return {h: share for h, share in zip(holders, Shamir.split(threshold, len(holders), seed))}
+    values = shamir.split(shamir.from_bytes(seed), len(holders), threshold)
+    return {h: (i + 1, shamir.to_bytes(v)) for i, (h, v) in enumerate(zip(holders, values))}
 
 
-def combine_seed(shares: Sequence[tuple[int, bytes]], threshold: int) -> bytes:
-    """The seed from at least ``threshold`` shares (exactly ``threshold`` of them are used)."""
-    if len(shares) < threshold:
-        raise ValueError(f"{len(shares)} shares cannot rebuild a seed shared with threshold {threshold}")
-    if threshold == 1:
-        return shares[0][1]
-    return Shamir.combine(list(shares)[:threshold])
+def combine_seeds(share_sets: Sequence[Sequence[tuple[int, bytes]]], threshold: int) -> list[bytes]:
+    """Many seeds at once, each from at least ``threshold`` of its shares (those with the smallest indices are used):
+    one Lagrange pass per set of indices (``shared.shamir.combine``). ValueError for a seed with too few shares, a
+    repeated index or a share that is not a field element."""
+    sets = []
+    for shares in share_sets:
+        by_index = {index: shamir.from_bytes(value) for index, value in shares}
+        if len(by_index) != len(shares):
+            raise ValueError("a seed's shares repeat an index")
+        sets.append(by_index)
+    return [shamir.to_bytes(v) for v in shamir.combine(sets, threshold)]
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> str:
