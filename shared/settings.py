@@ -22,6 +22,7 @@ from shared.privacy import laplace_scale, mean_sensitivity, units_per_window
 from shared.schema import CPU_BOUNDS
 
 ENV_PREFIXES = ("SYFTBOX_CPU_TRACKER_", "CPU_TRACKER_")
+NOT_SETTINGS = {"env_root"}  # CPU_TRACKER_ENV_ROOT: where run.sh keeps the environments, read by run.sh alone
 DAY_S = 86400.0
 MAX_SETTINGS_BYTES = 1 << 20
 MAX_MEMBERS_FILE_BYTES = 64 << 20  # about 2.5 million emails
@@ -248,6 +249,8 @@ def load_settings(app_dir: Path | None = None, environ: Mapping[str, str] | None
             if not key.startswith(prefix):
                 continue
             name = key[len(prefix) :].lower()
+            if name in NOT_SETTINGS:
+                continue
             if name not in names:
                 raise SettingsError(f"unknown setting {key}; known: {', '.join(sorted(names))}")
             values[name] = _parse_env(name, raw)

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,22 +22,9 @@ from shared.logs import Hourly, LogSink
 from shared.paths import Paths
 from shared.settings import Settings, settings_warnings
 from shared.supervisor import CodeWatch, code_files
-from tests.localnet.demo import app_env
+from tests.localnet.demo import PACKAGES, app_env, copy_app
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("shared", "cpu_tracker_member", "cpu_tracker_aggregator")
-APP_FILES = ("run.sh", "pyproject.toml", *PACKAGES)
-
-
-def copy_app(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for name in APP_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def workspace(root: Path, email: str = "m@x.org") -> tuple[Path, Paths]:

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from shared.paths import Paths
-from tests.localnet.demo import app_env
+from tests.localnet.demo import app_env, copy_app
 from tests.localnet.network import LocalNetwork
-from tests.test_lifecycle import copy_app
 
 pytestmark = pytest.mark.network
 

@@ -25,6 +25,13 @@ def test_file_then_environment(tmp_path):
     assert s.epsilon == 1.0  # CPU_TRACKER_ wins over SYFTBOX_CPU_TRACKER_
 
 
+def test_run_shs_own_variables_are_not_taken_for_settings(tmp_path):
+    """CPU_TRACKER_ENV_ROOT (and its SYFTBOX_ form) tell run.sh where the environments live; the app must start."""
+    s = load_settings(tmp_path, {"CPU_TRACKER_AGGREGATOR": "a@x.org", "CPU_TRACKER_ENV_ROOT": "/envs",
+                                 "SYFTBOX_CPU_TRACKER_ENV_ROOT": "/envs"})
+    assert s.aggregator == "a@x.org"
+
+
 def test_budgets_from_environment_json(tmp_path):
     s = load_settings(tmp_path, {"CPU_TRACKER_AGGREGATOR": "a@x.org",
                                  "CPU_TRACKER_BUDGETS": '[{"horizon_s": 60, "epsilon": 3}]'})

@@ -18,7 +18,7 @@ from shared.paths import SETTINGS_FILE
 from shared.runner import ClientConfigError, load_client_config, load_workspace
 from shared.supervisor import (ENV_RETRY_S, WORKER_BACKOFF_S, Chore, CodeWatch, FileStamps, KeepWorker, PrepareEnv,
                                WatchFiles)
-from tests.test_lifecycle import PACKAGES, copy_app
+from tests.localnet.demo import PACKAGES, copy_app
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -33,6 +33,19 @@ from shared.paths import Paths
 
 REPO = Path(__file__).resolve().parents[2]
 AGG = "aggregator@demo.example.org"
+PACKAGES = ("shared", "cpu_tracker_member", "cpu_tracker_aggregator")
+
+
+def copy_app(dest: Path) -> Path:
+    """A copy of the app's own files (run.sh, the pins, the three packages) at ``dest``, as a checkout holds them."""
+    dest.mkdir(parents=True)
+    for name in ("run.sh", "pyproject.toml", *PACKAGES):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
 
 
 @functools.cache
