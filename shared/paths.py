@@ -71,8 +71,8 @@ def is_datasite_email(name: str) -> bool:
 
 
 class Paths(namedtuple("Paths", "data_dir email app_name", defaults=(APP_NAME,))):
-    """Paths of one datasite's workspace (``data_dir``: Path, ``email``: str, ``app_name``). Pure: building it touches no
-    file. Immutable; a named tuple rather than a dataclass, which would cost the supervisor 1.2 MB (``inspect``)."""
+    """Paths of one datasite's workspace (``data_dir``: Path, ``email``: str, ``app_name``). Pure: building it
+    touches no file. Immutable; a named tuple rather than a dataclass, which would cost the supervisor 1.2 MB."""
 
     __slots__ = ()
 

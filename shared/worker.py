@@ -53,7 +53,8 @@ def _guarded(target: Callable[..., None], stop: threading.Event, failed: list[st
     return run
 
 
-def run_roles(paths: Paths, settings: Settings, stop: threading.Event, *, roles: Sequence[Role], once: bool) -> list[str]:
+def run_roles(paths: Paths, settings: Settings, stop: threading.Event, *, roles: Sequence[Role],
+              once: bool) -> list[str]:
     """Run the roles' loops until ``stop`` (``once``: one window / one tick each). Returns the names of the loops
     that failed with an unexpected error (the others are then stopped too)."""
     failed: list[str] = []
@@ -133,7 +134,8 @@ def main(argv: list[str] | None, *, roles: Sequence[Role | str], prog: str = "cp
     return 0
 
 
-def _instance_lock(paths: Paths, worker: bool, stop: threading.Event, parent: Parent) -> tuple[TextIOWrapper | None, int]:
+def _instance_lock(paths: Paths, worker: bool, stop: threading.Event,
+                   parent: Parent) -> tuple[TextIOWrapper | None, int]:
     """The datasite's instance lock, or None and the exit code: a worker waits for it (0 if stopped first), a direct
     run does not start a second instance (75: try again later)."""
     if worker:

@@ -101,7 +101,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="longer randomized runs of the fault and hostile-input tests (more kills, rewrites, examples)",
     )
     parser.addoption("--fast", action="store_true", default=False,
-                     help="leave out the slow tests (tests/conftest.py: SLOW_MARKS and SLOW): feedback in under a minute")
+                     help="leave out the slow tests (tests/conftest.py: SLOW_MARKS and SLOW): feedback within a minute")
 
 
 def pytest_configure(config: pytest.Config) -> None:

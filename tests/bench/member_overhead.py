@@ -255,7 +255,8 @@ def run(ctx) -> Result:
     for name, f in ours.items():
         res.rows.append(Row(f"peak RSS, {name} workspace", f["peak_rss_mb"], "MB", "tutorial: peak of a run",
                             tut_peak, note="context: no goal"))
-    res.details = {"ours": ours, "whole_app": whole, "bare_python_mb": bare, "tutorial_runs": runs, "tutorial_cpu_s_per_run": tut_cpu,
+    res.details = {"ours": ours, "whole_app": whole, "bare_python_mb": bare, "tutorial_runs": runs,
+                   "tutorial_cpu_s_per_run": tut_cpu,
                    "tutorial_cpu_s_per_hour": tut_per_hour, "import_cost": imports, "duration_s": duration}
     res.notes += [
         f"Measured for {duration:.0f} s: ours from its first to its last release "

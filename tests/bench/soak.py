@@ -257,7 +257,7 @@ def run(ctx) -> Result:
                                 "MB", goal=f"<= {goal:g} MB above the fresh start", met=grew <= goal,
                                 note=f"{f['rss_mb'][mark]:.1f} MB vs {fresh:.1f} MB after the first simulated hour"))
         if role == "supervisor":
-            continue  # its log is the worker's (relayed) and a line per event; the member's and aggregator's rows say it
+            continue  # its log: the worker's lines (relayed) and a line per event; the roles' rows count those
         full_days = [b for d, b in f["log_bytes_by_day"].items() if int(d) < days]
         worst = max(full_days) if full_days else 0
         res.rows.append(Row(f"{role} log bytes per simulated day (worst day, default level)", worst, "bytes",
