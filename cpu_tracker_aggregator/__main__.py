@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         print(status_text(load_workspace(ns.config).public_dir()))
         return 0
     from cpu_tracker_aggregator.aggregator import ROLE
-    from shared.runner import main as run_main
+    from shared.worker import main as run_main
 
     return run_main(argv, roles=[ROLE], prog="cpu_tracker_aggregator", forced_role="aggregator")
 

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         print(status_text(load_workspace(ns.config), load_settings(app_dir()), utc_now()))
         return 0
     from cpu_tracker_member.member import ROLE
-    from shared.runner import main as run_main
+    from shared.worker import main as run_main
 
     return run_main(argv, roles=[ROLE], prog="cpu_tracker_member", forced_role="member")
 

@@ -12,7 +12,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Iterable  # not typing: the supervisor imports this module
 
 TEMP_SUFFIX = ".tmp"  # SyftBox's default _.syftignore excludes *.tmp: a half-written temp file is never uploaded
 PUBLIC = 0o644  # files others read (reports, dashboard, permission files): SyftBox and other apps read them
@@ -190,12 +190,12 @@ def remove_stale_temps(folder: Path) -> list[str]:
     return removed
 
 
-def atomic_write_text(path: Path, text: str, **kw: Any) -> None:
+def atomic_write_text(path: Path, text: str, **kw: object) -> None:
     """``atomic_write_bytes`` of ``text`` in UTF-8 (same keywords: ``durable``, ``mode``)."""
     atomic_write_bytes(path, text.encode("utf-8"), **kw)
 
 
-def atomic_write_json(path: Path, obj: Any, *, indent: int | None = 2, **kw: Any) -> None:
+def atomic_write_json(path: Path, obj: object, *, indent: int | None = 2, **kw: object) -> None:
     """Write ``obj`` as strict JSON (NaN/Infinity refused) atomically."""
     text = json.dumps(obj, indent=indent, allow_nan=False, ensure_ascii=False)
     atomic_write_text(path, text + "\n", **kw)

@@ -15,20 +15,23 @@ it selects one (the app, ``./run.sh test``, ``bench``, ``demo``). Each running c
 
 Removal renames the env to ``.trash-<name>`` first (one step: a half-deleted env is never selected, since
 ``run.sh`` checks ``.ready`` inside the env's own name), then deletes it.
+
+The supervisor runs both in a short-lived child process, so that what they import never stays in it:
+
+    python -m shared.envs record ENV APP_DIR DATA_DIR --pid PID   # this copy's record, and ENV/.used touched
+    python -m shared.envs clean ENV                               # remove the unused envs beside ENV (kept)
 """
 
 from __future__ import annotations
 
+import argparse
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import shutil
+import sys
 import time
 from pathlib import Path
-
-from shared.atomic import atomic_write_text
 
 log = logging.getLogger("cpu_tracker.envs")
 KEEP_S = 7 * 86400
@@ -37,19 +40,22 @@ RECORDS = "in-use"
 
 def current_env() -> Path | None:
     """The env this interpreter runs from, if it is one of run.sh's (``<root>/env-<key>``)."""
-    import sys
-
     prefix = Path(sys.prefix)
     return prefix if prefix.name.startswith("env-") and (prefix / ".ready").exists() else None
 
 
-def record_use(root: Path, env: Path, app_dir: Path, data_dir: Path, *, now: float | None = None) -> Path:
-    """Write (or refresh) this copy's record in ``root/in-use/``: which env the copy at ``app_dir`` serving
-    ``data_dir`` runs. Returns the record's path."""
+def record_use(root: Path, env: Path, app_dir: Path, data_dir: Path, *, now: float | None = None,
+               pid: int | None = None) -> Path:
+    """Write (or refresh) the record in ``root/in-use/`` of the copy at ``app_dir`` serving ``data_dir``, run by
+    process ``pid`` (default: this one): which env it runs. Returns the record's path."""
+    import hashlib
+
+    from shared.atomic import atomic_write_text
+
     copy_id = hashlib.sha256(f"{app_dir}\0{data_dir}".encode()).hexdigest()[:16]
     path = Path(root) / RECORDS / f"{copy_id}.json"
     atomic_write_text(path, json.dumps({"env": env.name, "app_dir": str(app_dir), "data_dir": str(data_dir),
-                                        "pid": os.getpid(), "updated_at": now or time.time()}) + "\n",
+                                        "pid": pid or os.getpid(), "updated_at": now or time.time()}) + "\n",
                       durable=False)
     return path
 
@@ -106,6 +112,8 @@ def collect_unused(root: Path, *, keep: Path | None = None, keep_s: float = KEEP
                    proc: Path = Path("/proc")) -> list[str]:
     """Remove the envs under ``root`` that nothing uses (the rule in the module docstring); ``keep`` is never
     removed. Returns the names removed. Never raises for a file system problem: it logs and skips."""
+    import shutil
+
     root = Path(root)
     now = time.time() if now is None else now
     removed: list[str] = []
@@ -139,3 +147,32 @@ def collect_unused(root: Path, *, keep: Path | None = None, keep_s: float = KEEP
         log.info("removed %d environment(s) no copy of the app has used for %g days: %s", len(removed),
                  keep_s / 86400, ", ".join(removed))
     return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The supervisor's chores (see the module docstring); a failure exits 1 with one line saying why."""
+    from shared.logs import setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m shared.envs")
+    sub = p.add_subparsers(dest="chore", required=True)
+    rec = sub.add_parser("record")
+    for name in ("env", "app_dir", "data_dir"):
+        rec.add_argument(name, type=Path)
+    rec.add_argument("--pid", type=int)
+    sub.add_parser("clean").add_argument("env", type=Path)
+    args = p.parse_args(argv)
+    setup_logging()
+    if args.chore == "clean":
+        collect_unused(args.env.parent, keep=args.env)  # never raises for a file system problem
+        return 0
+    try:
+        record_use(args.env.parent, args.env, args.app_dir, args.data_dir, pid=args.pid)
+        os.utime(args.env / ".used")
+    except OSError as e:
+        print(f"cannot record the environment in use: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -189,7 +189,7 @@ class Ledger:
                 also(self._spends, new)
             _append(fd, new.model_dump_json().encode("utf-8") + b"\n")
             self._spends.append(_slim(new))
-            self._rows.append(_row(new))
+            self._rows = np.vstack([self._rows, _row(new)])
             self._in_file += 1
             self._seen = _signature(fd)
             self._maybe_compact(new.released_at)
@@ -203,12 +203,12 @@ class Ledger:
         """Keeps each release's (start, end, epsilon in the fixed unit) beside it: converting every retained
         release's times at each admit was most of a release's cost after a day of them."""
         self._spends = [_slim(s) for s in spends]
-        self._rows = [_row(s) for s in self._spends]
+        self._rows = np.array([_row(s) for s in self._spends], dtype=float).reshape(-1, 3)  # (start, end, eps)
         self._in_file = len(self._spends)  # releases in the file; memory may hold fewer (see _maybe_compact)
 
     def _relevant_arrays(self, new: Spend) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(starts, ends, epsilons) of the releases within retention of ``new``, then ``new`` itself."""
-        arr = np.array([*self._rows, _row(new)], dtype=float).reshape(-1, 3)
+        arr = np.vstack([self._rows, _row(new)])
         keep = arr[:, 1] > (new.window_start - self.retention).timestamp()
         keep[-1] = True
         arr = arr[keep]
@@ -242,12 +242,12 @@ class Ledger:
 
     def _maybe_compact(self, now: datetime) -> None:
         since = (now - self.retention).timestamp()
-        kept = sum(1 for row in self._rows if row[1] > since)
+        within = self._rows[:, 1] > since
+        kept = int(within.sum())
         if len(self._rows) > kept + 100:  # memory: releases past retention matter to no check (~1.4 KB each)
-            pairs = [(s, row) for s, row in zip(self._spends, self._rows) if row[1] > since]
-            self._spends, self._rows = [s for s, _ in pairs], [row for _, row in pairs]
+            self._spends, self._rows = [s for s, k in zip(self._spends, within) if k], self._rows[within]
         if self._in_file > 2 * kept + 100:
-            keep = [s for s, row in zip(self._spends, self._rows) if row[1] > since]
+            keep = [s for s, k in zip(self._spends, self._rows[:, 1] > since) if k]
             text = _meta_line(self.max_horizon_s).decode() + "".join(s.model_dump_json() + "\n" for s in keep)
             try:
                 atomic_write_text(self.path, text, mode=PRIVATE)

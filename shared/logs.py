@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable  # not typing: the supervisor imports this module
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 HOUR_S = 3600.0

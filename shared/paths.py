@@ -3,7 +3,8 @@
 ```txt
 <data_dir>/
 ├── private/cpu_tracker/                     <-- never synced: outside datasites/
-│   ├── app.lock                             one running instance per datasite
+│   ├── app.lock                             one running instance per datasite (the worker)
+│   ├── supervisor.lock, logs/cpu_tracker.log   the supervisor's lock; its log when the app folder is shared
 │   ├── member/ledger.jsonl                  privacy ledger (every release, append-only)
 │   ├── member/raw.jsonl                     raw window means, for the owner's eyes only
 │   ├── aggregator/history.json              network history (survives restarts)
@@ -33,15 +34,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections import namedtuple
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import validate_email
-from pydantic_core import PydanticCustomError
-
 from shared import APP_NAME
 
+SETTINGS_FILE = "cpu_tracker.toml"  # in the app folder (shared.settings reads it, the supervisor watches it)
 REPORT_FILE = "cpu_tracker.json"
 MONITOR_SIGNALS_FILE = "monitor.json"
 MONITORS_FILE = "monitors.json"
@@ -61,6 +60,19 @@ SYFT_PUB_FILE = "syft.pub.yaml"
 _EMAIL = re.compile(r"[^@/\\\s*?\[\]{}]+@[^@/\\\s*?\[\]{}]+")  # no separator, whitespace or glob character
 
 
+def email_shape_problem(name: str) -> str | None:
+    """The part of ``datasite_email_problem`` that needs no pydantic: one ``@``, printable UTF-8, no path separator,
+    whitespace or pattern character. Enough alone only for an email SyftBox itself validated (its client config,
+    which the supervisor reads)."""
+    if not (_EMAIL.fullmatch(name) and name.isprintable()):
+        return "one @, no spaces, slashes or pattern characters (* ? [ ] { })"
+    try:
+        name.encode("utf-8")  # a folder name that is not UTF-8 on disk arrives with surrogate escapes
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    return None
+
+
 def datasite_email_problem(name: str) -> str | None:
     """Why ``name`` cannot be a datasite's email (None: it can). The one rule for a datasite's name (a member folder,
     the ``aggregator`` setting): an address SyftBox itself accepts as a datasite's email, written as SyftBox writes
@@ -73,13 +85,13 @@ def datasite_email_problem(name: str) -> str | None:
     - Ours on top: one ``@``, printable UTF-8, no path separator, whitespace or glob character (``* ? [ ] { }``:
       the newer server reads those as patterns, so ``*@example.org``, which EmailStr accepts, would name everyone
       at example.org in a permission file)."""
-    if not (_EMAIL.fullmatch(name) and name.isprintable()):
-        return "one @, no spaces, slashes or pattern characters (* ? [ ] { })"
+    if problem := email_shape_problem(name):
+        return problem
+    from pydantic import validate_email  # here, not above: the supervisor reads paths without pydantic
+    from pydantic_core import PydanticCustomError
+
     try:
-        name.encode("utf-8")  # a folder name that is not UTF-8 on disk arrives with surrogate escapes
         _, normalised = validate_email(name)
-    except UnicodeEncodeError:
-        return "not valid UTF-8"
     except (PydanticCustomError, ValueError) as e:
         return f"SyftBox refuses it as an email ({str(e).split(': ', 1)[-1].rstrip('.')})"
     if normalised != name:
@@ -93,13 +105,11 @@ def is_datasite_email(name: str) -> bool:
     return datasite_email_problem(name) is None
 
 
-@dataclass(frozen=True)
-class Paths:
-    """Paths of one datasite's workspace. Pure: building it touches no file."""
+class Paths(namedtuple("Paths", "data_dir email app_name", defaults=(APP_NAME,))):
+    """Paths of one datasite's workspace (``data_dir``: Path, ``email``: str, ``app_name``). Pure: building it
+    touches no file. Immutable; a named tuple rather than a dataclass, which would cost the supervisor 1.2 MB."""
 
-    data_dir: Path
-    email: str
-    app_name: str = APP_NAME
+    __slots__ = ()
 
     @property
     def datasites(self) -> Path:
@@ -117,6 +127,15 @@ class Paths:
     @property
     def lock_file(self) -> Path:
         return self.private / "app.lock"
+
+    @property
+    def supervisor_lock_file(self) -> Path:
+        return self.private / "supervisor.lock"
+
+    @property
+    def log_file(self) -> Path:
+        """The app's own log, used when several datasites share one app folder (and with it SyftBox's app log)."""
+        return self.private / "logs" / f"{self.app_name}.log"
 
     @property
     def ledger_file(self) -> Path:

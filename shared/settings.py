@@ -17,12 +17,12 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.atomic import read_regular
-from shared.paths import datasite_email_problem
+from shared.paths import SETTINGS_FILE, datasite_email_problem
 from shared.privacy import laplace_scale, mean_sensitivity, units_per_window
 from shared.schema import CPU_BOUNDS
 
-SETTINGS_FILE = "cpu_tracker.toml"
 ENV_PREFIXES = ("SYFTBOX_CPU_TRACKER_", "CPU_TRACKER_")
+NOT_SETTINGS = {"env_root"}  # CPU_TRACKER_ENV_ROOT: where run.sh keeps the environments, read by run.sh alone
 DAY_S = 86400.0
 MAX_SETTINGS_BYTES = 1 << 20
 MAX_MEMBERS_FILE_BYTES = 64 << 20  # about 2.5 million emails
@@ -268,6 +268,8 @@ def load_settings(app_dir: Path | None = None, environ: Mapping[str, str] | None
             if not key.startswith(prefix):
                 continue
             name = key[len(prefix) :].lower()
+            if name in NOT_SETTINGS:
+                continue
             if name not in names:
                 raise SettingsError(f"unknown setting {key}; known: {', '.join(sorted(names))}")
             values[name] = _parse_env(name, raw)

@@ -1,23 +1,21 @@
 """Private alerts on a real network: a SyftBox relay server and 4 clients on 127.0.0.1 (3 members, 1 aggregator),
-the app started by SyftBox's scheduler through run.sh. A load generator (busy loops, one per core, niced) drives
-the machine's CPU, which every member measures, above T; the alert must fire within two rounds of the network's
-sliding-window mean crossing T, clear once it falls back, and the relay must hold none of the members' raw
-statistics."""
+the app started by SyftBox's scheduler through run.sh. The test drives the CPU the members read (psutil's reading in
+their copies of the app, ``tests/localnet/machine_cpu.py``) from LOW to HIGH, above T, and back, so that whatever else
+the machine does cannot move it; the alert must fire within two rounds of the network's sliding-window mean crossing
+T, clear once it falls back, and the relay must hold none of the members' raw statistics."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from tests.localnet.demo import install_tracker, site_paths
+from tests.localnet.machine_cpu import CpuLevel
 from tests.localnet.network import LocalNetwork
 
 pytestmark = pytest.mark.network
@@ -32,11 +30,19 @@ SETTINGS = (f'aggregator = "{AGG}"\ninterval_s = {INTERVAL}\ntick_s = 1\nstale_a
             'violations = 8}]\n')
 
 
+LOW, HIGH = 20.0, 95.0
+
+
 @pytest.fixture(scope="module")
-def net(tmp_path_factory):
+def cpu(tmp_path_factory) -> CpuLevel:
+    return CpuLevel(tmp_path_factory.mktemp("alerts-cpu") / "levels", LOW)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory, cpu):
     with LocalNetwork(tmp_path_factory.mktemp("alerts"), Path(sys.prefix) / "bin", [*MEMBERS, AGG],
                       log=lambda _: None) as n:
-        install_tracker(n, MEMBERS, AGG, SETTINGS)
+        install_tracker(n, MEMBERS, AGG, SETTINGS, files={"sitecustomize.py": cpu.sitecustomize()})
         yield n
 
 
@@ -46,10 +52,6 @@ def alert(net: LocalNetwork) -> dict | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return alerts[0] if alerts else None
-
-
-def load(cores: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "import os\nos.nice(19)\nwhile True: pass"]) for _ in range(cores)]
 
 
 def sliding(net: LocalNetwork) -> list[tuple[float, float]]:
@@ -67,17 +69,12 @@ def sliding(net: LocalNetwork) -> list[tuple[float, float]]:
     return out
 
 
-def test_the_alert_fires_within_two_rounds_and_clears(net):
+def test_the_alert_fires_within_two_rounds_and_clears(net, cpu):
     ok = net.wait_for(lambda: (a := alert(net)) and a["state"] == "ok" and a, timeout=240, what="alert ok")
     assert ok["members"] == 3 and ok["violation_rounds_used"] == 0
-    busy = load(os.cpu_count() or 2)
-    try:
-        fired = net.wait_for(lambda: (a := alert(net)) and a["state"] == "firing" and a, timeout=90,
-                             what="alert firing")
-    finally:
-        for p in busy:
-            p.kill()
-            p.wait()
+    cpu.set(HIGH)
+    fired = net.wait_for(lambda: (a := alert(net)) and a["state"] == "firing" and a, timeout=90, what="alert firing")
+    cpu.set(LOW)
     since_fire = datetime.fromisoformat(fired["since"]).timestamp()
     cleared = net.wait_for(lambda: (a := alert(net)) and a["state"] == "ok" and a, timeout=120, what="alert ok again")
     since_clear = datetime.fromisoformat(cleared["since"]).timestamp()

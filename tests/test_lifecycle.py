@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,22 +21,10 @@ from shared.envs import collect_unused, record_use
 from shared.logs import Hourly, LogSink
 from shared.paths import Paths
 from shared.settings import Settings, settings_warnings
-from shared.runner import CodeWatch, code_files
+from shared.supervisor import CodeWatch, code_files
+from tests.localnet.demo import PACKAGES, app_env, copy_app
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("shared", "cpu_tracker_member", "cpu_tracker_aggregator")
-APP_FILES = ("run.sh", "pyproject.toml", *PACKAGES)
-
-
-def copy_app(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for name in APP_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def workspace(root: Path, email: str = "m@x.org") -> tuple[Path, Paths]:
@@ -73,6 +60,13 @@ def wait_until(predicate, timeout: float, what: str):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
+def report_epsilon(paths: Paths) -> float | None:
+    try:
+        return json.loads(paths.report_file().read_text())["release"]["epsilon"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def report_version(paths: Paths) -> str | None:
     try:
         return json.loads(paths.report_file().read_text())["app_version"]
@@ -85,6 +79,7 @@ def report_version(paths: Paths) -> str | None:
 def app(tmp_path):
     """A copy of the app started by ``sh run.sh`` under an intermediate shell (standing in for the SyftBox client)
     that we can kill: yields (app folder, paths, the shell's Popen, the log file)."""
+    app_env()  # built once, outside the timeouts below
     folder = copy_app(tmp_path / "app")
     config, paths = workspace(tmp_path)
     log_file = tmp_path / "app.log"
@@ -162,6 +157,20 @@ def test_supervised_app_restarts_stopped_workers_new_code_and_sigterm_then_leave
         assert needle in text, needle
     assert "Traceback" not in text
     assert took < 30, f"new code published {took:.1f} s after the edit"  # the real network test times it
+
+
+def test_a_changed_settings_file_reaches_the_supervised_worker(app):
+    """The README promises settings changes are picked up within seconds: under the supervisor, which watches the
+    settings file, as when the roles run directly."""
+    folder, paths, client, log_file = app
+    sup = wait_until(lambda: supervisor_pid(paths), 60, "the supervisor")
+    wait_until(lambda: report_epsilon(paths), 60, "a first report")
+    assert report_epsilon(paths) == 5.0
+    (folder / "cpu_tracker.toml").write_text("epsilon = 4.0\n")
+    changed = time.monotonic()
+    wait_until(lambda: report_epsilon(paths) == 4.0, 30, "a report at the new epsilon")
+    print(f"a report at the new epsilon {time.monotonic() - changed:.1f} s after the change (2 s windows)")
+    assert supervisor_pid(paths) == sup and "cpu_tracker.toml changed" in log_file.read_text()
 
 
 def test_sigint_is_a_deliberate_stop_and_exits_0(app):

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from shared.paths import Paths
+from tests.localnet.demo import app_env, copy_app
 from tests.localnet.network import LocalNetwork
-from tests.test_lifecycle import copy_app
 
 pytestmark = pytest.mark.network
 
@@ -40,6 +40,7 @@ def checkout(dest: Path, settings: str) -> Path:
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle")
+    app_env()
     with LocalNetwork(root / "net", Path(sys.prefix) / "bin", [A, B, C], log=lambda _: None) as n:
         n.install_app(REPO, symlink=False, emails=[A],
                       files={"cpu_tracker.toml": f'aggregator = "{AGG}"\ninterval_s = {INTERVAL_A}\n'})

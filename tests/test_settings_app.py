@@ -25,6 +25,13 @@ def test_file_then_environment(tmp_path):
     assert s.epsilon == 1.0  # CPU_TRACKER_ wins over SYFTBOX_CPU_TRACKER_
 
 
+def test_run_shs_own_variables_are_not_taken_for_settings(tmp_path):
+    """CPU_TRACKER_ENV_ROOT (and its SYFTBOX_ form) tell run.sh where the environments live; the app must start."""
+    s = load_settings(tmp_path, {"CPU_TRACKER_AGGREGATOR": "a@x.org", "CPU_TRACKER_ENV_ROOT": "/envs",
+                                 "SYFTBOX_CPU_TRACKER_ENV_ROOT": "/envs"})
+    assert s.aggregator == "a@x.org"
+
+
 def test_budgets_from_environment_json(tmp_path):
     s = load_settings(tmp_path, {"CPU_TRACKER_AGGREGATOR": "a@x.org",
                                  "CPU_TRACKER_BUDGETS": '[{"horizon_s": 60, "epsilon": 3}]'})
@@ -115,7 +122,7 @@ def test_once_publishes_a_report(tmp_path):
 def test_an_unexpected_error_in_a_loop_is_logged_and_stops_the_run(caplog):
     import threading
 
-    from shared.runner import _guarded
+    from shared.worker import _guarded
 
     def member_loop():
         raise RuntimeError("boom")
@@ -136,7 +143,7 @@ def test_a_changed_settings_file_stops_the_run_for_a_reload(tmp_path, monkeypatc
     """The README promises settings changes are picked up within SETTINGS_POLL_S (10 s)."""
     import threading
 
-    import shared.runner as app
+    import shared.worker as app
 
     monkeypatch.setattr(app, "SETTINGS_POLL_S", 0.05)
     (tmp_path / "cpu_tracker.toml").write_text('aggregator = "a@x.org"\n')

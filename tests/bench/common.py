@@ -120,13 +120,15 @@ def _git(*args: str) -> str:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a live process (/proc/<pid>/stat, resolution 1 / CLK_TCK)."""
+def proc_cpu_s(pid: int, children: bool = False) -> float | None:
+    """User + system CPU seconds of a live process (/proc/<pid>/stat, resolution 1 / CLK_TCK); ``children``: plus
+    those of its children that exited and that it waited for."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15 of stat)
+    used = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return (used + (int(fields[13]) + int(fields[14]) if children else 0)) / CLK_TCK  # cutime, cstime
 
 
 def proc_mem_mb(pid: int | str = "self") -> dict[str, float]:

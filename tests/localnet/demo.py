@@ -20,6 +20,7 @@ import functools
 import json
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -32,14 +33,41 @@ from shared.paths import Paths
 
 REPO = Path(__file__).resolve().parents[2]
 AGG = "aggregator@demo.example.org"
+PACKAGES = ("shared", "cpu_tracker_member", "cpu_tracker_aggregator")
 
 
-def install_tracker(net: LocalNetwork, members: list[str], aggregator: str, settings: str) -> None:
-    """Install this app into every client as a user would: a copy with ``settings`` as its cpu_tracker.toml;
-    the aggregator's copy also says ``role = "aggregator"`` (it publishes no report of its own)."""
-    net.install_app(REPO, symlink=False, emails=members, files={"cpu_tracker.toml": settings})
+def copy_app(dest: Path) -> Path:
+    """A copy of the app's own files (run.sh, the pins, the three packages) at ``dest``, as a checkout holds them."""
+    dest.mkdir(parents=True)
+    for name in ("run.sh", "pyproject.toml", *PACKAGES):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+@functools.cache
+def app_env() -> Path:
+    """The runtime environment the app's run.sh runs from, built now if this machine has none for its pins (once,
+    a minute or two), so that the first start of the app in a test network does not spend a test's timeout on it."""
+    done = subprocess.run(["sh", str(REPO / "run.sh"), "env", "runtime"], cwd=REPO, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"run.sh env runtime failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def install_tracker(net: LocalNetwork, members: list[str], aggregator: str, settings: str,
+                    files: dict[str, str] | None = None) -> None:
+    """Install this app into every client as a user would: a copy with ``settings`` as its cpu_tracker.toml (and
+    ``files``, name -> text, beside it); the aggregator's copy also says ``role = "aggregator"`` (it publishes no
+    report of its own)."""
+    app_env()
+    net.install_app(REPO, symlink=False, emails=members, files={**(files or {}), "cpu_tracker.toml": settings})
     net.install_app(REPO, symlink=False, emails=[aggregator],
-                    files={"cpu_tracker.toml": settings + 'role = "aggregator"\n'})
+                    files={**(files or {}), "cpu_tracker.toml": settings + 'role = "aggregator"\n'})
 
 
 def site_paths(net: LocalNetwork, email: str) -> Paths:
