@@ -49,7 +49,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from shared import safezone as sz
 from shared.atomic import PRIVATE, atomic_write_bytes, read_regular
-from shared.ledger import BudgetExceeded, LedgerCorrupt, Spend
+from shared.ledger import BudgetExceeded, Spend
 from shared.schema import MonitorDefinition, MonitorSignal, MonitorSignalsFile, MonitorsFile, SafeZone, SafeZonesFile
 from shared.settings import Settings
 
@@ -262,22 +262,15 @@ class MemberMonitors:
             if count:
                 setattr(track, count, getattr(track, count) + 1)
             self._save(durable=True)
-        try:
-            needs = max(b.horizon_s for b in self.settings.monitor_budgets)
-            if ledger.retention.total_seconds() < needs:
-                raise OSError(f"the ledger keeps {ledger.retention.total_seconds():g} s, less than the "
-                              f"{needs:g} s monitor_budgets looks back")
-            ledger.admit(spend, self._also)
-        except (BudgetExceeded, LedgerCorrupt, OSError) as e:
+        if not self.member.keeper.charge(spend, key=key, who=f"monitor {track.monitor}: ", resume="staying silent for "
+                                         "it", also=self._also,
+                                         needs_s=max(b.horizon_s for b in self.settings.monitor_budgets)):
             track.pin = before[0]
             if count:
                 setattr(track, count, before[1])
             self._save()
-            why = str(e) if isinstance(e, BudgetExceeded) else f"cannot record its spend in the ledger ({e})"
-            self.problems.report(key, f"monitor {track.monitor}: {why}; staying silent for it")
             return False
         track.last_spend = now
-        self.problems.clear(key, f"monitor {track.monitor}: budget available again")
         return True
 
     # -- Algorithm 1: a noisy vector ------------------------------------------------------------------
