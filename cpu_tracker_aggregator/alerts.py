@@ -358,7 +358,7 @@ class Alerts:
             ensure_permissions(folder, self.paths.email, [member])
             body = SafeZonesFile(member=member, generated_at=times.get(member, _epoch0()),
                                  zones=holders.get(member, []))
-            write_if_changed(folder / "zones.json", body.model_dump_json().encode() + b"\n")
+            write_if_changed(self.paths.zones_file(member), body.model_dump_json().encode() + b"\n")
         if exposed:
             self.problems.report("zones-exposed", exposure_sentence(exposed, "safe-zone folders"), logging.ERROR)
         else:

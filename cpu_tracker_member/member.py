@@ -25,9 +25,9 @@ from shared.ledger import Ledger, LedgerKeeper, Spend, spent_per_budget
 from shared.logs import Hourly, Problems
 from shared.paths import Paths
 from shared.permissions import PermissionGuard, ensure_permissions, withdraw
-from shared.privacy import UNIT_NAME, UNIT_S, laplace_release, mean_sensitivity
+from shared.privacy import UNIT_S, clip_cpu, laplace_release, window_sensitivity
 from shared.runner import Role
-from shared.schema import CPU_BOUNDS, MemberReport, PrivacyUnit, Window, utc_now
+from shared.schema import CPU_BOUNDS, SECOND_UNIT, MemberReport, PrivacyUnit, Window, utc_now
 from shared.settings import Settings, settings_warnings
 
 RAW_KEEP = 2000  # raw window means kept for the owner's `status`
@@ -65,9 +65,9 @@ def build_report(
 ) -> tuple[float, MemberReport]:
     """The raw (private, clipped) mean of a window of ``n_samples`` whole seconds and the report carrying its
     Laplace release, accounted in the fixed unit (one second of activity). Pure but for the noise."""
-    raw = min(max(float(raw_mean), CPU_BOUNDS[0]), CPU_BOUNDS[1])
+    raw = clip_cpu(raw_mean)
     release = laplace_release(
-        raw, epsilon=settings.epsilon, sensitivity=mean_sensitivity(*CPU_BOUNDS, n_samples), random_state=random_state
+        raw, epsilon=settings.epsilon, sensitivity=window_sensitivity(n_samples), random_state=random_state
     )
     report = MemberReport(
         app_version=__version__,
@@ -75,7 +75,7 @@ def build_report(
         bounds=CPU_BOUNDS,
         window=Window(start=start, end=end, n_samples=n_samples, sample_period_s=UNIT_S),
         release=release,
-        privacy_unit=PrivacyUnit(name=UNIT_NAME, seconds=UNIT_S),
+        privacy_unit=PrivacyUnit(name=SECOND_UNIT, seconds=UNIT_S),
         cpu=release.value,
         timestamp=end.strftime("%Y-%m-%d %H:%M:%S"),
     )

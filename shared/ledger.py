@@ -16,7 +16,7 @@ mid-append) is cut off on open; any other unreadable line stops releases (the bu
 until the owner acts.
 
 Units: every line says its privacy unit. Budgets are checked in the fixed unit, one second of CPU activity
-(``shared.privacy.UNIT_NAME``); older lines in ``cpu_sample`` are converted conservatively
+(``shared.schema.SECOND_UNIT``); older lines in ``cpu_sample`` are converted conservatively
 (``shared.privacy.epsilon_per_unit``).
 
 The file is the owner's alone: mode 0600 in a 0700 folder, whatever the umask, also after compaction.
@@ -46,7 +46,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from shared.atomic import PRIVATE, atomic_write_text, ensure_private_dir
 from shared.logs import Problems
-from shared.privacy import LEGACY_UNIT_NAME, epsilon_per_unit
+from shared.privacy import epsilon_per_unit
+from shared.schema import DAY_UNIT, LEGACY_UNIT, SECOND_UNIT, WINDOW_UNIT
 from shared.settings import MAX_HORIZON_S, Budget, budget_words
 
 log = logging.getLogger("cpu_tracker.ledger")
@@ -63,7 +64,7 @@ class Spend(BaseModel):
     epsilon: float = Field(gt=0)
     delta: float = Field(default=0.0, ge=0)
     mechanism: str
-    unit: Literal["cpu_second", "cpu_sample", "cpu_window", "cpu_day"] = LEGACY_UNIT_NAME  # none: before the fixed unit
+    unit: Literal[SECOND_UNIT, LEGACY_UNIT, WINDOW_UNIT, DAY_UNIT] = LEGACY_UNIT  # type: ignore[valid-type]  # none: before the fixed unit
     n_samples: int = Field(ge=1)
     noise: str | None = Field(default=None, description="Secure releases: the epoch's NoiseSpec (JSON), from which "
                               "the day's releases are composed with dp-accounting.")
