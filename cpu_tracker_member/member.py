@@ -21,7 +21,7 @@ from typing import Callable
 from cpu_tracker_member.monitor import MemberMonitors, composed_words
 from shared import __version__
 from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps, secure_private_tree
-from shared.ledger import Ledger, LedgerKeeper, Spend, spent_per_budget
+from shared.ledger import Charge, Ledger, LedgerKeeper, Spend, spent_per_budget
 from shared.logs import Hourly, Problems
 from shared.paths import Paths
 from shared.permissions import PermissionGuard, ensure_permissions, withdraw
@@ -219,7 +219,7 @@ class Member:
             unit=report.privacy_unit.name,
             n_samples=report.window.n_samples,
         )
-        if not self.keeper.charge(spend):
+        if self.keeper.charge(spend) is not Charge.CHARGED:
             return None
         try:
             atomic_write_json(self.paths.report_file(), report.model_dump(mode="json"))

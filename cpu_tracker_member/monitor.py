@@ -49,7 +49,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from shared import safezone as sz
 from shared.atomic import PRIVATE, atomic_write_bytes, read_regular
-from shared.ledger import BudgetExceeded, Spend
+from shared.ledger import BudgetExceeded, Charge, Spend
 from shared.paths import SYFTPERM_FILE
 from shared.privacy import clip_cpu
 from shared.schema import (DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, MonitorDefinition, MonitorSignal, MonitorSignalsFile,
@@ -265,9 +265,10 @@ class MemberMonitors:
             if count:
                 setattr(track, count, getattr(track, count) + 1)
             self._save(durable=True)
-        if not self.member.keeper.charge(spend, key=key, who=f"monitor {track.monitor}: ", resume="staying silent for "
-                                         "it", also=self._also,
-                                         needs_s=max(b.horizon_s for b in self.settings.monitor_budgets)):
+        charged = self.member.keeper.charge(spend, key=key, who=f"monitor {track.monitor}: ",
+                                            resume="staying silent for it", also=self._also,
+                                            needs_s=max(b.horizon_s for b in self.settings.monitor_budgets))
+        if charged is not Charge.CHARGED:
             track.pin = before[0]
             if count:
                 setattr(track, count, before[1])

@@ -37,6 +37,7 @@ import logging
 import os
 from collections import Counter
 from contextlib import contextmanager
+from enum import Enum
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, Sequence
@@ -398,6 +399,14 @@ def _append(fd: int, data: bytes) -> None:
 # ---------------------------------------------------------------------------------------------------
 # The ledger as the member's spenders use it
 # ---------------------------------------------------------------------------------------------------
+class Charge(Enum):
+    """How a charge to the ledger ended (``LedgerKeeper.charge``)."""
+
+    CHARGED = "charged"  # recorded (fsynced): what it pays for may be released
+    OVER_BUDGET = "over budget"  # refused by a budget or a further check: nothing recorded
+    NOT_RECORDED = "not recorded"  # the ledger is unusable, not writable, or keeps too little: nothing recorded
+
+
 class LedgerKeeper:
     """The member's ledger as every spender uses it (the local release, the secure round, the private alerts):
     opened once, releases paused while it is unusable, and each charge's outcome said the same way: once, with
@@ -429,15 +438,14 @@ class LedgerKeeper:
 
     def charge(self, spend: Spend, *, key: str = "budget", who: str = "",
                resume: str = "releases resume by themselves once the span rolls past",
-               also: Callable[[Sequence[Spend], Spend], None] | None = None, needs_s: float = 0.0) -> bool:
-        """Record ``spend`` (fsynced) before what it pays for is released. True if recorded. False if not, said
-        once: over budget (under ``key``, once per pause whichever budget binds: ``who`` + why + ``resume``), the
+               also: Callable[[Sequence[Spend], Spend], None] | None = None, needs_s: float = 0.0) -> Charge:
+        """Record ``spend`` (fsynced) before what it pays for is released: CHARGED. Otherwise said once: over budget (under ``key``, once per pause whichever budget binds: ``who`` + why + ``resume``), the
         ledger unusable (edited into garbage while running: paused as at start, under ``ledger``), or not
         writable, or keeping less than ``needs_s`` seconds, which ``also`` looks back (under ``key + ":write"``).
         ``also`` is the ledger's further check under its lock (``Ledger.admit``)."""
         ledger = self.ledger()
         if ledger is None:
-            return False
+            return Charge.NOT_RECORDED
         write_key = f"{key}:write"
         try:
             if ledger.retention.total_seconds() < needs_s:
@@ -447,14 +455,14 @@ class LedgerKeeper:
         except BudgetExceeded as e:
             if key not in self.problems.active:  # once per pause, whichever budget binds at each window
                 self.problems.report(key, f"{who}{e}; {resume}")
-            return False
+            return Charge.OVER_BUDGET
         except LedgerCorrupt as e:
             self._unusable(e)
-            return False
+            return Charge.NOT_RECORDED
         except OSError as e:
             self.problems.report(write_key, f"{who}cannot record the spend in the privacy ledger {ledger.path} ({e}); "
                                  "nothing is released until it can. Check disk space and the file's permissions.")
-            return False
+            return Charge.NOT_RECORDED
         self.problems.clear(write_key, f"{who}the privacy ledger records spends again")
         self.problems.clear(key, f"{who}privacy budget available again")
-        return True
+        return Charge.CHARGED
