@@ -127,6 +127,11 @@ def class_members(cls: ast.ClassDef) -> list[tuple[str, str]]:
             kind = "property" if _decorator_names(node) & {"property", "cached_property"} else "method"
             out.append((kind, name))
         elif isinstance(node, ast.Assign):
+            call = node.value.func if isinstance(node.value, ast.Call) else None
+            while isinstance(call, ast.Call):  # field_validator("x")(function): a validator bound by assignment
+                call = call.func
+            if getattr(call, "id", getattr(call, "attr", None)) in FRAMEWORK_DECORATORS:
+                continue
             out += [("constant", t.id) for t in node.targets if isinstance(t, ast.Name) and t.id != "model_config"
                     and not t.id.startswith("__")]  # __slots__ and the like: the language reads them
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
