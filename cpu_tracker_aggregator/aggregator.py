@@ -22,14 +22,14 @@ from cpu_tracker_aggregator.metrics import Metrics
 from cpu_tracker_aggregator.publish import Publisher
 from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_chunks, write_if_changed
 from shared.logs import Hourly, Problems
-from shared.paths import Paths, is_datasite_email
+from shared.paths import PAGE_FILE, Paths, is_datasite_email
 from shared.permissions import ensure_permissions, exposure_sentence, guard_for, withhold
 from shared.runner import Role
 from shared.schema import Dashboard, History, json_schemas, schema_text, utc_now
 from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.aggregator")
-PAGE = Path(__file__).parent / "page" / "index.html"
+PAGE = Path(__file__).parent / "page" / PAGE_FILE
 
 
 @dataclass
@@ -217,7 +217,7 @@ def _static_files() -> dict[str, bytes]:
     """The schemas and the page published beside the dashboard (built once per process)."""
     files = {name: schema_text(schema).encode() for name, schema in json_schemas().items()}
     if PAGE.exists():
-        files[PAGE.name] = PAGE.read_bytes()
+        files[PAGE_FILE] = PAGE.read_bytes()
     return files
 
 

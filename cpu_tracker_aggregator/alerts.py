@@ -33,7 +33,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from cpu_tracker_aggregator.reader import open_datasites, read_report
 from shared import APP_NAME
 from shared import safezone as sz
-from shared.atomic import PRIVATE, atomic_write_bytes, write_if_changed
+from shared.atomic import PRIVATE, ChangeCache, atomic_write_bytes, write_if_changed
 from shared.logs import Problems
 from shared.paths import MONITOR_SIGNALS_FILE, Paths, is_datasite_email
 from shared.permissions import ensure_permissions, exposure_sentence, guard_for, withhold
@@ -137,7 +137,7 @@ class Alerts:
         for warning in cost_warnings(self.specs, settings):
             log.warning("%s", warning)
         self.runs = self._load()
-        self._seen: dict[str, tuple[int, int, int] | None] = {}
+        self._seen = ChangeCache(follow_symlinks=False)  # each member's monitor file, by member
         self.signals: dict[str, dict[str, MonitorSignal]] = {}  # member -> monitor -> its latest signal
         self._public: list[AlertState] | None = None
 
@@ -304,18 +304,16 @@ class Alerts:
         ds_fd = -1
         try:
             for name in names:
-                try:
-                    st = os.lstat(os.path.join(ds, name, *parts))
-                    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
-                except OSError:
+                sig = self._seen.signature(name, os.path.join(ds, name, *parts))
+                if sig is None:
                     self.signals.pop(name, None)
                     continue
-                if self._seen.get(name) == sig:
+                if self._seen.unchanged(name, sig):
                     continue
                 if ds_fd < 0:
                     ds_fd = open_datasites(ds)
                 got = read_report(ds_fd, ds, (name, *parts), MAX_SIGNALS_BYTES)
-                self._seen[name] = sig
+                self._seen.keep(name, sig)
                 key = f"signals:{name}"
                 if got is None:
                     continue
@@ -358,7 +356,7 @@ class Alerts:
             ensure_permissions(folder, self.paths.email, [member])
             body = SafeZonesFile(member=member, generated_at=times.get(member, _epoch0()),
                                  zones=holders.get(member, []))
-            write_if_changed(folder / "zones.json", body.model_dump_json().encode() + b"\n")
+            write_if_changed(self.paths.zones_file(member), body.model_dump_json().encode() + b"\n")
         if exposed:
             self.problems.report("zones-exposed", exposure_sentence(exposed, "safe-zone folders"), logging.ERROR)
         else:

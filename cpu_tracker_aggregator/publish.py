@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cpu_tracker_aggregator.dashboard import COARSE_S, COARSE_STEP_S, COLUMNS, RECENT_S
 from shared.atomic import atomic_write_bytes
-from shared.paths import CURRENT_FILE, HISTORY_DIR, HISTORY_INDEX_FILE
+from shared.paths import CURRENT_FILE, DASHBOARD_FILE, HISTORY_DIR, HISTORY_INDEX_FILE
 from shared.schema import Current, Dashboard, History, HistoryIndex, OpenPoints, Point, Segment, Series
 
 log = logging.getLogger("cpu_tracker.aggregator")
@@ -132,8 +132,8 @@ class Publisher:
             written.append(CURRENT_FILE)
         if (self._legacy_at is None or abs(now - self._legacy_at) >= LEGACY_EVERY_S
                 or (dashboard.status, dashboard.lead, dashboard.alerts) != self._legacy_status):
-            if self._write("dashboard.json", dashboard.model_dump_json().encode() + b"\n"):
-                written.append("dashboard.json")
+            if self._write(DASHBOARD_FILE, dashboard.model_dump_json().encode() + b"\n"):
+                written.append(DASHBOARD_FILE)
             self._legacy_at, self._legacy_status = now, (dashboard.status, dashboard.lead, dashboard.alerts)
         return written
 

@@ -16,6 +16,7 @@ import stat
 from typing import NamedTuple
 
 from cpu_tracker_aggregator.validate import Rejected
+from shared.atomic import stat_signature
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 DIR_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | _CLOEXEC
@@ -30,8 +31,7 @@ class Read(NamedTuple):
     sig: tuple[int, int, int] | None
 
 
-def signature(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_ino, st.st_size, st.st_mtime_ns
+signature = stat_signature  # for cpu_tracker_aggregator/secure.py until secure-v2 imports shared.atomic's (issue 20)
 
 
 def open_datasites(path: str) -> int:
@@ -63,7 +63,7 @@ def read_report(ds_fd: int, ds: str, parts: tuple[str, ...], max_bytes: int) -> 
             os.close(d)
     try:
         st = os.fstat(fd)
-        sig = signature(st)
+        sig = stat_signature(st)
         if not stat.S_ISREG(st.st_mode):
             return Read(Rejected("not_a_file"), sig)
         if st.st_size > max_bytes:
@@ -102,7 +102,7 @@ def _refused_folder(error: OSError, name: str, parent: int, ds: str, parts: tupl
             target = os.lstat(os.path.join(ds, *parts))
         except OSError:
             return None  # leads nowhere: no report here
-        return Read(Rejected("symlink", f"{name!r} on the way to the report is a symlink"), signature(target))
+        return Read(Rejected("symlink", f"{name!r} on the way to the report is a symlink"), stat_signature(target))
     if not stat.S_ISDIR(st.st_mode):
         return None  # a file where a folder should be: no report here
     return Read(Rejected("unreadable", f"{name}: {error.strerror or error}"), None)
@@ -113,7 +113,7 @@ def _refused_file(error: OSError, name: str, parent: int) -> Read | None:
     if st is None:
         return None
     if stat.S_ISLNK(st.st_mode):
-        return Read(Rejected("symlink", "the report file is a symlink"), signature(st))
+        return Read(Rejected("symlink", "the report file is a symlink"), stat_signature(st))
     if not stat.S_ISREG(st.st_mode):
-        return Read(Rejected("not_a_file"), signature(st))  # a socket cannot be opened at all
+        return Read(Rejected("not_a_file"), stat_signature(st))  # a socket cannot be opened at all
     return Read(Rejected("unreadable", error.strerror or str(error)), None)

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cpu_tracker_aggregator.reader import Read, open_datasites, read_report, signature
+from cpu_tracker_aggregator.reader import Read, open_datasites, read_report
 from cpu_tracker_aggregator.validate import (
     Accepted,
     Rejected,
@@ -38,6 +38,7 @@ from cpu_tracker_aggregator.validate import (
     parse_report,
     us,
 )
+from shared.atomic import stat_signature
 from shared.paths import Paths
 from shared.settings import Settings
 
@@ -288,7 +289,7 @@ class Roster:
     def _lstat(self, name: str) -> tuple[tuple[int, int, int], bool] | None:
         for rel, api_data in ((self._rel, False), (self._legacy_rel, True)):
             try:
-                return signature(os.lstat(f"{self.ds}/{name}/{rel}")), api_data
+                return stat_signature(os.lstat(f"{self.ds}/{name}/{rel}")), api_data
             except OSError:
                 pass
         return None

@@ -28,6 +28,7 @@ from typing import Literal, NamedTuple, Union, get_args, get_origin
 from pydantic import AwareDatetime, BaseModel, ValidationError
 
 from shared.paths import is_datasite_email
+from shared.privacy import laplace_scale, window_sensitivity
 from shared.schema import CPU_BOUNDS, SCHEMA_VERSION, LegacyReport, MemberReport
 from shared.settings import Settings
 
@@ -306,9 +307,9 @@ def _check_numbers(bounds: tuple[float, float], n_samples: int, sample_period_s:
         raise Rejected("inconsistent", f"bounds {bounds} are not {CPU_BOUNDS}")
     if n_samples * sample_period_s > 1.5 * window_s + 1.0:
         raise Rejected("inconsistent", f"{n_samples} samples of {sample_period_s} s cannot fit in {window_s:.1f} s")
-    if not isclose(sensitivity, (hi - lo) / n_samples, rel_tol=REL, abs_tol=ABS):
+    if not isclose(sensitivity, window_sensitivity(n_samples), rel_tol=REL, abs_tol=ABS):
         raise Rejected("inconsistent", f"sensitivity {sensitivity} != (upper - lower) / n_samples")
-    if not isclose(noise_scale, sensitivity / epsilon, rel_tol=REL, abs_tol=ABS):
+    if not isclose(noise_scale, laplace_scale(sensitivity, epsilon), rel_tol=REL, abs_tol=ABS):
         raise Rejected("inconsistent", f"noise_scale {noise_scale} != sensitivity / epsilon")
     if not isclose(noise_std, math.sqrt(2) * noise_scale, rel_tol=REL, abs_tol=ABS):
         raise Rejected("inconsistent", f"noise_std {noise_std} != sqrt(2) * noise_scale")

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from threading import Event
@@ -21,13 +21,13 @@ from typing import Callable
 from cpu_tracker_member.monitor import MemberMonitors, composed_words
 from shared import __version__
 from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps, secure_private_tree
-from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend, spent_per_budget
+from shared.ledger import Charge, Ledger, LedgerKeeper, Spend, spent_per_budget
 from shared.logs import Hourly, Problems
 from shared.paths import Paths
 from shared.permissions import PermissionGuard, ensure_permissions, withdraw
-from shared.privacy import UNIT_NAME, UNIT_S, laplace_release, mean_sensitivity
+from shared.privacy import UNIT_S, clip_cpu, laplace_release, window_sensitivity
 from shared.runner import Role
-from shared.schema import CPU_BOUNDS, MemberReport, PrivacyUnit, Window, utc_now
+from shared.schema import CPU_BOUNDS, SECOND_UNIT, MemberReport, PrivacyUnit, Window, utc_now
 from shared.settings import Settings, settings_warnings
 
 RAW_KEEP = 2000  # raw window means kept for the owner's `status`
@@ -65,9 +65,9 @@ def build_report(
 ) -> tuple[float, MemberReport]:
     """The raw (private, clipped) mean of a window of ``n_samples`` whole seconds and the report carrying its
     Laplace release, accounted in the fixed unit (one second of activity). Pure but for the noise."""
-    raw = min(max(float(raw_mean), CPU_BOUNDS[0]), CPU_BOUNDS[1])
+    raw = clip_cpu(raw_mean)
     release = laplace_release(
-        raw, epsilon=settings.epsilon, sensitivity=mean_sensitivity(*CPU_BOUNDS, n_samples), random_state=random_state
+        raw, epsilon=settings.epsilon, sensitivity=window_sensitivity(n_samples), random_state=random_state
     )
     report = MemberReport(
         app_version=__version__,
@@ -75,7 +75,7 @@ def build_report(
         bounds=CPU_BOUNDS,
         window=Window(start=start, end=end, n_samples=n_samples, sample_period_s=UNIT_S),
         release=release,
-        privacy_unit=PrivacyUnit(name=UNIT_NAME, seconds=UNIT_S),
+        privacy_unit=PrivacyUnit(name=SECOND_UNIT, seconds=UNIT_S),
         cpu=release.value,
         timestamp=end.strftime("%Y-%m-%d %H:%M:%S"),
     )
@@ -89,21 +89,22 @@ class Member:
     paths: Paths
     settings: Settings
     problems: Problems
-    _ledger: Ledger | None = None
     _guard: PermissionGuard | None = None
     exposed: str | None = None  # why the app's files would be exposed, at the last check (None: they are not)
+    keeper: LedgerKeeper = field(init=False)  # the ledger, and every spender's charge to it
+
+    def __post_init__(self) -> None:
+        self.keeper = LedgerKeeper(self._open_ledger, self.problems)
+
+    def _open_ledger(self) -> Ledger:
+        # first: another local user who can rename the ledger's folder can make it forget a spend
+        secure_private_tree(self.paths.private.parent, self.paths.private)
+        return Ledger(self.paths.ledger_file, self.settings.budgets,
+                      keep_s=max(b.horizon_s for b in self.settings.monitor_budgets))
 
     def ledger(self) -> Ledger | None:
         """The ledger, loaded once; None (and releases paused) while it is unreadable."""
-        if self._ledger is None:
-            try:  # first: another local user who can rename the ledger's folder can make it forget a spend
-                secure_private_tree(self.paths.private.parent, self.paths.private)
-                self._ledger = Ledger(self.paths.ledger_file, self.settings.budgets,
-                                      keep_s=max(b.horizon_s for b in self.settings.monitor_budgets))
-                self.problems.clear("ledger", "privacy ledger readable again: releases resume")
-            except (LedgerCorrupt, OSError) as e:
-                self.problems.report("ledger", f"privacy ledger unusable, releases paused: {e}", logging.ERROR)
-        return self._ledger
+        return self.keeper.ledger()
 
     def guard(self) -> PermissionGuard:
         """The check of every permission file that could expose the app's files (made once: it keeps caches)."""
@@ -144,7 +145,7 @@ class Member:
             )
             return False
         self.problems.clear("perms", "report folder permissions in order again")
-        if fixed and self._ledger is not None:  # first start writes them silently
+        if fixed and self.keeper.current is not None:  # first start writes them silently
             log.warning("repaired %s in %s (missing or changed)", ", ".join(fixed), folder)
         return True
 
@@ -205,8 +206,7 @@ class Member:
         once)."""
         if not self.ensure_folder() or not self.parents_safe():
             return None
-        ledger = self.ledger()
-        if ledger is None or not self.delivered():
+        if self.ledger() is None or not self.delivered():
             return None
         raw, report = build_report(raw_mean, self.settings.samples_per_window, start, end, self.settings)
         spend = Spend(
@@ -219,21 +219,8 @@ class Member:
             unit=report.privacy_unit.name,
             n_samples=report.window.n_samples,
         )
-        try:
-            ledger.admit(spend)
-            self.problems.clear("budget", "privacy budget available again: releases resume")
-        except BudgetExceeded as e:
-            if "budget" not in self.problems.active:  # once per pause, whichever budget binds at each window
-                self.problems.report("budget", f"{e}; releases resume by themselves once the span rolls past")
+        if self.keeper.charge(spend) is not Charge.CHARGED:
             return None
-        except LedgerCorrupt as e:  # edited into garbage while running: pause, as at start
-            self._ledger = None
-            self.problems.report("ledger", f"privacy ledger unusable, releases paused: {e}", logging.ERROR)
-            return None
-        except OSError as e:
-            self.problems.report("ledger-write", f"cannot record the release in the ledger, not publishing: {e}")
-            return None
-        self.problems.clear("ledger-write")
         try:
             atomic_write_json(self.paths.report_file(), report.model_dump(mode="json"))
             self.problems.clear("report-write", "report written again")
@@ -282,7 +269,7 @@ def run_member(
         secure = SecureMember(member.paths, s, member.problems, member.ledger)
     read()  # psutil's first reading is meaningless: discard it
     start = wall()
-    summary = Hourly(log, lambda totals, now: hourly_line(member, totals, now))
+    summary = Hourly(log, lambda totals, now: hourly_line(s, member.keeper.spends, totals, now))
     monitors = MemberMonitors(member)  # private alerts (safe zones): one check per window
     while not stop.is_set():
         # secure rounds are UTC windows (round r = [r * interval, (r + 1) * interval)): end each window on one
@@ -319,17 +306,18 @@ def _to_boundary(now: float, interval_s: float) -> float:
     return (math.floor(now / interval_s) + 1) * interval_s - now
 
 
-def hourly_line(member: Member, totals: dict[str, float], now: float) -> str:
-    """The member's hourly log line: what it published and the budget left in each rolling span ending now."""
+def hourly_line(settings: Settings, spends: list[Spend] | None, totals: dict[str, float], now: float) -> str:
+    """The member's hourly log line: what it published and, from the ledger's ``spends`` (None: the ledger is not
+    open), the budget left in each rolling span ending now."""
     line = (f"last hour: {totals.get('published', 0):.0f} of {totals.get('windows', 0):.0f} windows published, "
             f"epsilon {totals.get('epsilon', 0):.4g} spent")
-    ledger, end = member._ledger, datetime.fromtimestamp(now, timezone.utc)
-    spans = [b for b in member.settings.budgets if b.horizon_s > 0]
-    if ledger is not None and spans:
+    end = datetime.fromtimestamp(now, timezone.utc)
+    spans = [b for b in settings.budgets if b.horizon_s > 0]
+    if spends is not None and spans:
         left = [f"{b.epsilon - spent:.4g} of {b.epsilon:g} per {b.horizon_s:g} s"
-                for b, spent in spent_per_budget(ledger.spends, spans, end)]
+                for b, spent in spent_per_budget(spends, spans, end)]
         line += "; budget left " + ", ".join(left)
-    if ledger is not None and (composed := composed_words(member.settings, ledger.spends, end - HOUR, end)):
+    if spends is not None and (composed := composed_words(settings, spends, end - HOUR, end)):
         line += "; " + composed
     return line
 

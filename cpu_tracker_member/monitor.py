@@ -49,8 +49,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from shared import safezone as sz
 from shared.atomic import PRIVATE, atomic_write_bytes, read_regular
-from shared.ledger import BudgetExceeded, LedgerCorrupt, Spend
-from shared.schema import MonitorDefinition, MonitorSignal, MonitorSignalsFile, MonitorsFile, SafeZone, SafeZonesFile
+from shared.ledger import BudgetExceeded, Charge, Spend
+from shared.paths import SYFTPERM_FILE
+from shared.privacy import clip_cpu
+from shared.schema import (DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, MonitorDefinition, MonitorSignal, MonitorSignalsFile,
+                           MonitorsFile, SafeZone, SafeZonesFile)
 from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.member")
@@ -172,7 +175,7 @@ class MemberMonitors:
     def step(self, raw_mean: float, start: datetime, end: datetime) -> None:
         """Take part in every monitor for the window [start, end) that just ended. Never raises: the releases go
         on."""
-        self.windows.append(sz.WindowMean(start.timestamp(), end.timestamp(), min(max(float(raw_mean), 0.0), 100.0)))
+        self.windows.append(sz.WindowMean(start.timestamp(), end.timestamp(), clip_cpu(raw_mean)))
         s = self.settings
         if not s.join_monitors or s.aggregator is None:
             return
@@ -249,7 +252,7 @@ class MemberMonitors:
             return False
         key = f"monitor-budget:{track.monitor}"
         spend = Spend(released_at=now, window_start=start, window_end=stop, epsilon=epsilon / pin.seconds,
-                      mechanism=sz.spend_mechanism(what, track.monitor, instance), unit="cpu_second",
+                      mechanism=sz.spend_mechanism(what, track.monitor, instance), unit=SECOND_UNIT,
                       n_samples=pin.seconds)
         try:  # the cap first on what this process knows (no write while it refuses; admit checks again)
             self._also(ledger.spends, spend)
@@ -262,22 +265,16 @@ class MemberMonitors:
             if count:
                 setattr(track, count, getattr(track, count) + 1)
             self._save(durable=True)
-        try:
-            needs = max(b.horizon_s for b in self.settings.monitor_budgets)
-            if ledger.retention.total_seconds() < needs:
-                raise OSError(f"the ledger keeps {ledger.retention.total_seconds():g} s, less than the "
-                              f"{needs:g} s monitor_budgets looks back")
-            ledger.admit(spend, self._also)
-        except (BudgetExceeded, LedgerCorrupt, OSError) as e:
+        charged = self.member.keeper.charge(spend, key=key, who=f"monitor {track.monitor}: ",
+                                            resume="staying silent for it", also=self._also,
+                                            needs_s=max(b.horizon_s for b in self.settings.monitor_budgets))
+        if charged is not Charge.CHARGED:
             track.pin = before[0]
             if count:
                 setattr(track, count, before[1])
             self._save()
-            why = str(e) if isinstance(e, BudgetExceeded) else f"cannot record its spend in the ledger ({e})"
-            self.problems.report(key, f"monitor {track.monitor}: {why}; staying silent for it")
             return False
         track.last_spend = now
-        self.problems.clear(key, f"monitor {track.monitor}: budget available again")
         return True
 
     # -- Algorithm 1: a noisy vector ------------------------------------------------------------------
@@ -422,7 +419,7 @@ class MemberMonitors:
         if not signals and not path.exists():
             self._written = signals
             return
-        if self.member.exposed is not None or not (path.parent / "syftperm.yaml").exists():
+        if self.member.exposed is not None or not (path.parent / SYFTPERM_FILE).exists():
             return  # the member's publish() withdraws and says why; nothing goes where others could read it
         try:
             atomic_write_bytes(path, MonitorSignalsFile(created_at=end, signals=signals).model_dump_json().encode()
@@ -438,7 +435,7 @@ def also_checks(settings: Settings) -> Callable:
     (``monitor_budgets``), and in secure mode with the ``cpu_day`` unit the day's composition with the secure
     releases (``secure.day_check``), so that neither can be spent past by the other."""
     checks = [sz.cap_check(settings.monitor_budgets)]
-    if settings.mode == "secure" and settings.secure_unit == "cpu_day":
+    if settings.mode == "secure" and settings.secure_unit == DAY_UNIT:
         from cpu_tracker_member.secure import day_check  # secure mode only: it loads the accounting
 
         checks.append(day_check(settings.secure_target, settings.secure_delta))
@@ -455,7 +452,7 @@ def composed_words(settings: Settings, spends, start: datetime, end: datetime) -
     composition: added), when they spent anything there: one second (local mode, secure ``cpu_second``) or one
     whole window (secure ``cpu_window``). None without monitor spends, and for ``cpu_day``, whose day check already
     composes them."""
-    if settings.mode == "secure" and settings.secure_unit == "cpu_day":
+    if settings.mode == "secure" and settings.secure_unit == DAY_UNIT:
         return None
     lo, hi = start.timestamp(), end.timestamp()
     starts, ends, eps = sz.monitor_rows([s for s in spends if sz.is_monitor_spend(s)
@@ -463,7 +460,7 @@ def composed_words(settings: Settings, spends, start: datetime, end: datetime) -
     if not len(starts):
         return None
     starts, ends = np.maximum(starts, lo), np.minimum(ends, hi + 1e-6)
-    if settings.mode == "secure" and settings.secure_unit == "cpu_window":
+    if settings.mode == "secure" and settings.secure_unit == WINDOW_UNIT:
         n = settings.samples_per_window
         alerts = n * sz.heaviest_span(starts, ends, eps, settings.interval_s)
         release, unit = settings.secure_target, f"one window ({settings.interval_s:g} s) of activity"
@@ -492,7 +489,7 @@ def _raw_windows(path) -> list[sz.WindowMean]:
         except (ValueError, KeyError, TypeError, AttributeError):
             continue
         if end > start and math.isfinite(mean):
-            out.append(sz.WindowMean(start, end, min(max(mean, 0.0), 100.0)))
+            out.append(sz.WindowMean(start, end, clip_cpu(mean)))
     return out
 
 

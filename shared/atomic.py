@@ -288,3 +288,42 @@ def read_capped(path: Path, limit: int = 1 << 20, *, follow: bool = False) -> by
         return read_regular(path, limit, follow=follow)
     except OSError:
         return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading again only what changed
+# ---------------------------------------------------------------------------------------------------
+def stat_signature(st: os.stat_result) -> tuple[int, int, int]:
+    """What tells a file's versions apart without reading it: inode (a replacement), size and modification time."""
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class ChangeCache:
+    """What was made of each file (parsed, validated), kept with the stat signature of the version it was made from,
+    so that an unchanged file costs one ``stat`` and a changed or replaced one is made again. ``follow_symlinks``
+    False: ``lstat`` (a symlink is judged as itself)."""
+
+    def __init__(self, *, follow_symlinks: bool = True):
+        self.follow_symlinks = follow_symlinks
+        self._kept: dict[object, tuple[tuple[int, int, int], object]] = {}
+
+    def signature(self, key: object, path: str | os.PathLike) -> tuple[int, int, int] | None:
+        """The file's signature now; None, and what was kept for ``key`` forgotten, when it cannot be stat'ed."""
+        try:
+            return stat_signature(os.stat(path, follow_symlinks=self.follow_symlinks))
+        except OSError:
+            self._kept.pop(key, None)
+            return None
+
+    def unchanged(self, key: object, sig: tuple[int, int, int]) -> bool:
+        """Whether what is kept for ``key`` was made from the version with signature ``sig``."""
+        kept = self._kept.get(key)
+        return kept is not None and kept[0] == sig
+
+    def value(self, key: object):
+        """What was last kept for ``key`` (whatever its version), or None."""
+        kept = self._kept.get(key)
+        return None if kept is None else kept[1]
+
+    def keep(self, key: object, sig: tuple[int, int, int], value: object = None) -> None:
+        self._kept[key] = (sig, value)

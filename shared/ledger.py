@@ -16,7 +16,7 @@ mid-append) is cut off on open; any other unreadable line stops releases (the bu
 until the owner acts.
 
 Units: every line says its privacy unit. Budgets are checked in the fixed unit, one second of CPU activity
-(``shared.privacy.UNIT_NAME``); older lines in ``cpu_sample`` are converted conservatively
+(``shared.schema.SECOND_UNIT``); older lines in ``cpu_sample`` are converted conservatively
 (``shared.privacy.epsilon_per_unit``).
 
 The file is the owner's alone: mode 0600 in a 0700 folder, whatever the umask, also after compaction.
@@ -37,6 +37,7 @@ import logging
 import os
 from collections import Counter
 from contextlib import contextmanager
+from enum import Enum
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, Sequence
@@ -45,7 +46,9 @@ import numpy as np
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.atomic import PRIVATE, atomic_write_text, ensure_private_dir
-from shared.privacy import LEGACY_UNIT_NAME, epsilon_per_unit
+from shared.logs import Problems
+from shared.privacy import epsilon_per_unit
+from shared.schema import DAY_UNIT, LEGACY_UNIT, SECOND_UNIT, WINDOW_UNIT
 from shared.settings import MAX_HORIZON_S, Budget, budget_words
 
 log = logging.getLogger("cpu_tracker.ledger")
@@ -62,7 +65,7 @@ class Spend(BaseModel):
     epsilon: float = Field(gt=0)
     delta: float = Field(default=0.0, ge=0)
     mechanism: str
-    unit: Literal["cpu_second", "cpu_sample", "cpu_window", "cpu_day"] = LEGACY_UNIT_NAME  # none: before the fixed unit
+    unit: Literal[SECOND_UNIT, LEGACY_UNIT, WINDOW_UNIT, DAY_UNIT] = LEGACY_UNIT  # type: ignore[valid-type]  # none: before the fixed unit
     n_samples: int = Field(ge=1)
     noise: str | None = Field(default=None, description="Secure releases: the epoch's NoiseSpec (JSON), from which "
                               "the day's releases are composed with dp-accounting.")
@@ -391,3 +394,75 @@ def _append(fd: int, data: bytes) -> None:
         except OSError:
             pass  # the partial line stays torn (no newline): the next read cuts it
         raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ledger as the member's spenders use it
+# ---------------------------------------------------------------------------------------------------
+class Charge(Enum):
+    """How a charge to the ledger ended (``LedgerKeeper.charge``)."""
+
+    CHARGED = "charged"  # recorded (fsynced): what it pays for may be released
+    OVER_BUDGET = "over budget"  # refused by a budget or a further check: nothing recorded
+    NOT_RECORDED = "not recorded"  # the ledger is unusable, not writable, or keeps too little: nothing recorded
+
+
+class LedgerKeeper:
+    """The member's ledger as every spender uses it (the local release, the secure round, the private alerts):
+    opened once, releases paused while it is unusable, and each charge's outcome said the same way: once, with
+    what to do, never as a traceback. ``open_ledger`` makes the ``Ledger`` (it may raise LedgerCorrupt or
+    OSError)."""
+
+    def __init__(self, open_ledger: Callable[[], Ledger], problems: Problems):
+        self._open, self.problems = open_ledger, problems
+        self.current: Ledger | None = None  # None: not opened yet, or unusable (then releases are paused)
+
+    @property
+    def spends(self) -> list[Spend] | None:
+        """What the open ledger records; None while it is not open."""
+        return None if self.current is None else self.current.spends
+
+    def ledger(self) -> Ledger | None:
+        """The ledger, opened once; None (and releases paused, said once) while it is unusable."""
+        if self.current is None:
+            try:
+                self.current = self._open()
+                self.problems.clear("ledger", "privacy ledger readable again: releases resume")
+            except (LedgerCorrupt, OSError) as e:
+                self._unusable(e)
+        return self.current
+
+    def _unusable(self, e: Exception) -> None:
+        self.current = None  # opened again at the next release, which says when it is readable again
+        self.problems.report("ledger", f"privacy ledger unusable, releases paused: {e}", logging.ERROR)
+
+    def charge(self, spend: Spend, *, key: str = "budget", who: str = "",
+               resume: str = "releases resume by themselves once the span rolls past",
+               also: Callable[[Sequence[Spend], Spend], None] | None = None, needs_s: float = 0.0) -> Charge:
+        """Record ``spend`` (fsynced) before what it pays for is released: CHARGED. Otherwise said once: over budget (under ``key``, once per pause whichever budget binds: ``who`` + why + ``resume``), the
+        ledger unusable (edited into garbage while running: paused as at start, under ``ledger``), or not
+        writable, or keeping less than ``needs_s`` seconds, which ``also`` looks back (under ``key + ":write"``).
+        ``also`` is the ledger's further check under its lock (``Ledger.admit``)."""
+        ledger = self.ledger()
+        if ledger is None:
+            return Charge.NOT_RECORDED
+        write_key = f"{key}:write"
+        try:
+            if ledger.retention.total_seconds() < needs_s:
+                raise OSError(f"the ledger keeps {ledger.retention.total_seconds():g} s, less than the {needs_s:g} s "
+                              "the check of this spend looks back (add a budget with that horizon)")
+            ledger.admit(spend, also)
+        except BudgetExceeded as e:
+            if key not in self.problems.active:  # once per pause, whichever budget binds at each window
+                self.problems.report(key, f"{who}{e}; {resume}")
+            return Charge.OVER_BUDGET
+        except LedgerCorrupt as e:
+            self._unusable(e)
+            return Charge.NOT_RECORDED
+        except OSError as e:
+            self.problems.report(write_key, f"{who}cannot record the spend in the privacy ledger {ledger.path} ({e}); "
+                                 "nothing is released until it can. Check disk space and the file's permissions.")
+            return Charge.NOT_RECORDED
+        self.problems.clear(write_key, f"{who}the privacy ledger records spends again")
+        self.problems.clear(key, f"{who}privacy budget available again")
+        return Charge.CHARGED

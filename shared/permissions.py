@@ -52,7 +52,7 @@ import yaml
 from wcmatch import fnmatch as wcfnmatch
 from wcmatch import glob as wcglob
 
-from shared.atomic import atomic_write_bytes, describe, read_regular
+from shared.atomic import ChangeCache, atomic_write_bytes, describe, read_regular
 from shared.paths import SYFT_PUB_FILE, SYFTPERM_FILE
 
 ALL = ["admin", "create", "write", "read"]
@@ -396,7 +396,7 @@ class PermissionGuard:
     _listing: dict[str, tuple] = field(default_factory=dict)
     _files: dict[str, tuple] = field(default_factory=dict)
     _known: dict[str, PermFile] = field(default_factory=dict)
-    _sync: tuple | None = None
+    _sync: ChangeCache = field(default_factory=ChangeCache)  # the client's sync record, parsed
     _odd_seen: dict[str, float] = field(default_factory=dict)
     _uploaded: dict[str, datetime] = field(default_factory=dict)
     _memo: dict[str, object] = field(default_factory=dict)
@@ -651,22 +651,19 @@ class PermissionGuard:
         path = self.sync_state_file
         if path is None:
             return None
-        try:
-            st = os.stat(path)
-        except OSError:
-            self._sync = None
+        sig = self._sync.signature(path, path)
+        if sig is None:
             return None
-        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if self._sync is not None and self._sync[0] == sig:
-            return self._sync[1]
+        if self._sync.unchanged(path, sig):
+            return self._sync.value(path)
         try:
             view = parse_sync_state(read_regular(path, MAX_SYNC_STATE_BYTES + 1, follow=True), self.datasite.name,
                                     self.watch)
         except OSError:
             view = None
         if view is None:
-            return self._sync[1] if self._sync is not None else None
-        self._sync = (sig, view)
+            return self._sync.value(path)
+        self._sync.keep(path, sig, view)
         return view
 
 

@@ -1,6 +1,6 @@
 """Privacy math, pure functions. Noise is drawn only in ``laplace_release`` (diffprivlib, imported lazily).
 
-Unit: one second of CPU activity (``UNIT_NAME``), fixed: no setting moves it. A window of n whole seconds
+Unit: one second of CPU activity (``shared.schema.SECOND_UNIT``), fixed: no setting moves it. A window of n whole seconds
 averages n one-second busy fractions clipped to [lower, upper]; changing any one second moves it by at most
 (upper - lower) / n (the L1 sensitivity), so the Laplace mechanism with scale b = sensitivity / epsilon
 makes each release epsilon-DP for that unit (Dwork & Roth 2014, Thm 3.6). Activity lasting k seconds
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
-from shared.schema import LaplaceRelease
+from shared.schema import CPU_BOUNDS, DAY_UNIT, LEGACY_UNIT, SECOND_UNIT, WINDOW_UNIT, LaplaceRelease
 
 
 def mean_sensitivity(lower: float, upper: float, n_samples: int) -> float:
@@ -25,6 +25,21 @@ def mean_sensitivity(lower: float, upper: float, n_samples: int) -> float:
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got n_samples={n_samples}")
     return (upper - lower) / n_samples
+
+
+def clip_cpu(percent: float) -> float:
+    """A CPU reading (percent) clipped to ``CPU_BOUNDS``: what every release, vector and monitor averages."""
+    return min(max(float(percent), CPU_BOUNDS[0]), CPU_BOUNDS[1])
+
+
+def window_sensitivity(n_samples: int) -> float:
+    """L1 sensitivity of a window mean of ``n_samples`` whole seconds, each clipped to ``CPU_BOUNDS``."""
+    return mean_sensitivity(*CPU_BOUNDS, n_samples)
+
+
+def window_noise_scale(n_samples: int, epsilon: float) -> float:
+    """The Laplace scale of a local-mode release of a window of ``n_samples`` whole seconds at ``epsilon``."""
+    return laplace_scale(window_sensitivity(n_samples), epsilon)
 
 
 def laplace_scale(sensitivity: float, epsilon: float) -> float:
@@ -61,11 +76,9 @@ def laplace_release(
 # ---------------------------------------------------------------------------------------------------
 # The privacy unit: one second of CPU activity, fixed, whatever the settings
 # ---------------------------------------------------------------------------------------------------
-UNIT_NAME = "cpu_second"
-UNIT_S = 1.0
-LEGACY_UNIT_NAME = "cpu_sample"  # before: one sample of sample_period_s seconds, a unit that moved with a setting
-LEGACY_PERIOD_MAX_S = 0.1
-COARSER_UNITS = ("cpu_window", "cpu_day")  # secure mode's units: a member's whole window, its whole UTC day  # the old default period, the longest one an old ledger line is credited with
+UNIT_S = 1.0  # SECOND_UNIT's length (shared/schema.py names the units)
+LEGACY_PERIOD_MAX_S = 0.1  # the old default period, the longest one an old ledger line is credited with
+COARSER_UNITS = (WINDOW_UNIT, DAY_UNIT)  # secure mode's units: a member's whole window, its whole UTC day
 
 
 def units_per_window(interval_s: float) -> int:
@@ -97,14 +110,14 @@ def epsilon_per_unit(unit: str, epsilon: float, *, n_samples: int, window_s: flo
     activity touches up to ceil(1 / s) + 1 samples of s seconds, so it costs epsilon * (ceil(1 / s) + 1)
     (group privacy, Dwork & Roth 2014, Thm 2.2). s is taken as window_s / n_samples, and never more than the old
     default 0.1 s: a clock step that stretched an old window can only overstate the spend, never understate it."""
-    if unit in (UNIT_NAME, *COARSER_UNITS):  # a release private for a whole window or day is so for any second in it
+    if unit in (SECOND_UNIT, *COARSER_UNITS):  # a release private for a whole window or day is so for any second in it
         return epsilon
-    if unit == LEGACY_UNIT_NAME:
+    if unit == LEGACY_UNIT:
         if n_samples < 1 or not window_s > 0:
             raise ValueError(f"need n_samples >= 1 and window_s > 0, got {n_samples}, {window_s}")
         period = min(window_s / n_samples, LEGACY_PERIOD_MAX_S)
         return epsilon * samples_touched(UNIT_S, period)
-    raise ValueError(f"unknown privacy unit {unit!r}; known: {UNIT_NAME!r}, {LEGACY_UNIT_NAME!r}")
+    raise ValueError(f"unknown privacy unit {unit!r}; known: {SECOND_UNIT!r}, {LEGACY_UNIT!r}")
 
 
 def activity_units(activity_s: float) -> int:

@@ -53,11 +53,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.ledger import BudgetExceeded, worst_span
+from shared.schema import CPU_BOUNDS
 
 Kind = Literal["mean", "imbalance"]
 State = Literal["ok", "firing"]
 BALANCE = 0.5  # how far each member's centre follows its own position (assign_offsets)
-KINDS: tuple[str, ...] = ("mean", "imbalance")
 
 
 class MonitorSpec(BaseModel):
@@ -90,12 +90,6 @@ class MonitorSpec(BaseModel):
             raise ValueError(f"threshold - margin must be above 0, got threshold={self.threshold:g} "
                              f"margin={self.margin:g}")
         return self
-
-
-# node_exporter's mixin: NodeCPUHighUsage fires on CPU above 90 % for 15 minutes: the defaults of a monitor
-# (mean, T = 90 %, K = 45 windows of 20 s). No monitor runs unless the aggregator's settings declare one: each costs
-# every member budget.
-NODE_CPU_HIGH_USAGE = MonitorSpec(name="cpu_high")
 
 
 def parse_monitors(tables: Sequence[object]) -> tuple[list[MonitorSpec], list[str]]:
@@ -131,7 +125,7 @@ def local_vector(kind: str, window_means_percent: Sequence[float]) -> np.ndarray
     """The member's local statistics vector from its last K window means (percent, clipped to [0, 100])."""
     if not len(window_means_percent):
         raise ValueError("local_vector needs at least one window mean, got none")
-    x = float(np.clip(np.asarray(window_means_percent, dtype=float), 0, 100).mean()) / 100.0
+    x = float(np.clip(np.asarray(window_means_percent, dtype=float), *CPU_BOUNDS).mean()) / 100.0
     return np.array([x]) if kind == "mean" else np.array([x, x * x])
 
 

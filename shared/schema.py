@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.paths import DASHBOARD_SCHEMA_FILE, REPORT_SCHEMA_FILE
 from shared.secnoise import Interval  # estimate, low, high: one interval model for every published figure
 
 SCHEMA_VERSION = 1
@@ -29,6 +30,12 @@ SEGMENT_KIND = "cpu_tracker.history_segment"
 INDEX_KIND = "cpu_tracker.history_index"
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 CPU_BOUNDS = (0.0, 100.0)  # psutil.cpu_percent() is a percentage: every sample is clipped to these bounds
+# What a release's epsilon protects (its privacy unit), as every file and setting names it
+SECOND_UNIT = "cpu_second"  # any one second of the machine's CPU activity: local mode's unit, fixed
+WINDOW_UNIT = "cpu_window"  # secure mode: a member's whole window
+DAY_UNIT = "cpu_day"  # secure mode: a member's whole UTC day
+LEGACY_UNIT = "cpu_sample"  # before app 0.2: one sample of sample_period_s seconds
+SecureUnit = Literal[SECOND_UNIT, WINDOW_UNIT, DAY_UNIT]  # type: ignore[valid-type]  (names of literals)
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
@@ -72,8 +79,8 @@ class PrivacyUnit(_Wire):
     """What one release's epsilon protects. ``cpu_second`` (since app 0.2): any one second of the machine's CPU
     activity, a unit no setting moves. ``cpu_sample`` (older members): one sample of ``seconds``, still accepted."""
 
-    name: Literal["cpu_second", "cpu_sample"] = Field(
-        default="cpu_second", description="cpu_second: one second of CPU activity; cpu_sample: one sample (legacy)."
+    name: Literal[SECOND_UNIT, LEGACY_UNIT] = Field(  # type: ignore[valid-type]
+        default=SECOND_UNIT, description="cpu_second: one second of CPU activity; cpu_sample: one sample (legacy)."
     )
     seconds: float = Field(gt=0, description="Length of activity the unit covers (1.0 for cpu_second).")
     description: str = Field(
@@ -92,10 +99,6 @@ class LaplaceRelease(_Wire):
     noise_scale: float = Field(gt=0, description="Laplace scale b = sensitivity / epsilon.")
     noise_std: float = Field(gt=0, description="Standard deviation of the noise, sqrt(2) * b.")
     implementation: str = Field(default="", description="Library and version that drew the noise.")
-
-    @property
-    def noise_variance(self) -> float:
-        return 2.0 * self.noise_scale**2
 
 
 Release = LaplaceRelease  # becomes a discriminated union on `mechanism` when a second mechanism lands
@@ -238,7 +241,7 @@ class SecureFigure(_Wire):
                                              "means, each with a 95 % interval.")
     share_above: Interval | None = Field(default=None, description="Share of members (0-1) above `threshold`.")
     threshold: float = 90.0
-    unit: Literal["cpu_second", "cpu_window", "cpu_day"]
+    unit: SecureUnit
     unit_words: str = Field(description="What `epsilon` protects, in words.")
     epsilon: float = Field(description="Epsilon achieved for `unit` by this release (dp-accounting).")
     delta: float
@@ -360,8 +363,8 @@ def json_schemas() -> dict[str, dict]:
         "secure_epoch.schema.json": sec.Epoch.model_json_schema(mode="serialization"),
         "secure_round.schema.json": sec.SecureUpload.model_json_schema(mode="serialization"),
         "secure_inbox.schema.json": sec.Inbox.model_json_schema(mode="serialization"),
-        "member_report.schema.json": MemberReport.model_json_schema(mode="serialization"),
-        "dashboard.schema.json": Dashboard.model_json_schema(mode="serialization"),
+        REPORT_SCHEMA_FILE: MemberReport.model_json_schema(mode="serialization"),
+        DASHBOARD_SCHEMA_FILE: Dashboard.model_json_schema(mode="serialization"),
         "current.schema.json": Current.model_json_schema(mode="serialization"),
         "history_segment.schema.json": Segment.model_json_schema(mode="serialization"),
         "history_index.schema.json": HistoryIndex.model_json_schema(mode="serialization"),

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shared.atomic import read_regular
 from shared.paths import SETTINGS_FILE, datasite_email_problem
-from shared.privacy import laplace_scale, mean_sensitivity, units_per_window
-from shared.schema import CPU_BOUNDS
+from shared.privacy import units_per_window, window_noise_scale
+from shared.schema import DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, SecureUnit
 
 ENV_PREFIXES = ("SYFTBOX_CPU_TRACKER_", "CPU_TRACKER_")
 NOT_SETTINGS = {"env_root"}  # CPU_TRACKER_ENV_ROOT: where run.sh keeps the environments, read by run.sh alone
@@ -58,7 +58,7 @@ DEFAULT_BUDGETS = (
 DEFAULT_MONITOR_BUDGETS = (Budget(horizon_s=0, epsilon=2.0), Budget(horizon_s=86400, epsilon=4.0))
 
 
-SECURE_EPSILON_DEFAULTS = {"cpu_second": 5.0, "cpu_window": 1.25, "cpu_day": 10.0}
+SECURE_EPSILON_DEFAULTS = {SECOND_UNIT: 5.0, WINDOW_UNIT: 1.25, DAY_UNIT: 10.0}
 
 
 class Settings(BaseModel):
@@ -173,8 +173,8 @@ class Settings(BaseModel):
         description="Member: local publishes a Laplace-noised mean for the aggregator; secure takes part in the "
         "aggregator's secure rounds instead (the aggregator then learns only the noisy sum of the cohort).",
     )
-    secure_unit: Literal["cpu_second", "cpu_window", "cpu_day"] = Field(
-        default="cpu_window",
+    secure_unit: SecureUnit = Field(
+        default=WINDOW_UNIT,
         description="What secure mode's epsilon protects: one second of activity, a member's whole window, or its "
         "whole UTC day. Member: the weakest unit it accepts; aggregator: the unit its epochs use.",
     )
@@ -390,7 +390,7 @@ def settings_warnings(settings: Settings) -> list[str]:
     w = settings.interval_s
     eps = settings.epsilon  # local mode: epsilon per release; secure mode: the epoch's, at most secure_target
     if settings.mode == "secure":
-        if settings.secure_unit == "cpu_day":  # its own daily check; each release's share of it is small
+        if settings.secure_unit == DAY_UNIT:  # its own daily check; each release's share of it is small
             return out
         eps = settings.secure_target
     if settings.sample_period_s is not None:
@@ -415,7 +415,7 @@ def settings_warnings(settings: Settings) -> list[str]:
                 f"({fits} releases) into each such span, and nothing is published for the rest of it. To publish "
                 f"all the time, lower epsilon to {b.epsilon / touched:.3g} or raise that budget to {touched * eps:g}."
             )
-    scale = laplace_scale(mean_sensitivity(*CPU_BOUNDS, settings.samples_per_window), eps)
+    scale = window_noise_scale(settings.samples_per_window, eps)
     if settings.mode == "local" and scale > settings.max_noise_scale:
         out.append(
             f"Every report will be rejected by an aggregator with max_noise_scale {settings.max_noise_scale:g}: its "

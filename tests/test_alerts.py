@@ -271,7 +271,7 @@ def test_the_hourly_line_and_status_state_the_figure_composed_with_the_alerts(ne
     for level in [20.0] * 8:
         net.round(level)
     member, _ = net.members[MEMBERS[0]]
-    line = hourly_line(member, {"windows": 8, "published": 8, "epsilon": 40}, net.now.timestamp())
+    line = hourly_line(member.settings, member.keeper.spends, {"windows": 8, "published": 8, "epsilon": 40}, net.now.timestamp())
     # one vector (300 / 12 per window mean) and one zone (2 x 300 / 9) on the same seconds, 2 s windows: per second
     alerts = (300 / 12 + 2 * 300 / 9) / 2
     assert f"one second of activity cost up to epsilon {5 + alerts:.4g} here (releases 5 + alerts {alerts:.3g})" \
@@ -319,3 +319,23 @@ def test_flags_that_arrive_after_their_round_started_share_it(net):
     net.sync()
     net.agg.tick(net.now + timedelta(seconds=1))
     assert run.flaggers[run.epoch - 1] == MEMBERS and run.muted == []
+
+
+def test_a_ledger_corrupted_under_a_monitor_spend_pauses_every_release_said_once(net, caplog):
+    """Issue 20: the monitors' copy of the charge reported LedgerCorrupt as its own trouble and left the ledger in
+    use, so the releases met it again and said it again. Now whichever spender meets it first pauses them all, said
+    once with what to do, never as a traceback."""
+    for level in [20.0] * 8:
+        net.round(level)
+    member, monitors = net.members[MEMBERS[0]]
+    spent = len(load_spends(member.paths.ledger_file))
+    net.round(20.0)
+    assert len(load_spends(member.paths.ledger_file)) > spent + 1  # the monitor too spends each round
+    with member.paths.ledger_file.open("a") as f:
+        f.write("{not json\n")
+    start, end = net.now, net.now + timedelta(seconds=INTERVAL)
+    monitors.step(20.0, start, end)  # the monitor's charge meets it first
+    assert caplog.text.count("is unreadable") == 1
+    assert member.publish(20.0, start, end) is None
+    assert caplog.text.count("is unreadable") == 1 and "releases paused" in caplog.text
+    assert "Traceback" not in caplog.text and "private alerts failed" not in caplog.text

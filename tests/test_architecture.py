@@ -1,8 +1,10 @@
 """The shape of the code, checked: imports point one way, and runtime modules hold no code only tests call.
 
 - ``shared`` imports neither app; neither app imports the other; no runtime module imports ``tests``.
-- Every top-level function and class of a runtime module is used by runtime code (another module, the same
-  module, or an entry point), not only by tests.
+- Every top-level function, class and UPPER_CASE constant of a runtime module is used by runtime code (another module,
+  the same module, or an entry point), not only by tests.
+- So is every method, property and class-level constant of a runtime class (by name; an explicit list names what
+  frameworks call).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def test_runtime_modules_hold_no_code_only_tests_call():
     for tree in trees.values():
         for node in ast.walk(tree):
             name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            if isinstance(getattr(node, "ctx", None), ast.Store):
+                name = None  # assigning a name is not using it
             if isinstance(node, ast.alias):
                 name = node.name.split(".")[-1]
             if name:
@@ -64,4 +68,99 @@ def test_runtime_modules_hold_no_code_only_tests_call():
                 if path.name == "__main__.py" and node.name == "main":
                     continue  # the entry point, called by `if __name__ == "__main__"` and the console script
                 unused.append(f"{path.relative_to(REPO)}: {node.name}")
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, ast.AnnAssign) and node.value is not None else []
+            for t in targets:  # module constants (UPPER_CASE names)
+                if isinstance(t, ast.Name) and t.id.isupper() and t.id != "__all__" and not used.get(t.id):
+                    unused.append(f"{path.relative_to(REPO)}: {t.id} (constant)")
     assert not unused, "defined in runtime code but used only by tests (or nowhere):\n" + "\n".join(unused)
+
+
+# The secure-mode files are being rewritten on another branch (secure-v2, protocol version 2). Their methods,
+# properties and class constants are not checked until it is merged (issue 20: the lead removes this exclusion
+# then); names they use still count as used, like any runtime code's.
+NOT_YET_CHECKED = {
+    "cpu_tracker_member/secure.py",
+    "cpu_tracker_aggregator/secure.py",
+    "shared/secagg.py",
+    "shared/secure_schema.py",
+    "shared/secnoise.py",
+}
+# Methods that a framework or the language calls by name, never our code: what they are called by.
+CALLED_BY_FRAMEWORKS = {
+    "collect": "prometheus_client's registry, on every scrape (a custom collector's protocol)",
+    "describe": "prometheus_client's registry, when a custom collector is registered",
+    "emit": "logging, for each record a Handler receives",
+    "do_GET": "http.server, for each GET request",
+    "do_HEAD": "http.server, for each HEAD request",
+    "log_message": "http.server, for each request it would log to stderr",
+}
+# Used only by tests today, and kept because test files this branch may not edit (tests/test_secure_net.py, being
+# rewritten by secure-v2) read them: after that merge the tests' own helper should build these paths and the
+# properties go (issue 20).
+USED_BY_TESTS_UNTIL_SECURE_V2 = {"current_file", "dashboard_file"}
+# Decorators whose functions pydantic (or the class machinery) calls itself.
+FRAMEWORK_DECORATORS = {"field_validator", "model_validator", "field_serializer", "model_serializer",
+                        "computed_field", "model_post_init"}
+
+
+def _decorator_names(node: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    out = set()
+    for d in node.decorator_list:
+        d = d.func if isinstance(d, ast.Call) else d
+        out.add(d.attr if isinstance(d, ast.Attribute) else getattr(d, "id", ""))
+    return out
+
+
+def class_members(cls: ast.ClassDef) -> list[tuple[str, str]]:
+    """(kind, name) of what a class defines that code calls by name: its methods and properties (but dunders and
+    what frameworks call), and its class-level constants (plain assignments, or annotated ``ClassVar``s and
+    UPPER_CASE names; annotated fields are data that pydantic or dataclasses read and write)."""
+    out = []
+    for node in cls.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            name = node.name
+            if name.startswith("__") and name.endswith("__"):
+                continue  # the language calls them
+            if name in CALLED_BY_FRAMEWORKS or _decorator_names(node) & FRAMEWORK_DECORATORS:
+                continue
+            kind = "property" if _decorator_names(node) & {"property", "cached_property"} else "method"
+            out.append((kind, name))
+        elif isinstance(node, ast.Assign):
+            call = node.value.func if isinstance(node.value, ast.Call) else None
+            while isinstance(call, ast.Call):  # field_validator("x")(function): a validator bound by assignment
+                call = call.func
+            if getattr(call, "id", getattr(call, "attr", None)) in FRAMEWORK_DECORATORS:
+                continue
+            out += [("constant", t.id) for t in node.targets if isinstance(t, ast.Name) and t.id != "model_config"
+                    and not t.id.startswith("__")]  # __slots__ and the like: the language reads them
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            annotation = ast.unparse(node.annotation)
+            if "ClassVar" in annotation or node.target.id.isupper():
+                out.append(("constant", node.target.id))
+        elif isinstance(node, ast.ClassDef):
+            out += class_members(node)
+    return out
+
+
+def test_runtime_classes_hold_no_method_property_or_constant_only_tests_use():
+    """Every method, property and class-level constant of a runtime class is used by name somewhere in runtime code
+    (a call, an attribute, a reference). Names are matched by name alone: one used anywhere covers every class's
+    member of that name, so this errs towards passing."""
+    trees = {p: ast.parse(p.read_text()) for p in runtime_modules()}
+    used: dict[str, int] = {}
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            if name and not isinstance(getattr(node, "ctx", None), ast.Store):  # assigning a name is not using it
+                used[name] = used.get(name, 0) + 1
+    unused = []
+    for path, tree in trees.items():
+        rel = str(path.relative_to(REPO))
+        if rel in NOT_YET_CHECKED:
+            continue
+        for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+            for kind, name in class_members(cls):
+                if not used.get(name) and name not in USED_BY_TESTS_UNTIL_SECURE_V2:
+                    unused.append(f"{rel}: {cls.name}.{name} ({kind})")
+    assert not unused, "defined in runtime classes but used only by tests (or nowhere):\n" + "\n".join(sorted(set(unused)))

@@ -244,3 +244,37 @@ def test_an_existing_open_private_folder_is_tightened(tmp_path, open_umask):
 
 def mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 20: one charge for every spender (the local release, the secure round, the private alerts)
+# ---------------------------------------------------------------------------------------------------
+def test_every_charge_outcome_is_said_once_and_never_escapes(tmp_path, caplog):
+    """The secure round's copy of the charge let LedgerCorrupt escape (a traceback, the role restarted): through
+    ``LedgerKeeper.charge`` each way a charge can fail returns False, is logged once with what to do, and the
+    charges resume by themselves once it is fixed."""
+    import logging
+
+    from shared.ledger import Charge, LedgerKeeper
+    from shared.logs import Problems
+
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "ledger.jsonl"
+    keeper = LedgerKeeper(lambda: Ledger(path, [Budget(horizon_s=100, epsilon=1.0)]), Problems(logging.getLogger("t")))
+    day_check = lambda recorded, new: None  # noqa: E731  a further check, as secure mode's cpu_day passes
+    assert keeper.charge(spend(0, 10), also=day_check) is Charge.CHARGED
+    over = [keeper.charge(spend(10, 20, eps=0.9)), keeper.charge(spend(20, 30, eps=0.8))]
+    assert over == [Charge.OVER_BUDGET] * 2  # the secure round still sends its reveals then
+    assert caplog.text.count("release skipped") == 1
+    with path.open("a") as f:
+        f.write("{not json\n")  # edited into garbage while running
+    for i in range(3):
+        assert keeper.charge(spend(30 + i, 31 + i, eps=0.01), also=day_check) is Charge.NOT_RECORDED
+    assert caplog.text.count("privacy ledger unusable, releases paused") == 1 and "Traceback" not in caplog.text
+    assert keeper.spends is None  # paused, as at start
+    path.write_text(path.read_text().replace("{not json\n", ""))
+    assert keeper.charge(spend(200, 210, eps=0.01)) is Charge.CHARGED and "readable again" in caplog.text
+    for _ in range(2):  # keeps less than the check looks back
+        assert keeper.charge(spend(210, 220, eps=0.01), needs_s=1e6) is Charge.NOT_RECORDED
+    assert caplog.text.count("less than the 1e+06 s") == 1
+    assert keeper.charge(spend(210, 220, eps=0.01)) is Charge.CHARGED and "records spends again" in caplog.text

@@ -52,7 +52,9 @@ INTERVAL_S = 20.0
 N_SECONDS = math.floor(INTERVAL_S)
 GOAL_CORRECT = 0.99
 DAY_S = 86400.0
-MEAN = sz.NODE_CPU_HIGH_USAGE  # T = 90 %, m = 5, K = 45, epsilon 20, b = 4: the default monitor
+# node_exporter's mixin: NodeCPUHighUsage fires on CPU above 90 % for 15 minutes: the defaults of a monitor
+# (mean, T = 90 %, K = 45 windows of 20 s)
+MEAN = MonitorSpec(name="cpu_high")  # T = 90 %, m = 5, K = 45, epsilon 20, b = 4: the default monitor
 IMB = MonitorSpec(name="cpu_imbalance", kind="imbalance", threshold=30, margin=5, window=45, epsilon=200,
                   violations=4)
 RELEASE_EPS_W = Settings(aggregator="a@example.org").epsilon * N_SECONDS  # the default release, per window mean
