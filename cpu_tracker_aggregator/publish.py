@@ -213,7 +213,7 @@ def _grown(old: list[Point] | None, new: list[Point]) -> list[Point]:
 
 def read_history(folder: Path) -> tuple[Current, History]:
     """What a reader of the public folder sees: the current figure and the whole history, assembled as the page
-    and the README's recipe do (each indexed segment's points in order, then ``current.open``). A segment that
+    and docs/dashboard.md's recipe do (each indexed segment's points in order, then ``current.open``). A segment that
     is listed but not there yet (still syncing) is left out. Raises OSError / ValueError for an unreadable
     current.json or index."""
     folder = Path(folder)
