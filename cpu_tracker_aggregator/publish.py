@@ -1,19 +1,13 @@
 """The public folder, written so that what changes every tick stays small however long the history grows.
 
 Every syftbox 0.4.0 client mirrors every file it may read, and the relay sends each client an rsync diff of
-each changed file (4 KB blocks: a small file costs its whole size). So the public folder holds:
-
-```txt
-public/cpu_tracker/
-├── current.json                    the figure now + the open 5-minute block (Current): rewritten on change
-├── history/index.json              the segment files there are (HistoryIndex): changes about once an hour
-├── history/recent-YYYYMMDDTHH.json the ticks of one UTC hour (Segment): grows one closed 5-minute block at a
-│                                   time while the hour lasts, then is never rewritten; kept 24 h
-├── history/coarse-YYYYMMDD.json    the 5-minute points of one UTC day (Segment): likewise; kept 30 days
-├── dashboard.json                  the schema-1 Dashboard with the whole history, for old readers: rewritten
-│                                   every LEGACY_EVERY_S (and when the status or the lead changes), not every tick
-└── *.schema.json, index.html       static
-```
+each changed file (4 KB blocks: a small file costs its whole size). So what changes every tick stays small:
+``current.json`` (the figure now and the open 5-minute block, ``Current``) is rewritten only on change; the history
+lies in segments (``Segment``, listed in ``history/index.json``), one per UTC hour of ticks (kept 24 h) and one per UTC
+day of 5-minute points (kept 30 days), each growing one closed 5-minute block at a time and never rewritten once its
+hour or day is over; the schema-1 ``dashboard.json`` with the whole history, for old readers, is rewritten every
+``LEGACY_EVERY_S`` (and when the status or the lead changes), not every tick. The folder is drawn in
+``shared/paths.py``; each file's size and rate, and what they cost the relay, in ``docs/dashboard.md``.
 
 Nothing here is written when nothing changed: the caller publishes only ticks that changed something.
 """
@@ -213,7 +207,7 @@ def _grown(old: list[Point] | None, new: list[Point]) -> list[Point]:
 
 def read_history(folder: Path) -> tuple[Current, History]:
     """What a reader of the public folder sees: the current figure and the whole history, assembled as the page
-    and the README's recipe do (each indexed segment's points in order, then ``current.open``). A segment that
+    and docs/dashboard.md's recipe do (each indexed segment's points in order, then ``current.open``). A segment that
     is listed but not there yet (still syncing) is left out. Raises OSError / ValueError for an unreadable
     current.json or index."""
     folder = Path(folder)

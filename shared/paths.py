@@ -2,33 +2,55 @@
 
 ```txt
 <data_dir>/
-├── private/cpu_tracker/                     <-- never synced: outside datasites/
-│   ├── app.lock                             one running instance per datasite (the worker)
-│   ├── supervisor.lock, logs/cpu_tracker.log   the supervisor's lock; its log when the app folder is shared
-│   ├── member/ledger.jsonl                  privacy ledger (every release, append-only)
-│   ├── member/raw.jsonl                     raw window means, for the owner's eyes only
-│   ├── aggregator/history.json              network history (survives restarts)
-│   ├── aggregator/members.json              per-member status, for the operator only
-│   ├── member/monitors.json                 private alerts: the member's references and noisy radii
-│   ├── aggregator/alerts.json               private alerts: the coordinator's state and the noisy vectors
-│   └── aggregator/cpu_tracker.prom          the public figures for Prometheus (textfile collector)
+├── private/cpu_tracker/                     never synced: outside datasites/
+│   ├── app.lock                             one worker per datasite
+│   ├── supervisor.lock                      one supervisor per datasite
+│   ├── logs/cpu_tracker.log                 the app's own log, only when the app folder is a shared symlink
+│   ├── member/
+│   │   ├── ledger.jsonl                     privacy ledger: every spend, fsynced before anything is published
+│   │   ├── raw.jsonl                        raw window means, for the owner's eyes only
+│   │   └── monitors.json                    private alerts: the member's references and noisy radii
+│   ├── secure/                              secure mode (names in cpu_tracker_member/secure.py)
+│   │   ├── x25519.key                       the member's long-term private key
+│   │   └── revealed.json                    what it revealed, per round and peer: recorded before it leaves
+│   └── aggregator/
+│       ├── history.json                     network history (survives restarts)
+│       ├── members.json                     per-member status, for the operator only
+│       ├── alerts.json                      private alerts: the coordinator's state and the noisy vectors
+│       └── cpu_tracker.prom                 the public figures for Prometheus (textfile collector)
 ├── plugins/local_syncstate.json             the SyftBox 0.4.0 client's record of what the relay holds (read only)
 └── datasites/
-    ├── <member>/app_data/cpu_tracker/
-    │   ├── cpu_tracker.json                 the DP report (MemberReport)
+    ├── <member>/app_data/cpu_tracker/       the member's: the aggregator may read it, nobody else
+    │   ├── cpu_tracker.json                 the DP report (MemberReport), local mode
     │   ├── monitor.json                     private alerts: breach flags, noisy vectors (MonitorSignalsFile)
-    │   ├── syftperm.yaml, syft.pub.yaml     owner: all; the aggregator: read; nobody else
+    │   ├── secure_key.json                  secure mode: the member's public key (SecureKey)
+    │   ├── secure/r<r>.json                 secure mode: its upload for round r (SecureUpload)
+    │   ├── syftperm.yaml                    permission file for the PyPI client (denies everyone, then grants)
+    │   └── syft.pub.yaml                    permission file for the Go client (terminal)
     ├── <member>/api_data/cpu_tracker/cpu_tracker.json   a tutorial-era member's report (read as legacy)
-    ├── <aggregator>/app_data/cpu_tracker_alerts/<member>/zones.json   the member's safe zones (SafeZonesFile),
-    │                                        with permission files: the aggregator and that member only
-    └── <aggregator>/public/cpu_tracker/            world-readable (cpu_tracker_aggregator/publish.py)
-        ├── monitors.json                    the monitors and their rounds (MonitorsFile)
+    ├── <aggregator>/app_data/cpu_tracker_epoch/         secure mode, readable by the epoch's cohort only
+    │   └── epoch.json                       the cohort, its keys, the graph, the noise, the schedule (Epoch)
+    ├── <aggregator>/app_data/cpu_tracker_inbox/<member>/   secure mode, readable by that member only
+    │   └── inbox.json                       survivors, dropped, the shares sealed for it (Inbox)
+    ├── <aggregator>/app_data/cpu_tracker_alerts/<member>/  private alerts, readable by that member only
+    │   └── zones.json                       the member's safe zones (SafeZonesFile)
+    └── <aggregator>/public/cpu_tracker/     world-readable (cpu_tracker_aggregator/publish.py)
         ├── current.json                     the figure now (Current): rewritten only when something changed
-        ├── history/index.json, history/recent-*.json, history/coarse-*.json   history segments (Segment)
+        ├── history/index.json               the segment files there are (HistoryIndex)
+        ├── history/recent-YYYYMMDDTHH.json  the ticks of one UTC hour (Segment): kept 24 h
+        ├── history/coarse-YYYYMMDD.json     the 5-minute points of one UTC day (Segment): kept 30 days
         ├── dashboard.json                   schema-1 Dashboard with the whole history, for old readers
-        ├── *.schema.json, index.html
+        ├── monitors.json                    the monitors and their rounds (MonitorsFile)
+        ├── *.schema.json                    the JSON Schemas of the files above (shared/schemas/)
+        ├── index.html                       the self-contained page
         └── syftperm.yaml, syft.pub.yaml     world-readable
 ```
+
+Each ``app_data`` folder of the aggregator carries its own ``syftperm.yaml`` and ``syft.pub.yaml`` too. Outside the
+data folder: the app folder (``apps/cpu_tracker/``: the code, ``cpu_tracker.toml``, SyftBox's app log in
+``logs/``) and the shared Python environments, ``~/.cache/cpu_tracker/env-<hash of the pins>/`` with their records
+in ``in-use/`` (``shared/envs.py``). How often each public file changes and what it costs the relay:
+``docs/dashboard.md``; who can read what: ``docs/permissions.md``.
 """
 
 from __future__ import annotations

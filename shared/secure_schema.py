@@ -254,5 +254,5 @@ def releases_for(unit: str, window_s: float) -> int:
 
 def noise_family_for(unit: str) -> str:
     """Pure epsilon per window or per second: the distributed discrete Laplace. A day of releases composes far more
-    cheaply in zCDP: the distributed discrete Gaussian (figures in the README's table)."""
+    cheaply in zCDP: the distributed discrete Gaussian (figures in docs/secure-mode.md's table)."""
     return "dgaussian" if unit == "cpu_day" else "dlaplace"

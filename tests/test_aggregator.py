@@ -542,7 +542,7 @@ def test_the_too_few_members_message_claims_no_protection(ws: Workspace) -> None
 
 
 def test_two_fake_datasites_read_one_honest_release_off_the_figure(tmp_path: Path) -> None:
-    """The Sybil bound in the README: with min_members = 3, two fake members reporting known values and one
+    """The Sybil bound in docs/privacy.md: with min_members = 3, two fake members reporting known values and one
     honest member give a figure from which the honest member's release is recovered exactly."""
     w = Workspace(tmp_path, tmp_path / "outside", Paths(data_dir=tmp_path, email=AGG))
     honest = w.write_report("honest@example.org", level=37.0, seed=5)

@@ -5,11 +5,14 @@
   the same module, or an entry point), not only by tests.
 - So is every method, property and class-level constant of a runtime class (by name; an explicit list names what
   frameworks call).
+- ``docs/architecture.md`` names every runtime module, in a row of its module tables with what it owns, and no module
+  that is gone.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -164,3 +167,34 @@ def test_runtime_classes_hold_no_method_property_or_constant_only_tests_use():
                 if not used.get(name) and name not in USED_BY_TESTS_UNTIL_SECURE_V2:
                     unused.append(f"{rel}: {cls.name}.{name} ({kind})")
     assert not unused, "defined in runtime classes but used only by tests (or nowhere):\n" + "\n".join(sorted(set(unused)))
+
+
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+MODULE_ROW = re.compile(r"^\| `((?:%s)/[\w/]+\.py)` \| (.*\S.*) \|$" % "|".join(RUNTIME), re.MULTILINE)
+NAMED_MODULE = re.compile(r"`((?:%s)/[\w/]+\.py)`" % "|".join(RUNTIME))
+
+
+def architecture_problems(text: str) -> list[str]:
+    """What ``docs/architecture.md`` (its ``text``) gets wrong about the runtime modules: one missing from the
+    module tables (a row ``| `path` | what it owns |``), listed twice, or named anywhere on the page but gone."""
+    rows = [m.group(1) for m in MODULE_ROW.finditer(text)]
+    modules = [str(p.relative_to(REPO)) for p in runtime_modules()]
+    problems = [f"{m}: no row in the module tables" for m in modules if m not in rows]
+    problems += [f"{m}: listed {rows.count(m)} times" for m in sorted(set(rows)) if rows.count(m) > 1]
+    problems += [f"{m}: named, but there is no such module" for m in sorted(set(NAMED_MODULE.findall(text)))
+                 if m not in modules]
+    return problems
+
+
+def test_the_architecture_page_names_every_runtime_module_with_what_it_owns():
+    problems = architecture_problems(ARCHITECTURE.read_text())
+    assert not problems, "docs/architecture.md:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", runtime_modules(), ids=lambda p: str(p.relative_to(REPO)))
+def test_a_module_missing_from_the_architecture_page_is_caught(path):
+    name = str(path.relative_to(REPO))
+    text = "\n".join(line for line in ARCHITECTURE.read_text().splitlines() if not line.startswith(f"| `{name}` |"))
+    assert f"{name}: no row in the module tables" in architecture_problems(text)
+    ghost = "| `shared/gone.py` | nothing |\n"
+    assert "shared/gone.py: named, but there is no such module" in architecture_problems(ghost)

@@ -61,7 +61,7 @@ PEERS = [f"peer{i}@example.org" for i in range(4)]
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 SEED = 20260101
 KILLED = -signal.SIGKILL
-RECENT_S = 24 * 3600  # the dashboard's full-resolution history covers 24 h (README): older points go by design
+RECENT_S = 24 * 3600  # the dashboard's full-resolution history covers 24 h (docs/dashboard.md): older go by design
 
 # Tight budgets, so that the crash runs also refuse releases all the time (a window spends 5 per second of activity):
 # any instant twice at most, about 4 windows per 5 minutes, 16 per half hour.

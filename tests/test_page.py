@@ -3,7 +3,7 @@
 Selenium drives the system's chromium through /usr/bin/chromedriver (Debian: chromium, chromium-driver).
 The page is served over HTTP from a temporary folder with a dashboard.json made from the real ``Dashboard``
 model, and what it shows is compared with that JSON. The normal state is saved as a screenshot in the test's
-temporary folder, or to the file named by CPU_TRACKER_SCREENSHOT (the README's docs/dashboard.png is made with
+temporary folder, or to the file named by CPU_TRACKER_SCREENSHOT (docs/dashboard.png, in docs/dashboard.md, is made with
 `CPU_TRACKER_SCREENSHOT=docs/dashboard.png ./run.sh test tests/test_page.py`).
 Without chromium the tests skip, except under CI (env CI set), where they fail.
 """
@@ -202,7 +202,7 @@ class Site:
 
     def publish(self, dash: Dashboard | bytes) -> None:
         """Bytes: written as current.json. A dashboard: published by the aggregator's own Publisher (current.json,
-        history index and segments), and read back by the README's recipe, which must give its history."""
+        history index and segments), and read back by docs/dashboard.md's recipe, which must give its history."""
         if isinstance(dash, bytes):
             (self.folder / CURRENT_FILE).write_bytes(dash)
             return

@@ -145,12 +145,12 @@ def _published_day(folder: Path) -> Dashboard:
     return dash
 
 
-def test_the_readme_recipe_reads_what_the_page_and_read_history_read(tmp_path: Path) -> None:
+def test_the_documented_recipe_reads_what_the_page_and_read_history_read(tmp_path: Path) -> None:
     dash = _published_day(tmp_path)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("# with plain json\n", 1)[1].split("```", 1)[0]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "dashboard.md").read_text()
+    block = doc.split("# with plain json\n", 1)[1].split("```", 1)[0]
     scope = {"public_folder": str(tmp_path), "print": lambda *a: None}
-    exec(block, scope)  # noqa: S102 - the README's own code, run as a reader would
+    exec(block, scope)  # noqa: S102 - the documented code, run as a reader would
     _, history = read_history(tmp_path)
     assert [r[0] for r in scope["recent"]] == history.recent.t == dash.history.recent.t
     assert [r[1] for r in scope["recent"]] == history.recent.mean

@@ -420,8 +420,8 @@ def test_a_member_reads_an_epoch_of_thousands_of_members(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("unit", ["cpu_second", "cpu_window", "cpu_day"])
 def test_wrap_around_is_negligible_for_the_largest_sums(unit):
-    """The README's bound: 10,000 members' largest values plus 6 standard deviations of the summed noise (and of
-    each histogram count) stay below 2^40, against the 2^64 modulus, so no honest sum ever wraps."""
+    """The bound in docs/secure-mode.md: 10,000 members' largest values plus 6 standard deviations of the summed
+    noise (and of each histogram count) stay below 2^40, against the 2^64 modulus, so no honest sum ever wraps."""
     from cpu_tracker_aggregator.secure import plan_epoch
     from shared.secnoise import noise_sd
 

@@ -10,7 +10,7 @@ folder (the live page) on 127.0.0.1, and stops everything on Ctrl-C or after ``-
 ``--mode secure`` (5 members by default) runs secure aggregation instead: the aggregator learns only each round's
 noisy sum. It protects one second of each member's activity at epsilon 5 (the unit and epsilon of local mode): at 5
 members and 8 s windows that is a 95 % interval of about +-2.4 points (standard error 1.1; local noise: 1.6); a
-member's whole window at epsilon 1 would mean about +-60 points at this cohort size (see the README's table).
+member's whole window at epsilon 1 would mean about +-60 points at this cohort size (docs/secure-mode.md).
 """
 
 from __future__ import annotations
