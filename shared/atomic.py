@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import stat
-import tempfile
 from pathlib import Path
 from collections.abc import Iterable  # not typing: the supervisor imports this module
 
@@ -42,6 +41,8 @@ def atomic_write_chunks(
             ensure_private_dir(path.parent)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
+        import tempfile  # here: the supervisor imports this module, and tempfile brings shutil and random (1.5 MB)
+
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     except OSError as e:
         raise _about(e, path) from e
