@@ -92,6 +92,10 @@ SLOW = {
     "tests/test_settings_property.py": "hundreds of generated settings, each run for a window and a tick",
     "tests/test_privacy.py::test_mechanism_is_unbiased_with_declared_variance": "a million noise draws",
     "tests/test_ledger.py::test_worst_span_equals_brute_force": "a brute force over many generated ledgers",
+    "tests/test_local_users.py": "real processes of a second local user, under three umasks",
+    "tests/test_adversary_coordinator.py::test_losing_its_state_every_few_windows_for_a_day": "a day of windows",
+    "tests/test_secnoise.py::test_honest_rounds_at_the_defaults_are_not_refused": "many simulated honest rounds",
+    "tests/test_settings_app.py::test_any_toml_document_gets_settings_or_a_sentence": "hundreds of generated documents",
 }
 
 
