@@ -107,7 +107,8 @@ def test_the_alert_fires_within_two_rounds_of_the_crossing_and_clears(net):
     assert down <= cleared <= down + 2, (states, down)
     a = net.alert(dash)
     assert a["violation_rounds_used"] == 2 and a["violation_rounds"] == 3 and a["members"] == 3
-    assert net.agg.features["alerts"].runs["cpu_high"].muted == []  # flags the fleet raises together are shared: nobody muted
+    # flags the fleet raises together are shared: nobody muted
+    assert net.agg.features["alerts"].runs["cpu_high"].muted == []
 
 
 def test_every_spend_is_in_the_ledger_and_matches_the_published_epsilon(net):
