@@ -16,13 +16,14 @@ import numpy as np
 from pydantic import ValidationError
 
 from cpu_tracker_aggregator.alerts import Alerts
+from cpu_tracker_aggregator.features import Feature, SecureRounds
 from cpu_tracker_aggregator.roster import Roster, Snapshot, members_json_chunks
 from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history, secure_is_recent
 from cpu_tracker_aggregator.metrics import Metrics
 from cpu_tracker_aggregator.publish import Publisher
 from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_chunks, write_if_changed
 from shared.logs import Hourly, Problems
-from shared.paths import PAGE_FILE, Paths, is_datasite_email
+from shared.paths import PAGE_FILE, Paths
 from shared.permissions import ensure_permissions, exposure_sentence, guard_for, withhold
 from shared.runner import Role
 from shared.schema import Dashboard, History, json_schemas, schema_text, utc_now
@@ -30,6 +31,7 @@ from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.aggregator")
 PAGE = Path(__file__).parent / "page" / PAGE_FILE
+FEATURES = (Alerts, SecureRounds)  # the aggregator's features (features.py), in the order they tick and show
 
 
 @dataclass
@@ -46,24 +48,22 @@ class Aggregator:
     _last_snapshot: Snapshot | None = field(init=False, default=None)
     _history_unsaved: bool = field(init=False, default=False)
     publisher: Publisher = field(init=False)
-    alerts: Alerts = field(init=False)
+    features: dict[str, Feature] = field(init=False)  # by name, in the order of FEATURES
 
     def __post_init__(self) -> None:
-        self.alerts = Alerts(self.paths, self.settings, self.problems)  # private alerts (safe zones)
-        self.secure = None
-        if self.settings.mode == "secure":  # imported only here: local mode never loads the cryptography
-            from cpu_tracker_aggregator.secure import SecureAggregator
-
-            self.secure = SecureAggregator(self.paths, self.settings, self.problems)
+        self.features = {f.name: f for f in (make(self.paths, self.settings, self.problems) for make in FEATURES)}
         self.roster = Roster(self.paths, self.settings)
         self.history = self._load_history()
         self.publisher = Publisher(self.paths.public_dir())
         try:
-            self.metrics = Metrics(self.paths.metrics_file, self.metrics_port)
+            self.metrics = Metrics(self.paths.metrics_file, self.metrics_port, self._feature_metrics())
         except OSError as e:  # the port is taken (another datasite on this machine?): the textfile still works
             self.problems.report("metrics-port", f"cannot serve metrics on 127.0.0.1:{self.metrics_port} ({e}); "
                                  "set another metrics_port. The textfile is still written.")
-            self.metrics = Metrics(self.paths.metrics_file)
+            self.metrics = Metrics(self.paths.metrics_file, features=self._feature_metrics())
+
+    def _feature_metrics(self) -> list:
+        return [f.metrics for f in self.features.values()]
 
     def _load_history(self) -> History:
         path = self.paths.history_file
@@ -86,19 +86,19 @@ class Aggregator:
         Problems are logged once; the tick always completes."""
         snapshot = self.roster.tick(now)
         self._withhold_exposed()
-        alerts_changed = self.alerts.tick(now)
-        secure_changed = self._secure_tick(now)
+        features_changed = self._tick_features(now)
         lead_lapsed = (self._last is not None and self._last.lead == "secure"  # its round is no longer recent
                        and not secure_is_recent(self._last.secure, now, self.settings))
-        changed = (alerts_changed or self._last is None or snapshot.members_lines is not None or secure_changed
-                   or lead_lapsed
+        changed = (features_changed or self._last is None or snapshot.members_lines is not None or lead_lapsed
                    or not _same_figure(snapshot, self._last_snapshot)
                    # a heartbeat: a live aggregator's points are never more than stale_after_s apart
                    or (now - self._last.generated_at).total_seconds() >= self.settings.stale_after_s)
         self._last_snapshot = snapshot
         if changed:
-            secure = self.secure.figure if self.secure is not None else None
-            dashboard = self.alerts.attach(build_dashboard(snapshot, self.history, now, self.settings, secure))
+            inputs = {k: v for f in self.features.values() for k, v in f.inputs().items()}
+            dashboard = build_dashboard(snapshot, self.history, now, self.settings, **inputs)
+            for f in self.features.values():
+                dashboard = f.attach(dashboard)
             self.history = dashboard.history
         else:  # no report, status or reason changed since a tick that published everything
             dashboard = self._last
@@ -113,40 +113,33 @@ class Aggregator:
         return dashboard
 
     def _withhold_exposed(self) -> None:
-        """Every tick, before anything is written: the aggregator's folders that only some may read (the epoch's
-        cohort, each member's inbox and safe zones) are checked again, since a file there is written only when it
-        changes; an exposed one's file is withdrawn, said once per kind (shared/permissions.py)."""
-        p, guard = self.paths, guard_for(self.paths.my_datasite, self.paths.sync_state_file)
+        """Every tick, before anything is written: the folders the features guard, that only some may read (the
+        epoch's cohort, each member's inbox and safe zones), are checked again, since a file there is written only
+        when it changes; an exposed one's file is withdrawn, said once per kind (shared/permissions.py)."""
+        guard = guard_for(self.paths.my_datasite, self.paths.sync_state_file)
         guard.refresh()
-        epoch = self.secure.epoch if self.secure is not None else None
-        cohort = epoch.emails() if epoch else []
-        checks = [("epoch-exposed", "epoch folders", [(p.epoch_dir(), cohort, p.epoch_file())])]
-        for key, what, folder_of, file_of in (("inbox-exposed", "inbox folders", p.inbox_dir, p.inbox_file),
-                                              ("zones-exposed", "safe-zone folders", p.zones_dir, p.zones_file)):
-            root = folder_of("x").parent
-            try:
-                names = [n for n in os.listdir(root) if is_datasite_email(n)]
-            except OSError:
-                names = []
-            checks.append((key, what, [(folder_of(m), [m], file_of(m)) for m in sorted(names)]))
-        for key, what, folders in checks:
-            found = [why for folder, readers, file in folders if os.path.lexists(file)
-                     and (why := withhold(guard, folder, readers, [file]))]
-            if found:
-                self.problems.report(key, exposure_sentence(found, what), logging.ERROR)
+        for f in self.features.values():
+            for g in f.guarded():
+                found = [why for folder, readers, file in g.folders if os.path.lexists(file)
+                         and (why := withhold(guard, folder, readers, [file]))]
+                if found:
+                    self.problems.report(g.key, exposure_sentence(found, g.what), logging.ERROR)
 
-    def _secure_tick(self, now: datetime) -> bool:
-        """Secure rounds' upkeep; True when their figure changed. A failure is logged once and the local figure
-        carries on."""
-        if self.secure is None:
-            return False
-        try:
-            changed = self.secure.tick(now)
-            self.problems.clear("secure", "secure rounds running again")
-            return changed
-        except (OSError, ValueError) as e:
-            self.problems.report("secure", f"secure rounds stopped by an error: {e}", logging.ERROR)
-            return False
+    def _tick_features(self, now: datetime) -> bool:
+        """Every feature's tick; True when what one adds to the figure changed. A failure is logged once (a bug with
+        its traceback) and the other features and the local figure carry on."""
+        changed = False
+        for f in self.features.values():
+            try:
+                changed |= f.tick(now)
+                self.problems.clear(f.name, f"{f.what} running again")
+            except (OSError, ValueError) as e:
+                self.problems.report(f.name, f"{f.what} stopped by an error: {e}", logging.ERROR)
+            except Exception as e:  # noqa: BLE001  the boundary: a bug in one feature must not stop the figure
+                if f.name not in self.problems.active:
+                    log.exception("%s failed this tick (the network figure goes on): %s", f.what, e)
+                self.problems.active[f.name] = str(e)
+        return changed
 
     def _publish(self, dashboard: Dashboard, now: int, changed: bool) -> bool:
         """Write the public folder (permissions, static files, what changed); False (logged once) on failure."""

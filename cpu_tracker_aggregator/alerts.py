@@ -28,8 +28,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Literal
 
 import numpy as np
+from prometheus_client.core import GaugeMetricFamily
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
+from cpu_tracker_aggregator.features import Feature, Guarded, member_folders
+from cpu_tracker_aggregator.metrics import PERCENT, PREFIX
 from cpu_tracker_aggregator.reader import open_datasites, read_report
 from shared import APP_NAME
 from shared import safezone as sz
@@ -128,9 +131,15 @@ def generation(spec: sz.MonitorSpec, started_at: datetime) -> str:
     return hashlib.sha256(f"{spec.model_dump_json()} {started_at.isoformat()}".encode()).hexdigest()[:16]
 
 
-class Alerts:
+class Alerts(Feature):
+    """The private alerts, an aggregator feature: its state goes beside the figure (``attach``) and into the
+    metrics; the safe-zone folders are guarded."""
+
+    name = "alerts"
+    what = "private alerts"
+
     def __init__(self, paths: Paths, settings: Settings, problems: Problems):
-        self.paths, self.settings, self.problems = paths, settings, problems
+        super().__init__(paths, settings, problems)
         self.specs, errors = sz.parse_monitors(settings.monitors)
         for i, error in enumerate(errors):
             problems.report(f"monitor-setting:{i}", error, logging.ERROR)
@@ -159,19 +168,8 @@ class Alerts:
 
     # -- one tick ---------------------------------------------------------------------------------------
     def tick(self, now: datetime) -> bool:
-        """Advance every monitor; True when the public alert state changed. Never raises: the network figure goes
-        on whatever happens here (an unexpected error is logged once, with its traceback)."""
-        if not self.specs:
-            return False
-        try:
-            changed = self._tick(now)
-            self.problems.clear("alerts-error", "the private alerts work again")
-            return changed
-        except Exception as e:  # noqa: BLE001  the boundary: the figure must not stop for an alert
-            if "alerts-error" not in self.problems.active:
-                log.exception("private alerts failed this tick (the network figure goes on): %s", e)
-            self.problems.active["alerts-error"] = str(e)
-            return False
+        """Advance every monitor; True when the public alert state changed."""
+        return self._tick(now) if self.specs else False
 
     def _tick(self, now: datetime) -> bool:
         self._read_signals()
@@ -419,6 +417,49 @@ class Alerts:
         """The dashboard with the monitors' public state (unchanged when no monitor runs)."""
         states = self.states() if self.specs else None
         return dashboard.model_copy(update={"alerts": states}) if states else dashboard
+
+    def metrics(self, dashboard: Dashboard):
+        """Each private alert's public state (``Dashboard.alerts``), labelled by monitor."""
+        if not dashboard.alerts:
+            return
+        def family(name: str, text: str, labels=("monitor",)) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_monitor_{name}", text, labels=list(labels))
+
+        firing = family("firing", "1 while the alert fires (the last state it decided, also once exhausted), else 0.")
+        exhausted = family("exhausted", "1 once the monitor has used its b violation rounds (or its lifetime) and "
+                           "stopped.")
+        state = family("state", "1 for the monitor's current state (starting, ok, firing, exhausted).",
+                       ("monitor", "state"))
+        since = family("since_timestamp_seconds", "When the alert's state last changed (Unix time).")
+        used = family("violation_rounds_used", "Violation rounds spent of the monitor's b.")
+        rounds = family("violation_rounds", "b: the violation rounds the monitor may spend in its lifetime.")
+        spent = family("epsilon_spent", "Epsilon spent so far by a member taking part in every round (one window "
+                       "mean).")
+        eps = family("epsilon", "The monitor's lifetime epsilon per member (one window mean of its sliding window).")
+        threshold = family("threshold_ratio", "T as a ratio (mean CPU, or standard deviation of the members' CPU).")
+        estimate = family("estimate_ratio", "f of the last noisy global vector, as a ratio like the threshold.")
+        members = family("members", "Members holding a safe zone now.")
+        for a in dashboard.alerts:
+            m = [a.monitor]
+            firing.add_metric(m, 1.0 if a.firing else 0.0)
+            exhausted.add_metric(m, 1.0 if a.state == "exhausted" else 0.0)
+            for s in ("starting", "ok", "firing", "exhausted"):
+                state.add_metric([a.monitor, s], 1.0 if a.state == s else 0.0)
+            if a.since is not None:
+                since.add_metric(m, a.since.timestamp())
+            used.add_metric(m, a.violation_rounds_used)
+            rounds.add_metric(m, a.violation_rounds)
+            spent.add_metric(m, a.epsilon_spent)
+            eps.add_metric(m, a.epsilon)
+            threshold.add_metric(m, a.threshold / PERCENT)
+            if a.estimate is not None:
+                estimate.add_metric(m, a.estimate / PERCENT)
+            members.add_metric(m, a.members)
+        yield from (firing, exhausted, state, since, used, rounds, spent, eps, threshold, estimate, members)
+
+    def guarded(self) -> list[Guarded]:
+        p = self.paths
+        return [member_folders("zones-exposed", "safe-zone folders", p.zones_dir, p.zones_file)]
 
 
 def _epoch0() -> datetime:

@@ -13,6 +13,7 @@ Its content is public (mode 0644), so a collector running as the same user, or a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -76,47 +77,17 @@ class FigureCollector:
         yield rejected
         yield GaugeMetricFamily(f"{PREFIX}_min_members", "Fewest fresh members for a figure.",
                                 value=d.settings.min_members)
-        yield from monitor_metrics(d)
-        if d.secure is not None:
-            yield from secure_metrics(d.secure)
 
 
-def monitor_metrics(d: Dashboard):
-    """Each private alert's public state (``Dashboard.alerts``), labelled by monitor."""
-    if not d.alerts:
-        return
-    def family(name: str, text: str, labels=("monitor",)) -> GaugeMetricFamily:
-        return GaugeMetricFamily(f"{PREFIX}_monitor_{name}", text, labels=list(labels))
+class FeatureCollector:
+    """One aggregator feature's metrics (``Feature.metrics``) of the dashboard the figures collector holds."""
 
-    firing = family("firing", "1 while the alert fires (the last state it decided, also once exhausted), else 0.")
-    exhausted = family("exhausted", "1 once the monitor has used its b violation rounds (or its lifetime) and stopped.")
-    state = family("state", "1 for the monitor's current state (starting, ok, firing, exhausted).",
-                   ("monitor", "state"))
-    since = family("since_timestamp_seconds", "When the alert's state last changed (Unix time).")
-    used = family("violation_rounds_used", "Violation rounds spent of the monitor's b.")
-    rounds = family("violation_rounds", "b: the violation rounds the monitor may spend in its lifetime.")
-    spent = family("epsilon_spent", "Epsilon spent so far by a member taking part in every round (one window mean).")
-    eps = family("epsilon", "The monitor's lifetime epsilon per member (one window mean of its sliding window).")
-    threshold = family("threshold_ratio", "T as a ratio (mean CPU, or standard deviation of the members' CPU).")
-    estimate = family("estimate_ratio", "f of the last noisy global vector, as a ratio like the threshold.")
-    members = family("members", "Members holding a safe zone now.")
-    for a in d.alerts:
-        m = [a.monitor]
-        firing.add_metric(m, 1.0 if a.firing else 0.0)
-        exhausted.add_metric(m, 1.0 if a.state == "exhausted" else 0.0)
-        for s in ("starting", "ok", "firing", "exhausted"):
-            state.add_metric([a.monitor, s], 1.0 if a.state == s else 0.0)
-        if a.since is not None:
-            since.add_metric(m, a.since.timestamp())
-        used.add_metric(m, a.violation_rounds_used)
-        rounds.add_metric(m, a.violation_rounds)
-        spent.add_metric(m, a.epsilon_spent)
-        eps.add_metric(m, a.epsilon)
-        threshold.add_metric(m, a.threshold / PERCENT)
-        if a.estimate is not None:
-            estimate.add_metric(m, a.estimate / PERCENT)
-        members.add_metric(m, a.members)
-    yield from (firing, exhausted, state, since, used, rounds, spent, eps, threshold, estimate, members)
+    def __init__(self, metrics_of: Callable[[Dashboard], Iterable], figures: FigureCollector) -> None:
+        self.metrics_of, self.figures = metrics_of, figures
+
+    def collect(self):
+        if self.figures.dashboard is not None:
+            yield from self.metrics_of(self.figures.dashboard)
 
 
 def secure_metrics(sec):
@@ -163,11 +134,15 @@ def secure_metrics(sec):
 class Metrics:
     """The registry, its textfile, and the optional HTTP endpoint (127.0.0.1 only)."""
 
-    def __init__(self, textfile: Path, port: int | None = None):
+    def __init__(self, textfile: Path, port: int | None = None,
+                 features: Iterable[Callable[[Dashboard], Iterable]] = ()):
+        """``features``: each feature's ``metrics``, registered in this order after the figures."""
         self.textfile = Path(textfile)
         self.figures = FigureCollector()
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(self.figures)
+        for metrics_of in features:
+            self.registry.register(FeatureCollector(metrics_of, self.figures))
         self.server = None
         if port:
             self.server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)

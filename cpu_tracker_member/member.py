@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,8 @@ from pathlib import Path
 from threading import Event
 from typing import Callable
 
-from cpu_tracker_member.monitor import MemberMonitors, composed_words
+from cpu_tracker_member.monitor import composed_words
+from cpu_tracker_member.release import observers_for, release_for
 from shared import __version__
 from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps, secure_private_tree
 from shared.ledger import Charge, Ledger, LedgerKeeper, Spend, spent_per_budget
@@ -262,19 +262,13 @@ def run_member(
         member.parents_safe()  # an exposed folder withdraws what was left from before at once, not a window later
     for warning in settings_warnings(s):
         log.warning("%s", warning)
-    secure = None
-    if s.mode == "secure":  # imported only here: local mode never loads the cryptography and accounting
-        from cpu_tracker_member.secure import SecureMember
-
-        secure = SecureMember(member.paths, s, member.problems, member.ledger)
+    release = release_for(member)  # local or secure, by the settings
+    observers = observers_for(member)  # the private alerts (safe zones): one check per window
     read()  # psutil's first reading is meaningless: discard it
     start = wall()
     summary = Hourly(log, lambda totals, now: hourly_line(s, member.keeper.spends, totals, now))
-    monitors = MemberMonitors(member)  # private alerts (safe zones): one check per window
     while not stop.is_set():
-        # secure rounds are UTC windows (round r = [r * interval, (r + 1) * interval)): end each window on one
-        span = s.interval_s if secure is None else _to_boundary(wall().timestamp(), s.interval_s)
-        raw = measure_window(span, read=read, clock=clock, stop=stop)
+        raw = measure_window(release.span(wall), read=read, clock=clock, stop=stop)
         if raw is None:
             return
         end, published = wall(), False
@@ -282,28 +276,16 @@ def run_member(
             member.problems.report(
                 "clock", f"the clock went back from {start.isoformat()} to {end.isoformat()}: window skipped; "
                 "windows that re-use time already spent are charged again by the ledger")
-        elif secure is not None:
-            published = member.ensure_folder() and member.parents_safe() and secure.publish(raw, start, end)
-            if published:
-                member.problems.clear("clock")
-                log.log(logging.INFO if once else logging.DEBUG, "secure round ending %s uploaded",
-                        end.isoformat(timespec="seconds"))
-        elif published := (member.publish(raw, start, end) is not None):
+        elif published := release.release(raw, start, end):
             member.problems.clear("clock")
-            log.log(logging.INFO if once else logging.DEBUG, "published window ending %s (epsilon %g)",
-                    end.isoformat(timespec="seconds"), s.epsilon)
-        per_release = s.epsilon if secure is None else s.secure_target  # secure: at most; the epoch's noise decides
-        summary.add(end.timestamp(), windows=1, published=published, epsilon=per_release * published)
+            log.log(logging.INFO if once else logging.DEBUG, "%s", release.said(end))
+        summary.add(end.timestamp(), windows=1, published=published, epsilon=release.epsilon * published)
         if end > start:
-            monitors.step(raw, start, end)
+            for observer in observers:
+                observer.step(raw, start, end)
         start = end
         if once:
             return
-
-
-def _to_boundary(now: float, interval_s: float) -> float:
-    """Seconds from ``now`` to the next UTC multiple of ``interval_s`` (the end of the current secure round)."""
-    return (math.floor(now / interval_s) + 1) * interval_s - now
 
 
 def hourly_line(settings: Settings, spends: list[Spend] | None, totals: dict[str, float], now: float) -> str:

@@ -223,7 +223,7 @@ def test_one_member_flagging_every_epoch_costs_the_others_one_round(tmp_path, ca
     liar = "liar@example.org"
 
     def lie() -> None:
-        run = net.agg.alerts.runs.get("cpu_high")
+        run = net.agg.features["alerts"].runs.get("cpu_high")
         if run is None:
             return
         sig = MonitorSignal(monitor="cpu_high", generation=run.generation, vector_epoch=run.epoch, vector=[0.2],
@@ -238,7 +238,7 @@ def test_one_member_flagging_every_epoch_costs_the_others_one_round(tmp_path, ca
     a = net.alert(dash)
     assert a["state"] == "ok" and a["violation_rounds_used"] == 1  # one round, then the liar is muted
     assert "muted" in a["message"]
-    s = net.agg.alerts.runs["cpu_high"]
+    s = net.agg.features["alerts"].runs["cpu_high"]
     assert s.muted == [liar]
     split = (300 / 15, 2 * 300 / 12)  # eps / 3(b + 1), 2 eps / 3b
     for m in MEMBERS:

@@ -575,3 +575,34 @@ def test_statuses_follow_the_clock_through_many_rewrites(tmp_path: Path) -> None
     dead = agg.tick(last + timedelta(seconds=s.stale_after_s, microseconds=1)).counts
     assert (dead.fresh, dead.stale) == (0, 1)
     assert len(derived) == 1  # only the current report's own instant; the 11 replaced ones were skipped
+
+
+def test_a_bug_in_one_features_tick_is_logged_once_and_the_figure_and_the_other_features_go_on(ws: Workspace, caplog):
+    """Secure rounds that raise something unexpected (a bug, not an OSError) at every tick: the local figure is
+    published, the private alerts still tick, the bug is logged once with its traceback, and its end once. On main a
+    KeyError from the secure rounds escaped the tick (the role restarted 30 s later, the figure stopped meanwhile)."""
+
+    class Broken:  # what SecureAggregator exposes to the aggregator, with a bug in tick
+        figure = None
+        epoch = None
+        broken = True
+
+        def tick(self, now: datetime) -> bool:
+            if self.broken:
+                raise KeyError("round 7")
+            return False
+
+    monitor = {"name": "cpu_high", "kind": "mean", "threshold": 80, "epsilon": 1.0}
+    agg = ws.aggregator(monitors=(monitor,))
+    agg.features["secure"].rounds = rounds = Broken()
+    caplog.set_level(logging.INFO)
+    for i in range(3):
+        dash = agg.tick(NOW + timedelta(seconds=i))
+        assert dash.status == "ok" and dash.estimate is not None
+        assert [a.monitor for a in dash.alerts or []] == ["cpu_high"]  # the alerts ticked all the same
+    failed = [r for r in caplog.records if "secure rounds failed this tick" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.ERROR and failed[0].exc_info is not None
+    assert Dashboard.model_validate_json(ws.dashboard_text()).estimate is not None
+    rounds.broken = False
+    agg.tick(NOW + timedelta(seconds=3))
+    assert caplog.text.count("secure rounds running again") == 1

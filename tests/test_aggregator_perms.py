@@ -32,7 +32,7 @@ def test_a_grant_above_the_aggregators_own_folders_withdraws_them_until_it_is_go
     p.zones_file(net.members[0]).write_text("{}")
     assert p.epoch_file().exists() and all(f.exists() for f in inboxes)
     agg = Aggregator(p, net.settings, net.agg.problems)
-    agg.secure = net.agg  # the aggregator's own secure rounds, as it runs them
+    agg.features["secure"].rounds = net.agg  # the aggregator's own secure rounds, as it runs them
 
     grant = p.my_datasite / "app_data" / "syftperm.yaml"
     grant.write_text(GRANT)

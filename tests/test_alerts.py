@@ -107,7 +107,8 @@ def test_the_alert_fires_within_two_rounds_of_the_crossing_and_clears(net):
     assert down <= cleared <= down + 2, (states, down)
     a = net.alert(dash)
     assert a["violation_rounds_used"] == 2 and a["violation_rounds"] == 3 and a["members"] == 3
-    assert net.agg.alerts.runs["cpu_high"].muted == []  # flags the fleet raises together are shared: nobody muted
+    # flags the fleet raises together are shared: nobody muted
+    assert net.agg.features["alerts"].runs["cpu_high"].muted == []
 
 
 def test_every_spend_is_in_the_ledger_and_matches_the_published_epsilon(net):
@@ -306,7 +307,7 @@ def test_flags_that_arrive_after_their_round_started_share_it(net):
     for level in [20.0] * 8:
         net.round(level)
     net.round(100.0)  # half of the sliding window at 100 %: still inside every zone
-    run = net.agg.alerts.runs["cpu_high"]
+    run = net.agg.features["alerts"].runs["cpu_high"]
     assert run.phase == "monitoring" and run.used == 0
     start, net.now = net.now, net.now + timedelta(seconds=INTERVAL)
     for m, (member, monitors) in net.members.items():  # the load arrives everywhere: every member leaves its zone

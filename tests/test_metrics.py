@@ -131,7 +131,7 @@ def test_the_network_figure_is_the_secure_rounds_when_it_leads(tmp_path: Path) -
 
     paths = Paths(data_dir=tmp_path, email=AGG)
     agg = Aggregator(paths, Settings(aggregator=AGG), Problems(logging.getLogger("t")))
-    agg.secure = Rounds()
+    agg.features["secure"].rounds = Rounds()
     agg.tick(NOW)
     got = samples(paths.metrics_file.read_text())
     assert got[("cpu_tracker_network_cpu_ratio", ())] == pytest.approx(0.527)

@@ -238,12 +238,12 @@ def test_secure_rounds_go_into_the_history_segments_and_lead_the_status(tmp_path
     start = datetime(2026, 3, 1, 10, 0, 5, tzinfo=timezone.utc)
     stopped_from, stopped_until = start + timedelta(minutes=50), start + timedelta(minutes=70)
     agg = Aggregator(Paths(data_dir=tmp_path, email=AGG), settings, Problems(logging.getLogger("t")))
-    agg.secure = Rounds()
+    agg.features["secure"].rounds = rounds = Rounds()
     expected = {}
     for i in range(int(timedelta(hours=2) / TICK)):
         now = start + i * TICK
         dash = agg.tick(now)
-        fig = agg.secure.figure
+        fig = rounds.figure
         recent = (now - fig.round_end).total_seconds() <= SECURE_RECENT_ROUNDS * window + settings.stale_after_s
         assert dash.lead == ("secure" if recent else None) and dash.estimate is None
         assert dash.message.startswith("Network CPU" if recent else "No current figure")
@@ -266,5 +266,5 @@ def test_secure_rounds_go_into_the_history_segments_and_lead_the_status(tmp_path
     coarse = [m for m in history.coarse.mean if m is not None]
     assert len(coarse) >= 20 and all(20 <= m <= 70 for m in coarse)
     text = status_text(folder)
-    assert f"secure round {agg.secure.figure.round}" in text and "of 6 in the round's sum" in text
+    assert f"secure round {rounds.figure.round}" in text and "of 6 in the round's sum" in text
     assert "p50 cohort too small for it" in text and "0 fresh" not in text
