@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -225,6 +226,7 @@ def run_member(
         from cpu_tracker_member.secure import SecureMember
 
         secure = SecureMember(member.paths, s, member.problems, member.ledger)
+        threading.Thread(target=secure.answer_loop, args=(stop,), name="secure-answers", daemon=True).start()
     read()  # psutil's first reading is meaningless: discard it
     start = wall()
     summary = Hourly(log, lambda totals, now: hourly_line(member, totals, now))

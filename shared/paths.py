@@ -16,7 +16,11 @@
     │   ├── cpu_tracker.json                 the DP report (MemberReport)
     │   ├── monitor.json                     private alerts: breach flags, noisy vectors (MonitorSignalsFile)
     │   ├── syftperm.yaml, syft.pub.yaml     owner: all; the aggregator: read; nobody else
+    │   ├── secure_join.json, secure/r<round>.json, secure/answers.json   secure mode (shared.secure_schema)
+    ├── <member>/public/did.json             every datasite's identity keys (syft-crypto's did:web document)
     ├── <member>/api_data/cpu_tracker/cpu_tracker.json   a tutorial-era member's report (read as legacy)
+    ├── <aggregator>/app_data/cpu_tracker_epoch/epoch.json, rounds.json   secure mode: the cohort only
+    ├── <aggregator>/app_data/cpu_tracker_inbox/<member>/inbox.json      secure mode: that member only
     ├── <aggregator>/app_data/cpu_tracker_alerts/<member>/zones.json   the member's safe zones (SafeZonesFile),
     │                                        with permission files: the aggregator and that member only
     └── <aggregator>/public/cpu_tracker/            world-readable (cpu_tracker_aggregator/publish.py)
@@ -31,6 +35,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +53,13 @@ HISTORY_INDEX_FILE = f"{HISTORY_DIR}/index.json"
 DASHBOARD_SCHEMA_FILE = "dashboard.schema.json"
 REPORT_SCHEMA_FILE = "member_report.schema.json"
 PAGE_FILE = "index.html"
-SECURE_KEY_FILE = "secure_key.json"
+SECURE_JOIN_FILE = "secure_join.json"
 EPOCH_FILE = "epoch.json"
+ROUNDS_FILE = "rounds.json"
 INBOX_FILE = "inbox.json"
+ANSWERS_FILE = "answers.json"
+DID_FILE = "did.json"  # syft-crypto's name and place: datasites/<email>/public/did.json
+PRIVATE_KEYS_FILE = "pvt.jwks.json"  # syft-crypto's: <data_dir>/../.syftbox/<8 hex>/pvt.jwks.json
 SYFTPERM_FILE = "syftperm.yaml"
 SYFT_PUB_FILE = "syft.pub.yaml"
 _EMAIL = re.compile(r"[^@/\\\s*?\[\]]+@[^@/\\\s*?\[\]]+")  # no separator, whitespace or glob character
@@ -75,6 +84,7 @@ class Paths:
     data_dir: Path
     email: str
     app_name: str = APP_NAME
+    server_url: str = ""  # the SyftBox client's server URL: it names the private-key folder (syft-crypto's layout)
 
     @property
     def datasites(self) -> Path:
@@ -140,13 +150,41 @@ class Paths:
     # -- secure aggregation (shared.secure_schema names what each file holds) ---------------------------
     @property
     def secure_private(self) -> Path:
-        """The member's X25519 private key and what it revealed: local, never synced."""
+        """The member's secure-mode state (rounds used, views signed, what it revealed) and the pins of other
+        datasites' keys: local, never synced."""
         return self.private / "secure"
 
-    def secure_key_file(self, member: str | None = None) -> Path:
-        """A member's public key, in its report folder: for the aggregator only, which hands it to the cohort in
-        the epoch (nothing public says who takes part)."""
-        return self.report_dir(member) / SECURE_KEY_FILE
+    @property
+    def secure_state_file(self) -> Path:
+        return self.secure_private / "state.json"
+
+    @property
+    def pins_file(self) -> Path:
+        return self.secure_private / "pins.json"
+
+    @property
+    def aggregator_secure_file(self) -> Path:
+        return self.private / "aggregator" / "secure.json"
+
+    def aggregator_epoch_copy(self, number: int) -> Path:
+        """The aggregator's private copy of an epoch it signed, to resume it after a restart."""
+        return self.private / "aggregator" / "epochs" / f"{number}.json"
+
+    def did_file(self, email: str | None = None) -> Path:
+        """A datasite's identity keys (syft-crypto's did:web document), world-readable by SyftBox's convention."""
+        return self.datasites / (email or self.email) / "public" / DID_FILE
+
+    @property
+    def private_keys_file(self) -> Path:
+        """This datasite's private identity keys where syft-crypto keeps them: outside the SyftBox folder, in
+        ``<data_dir>/../.syftbox/<first 8 hex of sha256("<server_url>::<email>")>/`` (so one key per datasite)."""
+        partition = hashlib.sha256(f"{self.server_url}::{self.email}".encode()).hexdigest()[:8]
+        return self.data_dir.parent / ".syftbox" / partition / PRIVATE_KEYS_FILE
+
+    def secure_join_file(self, member: str | None = None) -> Path:
+        """A member's request to take part in secure rounds, in its report folder: for the aggregator only (nothing
+        public says who takes part)."""
+        return self.report_dir(member) / SECURE_JOIN_FILE
 
     def epoch_dir(self, aggregator: str | None = None) -> Path:
         """The aggregator's epoch folder, readable by the epoch's cohort only."""
@@ -155,12 +193,20 @@ class Paths:
     def epoch_file(self, aggregator: str | None = None) -> Path:
         return self.epoch_dir(aggregator) / EPOCH_FILE
 
+    def rounds_file(self, aggregator: str | None = None) -> Path:
+        """The recent rounds' outcomes (no emails), beside the epoch: the cohort only."""
+        return self.epoch_dir(aggregator) / ROUNDS_FILE
+
     def upload_dir(self, member: str | None = None) -> Path:
         """A member's round uploads: inside its report folder, so under the same aggregator-only permission."""
         return self.report_dir(member) / "secure"
 
     def upload_file(self, round_: int, member: str | None = None) -> Path:
         return self.upload_dir(member) / f"r{round_}.json"
+
+    def answers_file(self, member: str | None = None) -> Path:
+        """A member's signed views and sealed reveals of recent rounds, rewritten when it has new ones."""
+        return self.upload_dir(member) / ANSWERS_FILE
 
     def inbox_dir(self, member: str, aggregator: str | None = None) -> Path:
         """The aggregator's folder for one member, readable by that member only (apart from the app's own report

@@ -81,7 +81,8 @@ def load_workspace(config: str | None) -> Paths:
     from syftbox.lib import Client
 
     client = Client.load(config)
-    return Paths(data_dir=Path(client.workspace.data_dir), email=str(client.email), app_name=APP_NAME)
+    return Paths(data_dir=Path(client.workspace.data_dir), email=str(client.email), app_name=APP_NAME,
+                 server_url=str(client.config.server_url))
 
 
 def acquire_lock(path: Path) -> IO | None:
