@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from shared import safezone as sz
-from shared.atomic import PRIVATE, atomic_write_bytes
+from shared.atomic import PRIVATE, atomic_write_bytes, read_regular
 from shared.ledger import BudgetExceeded, LedgerCorrupt, Spend
 from shared.permissions import parent_grant_problem
 from shared.schema import MonitorDefinition, MonitorSignal, MonitorSignalsFile, MonitorsFile, SafeZone, SafeZonesFile
@@ -218,7 +218,7 @@ class MemberMonitors:
     def _definitions(self) -> list[MonitorDefinition] | None:
         path = self.paths.monitors_file(self.settings.aggregator)
         try:
-            data = path.read_bytes()[:MAX_FILE_BYTES + 1]
+            data = read_regular(path, MAX_FILE_BYTES + 1)  # never blocks, refuses a FIFO or symlink
         except FileNotFoundError:
             return None  # no monitor (or not synced yet): nothing to do, and every track is kept
         except OSError as e:
@@ -252,7 +252,7 @@ class MemberMonitors:
         """This member's zones by monitor, or why they cannot be used (then for every monitor)."""
         path = self.paths.zones_file(self.paths.email, self.settings.aggregator)
         try:
-            data = path.read_bytes()[:MAX_FILE_BYTES + 1]
+            data = read_regular(path, MAX_FILE_BYTES + 1)  # never blocks, refuses a FIFO or symlink
         except FileNotFoundError:
             return {}, None
         except OSError as e:

@@ -64,13 +64,15 @@ def status_text(paths: Paths, settings: Settings, now: datetime, recent: int = 1
 
 def secure_lines(paths: Paths, settings: Settings, spends) -> list[str]:
     """Secure mode in plain words: what the aggregator receives, the unit and epsilon, the epoch seen."""
+    from cpu_tracker_member.secure import MAX_EPOCH_BYTES
+    from shared.atomic import read_regular
     from shared.secure_schema import UNIT_WORDS, Epoch
 
     lines = [f"Mode: secure. The aggregator receives only masked round files and learns the cohort's noisy sum; each "
              f"round protects {UNIT_WORDS[settings.secure_unit]} at epsilon {settings.secure_target:g} at most "
              f"(secure_unit, secure_epsilon){' per UTC day, delta ' + format(settings.secure_delta, 'g') if settings.secure_unit == 'cpu_day' else ''}."]
     try:
-        epoch = Epoch.model_validate_json(paths.epoch_file(settings.aggregator).read_bytes())
+        epoch = Epoch.model_validate_json(read_regular(paths.epoch_file(settings.aggregator), MAX_EPOCH_BYTES))
         listed = paths.email in epoch.cohort
         lines.append(f"Epoch {epoch.epoch} from {epoch.aggregator}: {len(epoch.cohort)} members, rounds "
                      f"{epoch.first_round}-{epoch.last_round()}, at least {epoch.min_survivors} survivors; this "

@@ -6,8 +6,10 @@ Pattern from prometheus_client's ``write_to_textfile``: temp file in the same fo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -124,9 +126,9 @@ def write_if_changed(path: Path, data: bytes) -> bool:
 
     Returns True when the file was (re)written."""
     try:
-        if Path(path).read_bytes() == data:
+        if read_regular(path, len(data) + 1) == data:
             return False
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    except OSError:  # missing, or not a regular file (a FIFO, a folder, a symlink): replaced by the atomic write
         pass
     atomic_write_bytes(path, data)
     return True
@@ -145,11 +147,61 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def read_capped(path: Path, limit: int = 1 << 20) -> bytes | None:
-    """The first ``limit`` bytes of a file another process writes atomically; None when it is missing or cannot be
-    read (the caller treats both as "not there yet")."""
+class NotRegularFile(OSError):
+    """What is at the path is not a regular file (a FIFO, socket, device, folder, or a symlink not followed)."""
+
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def describe(mode: int) -> str:
+    """What a file of ``st_mode`` is, in words ("a FIFO", "a folder", ...)."""
+    for test, words in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                        (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                        (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def read_regular(path: Path, limit: int, *, follow: bool = False) -> bytes:
+    """At most ``limit`` bytes of the regular file at ``path``, without ever blocking: for any file another process,
+    app or user may create. Raises ``FileNotFoundError`` when nothing is there, ``NotRegularFile`` for a FIFO, a
+    socket, a device or a folder (and for a symlink unless ``follow``), ``OSError`` when it cannot be read.
+
+    The path is checked with ``stat`` before it is opened (a device is never opened at all), opened with
+    ``O_NONBLOCK`` (a FIFO swapped in meanwhile cannot block the open) and ``O_NOFOLLOW`` unless ``follow``, and
+    the decision is taken again on ``fstat`` of what was opened."""
+    st = os.stat(path, follow_symlinks=follow)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(errno.EINVAL, f"is {describe(st.st_mode)}, not a regular file", str(path))
     try:
-        with open(path, "rb") as f:
-            return f.read(limit)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow:  # swapped for a symlink since the stat
+            raise NotRegularFile(errno.ELOOP, "is a symbolic link, not a regular file", str(path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, f"is {describe(st.st_mode)}, not a regular file", str(path))
+        chunks, left = [], limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_capped(path: Path, limit: int = 1 << 20, *, follow: bool = False) -> bytes | None:
+    """The first ``limit`` bytes of a file another process writes atomically; None when it is missing, is not a
+    regular file (``read_regular``: never blocks on a FIFO, never follows a symlink unless ``follow``) or cannot be
+    read (the caller treats all of these as "not there yet")."""
+    try:
+        return read_regular(path, limit, follow=follow)
     except OSError:
         return None

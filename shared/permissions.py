@@ -24,7 +24,7 @@ from typing import Sequence
 import yaml
 from wcmatch import glob as wcglob
 
-from shared.atomic import write_if_changed
+from shared.atomic import read_regular, write_if_changed
 from shared.paths import SYFT_PUB_FILE, SYFTPERM_FILE
 
 ALL = ["admin", "create", "write", "read"]
@@ -100,8 +100,7 @@ def parent_grant_problem(datasite: Path, report_file: Path, allowed: Sequence[st
 
 def _read_and_check(path: Path, check, target: str, allowed: set[str]) -> str | None:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_PERM_FILE_BYTES + 1)
+        data = read_regular(path, MAX_PERM_FILE_BYTES + 1)  # never blocks on a FIFO, never follows a symlink
     except FileNotFoundError:
         return None
     except OSError as e:

@@ -24,7 +24,7 @@ at least t neighbours in it, or t Sybils among its neighbours), of at least ``ly
 
 Every primitive comes from a well-kept library: X25519, Ed25519 (views, in ``shared.identity``), HKDF-SHA256,
 AES-256-CTR (the mask stream) and AES-256-GCM (sealed shares and reveals) from ``cryptography``; Shamir over
-GF(2^127 - 1) behind ``split_seed`` / ``combine_seeds``; randomness from ``secrets``. Nothing here uses numpy's
+GF(2^127 - 1) with python-flint's field arithmetic (``shared.shamir``); randomness from ``secrets``. Nothing here uses numpy's
 generators.
 """
 
@@ -43,13 +43,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from shared import shamir
+
 MODULUS_BITS = 64  # arithmetic mod 2^64: numpy's uint64 wraps exactly there
-PRIME = (1 << 127) - 1  # the Shamir field: a seed is one element, 16 bytes on the wire
-SEED_BYTES = 16
+SEED_BYTES = shamir.SECRET_BYTES  # a self-mask seed: one element of GF(2^127 - 1)
 KEY_BYTES = 32
 SEALED_SHARE_BYTES = SEED_BYTES + 16  # AES-GCM: the share and its tag (the key is unique per message: zero nonce)
 HASH_BYTES = 32
-_FIELD_SIZE = 1 << 128  # pycryptodome's GF(2^128) behind the seam below; PRIME once shared.shamir lands
 PROTOCOL = b"cpu_tracker secagg v2"
 
 
@@ -187,62 +187,24 @@ def decode_vector(text: str, dim: int) -> np.ndarray:
 # Self-mask seeds: Shamir shares over GF(2^127 - 1), sealed for each neighbour
 # ---------------------------------------------------------------------------------------------------
 def new_seed() -> int:
-    """A fresh self-mask seed: a uniformly random field element (127 bits) from the OS's cryptographic source."""
-    return secrets.randbelow(PRIME)
+    """A fresh self-mask seed: a uniformly random element of GF(2^127 - 1) from the OS's cryptographic source."""
+    return shamir.new_secret()
 
 
-def seed_bytes(value: int) -> bytes:
-    return int(value).to_bytes(SEED_BYTES, "big")
-
-
-def seed_value(raw: bytes) -> int:
-    """A field element from its 16 bytes; ValueError if it is not one."""
-    if len(raw) != SEED_BYTES:
-        raise ValueError(f"a seed or share is {SEED_BYTES} bytes, got {len(raw)}")
-    value = int.from_bytes(raw, "big")
-    if value >= _FIELD_SIZE:
-        raise ValueError("a seed or share must be an element of the Shamir field")
-    return value
+seed_bytes = shamir.to_bytes  # a seed or share on the wire: 16 bytes, big-endian
+seed_value = shamir.from_bytes  # and back (ValueError unless it is a field element)
 
 
 def split_seed(seed: int, n: int, threshold: int) -> list[int]:
     """The ``n`` Shamir shares of ``seed`` at x = 1..n (x = the holder's position in the dealer's sorted neighbour
-    list, plus one): any ``threshold`` rebuild it, fewer tell nothing."""
-    if not 1 <= threshold <= n:
-        raise ValueError(f"threshold must be between 1 and {n}, got {threshold}")
-    return _shamir_split(seed, n, threshold)
+    list, plus one): any ``threshold`` rebuild it, fewer tell nothing (``shared.shamir``)."""
+    return shamir.split(seed, n, threshold)
 
 
 def combine_seeds(share_sets: Sequence[Mapping[int, int]], threshold: int) -> list[int]:
-    """Many seeds at once, each from at least ``threshold`` of its shares (x -> value); ValueError for a seed with too
-    few shares."""
-    for i, shares in enumerate(share_sets):
-        if len(shares) < threshold:
-            raise ValueError(f"seed {i} has {len(shares)} shares, fewer than the threshold {threshold}")
-    return _shamir_combine(share_sets, threshold)
-
-
-def _shamir_split(seed: int, n: int, threshold: int) -> list[int]:
-    """The seam to the Shamir implementation (pycryptodome's, GF(2^128), until ``shared.shamir`` lands: a 127-bit
-    secret and its shares fit its 16-byte elements; the x's and the wire format are the same)."""
-    from Crypto.Protocol.SecretSharing import Shamir
-
-    if threshold == 1:  # pycryptodome needs k >= 2; a 1-of-n share is the seed itself
-        return [seed] * n
-    return [int.from_bytes(v, "big") for _, v in Shamir.split(threshold, n, seed_bytes(seed))]
-
-
-def _shamir_combine(share_sets: Sequence[Mapping[int, int]], threshold: int) -> list[int]:
-    from Crypto.Protocol.SecretSharing import Shamir
-
-    out = []
-    for shares in share_sets:
-        xs = sorted(shares)[:threshold]
-        if threshold == 1:
-            out.append(shares[xs[0]])
-        else:
-            out.append(int.from_bytes(Shamir.combine([(x, shares[x].to_bytes(16, "big")) for x in xs]), "big"))
-    return out
+    """Many seeds at once, each from at least ``threshold`` of its shares (x -> value), in one vectorised pass per
+    set of x's (``shared.shamir.combine``); ValueError for a seed with too few shares."""
+    return shamir.combine(share_sets, threshold)
 
 
 def seal_share(key: bytes, share: int) -> bytes:

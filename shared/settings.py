@@ -16,6 +16,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shared.atomic import read_regular
 from shared.paths import is_datasite_email
 from shared.privacy import laplace_scale, mean_sensitivity, units_per_window
 from shared.schema import CPU_BOUNDS
@@ -23,6 +24,8 @@ from shared.schema import CPU_BOUNDS
 SETTINGS_FILE = "cpu_tracker.toml"
 ENV_PREFIXES = ("SYFTBOX_CPU_TRACKER_", "CPU_TRACKER_")
 DAY_S = 86400.0
+MAX_SETTINGS_BYTES = 1 << 20
+MAX_MEMBERS_FILE_BYTES = 64 << 20  # about 2.5 million emails
 MAX_HORIZON_S = 366 * DAY_S  # a year and a day: longer horizons mean nothing for a CPU tracker, and cost memory
 
 
@@ -194,9 +197,12 @@ class Settings(BaseModel):
     def _check_members(self) -> "Settings":
         if self.members_file is not None:
             path = Path(self.members_file)
-            try:
-                lines = path.read_text("utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as e:
+            try:  # never blocks on a FIFO, refuses a device or folder
+                raw = read_regular(path, MAX_MEMBERS_FILE_BYTES + 1, follow=True)
+                if len(raw) > MAX_MEMBERS_FILE_BYTES:
+                    raise ValueError(f"it is larger than {MAX_MEMBERS_FILE_BYTES >> 20} MiB")
+                lines = raw.decode("utf-8").splitlines()
+            except (OSError, ValueError) as e:  # UnicodeDecodeError, an embedded NUL in the path: ValueErrors
                 raise ValueError(f"members_file {str(path.absolute())!r} cannot be read ({e}): create it (one email "
                                  f"per line) or remove the setting") from None
             listed = [x.split("#", 1)[0].strip() for x in lines]
@@ -228,11 +234,15 @@ def load_settings(app_dir: Path | None = None, environ: Mapping[str, str] | None
     environ = os.environ if environ is None else environ
     values: dict = {}
     path = Path(app_dir or Path.cwd()) / SETTINGS_FILE
-    if path.exists():
-        try:
-            values.update(tomllib.loads(path.read_text("utf-8")))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise SettingsError(f"cannot read {path}: {e}. Fix the file or remove it to use the defaults.") from e
+    try:  # never blocks on a FIFO, refuses a device or folder
+        raw = read_regular(path, MAX_SETTINGS_BYTES + 1, follow=True)
+    except FileNotFoundError:
+        raw = None
+    except OSError as e:
+        raise SettingsError(f"cannot read {path}: {e.strerror or e}. Fix the file or remove it to use the "
+                            "defaults.") from None
+    if raw is not None:
+        values.update(_parse_toml(path, raw))
     names = set(Settings.model_fields)
     for prefix in ENV_PREFIXES:
         for key, raw in environ.items():
@@ -250,6 +260,23 @@ def load_settings(app_dir: Path | None = None, environ: Mapping[str, str] | None
             f"The settings in {path} (or the CPU_TRACKER_* variables) are not valid, so the app does not start. "
             f"{problems}"
         ) from e
+
+
+def _parse_toml(path: Path, raw: bytes) -> dict:
+    """The settings file's table, or a SettingsError in one sentence (never another exception: the parser raises
+    RecursionError for deep nesting and ValueError for an integer of more than 4,300 digits)."""
+    if len(raw) > MAX_SETTINGS_BYTES:
+        raise SettingsError(f"cannot read {path}: it is larger than {MAX_SETTINGS_BYTES >> 10} KiB, far more than any "
+                            "settings file needs. Fix the file or remove it to use the defaults.")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        why = str(e)
+    except RecursionError:
+        why = "it nests arrays or tables too deeply"
+    except ValueError as e:  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
+        why = f"a value cannot be read ({str(e)[:200]})"
+    raise SettingsError(f"cannot read {path}: {why}. Fix the file or remove it to use the defaults.")
 
 
 def _sentence(err: dict) -> str:
