@@ -600,12 +600,27 @@ class SecureAggregator:
 
     # -- inboxes and the rounds file ------------------------------------------------------------------
     def _write_inboxes(self, now: datetime, current: int) -> None:
-        """Each cohort member's inbox, MAC'd for it: the newest rounds it still has to answer. Permission files are
-        written once per member and process; no fsync (an inbox is rewritten at the next close anyway)."""
+        """Each cohort member's inbox, MAC'd for it. Permission files are written once per member and process; no
+        fsync (an inbox is rewritten at the next close anyway)."""
+        for m, body in self.inbox_bodies(now, current).items():
+            try:
+                if m not in self._perms_done:
+                    ensure_permissions(self.paths.inbox_dir(m), self.paths.email, [m])
+                    self._perms_done.add(m)
+                atomic_write_chunks(self.paths.inbox_file(m), [body], durable=False, fsync=False)
+                self.problems.clear("inbox-write")
+            except OSError as ex:
+                self.problems.report("inbox-write", f"secure mode: cannot write inboxes ({ex}); free disk space")
+                self._perms_done.discard(m)
+                return
+
+    def inbox_bodies(self, now: datetime, current: int) -> dict[str, bytes]:
+        """Each cohort member's inbox: the newest rounds it still has to answer (at most INBOX_ROUNDS), MAC'd."""
         recent = [self.rounds[r] for r in sorted(self.rounds, reverse=True)
                   if (self.rounds[r].status == "unmasking" or (self.rounds[r].status == "refused"
                                                                and r >= current - 2))]
         members = set(self.epoch.cohort) | (set(self._old[0].cohort) if self._old else set())
+        out = {}
         for m in sorted(members):
             keys = self._member_keys(m)
             if keys is None:
@@ -621,17 +636,8 @@ class SecureAggregator:
                     entries.append(self._inbox_entry(rnd, m))
                 if len(entries) == INBOX_ROUNDS:
                     break
-            body = mac_file(Inbox(member=m, created_at=now, rounds=entries), keys["inbox"])
-            try:
-                if m not in self._perms_done:
-                    ensure_permissions(self.paths.inbox_dir(m), self.paths.email, [m])
-                    self._perms_done.add(m)
-                atomic_write_chunks(self.paths.inbox_file(m), [body], durable=False, fsync=False)
-                self.problems.clear("inbox-write")
-            except OSError as ex:
-                self.problems.report("inbox-write", f"secure mode: cannot write inboxes ({ex}); free disk space")
-                self._perms_done.discard(m)
-                return
+            out[m] = mac_file(Inbox(member=m, created_at=now, rounds=entries), keys["inbox"])
+        return out
 
     @staticmethod
     def _inbox_entry(rnd: Round, m: str) -> InboxRound:

@@ -525,6 +525,7 @@ class SecureMember:
             if inbox.member != self.paths.email:
                 return
             answers = self._load_answers()
+            before = {kind: set(book) for kind, book in answers.items()}
             changed = False
             for entry in inbox.rounds:
                 try:
@@ -533,7 +534,12 @@ class SecureMember:
                     self.problems.report("state-write", f"secure mode: cannot record an answer ({e}): nothing "
                                          "revealed")
                     return
-            if changed:
+            if changed:  # keep what is new, and what the inbox shows the aggregator still lacks
+                lacking = {"views": {e.round for e in inbox.rounds if e.status == "unmasking" and e.sealed},
+                           "reveals": {e.round for e in inbox.rounds if e.status == "unmasking"}}
+                for kind, book in answers.items():
+                    for r in [r for r in book if r in before[kind] and r not in lacking[kind]]:
+                        del book[r]
                 self._write_answers(answers)
 
     def _answer_round(self, entry: InboxRound, answers: dict[str, dict[int, object]]) -> bool:
@@ -655,21 +661,20 @@ class SecureMember:
         self.problems.report(f"round-{r}", f"secure round {r}: nothing revealed: {why}")
 
     def _load_answers(self) -> dict[str, dict[int, object]]:
-        """The answers this member last wrote (its own file, MAC-checked), kept for the recent rounds."""
+        """The answers this member last wrote (its own file, MAC-checked)."""
         if self._answers is None:
             raw = read_capped(self.paths.answers_file())
             try:
                 self._answers = read_mac(raw or b"", SecureAnswers, self._keys["answers"])
             except (Refused, ValidationError):
                 self._answers = SecureAnswers(email=self.paths.email, created_at=utc_now())
-        keep = self._state.last_used - 3
-        return {"views": {v.round: v for v in self._answers.views if v.round >= keep},
-                "reveals": {v.round: v for v in self._answers.reveals if v.round >= keep}}
+        return {"views": {v.round: v for v in self._answers.views},
+                "reveals": {v.round: v for v in self._answers.reveals}}
 
     def _write_answers(self, answers: dict[str, dict[int, object]]) -> None:
         body = SecureAnswers(email=self.paths.email, created_at=utc_now(),
-                             views=[answers["views"][r] for r in sorted(answers["views"])][-8:],
-                             reveals=[answers["reveals"][r] for r in sorted(answers["reveals"])][-8:])
+                             views=[answers["views"][r] for r in sorted(answers["views"])][-16:],
+                             reveals=[answers["reveals"][r] for r in sorted(answers["reveals"])][-16:])
         try:
             self.paths.upload_dir().mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.paths.answers_file(), mac_file(body, self._keys["answers"]))

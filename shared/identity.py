@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote, urlparse
@@ -111,7 +112,7 @@ class Identity:
     identity_private: bytes = field(repr=False)
     prekey_private: bytes = field(repr=False)
 
-    @property
+    @cached_property
     def public(self) -> PublicKeys:
         ed = Ed25519PrivateKey.from_private_bytes(self.identity_private).public_key()
         x = X25519PrivateKey.from_private_bytes(self.prekey_private).public_key()

@@ -86,6 +86,22 @@ class Adversary:
     def __init__(self, net, sybils=()):
         self.net, self.agg = net, net.agg
         self.sybils = {s: identity.load_or_create(net.secure[s].paths) for s in sybils}
+        self.loot: dict[tuple[int, bytes, str], bytes] = {}  # (round, epoch hash, member) -> its sealed reveal
+        net.observers.append(self.harvest)
+
+    def harvest(self) -> None:
+        """Keep every reveal any member's answers file holds now (members drop them once the aggregator has them)."""
+        for m in self.net.members:
+            path = self.agg.paths.answers_file(m)
+            keys = self.agg._member_keys(m) if path.exists() else None
+            if keys is None:
+                continue
+            try:
+                answers = read_mac(path.read_bytes(), SecureAnswers, keys["answers"])
+            except Refused:
+                continue
+            for sr in answers.reveals:
+                self.loot.setdefault((sr.round, b64_bytes(sr.epoch_hash), m), b64_bytes(sr.sealed))
 
     # -- writing files as the aggregator ------------------------------------------------------------------
     def honest_entry(self, r: int, m: str) -> InboxRound:
@@ -123,20 +139,12 @@ class Adversary:
 
     def reveals(self, r: int, h: bytes, degree: int) -> dict[str, list]:
         """Every reveal of round r (under epoch hash h) any member ever wrote, opened with the aggregator's keys."""
+        self.harvest()
         out = {}
-        for m in self.net.members:
-            path = self.agg.paths.answers_file(m)
-            if not path.exists():
-                continue
-            keys = self.agg._member_keys(m)
-            try:
-                answers = read_mac(path.read_bytes(), SecureAnswers, keys["answers"])
-            except Refused:
-                continue
-            for sr in answers.reveals:
-                if sr.round == r and sr.epoch_hash == b64(h):
-                    plain = secagg.unseal(secagg.reveal_key(keys["secret"], h, r), b64_bytes(sr.sealed))
-                    out[m] = secagg.unpack_reveal(plain, degree)[1]
+        for (rr, hh, m), sealed in self.loot.items():
+            if rr == r and hh == h:
+                plain = secagg.unseal(secagg.reveal_key(self.agg._member_keys(m)["secret"], h, r), sealed)
+                out[m] = secagg.unpack_reveal(plain, degree)[1]
         return out
 
     def opened(self, r: int, h: bytes | None = None) -> dict[str, list[int]]:

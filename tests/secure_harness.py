@@ -53,6 +53,7 @@ class Net:
         self.secure = {m: self.member(m) for m in self.members}
         self.agg = aggregator_class(self.home(AGG), self.settings, Problems(logging.getLogger("test.secure.agg")))
         self.alive = set(self.members)
+        self.observers = []
         self.values = {m: 10.0 + 3 * i for i, m in enumerate(self.members)}
         self.round = start_round
         self.agg.tick(t(self.round * self.round_s + 1))  # the aggregator's identity document
@@ -92,6 +93,8 @@ class Net:
     def members_answer(self, who=None):
         for m in sorted(who if who is not None else self.alive):
             self.secure[m].answer()
+        for look in self.observers:  # an adversary keeps everything it ever sees
+            look()
 
     def step(self, who=None):
         self.members_upload(who)
