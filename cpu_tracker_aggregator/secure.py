@@ -28,9 +28,16 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from pydantic import ValidationError
 
-from cpu_tracker_aggregator.reader import open_datasites, read_report, signature
-from shared import identity, secagg
-from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_chunks, atomic_write_json
+from cpu_tracker_aggregator.reader import signature
+from shared import identity, secagg, shamir
+from shared.atomic import (
+    PRIVATE,
+    atomic_write_bytes,
+    atomic_write_chunks,
+    atomic_write_json,
+    read_regular,
+    replace_file,
+)
 from shared.logs import Problems
 from shared.paths import Paths, is_datasite_email
 from shared.permissions import ensure_permissions
@@ -47,8 +54,7 @@ from shared.secnoise import (
 from shared.secure_schema import (
     UNIT_WORDS,
     Epoch,
-    Inbox,
-    InboxRound,
+    inbox_file,
     Refused,
     RoundOutcome,
     RoundOutcomes,
@@ -58,7 +64,6 @@ from shared.secure_schema import (
     b64,
     b64_bytes,
     epoch_hash,
-    mac_file,
     mean_sensitivity_for,
     noise_family_for,
     read_mac,
@@ -186,6 +191,29 @@ def _utc(t: float) -> datetime:
 # ---------------------------------------------------------------------------------------------------
 # I/O
 # ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Topology:
+    """An epoch's derived graph with what every round needs, computed once per epoch: each member's sorted neighbours
+    and, for each of them, the position this member holds in that neighbour's list (its share of that neighbour's
+    seed is at x = position + 1, and the share sealed for it is that block of the neighbour's upload)."""
+
+    graph: dict[str, list[str]]
+    slot: dict[str, list[int]]
+    degree: int
+    all_bits: bytes  # a bitmap over one member's neighbours, every bit set
+    holders: np.ndarray  # [i, x - 1]: the cohort index of member i's x-th neighbour (cohort in sorted order)
+    at: np.ndarray  # [i, x - 1]: where member i stands in that neighbour's list (its entry in that one's reveal)
+
+    @classmethod
+    def of(cls, epoch: Epoch) -> "Topology":
+        graph = secagg.derived_graph(epoch.cohort, b64_bytes(epoch.graph_seed), epoch.degree)
+        slot = {m: [bisect.bisect_left(graph[p], m) for p in peers] for m, peers in graph.items()}
+        index = {m: i for i, m in enumerate(epoch.cohort)}
+        holders = np.array([[index[p] for p in graph[m]] for m in epoch.cohort], dtype=np.int64)
+        at = np.array([slot[m] for m in epoch.cohort], dtype=np.int64)
+        return cls(graph, slot, epoch.degree, secagg.pack_bits([True] * epoch.degree), holders, at)
+
+
 @dataclass
 class Round:
     """One closed round: its epoch, survivors, the sum of their masked vectors, and what their answers brought."""
@@ -193,17 +221,28 @@ class Round:
     epoch: Epoch
     h: bytes
     number: int
-    graph: dict[str, list[str]]
+    topo: Topology
     survivors: list[str] = field(default_factory=list)
     total: np.ndarray | None = None  # the survivors' masked vectors, summed mod 2^64
     sealed: dict[str, bytes] = field(default_factory=dict)  # survivor -> its shares sealed for its neighbours
     views: dict[str, tuple[int, bytes, bytes]] = field(default_factory=dict)  # member -> its signed view, as sent
+    packed: dict[str, bytes] = field(default_factory=dict)  # member -> that view as secagg.pack_views lays it out
     shares: dict[str, dict[int, int]] = field(default_factory=dict)  # survivor -> x -> share of its seed
     keys: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (survivor, dropped) -> their round key
     need_keys: set[tuple[str, str]] = field(default_factory=set)
     revealed: set[str] = field(default_factory=set)
+    bodies: dict[str, bytes] = field(default_factory=dict)  # member -> its all-shares reveal, read at unmasking
+    fresh: bool = False  # reveals arrived since the last attempt to unmask
     status: str = "unmasking"  # or refused, then published | failed
     reason: str | None = None
+
+    @property
+    def graph(self) -> dict[str, list[str]]:
+        return self.topo.graph
+
+    @property
+    def h_text(self) -> str:
+        return b64(self.h)
 
     @property
     def alive(self) -> set[str]:
@@ -211,28 +250,72 @@ class Round:
 
     @property
     def dropped(self) -> list[str]:
-        alive = self.alive
+        alive = self.shares
         return [m for m in self.epoch.cohort if m not in alive]
 
-    def lacking(self) -> int:
-        """Survivors whose self-mask seed cannot be rebuilt yet."""
-        t = self.epoch.threshold
-        return sum(1 for s in self.shares.values() if len(s) < t)
+    def seed_shares(self) -> tuple[list[dict[int, int]], int]:
+        """For each survivor (in order), t shares of its seed: those filed from reveals that carried round keys, then
+        the lowest x's among the all-shares reveals kept whole (read here, once, rather than all 28 of each member's
+        as it arrives); and how many survivors still lack shares."""
+        t, graph, slot, size = self.epoch.threshold, self.topo.graph, self.topo.slot, secagg.SEED_BYTES
+        fast = self._all_at_once(t)
+        if fast is not None:
+            return fast, 0
+        out, lacking = [], 0
+        for p in self.survivors:
+            got = self.shares[p]
+            if len(got) < t:
+                got = dict(got)
+                for idx, (j, at) in enumerate(zip(graph[p], slot[p])):
+                    body = self.bodies.get(j)
+                    if body is not None and idx + 1 not in got:
+                        value = int.from_bytes(body[size * at:size * (at + 1)], "big")
+                        if value < shamir.PRIME:  # else not a share: left out
+                            got[idx + 1] = value
+                            if len(got) == t:
+                                break
+                lacking += len(got) < t
+            out.append(got)
+        return out, lacking
 
-    def take_reveal(self, member: str, entries: list) -> None:
-        """File one member's reveal (in its neighbour order): shares of surviving neighbours' seeds (at the x the
-        dealer gave this member), round keys with dropped neighbours (from a survivor only)."""
+    def _all_at_once(self, t: int) -> list[dict[int, int]] | None:
+        """``seed_shares`` when nobody dropped and every member's reveal was all shares (the common round): the first
+        t holders' shares of every seed gathered in one array operation. None otherwise."""
+        cohort = self.epoch.cohort
+        if len(self.survivors) != len(cohort) or len(self.bodies) != len(cohort):
+            return None
+        size = secagg.SEED_BYTES
+        raw = np.frombuffer(b"".join(self.bodies[m] for m in cohort), dtype=np.uint8)
+        picked = raw.reshape(len(cohort), self.topo.degree, size)[self.topo.holders[:, :t], self.topo.at[:, :t]]
+        halves = np.ascontiguousarray(picked).view(">u8").reshape(-1, 2)
+        hi, lo = halves[:, 0].tolist(), halves[:, 1].tolist()
+        values = [(h << 64) | v for h, v in zip(hi, lo)]
+        if max(values) >= shamir.PRIME:
+            return None  # a share that is not a field element: the careful path leaves it out
+        xs = range(1, t + 1)
+        return [dict(zip(xs, values[i * t:(i + 1) * t])) for i in range(len(cohort))]
+
+    def take_reveal(self, member: str, plain: bytes) -> None:
+        """File one member's reveal (``secagg.pack_reveal``, in its neighbour order). The common case, every entry a
+        share, is kept whole for ``seed_shares``; otherwise its shares of surviving neighbours' seeds (at the x each
+        dealer gave this member) and its round keys with dropped neighbours (from a survivor only) are filed now.
+        ValueError if malformed."""
+        nbrs, slots = self.topo.graph[member], self.topo.slot[member]
+        d, w = len(nbrs), (len(nbrs) + 7) // 8
         alive = self.shares
-        for p, e in zip(self.graph[member], entries):
-            if e is None:
-                continue
-            if isinstance(e, bytes):
-                if member in alive and p not in alive:
-                    self.keys[(member, p)] = e
-                    self.need_keys.discard((member, p))
-            elif p in alive:
-                alive[p].setdefault(bisect.bisect_left(self.graph[p], member) + 1, e)
+        if len(plain) == 8 + 2 * w + secagg.SEED_BYTES * d and plain[8:8 + w] == self.topo.all_bits \
+                and not any(plain[8 + w:8 + 2 * w]):
+            self.bodies[member] = plain[8 + 2 * w:]
+        else:
+            for k, (p, e) in enumerate(zip(nbrs, secagg.unpack_reveal(plain, d)[1])):
+                if isinstance(e, bytes):
+                    if member in alive and p not in alive:
+                        self.keys[(member, p)] = e
+                        self.need_keys.discard((member, p))
+                elif e is not None and p in alive:
+                    alive[p].setdefault(slots[k] + 1, e)
         self.revealed.add(member)
+        self.fresh = True
 
 
 @dataclass
@@ -257,9 +340,11 @@ class SecureAggregator:
     _me: identity.Identity | None = None
     _book: identity.KeyBook | None = None
     _secrets: dict[str, tuple[bytes, dict[str, bytes]]] = field(default_factory=dict)
-    _files: dict[tuple[str, ...], tuple[tuple[int, int, int], object]] = field(default_factory=dict)
+    _files: dict[str, tuple[tuple[int, int, int], object]] = field(default_factory=dict)
+    _paths: dict[str, dict[str, str]] = field(default_factory=dict)
     _answers_done: dict[str, object] = field(default_factory=dict)
-    _graphs: dict[bytes, dict[str, list[str]]] = field(default_factory=dict)
+    _graphs: dict[bytes, Topology] = field(default_factory=dict)
+    _pruned_at: int | None = None
     _perms_done: set[str] = field(default_factory=set)
     _restored: bool = False
     _dirty: bool = False
@@ -285,8 +370,10 @@ class SecureAggregator:
         oldest = current - 2 * (self.epoch.reveal_rounds + 2)
         for r in [r for r, rnd in self.rounds.items() if r < oldest and rnd.status != "unmasking"]:
             del self.rounds[r]
-        for parts in [p for p in self._files if (_upload_round(p) or oldest) < oldest]:
-            del self._files[parts]
+        if self._pruned_at != current:
+            self._pruned_at = current
+            for path in [p for p in self._files if (_upload_round(p) or oldest) < oldest]:
+                del self._files[path]
         if closed:
             self._write_inboxes(now, current)
         if self._dirty:
@@ -309,48 +396,62 @@ class SecureAggregator:
         self.problems.clear("identity", "secure mode: identity keys in order again")
         return True
 
-    def _member_keys(self, member: str) -> dict[str, bytes] | None:
-        """The MAC and sealing keys shared with ``member`` (from its pinned did.json), or None."""
+    def _member_keys(self, member: str, *, fresh: bool = False) -> dict[str, bytes] | None:
+        """The MAC and sealing keys shared with ``member`` (from its pinned did.json), or None. Its did.json is looked
+        at again only when ``fresh`` (enrolment) or never seen: a round's thousands of lookups cost no stat."""
+        hit = self._secrets.get(member)
+        if hit is not None and not fresh:
+            return hit[1]
         keys = self._book.keys_of(member)
         if keys is None:
             return None
-        hit = self._secrets.get(member)
         if hit is None or hit[0] != keys.prekey:
             secret = secagg.aggregator_secret(self._me.prekey_private, keys.prekey, member=member,
                                               member_public=keys.prekey, aggregator=self.paths.email,
                                               aggregator_public=self._me.public.prekey)
             derived = {k: secagg.mac_key(secret, k) for k in ("join", "upload", "answers", "inbox")}
-            derived["secret"] = secret
+            derived["secret"], derived["reveal"] = secret, secagg.reveal_key(secret)
             hit = self._secrets[member] = (keys.prekey, derived)
         return hit[1]
 
-    def _read_bytes(self, path) -> bytes | None:
-        """A file in a member's datasite, read with the roster's walk (``reader.read_report``: no symlink followed,
-        size capped); None when absent or refused (said once)."""
-        parts = path.relative_to(self.paths.datasites).parts
-        ds = str(self.paths.datasites)
-        ds_fd = open_datasites(ds)
-        try:
-            got = None if ds_fd < 0 else read_report(ds_fd, ds, parts, MAX_MEMBER_FILE_BYTES)
-        finally:
-            if ds_fd >= 0:
-                os.close(ds_fd)
-        if got is not None and type(got.data) is not bytes:
-            self.problems.report(f"file-{'/'.join(parts[:1] + parts[-1:])}", f"secure mode: {path} is refused "
-                                 f"({got.data}): left out")
-            return None
-        return None if got is None else got.data
+    def _where(self, member: str) -> dict[str, str]:
+        """``member``'s secure files as plain strings, built once (a round touches thousands of them)."""
+        hit = self._paths.get(member)
+        if hit is None:
+            p = self.paths
+            hit = self._paths[member] = {
+                "join": str(p.secure_join_file(member)), "secure": str(p.upload_dir(member)),
+                "answers": str(p.answers_file(member)), "inbox_dir": str(p.inbox_dir(member)),
+                "inbox": str(p.inbox_file(member)),
+            }
+        return hit
 
-    def _member_file(self, path, model, key: bytes, problem: str):
+    def _read_bytes(self, path) -> bytes | None:
+        """A file in a member's datasite (``read_regular``: never blocks, a regular file only, never through a
+        symlink in its last component, size capped); None when absent or refused (said once). Every such file is
+        MAC'd or signed, so one reached through a symlinked folder is refused by its MAC, not trusted."""
+        try:
+            raw = read_regular(path, MAX_MEMBER_FILE_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self.problems.report(f"file-{path}", f"secure mode: {path} is refused ({e.strerror or e}): left out")
+            return None
+        if len(raw) > MAX_MEMBER_FILE_BYTES:
+            self.problems.report(f"file-{path}", f"secure mode: {path} is larger than {MAX_MEMBER_FILE_BYTES} bytes: "
+                                 "left out")
+            return None
+        return raw
+
+    def _member_file(self, path: str, model, key: bytes, problem: str):
         """A member's MAC'd file, parsed with ``model``; None when absent, refused or invalid (said once). Parsed
         again only when its stat signature changes, so a tick costs one ``lstat`` per file that did not."""
-        parts = path.relative_to(self.paths.datasites).parts
         try:
             sig = signature(os.lstat(path))
         except OSError:
-            self._files.pop(parts, None)
+            self._files.pop(path, None)
             return None
-        hit = self._files.get(parts)
+        hit = self._files.get(path)
         if hit is not None and hit[0] == sig:
             return hit[1]
         raw, parsed = self._read_bytes(path), None
@@ -361,34 +462,36 @@ class SecureAggregator:
             except (Refused, ValidationError) as e:
                 why = str(e) if isinstance(e, Refused) else e.errors()[0].get("msg")
                 self.problems.report(problem, f"secure mode: {path} is refused and left out ({why})")
-        self._files[parts] = (sig, parsed)
+        self._files[path] = (sig, parsed)
         return parsed
 
-    def _graph(self, epoch: Epoch, h: bytes) -> dict[str, list[str]]:
+    def _topology(self, epoch: Epoch, h: bytes) -> Topology:
         if h not in self._graphs:
             self._graphs = {k: v for k, v in self._graphs.items() if k in {self.epoch_h, self._old and self._old[1]}}
-            self._graphs[h] = secagg.derived_graph(epoch.cohort, b64_bytes(epoch.graph_seed), epoch.degree)
+            self._graphs[h] = Topology.of(epoch)
         return self._graphs[h]
 
     # -- epochs ---------------------------------------------------------------------------------------
     def _enrolled(self, current: int) -> list[str]:
         """Members that asked to join (a join file MAC'd with the keys of their pinned did.json) and are allowed by
-        ``members``; looked up once per round (every tick while there is no epoch)."""
-        if self._enrolled_at is not None and self._enrolled_at[0] == current and self.epoch is not None:
+        ``members``: looked up once a minute (every tick while there is no epoch)."""
+        every = max(1, math.ceil(60 / self.epoch.window_s)) if self.epoch is not None else 1
+        if self._enrolled_at is not None and self.epoch is not None and current < self._enrolled_at[0] + every:
             return self._enrolled_at[1]
         allowed = set(self.settings.members) if self.settings.members else None
         out = []
         try:
-            names = sorted(p.name for p in self.paths.datasites.iterdir())
+            names = sorted(p.name for p in os.scandir(self.paths.datasites))
         except OSError:
             names = []
         for name in names:
             if not is_datasite_email(name) or (allowed is not None and name not in allowed):
                 continue
-            keys = self._member_keys(name) if os.path.lexists(self.paths.secure_join_file(name)) else None
+            where = self._where(name)
+            keys = self._member_keys(name, fresh=True) if os.path.lexists(where["join"]) else None
             if keys is None:
                 continue
-            join = self._member_file(self.paths.secure_join_file(name), SecureJoin, keys["join"], f"join-{name}")
+            join = self._member_file(where["join"], SecureJoin, keys["join"], f"join-{name}")
             pinned = self._book.keys_of(name)
             if join is not None and join.email == name and join.identity == b64(pinned.identity):
                 out.append(name)
@@ -454,7 +557,7 @@ class SecureAggregator:
         keys = self._member_keys(member)
         if keys is None:
             return None
-        return self._member_file(self.paths.upload_file(round_, member), SecureUpload, keys["upload"],
+        return self._member_file(f"{self._where(member)['secure']}/r{round_}.json", SecureUpload, keys["upload"],
                                  f"upload-{member}")
 
     def _close_due(self, now: datetime, current: int) -> bool:
@@ -468,7 +571,7 @@ class SecureAggregator:
                     continue
                 if now.timestamp() < (r + 1) * ep.window_s + ep.deadline_s:
                     break
-                rnd = Round(ep, h, r, self._graph(ep, h))
+                rnd = Round(ep, h, r, self._topology(ep, h))
                 if r < current - 2:
                     rnd.status, rnd.reason = "failed", "the aggregator was not running at the round's deadline"
                     self.rounds[r] = rnd
@@ -483,12 +586,12 @@ class SecureAggregator:
     def _close(self, rnd: Round, survivors: list[str] | None = None) -> None:
         """Fix the round's survivors (the uploads seen, or ``survivors`` when restoring one) and sum their vectors."""
         epoch, r = rnd.epoch, rnd.number
-        total = np.zeros(epoch.dim, dtype=np.uint64)
+        vectors = []
         for m in survivors if survivors is not None else epoch.cohort:
             up = self._read_upload(m, r)
             problem = None if up is None else upload_problem(up, epoch, rnd.h, m, r)
             if up is not None and problem is None:
-                total += secagg.decode_vector(up.vector, epoch.dim)
+                vectors.append(b64_bytes(up.vector))
                 rnd.sealed[m] = b64_bytes(up.sealed)
                 rnd.shares[m] = {}
                 self._absent[m] = 0
@@ -508,7 +611,7 @@ class SecureAggregator:
             rnd.sealed.clear()
             self._record(rnd, "refused")
         else:
-            rnd.total = total
+            rnd.total = np.frombuffer(b"".join(vectors), dtype="<u8").reshape(-1, epoch.dim).sum(axis=0, dtype=np.uint64)
             alive = rnd.alive
             rnd.need_keys = {(i, d) for d in rnd.dropped for i in rnd.graph[d] if i in alive}
             self._record(rnd, "unmasking")
@@ -524,7 +627,7 @@ class SecureAggregator:
         members = set().union(*(rnd.epoch.cohort for rnd in open_rounds.values()))
         for m in sorted(members):
             keys = self._member_keys(m)
-            ans = None if keys is None else self._member_file(self.paths.answers_file(m), SecureAnswers,
+            ans = None if keys is None else self._member_file(self._where(m)["answers"], SecureAnswers,
                                                              keys["answers"], f"answers-{m}")
             if ans is None or self._answers_done.get(m) is ans or ans.email != m:
                 continue
@@ -532,29 +635,34 @@ class SecureAggregator:
             for v in ans.views:
                 rnd = open_rounds.get(v.round)
                 if rnd is not None and v.epoch_hash == b64(rnd.h) and m in rnd.shares and m not in rnd.views:
-                    bits = b64_bytes(v.statuses)
+                    bits, sig = b64_bytes(v.statuses), b64_bytes(v.signature)
                     if len(bits) == (rnd.epoch.degree + 7) // 8:
-                        rnd.views[m] = (v.survivors, bits, b64_bytes(v.signature))
+                        rnd.views[m] = (v.survivors, bits, sig)
+                        rnd.packed[m] = v.survivors.to_bytes(4, "big") + bits + sig
             for sr in ans.reveals:
                 rnd = open_rounds.get(sr.round)
                 if rnd is None or sr.epoch_hash != b64(rnd.h) or m in rnd.revealed:
                     continue
                 try:
-                    plain = secagg.unseal(secagg.reveal_key(keys["secret"], rnd.h, rnd.number), b64_bytes(sr.sealed))
-                    number, entries = secagg.unpack_reveal(plain, rnd.epoch.degree)
+                    plain = secagg.unseal(keys["reveal"], b64_bytes(sr.sealed), secagg.reveal_aad(rnd.h, rnd.number))
+                    if int.from_bytes(plain[:8], "big") != rnd.number:
+                        raise ValueError("a reveal of another round")
+                    rnd.take_reveal(m, plain)
                 except (InvalidTag, ValueError) as e:
                     log.warning("secure round %d: a reveal of %s does not open (%s): ignored", rnd.number, m,
                                 type(e).__name__)
                     rnd.revealed.add(m)
-                    continue
-                if number == rnd.number:
-                    rnd.take_reveal(m, entries)
 
     def _try_unmask(self, rnd: Round, current: int) -> None:
         e = rnd.epoch
-        lacking, keys_missing = rnd.lacking(), len(rnd.need_keys)
+        late = current > rnd.number + e.reveal_rounds + 1
+        if not rnd.fresh and not late:
+            return  # nothing new since the last attempt
+        rnd.fresh = False
+        shares, lacking = rnd.seed_shares()
+        keys_missing = len(rnd.need_keys)
         if lacking or keys_missing:
-            if current > rnd.number + e.reveal_rounds + 1:
+            if late:
                 rnd.status = "failed"
                 rnd.reason = (f"not unmasked in time: {lacking} survivors' self masks lack shares, {keys_missing} "
                               "round keys with dropped members are missing")
@@ -562,7 +670,7 @@ class SecureAggregator:
                 self._finish(rnd, "failed")
             return
         try:
-            seeds = secagg.combine_seeds([rnd.shares[i] for i in rnd.survivors], e.threshold)
+            seeds = secagg.combine_seeds(shares, e.threshold)
             total = secagg.unmask_sum(rnd.total, seeds, [(i, d, k) for (i, d), k in rnd.keys.items()])
         except ValueError as ex:
             rnd.status, rnd.reason = "failed", f"unmasking failed: {ex}"
@@ -580,7 +688,7 @@ class SecureAggregator:
         self.figure = secure_figure(e, rnd.number, total, len(rnd.survivors), list(self.recent))
 
     def _finish(self, rnd: Round, status: str) -> None:
-        rnd.total, rnd.sealed, rnd.views = None, {}, {}
+        rnd.total, rnd.sealed, rnd.views, rnd.packed, rnd.bodies = None, {}, {}, {}, {}
         self._record(rnd, status)
 
     def _record(self, rnd: Round, status: str) -> None:
@@ -607,7 +715,7 @@ class SecureAggregator:
                 if m not in self._perms_done:
                     ensure_permissions(self.paths.inbox_dir(m), self.paths.email, [m])
                     self._perms_done.add(m)
-                atomic_write_chunks(self.paths.inbox_file(m), [body], durable=False, fsync=False)
+                replace_file(self._where(m)["inbox"], body)
                 self.problems.clear("inbox-write")
             except OSError as ex:
                 self.problems.report("inbox-write", f"secure mode: cannot write inboxes ({ex}); free disk space")
@@ -630,32 +738,44 @@ class SecureAggregator:
                 if m not in rnd.graph or m in rnd.revealed:
                     continue
                 if rnd.status == "refused":
-                    entries.append(InboxRound(round=rnd.number, epoch_hash=b64(rnd.h), status="refused",
-                                              survivors=len(rnd.survivors), reason=rnd.reason))
+                    entries.append({"round": rnd.number, "epoch_hash": rnd.h_text, "status": "refused",
+                                    "survived": False, "survivors": len(rnd.survivors), "statuses": "", "sealed": "",
+                                    "views": "", "reason": rnd.reason})
                 else:
                     entries.append(self._inbox_entry(rnd, m))
                 if len(entries) == INBOX_ROUNDS:
                     break
-            out[m] = mac_file(Inbox(member=m, created_at=now, rounds=entries), keys["inbox"])
+            out[m] = inbox_file(m, now, entries, keys["inbox"])
         return out
 
     @staticmethod
-    def _inbox_entry(rnd: Round, m: str) -> InboxRound:
-        """What ``m`` is told of one round: statuses over its neighbours, the survivor count, the shares its surviving
-        neighbours sealed for it (until its view shows it has them) and their signed views."""
-        g, alive = rnd.graph, rnd.shares
-        nbrs = g[m]
-        statuses = [p in alive for p in nbrs]
-        sealed = b""
-        if m not in rnd.views:
-            size = secagg.SEALED_SHARE_BYTES
-            sealed = b"".join(rnd.sealed[p][size * i:size * (i + 1)] for p, ok in zip(nbrs, statuses) if ok
-                              for i in [bisect.bisect_left(g[p], m)])
-        views = [rnd.views.get(p) if ok else None for p, ok in zip(nbrs, statuses)]
-        packed = secagg.pack_views(views, rnd.epoch.degree) if any(v is not None for v in views) else b""
-        return InboxRound(round=rnd.number, epoch_hash=b64(rnd.h), status="unmasking", survived=m in alive,
-                          survivors=len(alive), statuses=b64(secagg.pack_bits(statuses)), sealed=b64(sealed),
-                          views=b64(packed) if packed else "")
+    def _inbox_entry(rnd: Round, m: str) -> dict:
+        """What ``m`` is told of one round (``InboxRound``'s fields): statuses over its neighbours, the survivor count,
+        the shares its surviving neighbours sealed for it (until its view shows it has them) and their signed
+        views (those that arrived)."""
+        topo, alive = rnd.topo, rnd.shares
+        nbrs, slots, size = topo.graph[m], topo.slot[m], secagg.SEALED_SHARE_BYTES
+        if len(alive) == len(rnd.epoch.cohort):  # nobody dropped: every neighbour survived
+            statuses, bits = None, topo.all_bits
+            sealed = b"" if m in rnd.views else b"".join(
+                rnd.sealed[p][size * i:size * (i + 1)] for p, i in zip(nbrs, slots))
+        else:
+            statuses = [p in alive for p in nbrs]
+            bits = secagg.pack_bits(statuses)
+            sealed = b"" if m in rnd.views else b"".join(
+                rnd.sealed[p][size * i:size * (i + 1)] for p, i, ok in zip(nbrs, slots, statuses) if ok)
+        packed = rnd.packed
+        views = [packed.get(p) for p in nbrs]
+        if all(v is not None for v in views) and statuses is None:
+            packed_views = topo.all_bits + b"".join(views)
+        elif any(v is not None for v in views):
+            views = [rnd.views.get(p) if ok else None for p, ok in zip(nbrs, statuses or [True] * len(nbrs))]
+            packed_views = secagg.pack_views(views, topo.degree)
+        else:
+            packed_views = b""
+        return {"round": rnd.number, "epoch_hash": rnd.h_text, "status": "unmasking", "survived": m in alive,
+                "survivors": len(alive), "statuses": b64(bits), "sealed": b64(sealed),
+                "views": b64(packed_views) if packed_views else "", "reason": None}
 
     def _write_outcomes(self, now: datetime) -> None:
         """The recent rounds' outcomes, signed, for the cohort (beside the epoch, under its permission)."""
@@ -725,7 +845,7 @@ class SecureAggregator:
                 ep = by_hash.get(saved["hash"])
                 if ep is None:
                     continue
-                rnd = Round(ep, b64_bytes(saved["hash"]), int(r), self._graph(ep, b64_bytes(saved["hash"])))
+                rnd = Round(ep, b64_bytes(saved["hash"]), int(r), self._topology(ep, b64_bytes(saved["hash"])))
                 if saved["status"] == "refused":
                     rnd.status, rnd.reason = "refused", saved["reason"]
                     self.rounds[rnd.number] = rnd
@@ -742,10 +862,10 @@ class SecureAggregator:
                  sum(1 for rnd in self.rounds.values() if rnd.status == "unmasking"))
 
 
-def _upload_round(parts: tuple[str, ...]) -> int | None:
-    """The round of a cached upload's path (``<member>/app_data/<app>/secure/r<round>.json``), else None."""
-    name = parts[-1]
-    if len(parts) >= 2 and parts[-2] == "secure" and name.startswith("r") and name.endswith(".json"):
+def _upload_round(path: str) -> int | None:
+    """The round of a cached upload's path (``.../secure/r<round>.json``), else None."""
+    folder, _, name = path.rpartition("/")
+    if folder.endswith("/secure") and name.startswith("r") and name.endswith(".json"):
         digits = name[1:-5]
         return int(digits) if digits.isdigit() else None
     return None

@@ -286,7 +286,7 @@ class SecureMember:
                                                   member_public=self._me.public.prekey,
                                                   aggregator=agg.email, aggregator_public=agg.prekey)
                 self._keys = {k: secagg.mac_key(secret, k) for k in ("join", "upload", "answers", "inbox")}
-                self._keys["secret"] = secret
+                self._keys["secret"], self._keys["reveal"] = secret, secagg.reveal_key(secret)
                 self._agg, self._answers = agg, None
             self._ensure_join()
         except (OSError, ValueError) as e:
@@ -596,7 +596,7 @@ class SecureMember:
         state.save()  # never both for one (round, peer), recorded before the reveal leaves
         plain = secagg.pack_reveal(r, entries)
         answers["reveals"][r] = SealedReveal(round=r, epoch_hash=h_text, sealed=b64(secagg.seal(
-            secagg.reveal_key(self._keys["secret"], h, r), plain)))
+            self._keys["reveal"], plain, secagg.reveal_aad(h, r))))
         return True
 
     def _open_shares(self, entry: InboxRound, h: bytes, peers: list[str], view: secagg.View) -> list[str | None]:

@@ -109,9 +109,15 @@ def mac_key(secret: bytes, purpose: str) -> bytes:
     return _hkdf(secret, b"mac|" + purpose.encode())
 
 
-def reveal_key(secret: bytes, epoch_hash: bytes, round_: int) -> bytes:
-    """The AES-GCM key that seals a member's reveals of one round for the aggregator."""
-    return _hkdf(secret, b"reveal|" + epoch_hash + round_.to_bytes(8, "big"))
+def reveal_key(secret: bytes) -> bytes:
+    """The AES-GCM key that seals a member's reveals for the aggregator (random nonces; each reveal is bound to its
+    epoch and round by ``reveal_aad``: one derivation per member, not one per round, for the aggregator's 10,000)."""
+    return _hkdf(secret, b"reveal")
+
+
+def reveal_aad(epoch_hash: bytes, round_: int) -> bytes:
+    """What a sealed reveal is bound to: opening it under another epoch or round fails."""
+    return b"reveal|" + epoch_hash + round_.to_bytes(8, "big")
 
 
 def fingerprint(public_raw: bytes) -> str:

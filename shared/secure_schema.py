@@ -29,9 +29,11 @@ import hashlib
 import hmac
 import math
 import re
+from datetime import datetime
 from typing import Callable, Literal, TypeVar
 
 from pydantic import AwareDatetime, Field, PrivateAttr, field_validator, model_validator
+from pydantic_core import to_json
 
 from shared.paths import is_datasite_email
 from shared.schema import CPU_BOUNDS, _Wire
@@ -364,6 +366,15 @@ class Inbox(_Wire):
     created_at: AwareDatetime
     rounds: list[InboxRound] = Field(default_factory=list, max_length=8)
     mac: str = ""
+
+
+def inbox_file(member: str, created_at: datetime, rounds: list[dict], key: bytes) -> bytes:
+    """An ``Inbox`` file, MAC'd, from entries given as dicts of ``InboxRound``'s fields: the aggregator writes
+    thousands a round, and pydantic's encoder does it from plain dicts in a fifth of the time a model takes. The
+    member parses it with the model (``read_mac(raw, Inbox, key)``), and the tests check that both agree."""
+    body = to_json({"schema_version": 2, "kind": INBOX_KIND, "member": member, "created_at": created_at,
+                    "rounds": rounds})
+    return _with_trailer(body, "mac", hmac.new(key, message(INBOX_KIND, body), hashlib.sha256).digest())
 
 
 class RoundOutcome(_Wire):

@@ -73,11 +73,11 @@ class LyingAggregator(SecureAggregator):
     withheld: dict[int, dict[str, set[str]]] = field(default_factory=dict)
     forged: dict[int, dict[str, tuple[int, bytes, bytes]]] = field(default_factory=dict)
 
-    def _inbox_entry(self, rnd: Round, m: str) -> InboxRound:
+    def _inbox_entry(self, rnd: Round, m: str) -> dict:
         r = rnd.number
         return entry_for(rnd, m, told_dropped=self.lies.get(r, {}).get(m, set()),
                          withheld=self.withheld.get(r, {}).get(m, set()), views=self.forged.get(r, {}),
-                         with_sealed=m not in rnd.views)
+                         with_sealed=m not in rnd.views).model_dump()
 
 
 class Adversary:
@@ -143,7 +143,7 @@ class Adversary:
         out = {}
         for (rr, hh, m), sealed in self.loot.items():
             if rr == r and hh == h:
-                plain = secagg.unseal(secagg.reveal_key(self.agg._member_keys(m)["secret"], h, r), sealed)
+                plain = secagg.unseal(self.agg._member_keys(m)["reveal"], sealed, secagg.reveal_aad(h, r))
                 out[m] = secagg.unpack_reveal(plain, degree)[1]
         return out
 

@@ -116,7 +116,8 @@ def test_the_relay_holds_only_masked_words_and_sealed_reveals(net):
     assert answers.reveals
     relay_bytes = b"".join(f.read_bytes() for f in snapshot.rglob("*") if f.is_file())
     for sr in answers.reveals:
-        plain = secagg.unseal(secagg.reveal_key(secret, b64_bytes(sr.epoch_hash), sr.round), b64_bytes(sr.sealed))
+        plain = secagg.unseal(secagg.reveal_key(secret), b64_bytes(sr.sealed),
+                              secagg.reveal_aad(b64_bytes(sr.epoch_hash), sr.round))
         _, entries = secagg.unpack_reveal(plain, epoch.degree)
         for e in entries:
             raw = e if isinstance(e, bytes) else secagg.seed_bytes(e)
