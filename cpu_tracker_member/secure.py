@@ -70,6 +70,7 @@ REVEAL_HORIZON = 10  # rounds back a member still answers (views and reveals); r
 KEEP_EPOCH_PINS = 64
 MAX_EPOCH_BYTES = 1 << 24  # the cohort's emails: about 300 KB at 10,000 members
 POLL_S = 1.0  # how often answer_loop looks at the inbox (a stat; parsed only when it changed)
+PAUSE_AFTER = 3  # rounds uploaded, past their deadline, that no inbox shows closed: stop charging until one does
 
 
 def round_of(start: datetime, end: datetime, round_s: float) -> int:
@@ -258,6 +259,7 @@ class SecureMember:
     _pairs: dict[tuple[str, bytes], bytes] = field(default_factory=dict)
     _round: tuple[int, float, float, float] | None = None  # (round, first start, seconds, seconds x mean)
     _inbox_seen: tuple[int, int, int] | None = None
+    _closed_seen: int | None = None  # the newest round any inbox showed closed
     _answers: SecureAnswers | None = None
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -401,6 +403,7 @@ class SecureMember:
         with self._lock:
             if not self.ready():
                 return False
+            self.answer()  # the inbox first: it says which rounds the aggregator closed
             uploaded = self._take_part(r, total / covered if covered > 0 else value, end)
         self.answer()
         return uploaded
@@ -416,6 +419,13 @@ class SecureMember:
                                  "this member used (the clock went back?): it is never used twice; waiting")
             return False
         self.problems.clear("clock")
+        unclosed = sorted(u for u in state.used if u <= r - 2 and (self._closed_seen is None or u > self._closed_seen))
+        if len(unclosed) >= PAUSE_AFTER:  # nothing charged for nothing: the aggregator or the relay is away
+            self.problems.report("unclosed", f"secure mode: the aggregator has closed none of rounds "
+                                 f"{unclosed[0]}-{unclosed[-1]} this member uploaded in (it or the relay is down?): "
+                                 "not taking part, so nothing is charged, until its inbox shows a round closed")
+            return False
+        self.problems.clear("unclosed", "secure mode: the aggregator closes rounds again: taking part")
         peers = epoch.neighbours(self.paths.email)
         pairs = {p: self.pair(p) for p in peers}
         missing = [p for p, k in pairs.items() if k is None]
@@ -524,6 +534,9 @@ class SecureMember:
             self.problems.clear("inbox")
             if inbox.member != self.paths.email:
                 return
+            if inbox.rounds:
+                newest = max(e.round for e in inbox.rounds)
+                self._closed_seen = newest if self._closed_seen is None else max(self._closed_seen, newest)
             answers = self._load_answers()
             before = {kind: set(book) for kind, book in answers.items()}
             changed = False

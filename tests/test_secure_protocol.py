@@ -358,3 +358,25 @@ def test_wrap_around_is_negligible_for_the_largest_sums(unit):
 
 def _is_symmetric(graph) -> bool:
     return all(m != p and m in graph.get(p, ()) for m, peers in graph.items() for p in peers)
+
+
+def test_nothing_is_charged_for_nothing_while_the_aggregator_is_away(tmp_path, monkeypatch):
+    """An aggregator (or relay) outage costs each member at most PAUSE_AFTER + 1 charged rounds: once that many of its
+    uploads are past their deadline with no inbox showing them closed, it stops taking part (nothing charged) and says
+    so; it resumes when an inbox shows a round closed again."""
+    net = Net(tmp_path, 4, monkeypatch)
+    net.step()
+    m = net.members[0]
+    ledger = net.secure[m].ledger()
+    charged = len(ledger.spends)
+    for _ in range(8):  # the aggregator is gone: nobody closes anything
+        net.members_upload()
+        net.round += 1
+    assert len(ledger.spends) - charged == msec.PAUSE_AFTER + 1
+    assert "unclosed" in net.secure[m].problems.active
+    for _ in range(3):  # back: it closes rounds by the clock (those without uploads refused), and inboxes flow
+        net.aggregator_closes(net.round - 1)
+        net.members_answer()
+        net.members_upload()
+        net.round += 1
+    assert "unclosed" not in net.secure[m].problems.active and len(ledger.spends) > charged + msec.PAUSE_AFTER + 1
