@@ -337,7 +337,8 @@ class SecureMember:
             return None
         e = chosen[0]
         self.problems.clear("epoch", f"secure mode: taking part in epoch {e.epoch} ({len(e.cohort)} members, "
-                            f"{UNIT_WORDS[e.unit]} at epsilon {e.epsilon:g})")
+                            f"{UNIT_WORDS[e.unit]} at epsilon {e.epsilon:g}; aggregator identity key "
+                            f"{self._agg.fingerprint}, this datasite's {self._me.public.fingerprint})")
         return chosen
 
     def _read_epoch(self, path) -> str | None:
