@@ -299,3 +299,55 @@ def test_no_closed_set_is_smaller_than_the_lying_floor(n, degree):
 
 def _is_symmetric(graph) -> bool:
     return all(m != p and m in graph.get(p, ()) for m, peers in graph.items() for p in peers)
+
+
+@pytest.mark.parametrize("n", [5, 40, 300])
+def test_the_aggregators_gathering_of_shares_in_one_array_pass_equals_the_careful_one(n, monkeypatch):
+    """A round with no dropout gathers every seed's t shares from the members' all-shares reveals in one numpy pass
+    (``Round._all_at_once``); it must give exactly the shares (and so the seeds) that the per-dealer path gives, and
+    both rebuild the true seeds through the vectorised Shamir."""
+    from datetime import datetime, timezone
+
+    from cpu_tracker_aggregator.secure import Round, Topology, plan_epoch
+    from shared.settings import Settings
+
+    settings = Settings(aggregator="agg@example.org", mode="secure")
+    epoch = plan_epoch(1, _members(n), settings, "agg@example.org", 0, datetime(2026, 1, 1, tzinfo=timezone.utc),
+                       seed=secrets.token_bytes(32))
+    topo = Topology.of(epoch)
+    rnd = Round(epoch, H, 7, topo, survivors=list(epoch.cohort))
+    seeds = {m: secagg.new_seed() for m in epoch.cohort}
+    shares = {m: secagg.split_seed(seeds[m], epoch.degree, epoch.threshold) for m in epoch.cohort}
+    for m in epoch.cohort:
+        rnd.shares[m] = {}
+    for j in random.Random(n).sample(epoch.cohort, n):  # reveals arrive in any order
+        entries = [shares[p][topo.slot[j][k]] for k, p in enumerate(topo.graph[j])]
+        rnd.take_reveal(j, secagg.pack_reveal(7, entries))
+    fast, lacking = rnd.seed_shares()
+    assert lacking == 0 and fast is not None
+    monkeypatch.setattr(Round, "_all_at_once", lambda self, t: None)
+    careful, lacking = rnd.seed_shares()
+    assert lacking == 0 and fast == careful
+    assert secagg.combine_seeds(fast, epoch.threshold) == [seeds[m] for m in epoch.cohort]
+
+
+def test_the_fast_inbox_encoder_writes_what_the_model_and_the_committed_schema_accept():
+    import json
+    from datetime import datetime, timezone
+
+    import jsonschema
+
+    from shared.schema import SCHEMA_DIR
+    from shared.secure_schema import Inbox, InboxRound, b64, inbox_file, read_mac
+
+    key = secrets.token_bytes(32)
+    now = datetime(2026, 1, 1, 12, 0, 1, 250000, tzinfo=timezone.utc)
+    entries = [{"round": 9, "epoch_hash": b64(H), "status": "unmasking", "survived": True, "survivors": 12,
+                "statuses": b64(b"\xf0"), "sealed": b64(secrets.token_bytes(128)), "views": "", "reason": None},
+               {"round": 8, "epoch_hash": b64(H), "status": "refused", "survived": False, "survivors": 2,
+                "statuses": "", "sealed": "", "views": "", "reason": "2 of 12 members uploaded"}]
+    raw = inbox_file("m@x.org", now, entries, key)
+    parsed = read_mac(raw, Inbox, key)
+    assert parsed == Inbox(member="m@x.org", created_at=now, rounds=[InboxRound(**e) for e in entries],
+                           mac=parsed.mac)
+    jsonschema.validate(json.loads(raw), json.loads((SCHEMA_DIR / "secure_inbox.schema.json").read_text()))
