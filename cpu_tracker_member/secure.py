@@ -260,6 +260,7 @@ class SecureMember:
     _round: tuple[int, float, float, float] | None = None  # (round, first start, seconds, seconds x mean)
     _inbox_seen: tuple[int, int, int] | None = None
     _closed_seen: int | None = None  # the newest round any inbox showed closed
+    _said: dict[int, str] = field(default_factory=dict)  # round -> why nothing was revealed (said once)
     _answers: SecureAnswers | None = None
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -672,7 +673,12 @@ class SecureMember:
         return entries, record
 
     def _say(self, r: int, why: str) -> None:
-        self.problems.report(f"round-{r}", f"secure round {r}: nothing revealed: {why}")
+        """Say once per round and reason why nothing is revealed (forgotten with the round, past the window)."""
+        if self._said.get(r) != why:
+            self._said[r] = why
+            log.warning("secure round %d: nothing revealed: %s", r, why)
+        for old in [x for x in self._said if x < self._state.last_used - REVEAL_HORIZON]:
+            del self._said[old]
 
     def _load_answers(self) -> dict[str, dict[int, object]]:
         """The answers this member last wrote (its own file, MAC-checked)."""
