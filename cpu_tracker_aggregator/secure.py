@@ -24,6 +24,7 @@ import secrets
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Mapping, Sequence
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from pydantic import ValidationError
@@ -201,8 +202,10 @@ class Topology:
     slot: dict[str, list[int]]
     degree: int
     all_bits: bytes  # a bitmap over one member's neighbours, every bit set
-    holders: np.ndarray  # [i, x - 1]: the cohort index of member i's x-th neighbour (cohort in sorted order)
-    at: np.ndarray  # [i, x - 1]: where member i stands in that neighbour's list (its entry in that one's reveal)
+    index: dict[str, int]  # member -> its row in the arrays below (the cohort's sorted order)
+    holders: np.ndarray  # [i, x - 1]: the row of member i's x-th neighbour
+    at: np.ndarray  # [i, x - 1]: where member i stands in that neighbour's list (its block in that one's upload and
+    #                reveal)
 
     @classmethod
     def of(cls, epoch: Epoch) -> "Topology":
@@ -211,7 +214,25 @@ class Topology:
         index = {m: i for i, m in enumerate(epoch.cohort)}
         holders = np.array([[index[p] for p in graph[m]] for m in epoch.cohort], dtype=np.int64)
         at = np.array([slot[m] for m in epoch.cohort], dtype=np.int64)
-        return cls(graph, slot, epoch.degree, secagg.pack_bits([True] * epoch.degree), holders, at)
+        return cls(graph, slot, epoch.degree, secagg.pack_bits([True] * epoch.degree), index, holders, at)
+
+    def gather(self, records: Mapping[str, bytes], cohort: Sequence[str], size: int) -> tuple[np.ndarray, np.ndarray]:
+        """What each member's neighbours addressed to it, in one array operation: ``records[p]`` holds p's
+        ``degree`` blocks of ``size`` bytes in its neighbour order; row i of the result holds, in member i's
+        neighbour order, the block each of its neighbours addressed to it (zeros from one without a record), with a
+        mask of the neighbours that had one."""
+        blank = bytes(self.degree * size)
+        have = np.array([m in records for m in cohort], dtype=bool)
+        raw = np.frombuffer(b"".join(records.get(m, blank) for m in cohort), dtype=np.uint8)
+        return raw.reshape(len(cohort), self.degree, size)[self.holders, self.at], have[self.holders]
+
+    def spread(self, records: Mapping[str, bytes], cohort: Sequence[str], size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each member's neighbours' records of ``size`` bytes (one per member, the same for all its neighbours),
+        row i in member i's neighbour order, with a mask of the neighbours that had one."""
+        blank = bytes(size)
+        have = np.array([m in records for m in cohort], dtype=bool)
+        raw = np.frombuffer(b"".join(records.get(m, blank) for m in cohort), dtype=np.uint8)
+        return raw.reshape(len(cohort), size)[self.holders], have[self.holders]
 
 
 @dataclass
@@ -233,6 +254,7 @@ class Round:
     revealed: set[str] = field(default_factory=set)
     bodies: dict[str, bytes] = field(default_factory=dict)  # member -> its all-shares reveal, read at unmasking
     fresh: bool = False  # reveals arrived since the last attempt to unmask
+    inbox_arrays: tuple | None = None  # (sealed, senders, views, signers) gathered for this pass's inboxes
     status: str = "unmasking"  # or refused, then published | failed
     reason: str | None = None
 
@@ -254,46 +276,35 @@ class Round:
         return [m for m in self.epoch.cohort if m not in alive]
 
     def seed_shares(self) -> tuple[list[dict[int, int]], int]:
-        """For each survivor (in order), t shares of its seed: those filed from reveals that carried round keys, then
-        the lowest x's among the all-shares reveals kept whole (read here, once, rather than all 28 of each member's
-        as it arrives); and how many survivors still lack shares."""
-        t, graph, slot, size = self.epoch.threshold, self.topo.graph, self.topo.slot, secagg.SEED_BYTES
-        fast = self._all_at_once(t)
-        if fast is not None:
-            return fast, 0
-        out, lacking = [], 0
-        for p in self.survivors:
-            got = self.shares[p]
-            if len(got) < t:
-                got = dict(got)
-                for idx, (j, at) in enumerate(zip(graph[p], slot[p])):
-                    body = self.bodies.get(j)
-                    if body is not None and idx + 1 not in got:
-                        value = int.from_bytes(body[size * at:size * (at + 1)], "big")
-                        if value < shamir.PRIME:  # else not a share: left out
-                            got[idx + 1] = value
-                            if len(got) == t:
-                                break
-                lacking += len(got) < t
-            out.append(got)
+        """For each survivor (in order), t shares of its seed, and how many survivors still lack shares. The shares
+        come from the all-shares reveals kept whole, gathered for every seed at once (the lowest t x's whose holder
+        sent one), and, for a seed whose holders revealed round keys too, from the shares filed as they came."""
+        t, size, cohort = self.epoch.threshold, secagg.SEED_BYTES, self.epoch.cohort
+        blocks, have = self.topo.gather(self.bodies, cohort, size)  # [i, c]: member i's share held by neighbour c
+        rows = np.array([self.topo.index[p] for p in self.survivors], dtype=np.int64)
+        whole = have[rows].all(axis=1) & np.array([not self.shares[p] for p in self.survivors], dtype=bool)
+        out: list[dict[int, int] | None] = [None] * len(rows)
+        if whole.any():  # every holder sent its share whole: x = 1..t for all of these seeds, in one pass
+            halves = np.ascontiguousarray(blocks[rows[whole], :t]).view(">u8").reshape(-1, 2).tolist()
+            values = [(h << 64) | v for h, v in halves]
+            xs = range(1, t + 1)
+            for n, k in enumerate(np.flatnonzero(whole).tolist()):
+                out[k] = dict(zip(xs, values[n * t:(n + 1) * t]))
+        lacking = 0
+        for k, p in enumerate(self.survivors):
+            got = out[k]
+            if got is None or max(got.values()) >= shamir.PRIME:  # one by one, leaving out what is not a share
+                got = dict(self.shares[p])
+                i = int(rows[k])
+                for c in np.flatnonzero(have[i]).tolist():
+                    if len(got) >= t:
+                        break
+                    value = int.from_bytes(blocks[i, c].tobytes(), "big")
+                    if value < shamir.PRIME:
+                        got.setdefault(c + 1, value)
+                out[k] = got
+            lacking += len(got) < t
         return out, lacking
-
-    def _all_at_once(self, t: int) -> list[dict[int, int]] | None:
-        """``seed_shares`` when nobody dropped and every member's reveal was all shares (the common round): the first
-        t holders' shares of every seed gathered in one array operation. None otherwise."""
-        cohort = self.epoch.cohort
-        if len(self.survivors) != len(cohort) or len(self.bodies) != len(cohort):
-            return None
-        size = secagg.SEED_BYTES
-        raw = np.frombuffer(b"".join(self.bodies[m] for m in cohort), dtype=np.uint8)
-        picked = raw.reshape(len(cohort), self.topo.degree, size)[self.topo.holders[:, :t], self.topo.at[:, :t]]
-        halves = np.ascontiguousarray(picked).view(">u8").reshape(-1, 2)
-        hi, lo = halves[:, 0].tolist(), halves[:, 1].tolist()
-        values = [(h << 64) | v for h, v in zip(hi, lo)]
-        if max(values) >= shamir.PRIME:
-            return None  # a share that is not a field element: the careful path leaves it out
-        xs = range(1, t + 1)
-        return [dict(zip(xs, values[i * t:(i + 1) * t])) for i in range(len(cohort))]
 
     def take_reveal(self, member: str, plain: bytes) -> None:
         """File one member's reveal (``secagg.pack_reveal``, in its neighbour order). The common case, every entry a
@@ -344,7 +355,6 @@ class SecureAggregator:
     _paths: dict[str, dict[str, str]] = field(default_factory=dict)
     _answers_done: dict[str, object] = field(default_factory=dict)
     _graphs: dict[bytes, Topology] = field(default_factory=dict)
-    _pruned_at: int | None = None
     _perms_done: set[str] = field(default_factory=set)
     _restored: bool = False
     _dirty: bool = False
@@ -370,10 +380,6 @@ class SecureAggregator:
         oldest = current - 2 * (self.epoch.reveal_rounds + 2)
         for r in [r for r, rnd in self.rounds.items() if r < oldest and rnd.status != "unmasking"]:
             del self.rounds[r]
-        if self._pruned_at != current:
-            self._pruned_at = current
-            for path in [p for p in self._files if (_upload_round(p) or oldest) < oldest]:
-                del self._files[path]
         if closed:
             self._write_inboxes(now, current)
         if self._dirty:
@@ -554,11 +560,20 @@ class SecureAggregator:
 
     # -- rounds ---------------------------------------------------------------------------------------
     def _read_upload(self, member: str, round_: int) -> SecureUpload | None:
+        """A member's upload for a round: read once, at the round's close (no stat cache: a new file each round)."""
         keys = self._member_keys(member)
-        if keys is None:
+        path = f"{self._where(member)['secure']}/r{round_}.json"
+        raw = None if keys is None else self._read_bytes(path)
+        if raw is None:
             return None
-        return self._member_file(f"{self._where(member)['secure']}/r{round_}.json", SecureUpload, keys["upload"],
-                                 f"upload-{member}")
+        try:
+            up = read_mac(raw, SecureUpload, keys["upload"])
+        except (Refused, ValidationError) as e:
+            why = str(e) if isinstance(e, Refused) else e.errors()[0].get("msg")
+            self.problems.report(f"upload-{member}", f"secure mode: {path} is refused and left out ({why})")
+            return None
+        self.problems.clear(f"upload-{member}")
+        return up
 
     def _close_due(self, now: datetime, current: int) -> bool:
         """Close every round whose deadline passed, from the last one closed on (across a restart too): a round whose
@@ -638,7 +653,7 @@ class SecureAggregator:
                     bits, sig = b64_bytes(v.statuses), b64_bytes(v.signature)
                     if len(bits) == (rnd.epoch.degree + 7) // 8:
                         rnd.views[m] = (v.survivors, bits, sig)
-                        rnd.packed[m] = v.survivors.to_bytes(4, "big") + bits + sig
+                        rnd.packed[m] = secagg.view_record(v.survivors, bits, sig)
             for sr in ans.reveals:
                 rnd = open_rounds.get(sr.round)
                 if rnd is None or sr.epoch_hash != b64(rnd.h) or m in rnd.revealed:
@@ -688,7 +703,7 @@ class SecureAggregator:
         self.figure = secure_figure(e, rnd.number, total, len(rnd.survivors), list(self.recent))
 
     def _finish(self, rnd: Round, status: str) -> None:
-        rnd.total, rnd.sealed, rnd.views, rnd.packed, rnd.bodies = None, {}, {}, {}, {}
+        rnd.total, rnd.sealed, rnd.views, rnd.packed, rnd.bodies, rnd.inbox_arrays = None, {}, {}, {}, {}, None
         self._record(rnd, status)
 
     def _record(self, rnd: Round, status: str) -> None:
@@ -727,6 +742,8 @@ class SecureAggregator:
         recent = [self.rounds[r] for r in sorted(self.rounds, reverse=True)
                   if (self.rounds[r].status == "unmasking" or (self.rounds[r].status == "refused"
                                                                and r >= current - 2))]
+        for rnd in recent:
+            rnd.inbox_arrays = None  # gathered again: views arrived since the last pass
         members = set(self.epoch.cohort) | (set(self._old[0].cohort) if self._old else set())
         out = {}
         for m in sorted(members):
@@ -751,31 +768,30 @@ class SecureAggregator:
     @staticmethod
     def _inbox_entry(rnd: Round, m: str) -> dict:
         """What ``m`` is told of one round (``InboxRound``'s fields): statuses over its neighbours, the survivor count,
-        the shares its surviving neighbours sealed for it (until its view shows it has them) and their signed
-        views (those that arrived)."""
-        topo, alive = rnd.topo, rnd.shares
-        nbrs, slots, size = topo.graph[m], topo.slot[m], secagg.SEALED_SHARE_BYTES
-        if len(alive) == len(rnd.epoch.cohort):  # nobody dropped: every neighbour survived
-            statuses, bits = None, topo.all_bits
-            sealed = b"" if m in rnd.views else b"".join(
-                rnd.sealed[p][size * i:size * (i + 1)] for p, i in zip(nbrs, slots))
+        the shares its surviving neighbours sealed for it (until its view shows it has them) and the signed views of
+        those that sent one, all gathered for the whole cohort once per pass (``Topology.gather``, ``spread``)."""
+        topo = rnd.topo
+        if rnd.inbox_arrays is None:
+            view_size = 4 + (topo.degree + 7) // 8 + 64
+            rnd.inbox_arrays = (*topo.gather(rnd.sealed, rnd.epoch.cohort, secagg.SEALED_SHARE_BYTES),
+                                *topo.spread(rnd.packed, rnd.epoch.cohort, view_size))
+        sealed_rows, senders, view_rows, signers = rnd.inbox_arrays
+        i = topo.index[m]
+        alive = senders[i]
+        everyone = bool(alive.all())
+        bits = topo.all_bits if everyone else secagg.pack_bits(alive.tolist())
+        sealed = b"" if m in rnd.views else (sealed_rows[i] if everyone else sealed_rows[i][alive]).tobytes()
+        signed = signers[i] & alive
+        if signed.all():  # secagg.pack_views' layout, in one copy
+            views = topo.all_bits + view_rows[i].tobytes()
+        elif signed.any():
+            views = secagg.pack_views([row.tobytes() if ok else None for row, ok in zip(view_rows[i], signed)],
+                                      topo.degree)
         else:
-            statuses = [p in alive for p in nbrs]
-            bits = secagg.pack_bits(statuses)
-            sealed = b"" if m in rnd.views else b"".join(
-                rnd.sealed[p][size * i:size * (i + 1)] for p, i, ok in zip(nbrs, slots, statuses) if ok)
-        packed = rnd.packed
-        views = [packed.get(p) for p in nbrs]
-        if all(v is not None for v in views) and statuses is None:
-            packed_views = topo.all_bits + b"".join(views)
-        elif any(v is not None for v in views):
-            views = [rnd.views.get(p) if ok else None for p, ok in zip(nbrs, statuses or [True] * len(nbrs))]
-            packed_views = secagg.pack_views(views, topo.degree)
-        else:
-            packed_views = b""
-        return {"round": rnd.number, "epoch_hash": rnd.h_text, "status": "unmasking", "survived": m in alive,
-                "survivors": len(alive), "statuses": b64(bits), "sealed": b64(sealed),
-                "views": b64(packed_views) if packed_views else "", "reason": None}
+            views = b""
+        return {"round": rnd.number, "epoch_hash": rnd.h_text, "status": "unmasking", "survived": m in rnd.shares,
+                "survivors": len(rnd.shares), "statuses": b64(bits), "sealed": b64(sealed),
+                "views": b64(views) if views else "", "reason": None}
 
     def _write_outcomes(self, now: datetime) -> None:
         """The recent rounds' outcomes, signed, for the cohort (beside the epoch, under its permission)."""
@@ -860,12 +876,3 @@ class SecureAggregator:
             return
         log.info("secure mode: resumed epoch %d after a restart (%d rounds being unmasked)", self.epoch.epoch,
                  sum(1 for rnd in self.rounds.values() if rnd.status == "unmasking"))
-
-
-def _upload_round(path: str) -> int | None:
-    """The round of a cached upload's path (``.../secure/r<round>.json``), else None."""
-    folder, _, name = path.rpartition("/")
-    if folder.endswith("/secure") and name.startswith("r") and name.endswith(".json"):
-        digits = name[1:-5]
-        return int(digits) if digits.isdigit() else None
-    return None

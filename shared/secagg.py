@@ -394,19 +394,21 @@ def unpack_reveal(raw: bytes, degree: int) -> tuple[int, list[int | bytes | None
     return round_, out
 
 
-def pack_views(entries: Sequence[tuple[int, bytes, bytes] | None], degree: int) -> bytes:
+def view_record(survivors: int, statuses: bytes, signature: bytes) -> bytes:
+    """One signed view as an inbox carries it: the survivor count (4 bytes), the statuses bitmap over its signer's
+    neighbours, the Ed25519 signature (64 bytes)."""
+    if len(signature) != 64:
+        raise ValueError("a view's signature is 64 bytes")
+    return survivors.to_bytes(4, "big") + statuses + signature
+
+
+def pack_views(records: Sequence[bytes | None], degree: int) -> bytes:
     """Neighbours' signed views for one member's inbox, in its neighbour order: None for a neighbour without one, else
-    (survivor count, statuses bitmap over that neighbour's ``degree`` neighbours, Ed25519 signature). Layout: a bitmap
-    of the present entries, then each as count (4 bytes), bitmap, signature (64 bytes)."""
-    width = (degree + 7) // 8
-    out = [pack_bits([e is not None for e in entries])]
-    for e in entries:
-        if e is not None:
-            survivors, statuses, signature = e
-            if len(statuses) != width or len(signature) != 64:
-                raise ValueError("a view's bitmap or signature has the wrong length")
-            out.append(survivors.to_bytes(4, "big") + statuses + signature)
-    return b"".join(out)
+    its ``view_record``. Layout: a bitmap of the present entries, then the records."""
+    size = 4 + (degree + 7) // 8 + 64
+    if any(r is not None and len(r) != size for r in records):
+        raise ValueError("a view record has the wrong length")
+    return pack_bits([r is not None for r in records]) + b"".join(r for r in records if r is not None)
 
 
 def unpack_views(raw: bytes, n: int, degree: int) -> list[tuple[int, bytes, bytes] | None]:

@@ -57,7 +57,8 @@ def entry_for(rnd: Round, m: str, *, told_dropped: set[str] = frozenset(), withh
     sealed = b"".join(rnd.sealed.get(p, blank)[size * i:size * (i + 1)] for p, ok in zip(nbrs, statuses) if ok
                       for i in [bisect.bisect_left(g[p], m)]) if with_sealed else b""
     known = {**rnd.views, **(views or {})}
-    got = [known.get(p) if ok and p not in withheld else None for p, ok in zip(nbrs, statuses)]
+    got = [secagg.view_record(*known[p]) if ok and p not in withheld and p in known else None
+           for p, ok in zip(nbrs, statuses)]
     packed = secagg.pack_views(got, rnd.epoch.degree) if any(v is not None for v in got) else b""
     return InboxRound(round=rnd.number, epoch_hash=b64(rnd.h), status="unmasking", survived=m in rnd.shares,
                       survivors=len(rnd.shares) if survivors is None else survivors,

@@ -110,7 +110,7 @@ def _entry(epoch, h, r, me, peers, pair, t, *, with_views: bool, ids=None) -> di
         for p in peers:
             bits = tuple(True for _ in epoch.neighbours(p))
             sig = ids[p].sign(secagg.view_message(secagg.View(h, r, p, survivors, bits)))
-            views += survivors.to_bytes(4, "big") + secagg.pack_bits(bits) + sig
+            views += secagg.view_record(survivors, secagg.pack_bits(bits), sig)
     return {"round": r, "epoch_hash": b64(h), "status": "unmasking", "survived": True, "survivors": survivors,
             "statuses": b64(secagg.pack_bits([True] * len(peers))), "sealed": b64(sealed),
             "views": b64(views) if views else "", "reason": None}
