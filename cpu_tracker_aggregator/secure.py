@@ -285,8 +285,8 @@ class Round:
         whole = have[rows].all(axis=1) & np.array([not self.shares[p] for p in self.survivors], dtype=bool)
         out: list[dict[int, int] | None] = [None] * len(rows)
         if whole.any():  # every holder sent its share whole: x = 1..t for all of these seeds, in one pass
-            halves = np.ascontiguousarray(blocks[rows[whole], :t]).view(">u8").reshape(-1, 2).tolist()
-            values = [(h << 64) | v for h, v in halves]
+            raw, read = blocks[rows[whole], :t].tobytes(), int.from_bytes
+            values = [read(raw[at:at + size], "big") for at in range(0, len(raw), size)]
             xs = range(1, t + 1)
             for n, k in enumerate(np.flatnonzero(whole).tolist()):
                 out[k] = dict(zip(xs, values[n * t:(n + 1) * t]))
@@ -480,9 +480,13 @@ class SecureAggregator:
     # -- epochs ---------------------------------------------------------------------------------------
     def _enrolled(self, current: int) -> list[str]:
         """Members that asked to join (a join file MAC'd with the keys of their pinned did.json) and are allowed by
-        ``members``: looked up once a minute (every tick while there is no epoch)."""
-        every = max(1, math.ceil(60 / self.epoch.window_s)) if self.epoch is not None else 1
-        if self._enrolled_at is not None and self.epoch is not None and current < self._enrolled_at[0] + every:
+        ``members``: looked up every 10 minutes, as often as a new epoch may start for them, and before a rollover
+        (every tick while there is no epoch)."""
+        e = self.epoch
+        every = max(1, math.ceil(600 / e.window_s)) if e is not None else 1
+        due = (e is None or self._enrolled_at is None or current + 2 > e.last_round()
+               or current >= self._enrolled_at[0] + every)
+        if not due:
             return self._enrolled_at[1]
         allowed = set(self.settings.members) if self.settings.members else None
         out = []
@@ -626,7 +630,8 @@ class SecureAggregator:
             rnd.sealed.clear()
             self._record(rnd, "refused")
         else:
-            rnd.total = np.frombuffer(b"".join(vectors), dtype="<u8").reshape(-1, epoch.dim).sum(axis=0, dtype=np.uint64)
+            summed = np.frombuffer(b"".join(vectors), dtype="<u8").reshape(-1, epoch.dim)
+            rnd.total = summed.sum(axis=0, dtype=np.uint64)
             alive = rnd.alive
             rnd.need_keys = {(i, d) for d in rnd.dropped for i in rnd.graph[d] if i in alive}
             self._record(rnd, "unmasking")

@@ -80,11 +80,9 @@ def replace_file(path: Path | str, data: bytes, *, mode: int = PUBLIC) -> None:
     fd = _reusable(nxt, mode)
     try:
         view = memoryview(data)
-        os.lseek(fd, 0, os.SEEK_SET)
         while view:
             view = view[os.write(fd, view):]
         os.ftruncate(fd, len(data))  # after the write: an inbox's size barely changes, so no block is freed
-        os.fchmod(fd, mode)
     finally:
         os.close(fd)
     try:
@@ -105,7 +103,7 @@ def _reusable(tmp: str, mode: int) -> int:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC)
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.getuid():
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.getuid() and (st.st_mode & 0o7777) == mode:
             return fd
         os.close(fd)
         os.unlink(tmp)
@@ -113,7 +111,9 @@ def _reusable(tmp: str, mode: int) -> int:
         pass
     except OSError:  # a symlink, a folder, a FIFO: not ours to write through
         os.unlink(tmp)
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, mode)
+    os.fchmod(fd, mode)  # the umask filtered the mode given to open
+    return fd
 
 
 def ensure_private_dir(folder: Path) -> None:

@@ -380,3 +380,33 @@ def test_nothing_is_charged_for_nothing_while_the_aggregator_is_away(tmp_path, m
         net.members_upload()
         net.round += 1
     assert "unclosed" not in net.secure[m].problems.active and len(ledger.spends) > charged + msec.PAUSE_AFTER + 1
+
+
+def test_replace_file_keeps_an_inode_for_the_next_write_and_never_writes_through_a_planted_one(tmp_path):
+    """The inbox writer (shared.atomic.replace_file): each write replaces the file whole (a reader holding the old one
+    keeps it), reuses the inode it replaced as its next temp file, and never writes through a temp name someone
+    planted as a symlink or a hard link."""
+    import os
+
+    from shared.atomic import TEMP_SUFFIX, replace_file
+
+    path = tmp_path / "inbox.json"
+    replace_file(path, b"one")
+    with open(path, "rb") as held:
+        replace_file(path, b"two")
+        assert held.read() == b"one" and path.read_bytes() == b"two"
+    spare = tmp_path / f".inbox.json.next{TEMP_SUFFIX}"
+    inode = spare.stat().st_ino  # the replaced file, kept
+    replace_file(path, b"three")
+    assert path.stat().st_ino == inode and path.read_bytes() == b"three" and oct(path.stat().st_mode & 0o777) == "0o644"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    spare.unlink()
+    os.link(victim, spare)  # a hard link planted under the temp name
+    replace_file(path, b"four")
+    assert victim.read_bytes() == b"precious" and path.read_bytes() == b"four"
+    spare.unlink()
+    spare.symlink_to(victim)  # and a symlink
+    replace_file(path, b"five")
+    assert victim.read_bytes() == b"precious" and path.read_bytes() == b"five"
+    assert not any(p.name.endswith(".kept" + TEMP_SUFFIX) for p in tmp_path.iterdir())
