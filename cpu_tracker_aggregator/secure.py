@@ -123,6 +123,13 @@ def plan_epoch(number: int, cohort: list[str], settings: Settings, aggregator: s
     )
 
 
+def epoch_gap(epoch: Epoch) -> int:
+    """Rounds between two epochs started for a change of the cohort (a member joining, or left out as absent): each
+    epoch is a download of every email for every member, so the gap grows with the cohort, keeping that traffic
+    linear in k: 60 ms a member (a minute at 1,000, 10 minutes from 10,000 on), and at least two rounds."""
+    return max(2, math.ceil(min(600.0, 0.06 * len(epoch.cohort)) / epoch.window_s))
+
+
 def upload_problem(upload: SecureUpload, epoch: Epoch, h: bytes, member: str, round_: int) -> str | None:
     """Why an upload cannot count for ``member`` in ``round_`` (None: it counts)."""
     if upload.email != member:
@@ -480,10 +487,10 @@ class SecureAggregator:
     # -- epochs ---------------------------------------------------------------------------------------
     def _enrolled(self, current: int) -> list[str]:
         """Members that asked to join (a join file MAC'd with the keys of their pinned did.json) and are allowed by
-        ``members``: looked up every 10 minutes, as often as a new epoch may start for them, and before a rollover
+        ``members``: looked up as often as a new epoch may start for them (``epoch_gap``) and before a rollover
         (every tick while there is no epoch)."""
         e = self.epoch
-        every = max(1, math.ceil(600 / e.window_s)) if e is not None else 1
+        every = epoch_gap(e) if e is not None else 1
         due = (e is None or self._enrolled_at is None or current + 2 > e.last_round()
                or current >= self._enrolled_at[0] + every)
         if not due:
@@ -511,8 +518,8 @@ class SecureAggregator:
     def _epoch_upkeep(self, now: datetime, current: int) -> None:
         """A new epoch when there is none, when the current one ends within two rounds (then members left out for
         being absent get another chance), when a member joins or has been absent from ABSENT_ROUNDS rounds in a row
-        (at most once every 10 minutes: each epoch is a download for every member). It starts two rounds ahead, so
-        that members see it first."""
+        (at most once every ``epoch_gap`` rounds: each epoch is a download for every member). It starts two rounds
+        ahead, so that members see it first."""
         e = self.epoch
         rollover = e is None or current + 2 > e.last_round()
         if rollover:
@@ -522,7 +529,7 @@ class SecureAggregator:
         if not rollover:
             if wanted == e.cohort or e.first_round > current:
                 return
-            if current < self._epoch_began + max(10, math.ceil(600 / e.window_s)):
+            if current < self._epoch_began + epoch_gap(e):
                 return
         if len(wanted) < self.settings.min_cohort:
             self.problems.report("cohort", f"secure mode: {len(wanted)} members can take part (a join request and "

@@ -65,7 +65,7 @@ def test_members_vanishing_mid_round(tmp_path, monkeypatch, n, gone, fraction):
     is revealed."""
     net = Net(tmp_path, n, monkeypatch, min_survivor_fraction=fraction)
     net.step()
-    r, needed = net.round, net.agg.epoch.min_survivors
+    r, needed, e = net.round, net.agg.epoch.min_survivors, net.agg.epoch  # a later epoch may leave the vanished out
     vanished = set(net.members[1:1 + gone])
     net.alive -= vanished
     for _ in range(net.agg.epoch.reveal_rounds + 3):
@@ -74,7 +74,6 @@ def test_members_vanishing_mid_round(tmp_path, monkeypatch, n, gone, fraction):
     assert st is not None
     survivors = sorted(set(net.members) - vanished)
     if len(survivors) >= needed:
-        e = net.agg.epoch
         enough = all(sum(p in survivors for p in e.neighbours(m)) >= e.threshold for m in survivors)
         assert st.status == ("published" if enough else "failed"), st
         assert st.survivors == len(survivors) and (enough or "not unmasked in time" in st.reason)
@@ -410,3 +409,24 @@ def test_replace_file_keeps_an_inode_for_the_next_write_and_never_writes_through
     replace_file(path, b"five")
     assert victim.read_bytes() == b"precious" and path.read_bytes() == b"five"
     assert not any(p.name.endswith(".kept" + TEMP_SUFFIX) for p in tmp_path.iterdir())
+
+
+def test_a_member_joining_late_is_in_an_epoch_within_a_few_rounds(tmp_path, monkeypatch):
+    """A new epoch for a cohort change waits epoch_gap rounds (60 ms a member, at least 2 rounds: each epoch is a
+    download for every member); a small cohort's late joiner is counted a few rounds later, not after 10 minutes."""
+    from cpu_tracker_aggregator.secure import epoch_gap
+
+    net = Net(tmp_path, 4, monkeypatch)
+    late = "m99@example.org"
+    net.members.append(late)
+    net.secure[late] = net.member(late)
+    net.values[late] = 50.0
+    assert net.secure[late].ready()
+    net.alive.add(late)  # it measures and tries every round; it takes part once an epoch lists it
+    assert epoch_gap(net.agg.epoch) == 2
+    for _ in range(6):
+        net.step()
+    assert late in net.agg.epoch.cohort
+    for _ in range(3):
+        net.step()
+    assert net.agg.figure is not None and net.agg.figure.survivors == 5
