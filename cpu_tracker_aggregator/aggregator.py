@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from cpu_tracker_aggregator.alerts import Alerts
 from cpu_tracker_aggregator.roster import Roster, Snapshot, members_json_chunks
-from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history
+from cpu_tracker_aggregator.dashboard import build_dashboard, empty_history, secure_is_recent
 from cpu_tracker_aggregator.metrics import Metrics
 from cpu_tracker_aggregator.publish import Publisher
 from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_chunks, write_if_changed
@@ -87,16 +87,18 @@ class Aggregator:
         snapshot = self.roster.tick(now)
         alerts_changed = self.alerts.tick(now)
         secure_changed = self._secure_tick(now)
+        lead_lapsed = (self._last is not None and self._last.lead == "secure"  # its round is no longer recent
+                       and not secure_is_recent(self._last.secure, now, self.settings))
         changed = (alerts_changed or self._last is None or snapshot.members_lines is not None or secure_changed
+                   or lead_lapsed
                    or not _same_figure(snapshot, self._last_snapshot)
                    # a heartbeat: a live aggregator's points are never more than stale_after_s apart
                    or (now - self._last.generated_at).total_seconds() >= self.settings.stale_after_s)
         self._last_snapshot = snapshot
         if changed:
-            dashboard = self.alerts.attach(build_dashboard(snapshot, self.history, now, self.settings))
+            secure = self.secure.figure if self.secure is not None else None
+            dashboard = self.alerts.attach(build_dashboard(snapshot, self.history, now, self.settings, secure))
             self.history = dashboard.history
-            if self.secure is not None and self.secure.figure is not None:
-                dashboard = with_secure(dashboard, self.secure.figure)
         else:  # no report, status or reason changed since a tick that published everything
             dashboard = self._last
         self._write_private(snapshot, now, changed)  # first: a crash must never take back a published point
@@ -175,17 +177,6 @@ def _port(text: str | None) -> int | None:
         return int(text)
     log.warning("SYFTBOX_APP_PORT=%r is not a TCP port: the metrics endpoint uses metrics_port instead", text)
     return None
-
-
-def with_secure(dashboard: Dashboard, figure) -> Dashboard:
-    """The dashboard carrying the latest secure figure; its sentence says so when the local figure has too few
-    members (a network in secure mode)."""
-    update = {"secure": figure}
-    if dashboard.estimate is None:
-        update["message"] = (f"Secure round {figure.round}: network mean {figure.mean:.1f} % (95 % interval "
-                             f"{figure.ci95_low:.1f}-{figure.ci95_high:.1f}) over {figure.survivors} members, from "
-                             "their noisy sum only.")
-    return dashboard.model_copy(update=update)
 
 
 def _same_figure(a: Snapshot, b: Snapshot | None) -> bool:

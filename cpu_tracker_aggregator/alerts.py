@@ -43,6 +43,13 @@ from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.aggregator")
 MAX_SIGNALS_BYTES = 65536
+# Bounded influence: the violation rounds' worth one member's breach flags may start in one generation. A round is
+# shared among the members whose flags for its epoch count, also those that arrive after it started (members that
+# checked before they heard of it); a member whose share reaches this is muted: its flags no longer start a round
+# (its vector and zone still count). So one member alone starts at most one violation round per generation and costs
+# every other member at most epsilon / 3(b + 1) + 2 epsilon / 3b of the monitor's epsilon, and k members together
+# start fewer than 2k rounds (each share is below 1 before the round that mutes it, which adds at most 1).
+FLAG_ALLOWANCE = 1.0
 NOISE_SCALES_ALLOWED = 40  # a vector component further than this many Laplace scales outside [0, 1] is refused
 
 
@@ -68,6 +75,12 @@ class Run(BaseModel):
     since: AwareDatetime | None = None
     f_hat: float | None = None
     end_reason: str = ""
+    flaggers: dict[int, list[str]] = Field(default_factory=dict, description="The members whose flags for each "
+                                           "epoch started (or later joined) its violation round.")
+    late_from: list[str] = Field(default_factory=list, description="The zone holders of the epoch whose round started "
+                                 "last: their flags for it may still arrive.")
+    muted: list[str] = Field(default_factory=list, description="Members whose share of the rounds reached "
+                             "FLAG_ALLOWANCE: their flags no longer start a round in this generation.")
 
 
 class RunsFile(BaseModel):
@@ -81,6 +94,13 @@ def cost_warnings(specs: list[sz.MonitorSpec], settings: Settings) -> list[str]:
     n = settings.samples_per_window
     per_second = sum(s.epsilon for s in specs) / n
     out = []
+    for b in settings.monitor_budgets:  # the aggregator's own settings hold the members' default cap
+        if per_second > b.epsilon * (1 + 1e-9):
+            out.append(f"the monitors together may cost each member up to {per_second:.3g} epsilon per second of "
+                       f"activity (their lifetime epsilon / {n} s windows), more than the members' own cap on all "
+                       f"private alerts (monitor_budgets: {b.epsilon:g} on any span of {b.horizon_s:g} s): members "
+                       "with these settings will refuse some of their spends and stay silent. Run fewer monitors or "
+                       "lower their epsilon.")
     for b in settings.budgets:
         if b.horizon_s == 0 and settings.epsilon + per_second > b.epsilon * (1 + 1e-9):
             out.append(f"the monitors cost each member up to {per_second:.3g} epsilon per second of activity (their "
@@ -88,6 +108,15 @@ def cost_warnings(specs: list[sz.MonitorSpec], settings: Settings) -> list[str]:
                        f"budget of {b.epsilon:g} on any instant: members with these settings will refuse some of "
                        "their spends and stay silent. Lower the monitors' epsilon or raise that budget.")
     return out
+
+
+def flag_shares(flaggers: dict[int, list[str]]) -> dict[str, float]:
+    """Each member's share of the violation rounds: 1 / k of each round whose flags counted from k members."""
+    shares: dict[str, float] = {}
+    for members in flaggers.values():
+        for m in members:
+            shares[m] = shares.get(m, 0.0) + 1.0 / len(members)
+    return shares
 
 
 def spec_hash(spec: sz.MonitorSpec) -> str:
@@ -185,11 +214,14 @@ class Alerts:
         life = sz.Lifecycle(run.epoch, run.phase, run.used)
         mine = {m: sig.get(spec.name) for m, sig in self.signals.items()}
         mine = {m: s for m, s in mine.items() if s is not None and s.generation == run.generation}
-        changed = False
+        changed = self._late_flags(spec, run, mine)
         if run.phase == "monitoring":
-            breached = sorted(m for m in run.zones if (s := mine.get(m)) and s.breach_epoch == run.epoch)
+            breached = sorted(m for m in run.zones if m not in run.muted and (s := mine.get(m))
+                              and s.breach_epoch == run.epoch)
             if not breached:
-                return False
+                return changed
+            run.flaggers[run.epoch], run.late_from = breached, sorted(run.zones)
+            self._mute(spec, run)
             life = life.on_violation(spec)
             run.expected = sorted(run.zones)
             run.epoch, run.phase, run.used = life.epoch, life.phase, life.used
@@ -226,6 +258,27 @@ class Alerts:
                                  offset=[float(x) for x in o], radius=a.radius) for m, o in zip(members, offsets)}
         run.zones_issued, run.assigned_at = run.zones_issued + 1, now
         return True
+
+    def _late_flags(self, spec: sz.MonitorSpec, run: Run, mine: dict[str, MonitorSignal]) -> bool:
+        """Flags for the epoch whose violation round started last, from its zone holders not muted, that arrived
+        after it started: they share its cost (and may lift a mute that its first flagger alone earned)."""
+        e = run.epoch - 1
+        late = [m for m in run.late_from if (s := mine.get(m)) is not None and s.breach_epoch == e
+                and m not in run.flaggers.get(e, []) and m not in run.muted]
+        if not late or e not in run.flaggers:
+            return False
+        run.flaggers[e] = sorted([*run.flaggers[e], *late])
+        self._mute(spec, run)
+        return True
+
+    def _mute(self, spec: sz.MonitorSpec, run: Run) -> None:
+        """Members whose share of this generation's violation rounds reached FLAG_ALLOWANCE (each logged once)."""
+        shares = flag_shares(run.flaggers)
+        muted = sorted(m for m, x in shares.items() if x >= FLAG_ALLOWANCE * (1 - 1e-9))
+        for m in sorted(set(muted) - set(run.muted)):
+            log.warning("monitor %s: the breach flags of %s started %.3g violation round(s) of this generation, its "
+                        "allowance: they no longer start a round in this generation", spec.name, m, shares[m])
+        run.muted = muted
 
     def _vector_ok(self, spec: sz.MonitorSpec, member: str, vector: list[float]) -> bool:
         """A noisy vector of the right length within NOISE_SCALES_ALLOWED Laplace scales of [0, 1] (one member's
@@ -344,6 +397,9 @@ class Alerts:
                 "firing": f"{what} above {spec.threshold:g}{unit}",
                 "exhausted": f"stopped: {run.end_reason}",
             }[state]
+            if run.muted and state != "exhausted":
+                message += (f" ({len(run.muted)} member(s) muted for this generation: their flags used their "
+                            "allowance and no longer start a round)")
             out.append(AlertState(
                 monitor=spec.name, kind=spec.kind, threshold=spec.threshold, margin=spec.margin, window=spec.window,
                 state=state, firing=run.firing, since=run.since, violation_rounds_used=run.used,

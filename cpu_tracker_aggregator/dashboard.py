@@ -11,7 +11,16 @@ from datetime import datetime
 from cpu_tracker_aggregator.roster import FreshReleases, Snapshot
 from shared import __version__
 from shared.privacy import estimate_mean
-from shared.schema import AggregatorSettings, Counts, Dashboard, Estimate, History, PrivacySummary, Series
+from shared.schema import (
+    AggregatorSettings,
+    Counts,
+    Dashboard,
+    Estimate,
+    History,
+    PrivacySummary,
+    SecureFigure,
+    Series,
+)
 from shared.settings import Settings
 
 METHOD = ("unweighted mean of the fresh members' Laplace releases (unbiased); 95 % interval exact for the summed "
@@ -118,10 +127,45 @@ def _bucket_average(recent: Series, bucket: int) -> tuple[float | None, float | 
     return avg(recent.mean), avg(recent.ci95_low), avg(recent.ci95_high), members
 
 
-def build_dashboard(snapshot: Snapshot, history: History, now: datetime, settings: Settings) -> Dashboard:
+SECURE_RECENT_ROUNDS = 5  # a secure figure leads while its round ended within this many rounds (+ stale_after_s)
+
+
+def secure_is_recent(figure: SecureFigure, now: datetime, settings: Settings) -> bool:
+    """True while ``figure`` may stand for the network now: its round ended at most SECURE_RECENT_ROUNDS round
+    lengths plus ``stale_after_s`` ago (a round is published about one round after it ends; refused or failed
+    rounds leave the last figure standing until then)."""
+    length = (figure.round_end - figure.round_start).total_seconds()
+    return (now - figure.round_end).total_seconds() <= SECURE_RECENT_ROUNDS * length + settings.stale_after_s
+
+
+def secure_estimate(figure: SecureFigure) -> Estimate:
+    """The secure figure as a history point's figure: its mean and 95 % interval over its survivors."""
+    return Estimate(mean=figure.mean, standard_error=figure.standard_error, ci95_low=figure.ci95_low,
+                    ci95_high=figure.ci95_high, members=figure.survivors, method=figure.method)
+
+
+def _secure_message(figure: SecureFigure, recent: bool) -> str:
+    if recent:
+        return (f"Network CPU {figure.mean:.1f} % (95 % interval {figure.ci95_low:.1f} to {figure.ci95_high:.1f}) "
+                f"from {figure.survivors} of {figure.cohort} members in secure round {figure.round}: only their "
+                "noisy sum was seen.")
+    last = next((r for r in reversed(figure.recent) if r.status != "published"), None)
+    why = f"; round {last.round} was {last.status}: {last.reason}" if last and last.reason else ""
+    return (f"No current figure: the latest secure round ({figure.round}) ended at "
+            f"{figure.round_end.strftime('%H:%M:%S')} UTC{why}.")
+
+
+def build_dashboard(snapshot: Snapshot, history: History, now: datetime, settings: Settings,
+                    secure: SecureFigure | None = None) -> Dashboard:
+    """The dashboard for ``now``. The network's figure (``lead``) is ``secure`` while that round is recent, else the
+    local estimate: the history's point and the message follow it."""
     est = estimate(snapshot.fresh, settings.min_members)
     c = counts(snapshot)
-    if est is not None:
+    recent = secure is not None and secure_is_recent(secure, now, settings)
+    lead = "secure" if recent else "local" if est else None
+    if lead == "secure" or (est is None and secure is not None):
+        message = _secure_message(secure, recent)
+    elif est is not None:
         message = (
             f"Network CPU {est.mean:.1f} % (95 % interval {est.ci95_low:.1f} to {est.ci95_high:.1f}) "
             f"from {est.members} members."
@@ -130,6 +174,7 @@ def build_dashboard(snapshot: Snapshot, history: History, now: datetime, setting
         message = (
             f"No figure: {c.fresh} fresh member report(s), at least {settings.min_members} are needed."
         )
+    point = secure_estimate(secure) if lead == "secure" else est
     return Dashboard(
         app_version=__version__,
         generated_at=now,
@@ -141,5 +186,7 @@ def build_dashboard(snapshot: Snapshot, history: History, now: datetime, setting
         settings=AggregatorSettings(
             tick_s=settings.tick_s, stale_after_s=settings.stale_after_s, min_members=settings.min_members
         ),
-        history=add_point(history, now, est, c.fresh, settings),
+        history=add_point(history, now, point, point.members if point else c.fresh, settings),
+        secure=secure,
+        lead=lead,
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from cpu_tracker_aggregator.dashboard import secure_estimate
 from shared.atomic import atomic_write_bytes, ensure_private_dir
 from shared.schema import CPU_BOUNDS, Dashboard
 
@@ -44,14 +45,21 @@ class FigureCollector:
         d = self.dashboard
         if d is None:
             return
+        e = secure_estimate(d.secure) if d.lead == "secure" else d.estimate
         yield GaugeMetricFamily(f"{PREFIX}_figure_published", "1 when a network figure is published (enough fresh "
-                                "members), else 0.", value=1.0 if d.estimate else 0.0)
+                                "members, or a recent secure round), else 0.", value=1.0 if e else 0.0)
+        source = GaugeMetricFamily(f"{PREFIX}_figure_source", "1 for where the network figure comes from: local "
+                                   "(members' own noisy reports) or secure (a secure round's noisy sum).",
+                                   labels=["source"])
+        for name in ("local", "secure"):
+            source.add_metric([name], 1.0 if e is not None and (d.lead or "local") == name else 0.0)
+        yield source
         yield GaugeMetricFamily(f"{PREFIX}_last_change_timestamp_seconds", "When the figure or the counts last "
                                 "changed (Unix time).", value=d.generated_at.timestamp())
-        if d.estimate is not None:
-            e = d.estimate
+        if e is not None:
             for name, value, text in (
-                ("network_cpu_ratio", e.mean, "Network mean CPU utilisation (DP estimate)."),
+                ("network_cpu_ratio", e.mean, "Network mean CPU utilisation (DP estimate; figure_source says "
+                 "which)."),
                 ("network_cpu_ci95_low_ratio", e.ci95_low, "Lower end of its 95 % interval."),
                 ("network_cpu_ci95_high_ratio", e.ci95_high, "Upper end of its 95 % interval."),
                 ("network_cpu_standard_error_ratio", e.standard_error, "Standard deviation of its DP noise."),
@@ -130,12 +138,15 @@ def secure_metrics(sec):
     yield GaugeMetricFamily(f"{PREFIX}_secure_epsilon", f"Epsilon achieved by that round, per {sec.unit_words}.",
                             value=sec.epsilon)
     pct = GaugeMetricFamily(f"{PREFIX}_secure_fleet_cpu_percentile_ratio", "Fleet percentiles of the members' "
-                            "window means (DP), with their 95 % interval.", labels=["quantile", "bound"])
+                            "window means (DP), with their 95 % interval; absent while the cohort is too small for "
+                            "one (its interval spans about the whole range).", labels=["quantile", "bound"])
     for q, item in sorted(sec.percentiles.items()):
+        if q in sec.cohort_too_small_for:
+            continue
         for bound, value in (("estimate", item.estimate), ("low", item.low), ("high", item.high)):
             pct.add_metric([q[1:], bound], value / PERCENT)
     yield pct
-    if sec.share_above is not None:
+    if sec.share_above is not None and "share_above" not in sec.cohort_too_small_for:
         above = GaugeMetricFamily(f"{PREFIX}_secure_members_above_threshold_ratio", f"Share of members above "
                                   f"{sec.threshold:g} % CPU (DP), with its 95 % interval.", labels=["bound"])
         for bound, value in (("estimate", sec.share_above.estimate), ("low", sec.share_above.low),

@@ -11,7 +11,7 @@ public/cpu_tracker/
 │                                   time while the hour lasts, then is never rewritten; kept 24 h
 ├── history/coarse-YYYYMMDD.json    the 5-minute points of one UTC day (Segment): likewise; kept 30 days
 ├── dashboard.json                  the schema-1 Dashboard with the whole history, for old readers: rewritten
-│                                   every LEGACY_EVERY_S (and when the status changes), no longer every tick
+│                                   every LEGACY_EVERY_S (and when the status or the lead changes), not every tick
 └── *.schema.json, index.html       static
 ```
 
@@ -80,7 +80,7 @@ class Publisher:
         self._final: set[str] = set()  # segments written after their period ended: never again
         self._unfinished: dict[str, tuple[str, int]] = {}  # segments an earlier process left incomplete
         self._legacy_at: int | None = None
-        self._legacy_status: tuple | None = None  # the status and the alerts' states: a change rewrites it at once
+        self._legacy_status: tuple | None = None  # status, lead, alerts' states: a change rewrites it at once
         self._loaded = False
 
     def publish(self, dashboard: Dashboard, now: int) -> list[str]:
@@ -131,10 +131,10 @@ class Publisher:
         if self._write(CURRENT_FILE, current.model_dump_json().encode() + b"\n"):
             written.append(CURRENT_FILE)
         if (self._legacy_at is None or abs(now - self._legacy_at) >= LEGACY_EVERY_S
-                or (dashboard.status, dashboard.alerts) != self._legacy_status):
+                or (dashboard.status, dashboard.lead, dashboard.alerts) != self._legacy_status):
             if self._write("dashboard.json", dashboard.model_dump_json().encode() + b"\n"):
                 written.append("dashboard.json")
-            self._legacy_at, self._legacy_status = now, (dashboard.status, dashboard.alerts)
+            self._legacy_at, self._legacy_status = now, (dashboard.status, dashboard.lead, dashboard.alerts)
         return written
 
     def repair(self) -> list[str]:

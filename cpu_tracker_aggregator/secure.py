@@ -44,12 +44,13 @@ from shared.paths import Paths, is_datasite_email
 from shared.permissions import ensure_permissions
 from shared.schema import SecureFigure, SecureRoundStatus
 from shared.secnoise import (
+    FALSE_REFUSAL,
     calibrate,
     epsilon_of,
     fleet_estimate,
     fleet_mean,
+    implausibility,
     mean_standard_error,
-    noise_sd,
     release_event,
 )
 from shared.secure_schema import (
@@ -80,7 +81,6 @@ MAX_MEMBER_FILE_BYTES = 1 << 16  # an upload is about 2 KB at 10,000 members, an
 ABSENT_ROUNDS = 3  # a member missing from this many closed rounds in a row is left out of the next epoch
 MEAN_FRACTION = 0.8  # of each release's epsilon, on the mean coordinate; the rest on the histogram
 RECENT = 12
-PLAUSIBLE_SIGMAS = 6.0
 INBOX_ROUNDS = 3  # rounds one inbox carries at most: the newest closed one and those still waiting for its reveal
 NOISE_WORDS = {"dlaplace": "distributed discrete Laplace", "dgaussian": "distributed discrete Gaussian"}
 
@@ -146,28 +146,10 @@ def upload_problem(upload: SecureUpload, epoch: Epoch, h: bytes, member: str, ro
 
 
 def implausible(total: np.ndarray, epoch: Epoch, survivors: int) -> str | None:
-    """Why an unmasked sum cannot come from ``survivors`` honest members (None: it can). A member may add anything
-    within the modulus; this refuses a sum outside the range its members' values and the noise allow (6 standard
-    deviations, a false refusal about once in 10^8 rounds), a histogram whose counts do not add up to the survivors,
-    and a mean coordinate that disagrees with the histogram by more than half a bin plus the noise."""
-    sd_mean, sd_hist = noise_sd(epoch.noise, survivors)
-    z, top = PLAUSIBLE_SIGMAS, (epoch.bounds[1] - epoch.bounds[0]) * epoch.scale * survivors
-    m, hist = float(total[0]), total[1:].astype(float)
-    if not -z * sd_mean - survivors <= m <= top + z * sd_mean + survivors:
-        return f"the mean coordinate {m:.0f} lies outside 0..{top:.0f} by more than the noise"
-    if (hist < -z * sd_hist).any() or (hist > survivors + z * sd_hist).any():
-        return "a histogram count lies outside 0..survivors by more than the noise"
-    if abs(hist.sum() - survivors) > z * sd_hist * math.sqrt(epoch.bins):
-        return f"the histogram counts add up to {hist.sum():.0f}, not about {survivors} survivors"
-    edges = epoch.bin_edges()
-    centres = np.array([(a + b) / 2 for a, b in zip(edges, edges[1:])])
-    width = edges[1] - edges[0]
-    hist_mean = float(centres @ hist) / survivors
-    spread = z * math.sqrt((sd_mean / epoch.scale) ** 2 + (sd_hist ** 2) * float(centres @ centres)) / survivors
-    if abs(m / epoch.scale / survivors - hist_mean) > width / 2 + spread + 1.0 / epoch.scale:
-        return (f"the mean coordinate ({m / epoch.scale / survivors:.1f} points) disagrees with the histogram "
-                f"({hist_mean:.1f})")
-    return None
+    """Why an unmasked sum cannot come from ``survivors`` honest members (None: it can): ``secnoise.implausibility``,
+    which refuses an honest round with probability at most ``secnoise.FALSE_REFUSAL`` (1e-6)."""
+    return implausibility([int(v) for v in total], spec=epoch.noise, survivors=survivors, scale=epoch.scale,
+                          edges=epoch.bin_edges())
 
 
 def secure_figure(epoch: Epoch, round_: int, total: np.ndarray, survivors: int,
@@ -183,12 +165,13 @@ def secure_figure(epoch: Epoch, round_: int, total: np.ndarray, survivors: int,
     return SecureFigure(
         epoch=epoch.epoch, round=round_, round_start=_utc(start), round_end=_utc(end), cohort=len(epoch.cohort),
         survivors=survivors, mean=mean.estimate, standard_error=se, ci95_low=mean.low, ci95_high=mean.high,
-        percentiles={q: getattr(fleet, q) for q in ("p50", "p90", "p99")}, share_above=fleet.share_above, threshold=90.0, unit=epoch.unit,
+        percentiles={q: getattr(fleet, q) for q in ("p50", "p90", "p99")}, share_above=fleet.share_above,
+        threshold=90.0, cohort_too_small_for=list(fleet.uninformative), unit=epoch.unit,
         unit_words=UNIT_WORDS[epoch.unit], epsilon=eps, delta=epoch.delta, noise=NOISE_WORDS[epoch.noise.family],
         method=f"secure aggregation (pairwise and self masks, Shamir-shared seeds) of {survivors} members' quantized "
                f"window means with {NOISE_WORDS[epoch.noise.family]} noise shares; interval from the noise's "
                "distribution",
-        recent=recent[-RECENT:],
+        recent=recent[-RECENT:], min_survivors=epoch.min_survivors, false_refusal=FALSE_REFUSAL,
     )
 
 

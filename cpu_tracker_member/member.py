@@ -14,11 +14,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from threading import Event
 from typing import Callable
 
-from cpu_tracker_member.monitor import MemberMonitors
+from cpu_tracker_member.monitor import MemberMonitors, composed_words
 from shared import __version__
 from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps
 from shared.ledger import BudgetExceeded, Ledger, LedgerCorrupt, Spend, spent_per_budget
@@ -31,6 +31,7 @@ from shared.schema import CPU_BOUNDS, MemberReport, PrivacyUnit, Window, utc_now
 from shared.settings import Settings, settings_warnings
 
 RAW_KEEP = 2000  # raw window means kept for the owner's `status`
+HOUR = timedelta(hours=1)
 
 log = logging.getLogger("cpu_tracker.member")
 
@@ -94,7 +95,8 @@ class Member:
         """The ledger, loaded once; None (and releases paused) while it is unreadable."""
         if self._ledger is None:
             try:
-                self._ledger = Ledger(self.paths.ledger_file, self.settings.budgets)
+                self._ledger = Ledger(self.paths.ledger_file, self.settings.budgets,
+                                      keep_s=max(b.horizon_s for b in self.settings.monitor_budgets))
                 self.problems.clear("ledger", "privacy ledger readable again: releases resume")
             except (LedgerCorrupt, OSError) as e:
                 self.problems.report("ledger", f"privacy ledger unusable, releases paused: {e}", logging.ERROR)
@@ -192,7 +194,8 @@ class Member:
 
     def _keep_raw(self, raw: float, report: MemberReport) -> None:
         line = json.dumps(
-            {"window_end": report.window.end.isoformat(), "raw_mean": raw, "released": report.release.value,
+            {"window_start": report.window.start.isoformat(), "window_end": report.window.end.isoformat(),
+             "raw_mean": raw, "released": report.release.value,
              "epsilon": report.release.epsilon, "n_samples": report.window.n_samples}
         )
         path = self.paths.raw_file
@@ -255,7 +258,7 @@ def run_member(
         per_release = s.epsilon if secure is None else s.secure_target  # secure: at most; the epoch's noise decides
         summary.add(end.timestamp(), windows=1, published=published, epsilon=per_release * published)
         if end > start:
-            monitors.step(raw, end)
+            monitors.step(raw, start, end)
         start = end
         if once:
             return
@@ -276,6 +279,8 @@ def hourly_line(member: Member, totals: dict[str, float], now: float) -> str:
         left = [f"{b.epsilon - spent:.4g} of {b.epsilon:g} per {b.horizon_s:g} s"
                 for b, spent in spent_per_budget(ledger.spends, spans, end)]
         line += "; budget left " + ", ".join(left)
+    if ledger is not None and (composed := composed_words(member.settings, ledger.spends, end - HOUR, end)):
+        line += "; " + composed
     return line
 
 

@@ -1,37 +1,50 @@
 """The member's side of the private alerts: Algorithms 1 and 3 of ``shared/safezone.py`` over SyftBox files.
 
-Once per window (``MemberMonitors.step``, called by the member's loop with the window's raw mean), for each monitor
-the aggregator publishes in ``public/cpu_tracker/monitors.json``:
+Once per window (``MemberMonitors.step``, called by the member's loop with the window's raw mean and its times), for
+each monitor the aggregator publishes in ``public/cpu_tracker/monitors.json``:
 
-- the local vector from the last K raw window means (kept in memory, seeded from ``raw.jsonl`` at start);
-- collecting: send a noisy vector for the epoch (once per epoch, at most b + 1 in the monitor's lifetime);
+- the local vector from the last K window means, kept with their times (in memory, seeded at start from
+  ``raw.jsonl``), used only when they follow each other with at most one window of gaps in all and end with the
+  window that just ended (``safezone.usable_windows``): never stale windows, whatever the files hold;
+- collecting: send a noisy vector for the epoch (once per epoch, at most b + 1 in the generation's lifetime);
 - monitoring: with the safe zone the aggregator wrote for this member alone
   (``datasites/<aggregator>/app_data/cpu_tracker_alerts/<me>/zones.json``), open the zone once (draw its noisy
   radius; at most b zones) and check it every window with one draw of the exponential mechanism; on leaving it,
   raise the breach flag and send the next epoch's vector at once (it saves the violation round a window).
 
-Accounting (``shared/ledger.py``): every spend is admitted by the ledger, fsynced, *before* its noise is drawn and
-anything is written: ``safezone_vector`` (epsilon / 3(b + 1), on the span of the sliding window it summarises) and
-``safezone_zone`` (2 epsilon / 3b for the radius and every check of the zone, on the span from the start of its
-reference window to the monitor's end, since the zone's checks may go on until then). The monitor's epsilon is for
-one window mean (``interval_s`` seconds of activity); one *second* moves a window mean by at most 1 / n of that
-(n = the window's whole seconds), so the ledger, whose unit is one second, is charged epsilon / n. The member keeps
-its own count and never sends more than b + 1 vectors nor opens more than b zones per monitor, whatever the
-aggregator asks, so it never overspends a monitor's lifetime epsilon; the ledger's rolling budgets bound the rest.
+Pinned spending. Everything that decides what the member spends for a monitor (kind, threshold, margin, K, epsilon,
+b, start and end, and the whole seconds of its windows) is fixed for each (name, generation) at its first spend and
+kept in the private state; a later change makes the member silent for that generation for good, said once. A new
+generation is a new monitor: all of them together are bounded by the member's own cap (``monitor_budgets``), which
+the ledger checks under its lock with every spend (``safezone.cap_check``), so an aggregator that loses its state or
+invents a generation each time the member is exhausted cannot make it spend past the cap.
+
+Accounting (``shared/ledger.py``): the generation's count is recorded durably first (a crash never lets it spend
+twice), then the spend is admitted by the ledger, fsynced, *before* its noise is drawn: ``safezone_vector``
+(epsilon / 3(b + 1)) on the true span of the K windows it summarises; ``safezone_zone`` (2 epsilon / 3b) first on
+its reference windows and the window of its first check, then extended by one line per window its checks go on to
+use, so a zone's lines cover exactly the span it uses (the lines share an id: one sparse-vector instance, counted
+once by the cap). The monitor's epsilon is for one window mean; one *second* moves a window mean of n whole seconds
+by at most 1 / n of that, so the ledger (one second) is charged epsilon / n. In secure mode with the ``cpu_day``
+unit, the day's composition (``secure.day_check``) also holds every monitor spend.
 
 Outputs: ``datasites/<me>/app_data/cpu_tracker/monitor.json`` (beside the report, readable by the aggregator only);
-the raw references and noisy radii stay in ``private/cpu_tracker/member/monitors.json`` (never synced). A file that
-cannot be read or is not valid makes the member silent for what it concerns, said once in the log; nothing else
-stops.
+the raw references, noisy radii and pins stay in ``private/cpu_tracker/member/monitors.json`` (never synced). A file
+that cannot be read or is not valid makes the member silent for what it concerns, said once in the log; nothing
+else stops.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import secrets
 from collections import deque
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Literal
 
+import numpy as np
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from shared import safezone as sz
@@ -39,31 +52,80 @@ from shared.atomic import PRIVATE, atomic_write_bytes, read_regular
 from shared.ledger import BudgetExceeded, LedgerCorrupt, Spend
 from shared.permissions import parent_grant_problem
 from shared.schema import MonitorDefinition, MonitorSignal, MonitorSignalsFile, MonitorsFile, SafeZone, SafeZonesFile
+from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.member")
 MAX_WINDOWS = 2000  # the most window means a monitor may average (raw.jsonl keeps as many)
 MAX_FILE_BYTES = 1 << 20
+MAX_TRACKS = 256  # generations remembered (dropping one is safe: the cap in the ledger bounds a return)
+MAX_GENERATION_CHARS = 100
+MAX_REFERENCE_AGE_S = 3600.0  # a zone is opened only this soon after the vector it is drawn around
+
+
+class Pin(BaseModel):
+    """What decides what the member spends for one generation of a monitor, fixed at its first spend."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["mean", "imbalance"]
+    threshold: float
+    margin: float
+    window: int
+    epsilon: float
+    violations: int
+    started_at: AwareDatetime
+    ends_at: AwareDatetime
+    seconds: int = Field(ge=1, description="Whole seconds of each window mean used: the ledger is charged epsilon / "
+                         "seconds per second of activity, and shorter windows are never used.")
+
+
+def pin_of(d: MonitorDefinition, seconds: int) -> Pin:
+    return Pin(kind=d.kind, threshold=d.threshold, margin=d.margin, window=d.window, epsilon=d.epsilon,
+               violations=d.violations, started_at=d.started_at, ends_at=d.ends_at, seconds=seconds)
+
+
+def pin_change(pinned: Pin, now: Pin) -> str | None:
+    """The fields of a generation's definition that changed since its first spend, in words (None: none)."""
+    names = {"violations": "b (violations)", "window": "K (window)", "ends_at": "end (ends_at)"}
+    changed = [f"{names.get(k, k)} {getattr(pinned, k)} -> {getattr(now, k)}"
+               for k in Pin.model_fields if k != "seconds" and getattr(pinned, k) != getattr(now, k)]
+    return ", ".join(changed) or None
 
 
 class Track(BaseModel):
-    """What this member did for one monitor (private: holds raw vectors)."""
+    """What this member did for one generation of one monitor (private: holds raw vectors)."""
 
     model_config = ConfigDict(extra="ignore")
 
+    monitor: str = ""
     generation: str
+    pin: Pin | None = None
+    silent: str | None = Field(default=None, description="Why it takes no further part in this generation.")
     vectors: int = 0
     zones: int = 0
     refs: dict[int, list[float]] = Field(default_factory=dict, description="Raw vector at each epoch's vector.")
-    ref_at: dict[int, AwareDatetime] = Field(default_factory=dict)
+    ref_span: dict[int, tuple[AwareDatetime, AwareDatetime]] = Field(
+        default_factory=dict, description="The span of the windows each reference summarises.")
     vector_epoch: int | None = None
     vector: list[float] | None = None
     zone_epoch: int | None = None
+    zone_id: str | None = None
+    covered_until: AwareDatetime | None = Field(default=None, description="The open zone's spends end here.")
     noisy_radius: float | None = None
     breach_epoch: int | None = None
+    last_spend: AwareDatetime | None = None
 
 
 class Tracks(BaseModel):
+    version: Literal[2] = 2
+    tracks: list[Track] = Field(default_factory=list)
+
+
+class _OldTracks(BaseModel):  # before pins: one track per name
     tracks: dict[str, Track] = Field(default_factory=dict)
+
+
+Key = tuple[str, str]  # (monitor, generation)
 
 
 class MemberMonitors:
@@ -71,25 +133,47 @@ class MemberMonitors:
         self.member = member
         self.paths, self.settings, self.problems = member.paths, member.settings, member.problems
         self.random_state = random_state  # tests only: None draws from the system's cryptographic RNG
-        self.windows: deque[float] = deque(_raw_means(self.paths.raw_file), maxlen=MAX_WINDOWS)
-        self.tracks = self._load()
+        self.windows: deque[sz.WindowMean] = deque(_raw_windows(self.paths.raw_file), maxlen=MAX_WINDOWS)
+        self.tracks: dict[Key, Track] = self._load()
+        self.current: dict[str, Key] = {}  # name -> the generation the aggregator's file names now
         self._written: list[MonitorSignal] | None = None
+        self._also = also_checks(self.settings)
 
-    def _load(self) -> dict[str, Track]:
+    def _load(self) -> dict[Key, Track]:
+        path = self.paths.member_monitor_state_file
         try:
-            return Tracks.model_validate_json(self.paths.member_monitor_state_file.read_bytes()).tracks
+            data = path.read_bytes()
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, ValidationError) as e:
-            self.problems.report("monitor-state", f"the alerts' private state {self.paths.member_monitor_state_file} "
-                                 f"is unreadable ({e}); the monitors are joined again (the ledger still holds every "
-                                 "spend)", logging.ERROR)
-            return {}
+        except OSError as e:
+            data, error = b"", e
+        else:
+            error = None
+        try:
+            return {(t.monitor, t.generation): t for t in Tracks.model_validate_json(data).tracks}
+        except (ValueError, ValidationError) as e:
+            error = error or e
+        try:  # the state of a version that kept no pins: what it spent on is silent until its generation ends
+            old = _OldTracks.model_validate_json(data).tracks
+            why = "it spent on this generation before pins were kept"
+            return {(n, t.generation): t.model_copy(update={"monitor": n, "silent": why if t.vectors or t.zones
+                                                            else None}) for n, t in old.items()}
+        except (ValueError, ValidationError):
+            pass
+        self.problems.report("monitor-state", f"the alerts' private state {path} is unreadable ({error}); the "
+                             "monitors are joined again (the ledger still holds every spend, and monitor_budgets "
+                             "bounds them all)", logging.ERROR)
+        return {}
+
+    def _save(self, *, durable: bool = False) -> None:
+        data = Tracks(tracks=list(self.tracks.values())).model_dump_json().encode() + b"\n"
+        atomic_write_bytes(self.paths.member_monitor_state_file, data, durable=durable, mode=PRIVATE)
 
     # -- one window -------------------------------------------------------------------------------------
-    def step(self, raw_mean: float, end: datetime) -> None:
-        """Take part in every monitor for the window that just ended. Never raises: the releases go on."""
-        self.windows.append(min(max(float(raw_mean), 0.0), 100.0))
+    def step(self, raw_mean: float, start: datetime, end: datetime) -> None:
+        """Take part in every monitor for the window [start, end) that just ended. Never raises: the releases go
+        on."""
+        self.windows.append(sz.WindowMean(start.timestamp(), end.timestamp(), min(max(float(raw_mean), 0.0), 100.0)))
         s = self.settings
         if not s.join_monitors or s.aggregator is None:
             return
@@ -108,111 +192,168 @@ class MemberMonitors:
         zones: dict[str, SafeZone] | None = None
         why: str | None = None
         changed = False
+        self.current = {}
         for d in defs:
-            spec = self._spec(d)
-            if spec is None:
+            if not self._valid(d):
                 continue
-            track = self.tracks.get(d.monitor)
-            if track is None or track.generation != d.generation:
-                track = self.tracks[d.monitor] = Track(generation=d.generation)
+            key = (d.monitor, d.generation)
+            self.current[d.monitor] = key
+            track = self.tracks.setdefault(key, Track(monitor=d.monitor, generation=d.generation))
+            if track.silent is not None:
+                continue
+            if track.pin is not None and (change := pin_change(track.pin, pin_of(d, track.pin.seconds))):
+                track.silent = (f"the aggregator changed it after this member's first spend ({change}); the member "
+                                "takes no further part in this generation, whatever it says next")
+                log.warning("monitor %s (generation %s): %s", d.monitor, d.generation, track.silent)
                 changed = True
-            if d.phase == "exhausted" or end >= d.ends_at or len(self.windows) < spec.window:
                 continue
-            v = sz.local_vector(spec.kind, list(self.windows)[-spec.window:])
+            pin = track.pin or pin_of(d, self.settings.samples_per_window)
+            if d.phase == "exhausted" or end >= pin.ends_at:
+                continue
+            windows = sz.usable_windows(self.windows, pin.window, seconds=pin.seconds,
+                                        interval_s=self.settings.interval_s)
+            if windows is None or windows[-1].end != end.timestamp():
+                continue  # fewer than K recent, following windows (after a start or a gap): wait for them
+            v = sz.local_vector(pin.kind, [w.mean for w in windows])
             if d.phase == "collecting" and track.vector_epoch != d.epoch:
-                changed |= self._send_vector(spec, d, track, v, end, d.epoch)
+                changed |= self._send_vector(d, pin, track, v, windows, end, d.epoch)
             elif d.phase == "monitoring" and track.breach_epoch != d.epoch and d.epoch in track.refs:
                 if zones is None:
                     zones, why = self._zones()
-                changed |= self._check(spec, d, track, v, end, why or zones.get(d.monitor))
-        # a track is kept while its monitor is gone (it may come back: the track is what stops the member from
-        # spending a generation's budget twice); a new generation of the same name replaces it (a new lifetime,
-        # which the ledger's rolling budgets bound)
+                changed |= self._check(d, pin, track, v, windows, end, why or zones.get(d.monitor))
+        changed |= self._forget(end)
         if changed:
-            atomic_write_bytes(self.paths.member_monitor_state_file, Tracks(tracks=self.tracks).model_dump_json()
-                               .encode() + b"\n", mode=PRIVATE)
+            self._save()
         self._write_signals(end)
 
+    def _forget(self, now: datetime) -> bool:
+        """Drop the generations that can spend no more (ended a day ago, or never spent on and no longer named),
+        then the oldest beyond MAX_TRACKS. Safe: a generation that comes back is a new monitor under the cap."""
+        live = set(self.current.values())
+        keep = {k: t for k, t in self.tracks.items()
+                if k in live or (t.pin is not None and t.pin.ends_at > now - timedelta(days=1))}
+        if len(keep) > MAX_TRACKS:
+            oldest = sorted((k for k in keep if k not in live), key=lambda k: keep[k].last_spend or _EPOCH0)
+            for k in oldest[:len(keep) - MAX_TRACKS]:
+                del keep[k]
+        dropped = len(keep) != len(self.tracks)
+        self.tracks = keep
+        return dropped
+
+    # -- spending -----------------------------------------------------------------------------------------
+    def _spend(self, track: Track, pin: Pin, what: str, instance: str, epsilon: float, start: datetime,
+               stop: datetime, now: datetime, count: str | None) -> bool:
+        """Pin the generation and count the spend (saved durably first, so a crash can only waste it), then record
+        it in the ledger (fsynced) before anything depends on it. False (logged once, the count undone) if refused."""
+        ledger = self.member.ledger()
+        if ledger is None:
+            return False
+        key = f"monitor-budget:{track.monitor}"
+        spend = Spend(released_at=now, window_start=start, window_end=stop, epsilon=epsilon / pin.seconds,
+                      mechanism=sz.spend_mechanism(what, track.monitor, instance), unit="cpu_second",
+                      n_samples=pin.seconds)
+        try:  # the cap first on what this process knows (no write while it refuses; admit checks again)
+            self._also(ledger.spends, spend)
+        except BudgetExceeded as e:
+            self.problems.report(key, f"monitor {track.monitor}: {e}; staying silent for it")
+            return False
+        before = (track.pin, getattr(track, count) if count else None)
+        if track.pin is None or count:
+            track.pin = pin
+            if count:
+                setattr(track, count, getattr(track, count) + 1)
+            self._save(durable=True)
+        try:
+            needs = max(b.horizon_s for b in self.settings.monitor_budgets)
+            if ledger.retention.total_seconds() < needs:
+                raise OSError(f"the ledger keeps {ledger.retention.total_seconds():g} s, less than the "
+                              f"{needs:g} s monitor_budgets looks back")
+            ledger.admit(spend, self._also)
+        except (BudgetExceeded, LedgerCorrupt, OSError) as e:
+            track.pin = before[0]
+            if count:
+                setattr(track, count, before[1])
+            self._save()
+            why = str(e) if isinstance(e, BudgetExceeded) else f"cannot record its spend in the ledger ({e})"
+            self.problems.report(key, f"monitor {track.monitor}: {why}; staying silent for it")
+            return False
+        track.last_spend = now
+        self.problems.clear(key, f"monitor {track.monitor}: budget available again")
+        return True
+
     # -- Algorithm 1: a noisy vector ------------------------------------------------------------------
-    def _send_vector(self, spec: sz.MonitorSpec, d: MonitorDefinition, track: Track, v, end: datetime,
-                     epoch: int) -> bool:
-        split = sz.split(spec)
-        acct = sz.Account(track.vectors, track.zones)
-        if not acct.can_send_vector(split):
-            self.problems.report(f"monitor:{spec.name}", f"monitor {spec.name}: its b + 1 = {spec.violations + 1} "
+    def _send_vector(self, d: MonitorDefinition, pin: Pin, track: Track, v, windows: list[sz.WindowMean],
+                     end: datetime, epoch: int) -> bool:
+        split = sz.Split(pin.epsilon, pin.violations)
+        if not sz.Account(track.vectors, track.zones).can_send_vector(split):
+            self.problems.report(f"monitor:{d.monitor}", f"monitor {d.monitor}: its b + 1 = {pin.violations + 1} "
                                  "noisy vectors are spent; no more are sent, whatever the aggregator asks")
             return False
-        start = end - timedelta(seconds=spec.window * self.settings.interval_s)
-        if not self._charge(spec, "safezone_vector", split.vector, start, end, end):
+        start = _utc(windows[0].start)
+        if not self._spend(track, pin, sz.VECTOR_SPEND, secrets.token_hex(6), split.vector, start, end, end,
+                           "vectors"):
             return False
-        l1, _ = sz.sensitivity(spec.kind, spec.window)
+        l1, _ = sz.sensitivity(pin.kind, pin.window)
         track.vector = sz.draw_vector(v, epsilon=split.vector, l1=l1, random_state=self.random_state)
-        track.vectors += 1
         track.vector_epoch = epoch
         track.refs = {**{k: r for k, r in track.refs.items() if k >= epoch - 1}, epoch: [float(x) for x in v]}
-        track.ref_at = {**{k: t for k, t in track.ref_at.items() if k >= epoch - 1}, epoch: end}
+        track.ref_span = {**{k: r for k, r in track.ref_span.items() if k >= epoch - 1}, epoch: (start, end)}
         return True
 
     # -- Algorithm 3: the zone and its check ----------------------------------------------------------
-    def _check(self, spec: sz.MonitorSpec, d: MonitorDefinition, track: Track, v, end: datetime,
+    def _check(self, d: MonitorDefinition, pin: Pin, track: Track, v, windows: list[sz.WindowMean], end: datetime,
                zone: SafeZone | None | str) -> bool:
-        key = f"zone:{spec.name}"
+        key = f"zone:{d.monitor}"
         if isinstance(zone, str):
-            self.problems.report(key, f"monitor {spec.name}: {zone}; staying silent for this monitor until it can "
+            self.problems.report(key, f"monitor {d.monitor}: {zone}; staying silent for this monitor until it can "
                                  "be read")
             return False
         if zone is None or zone.generation != d.generation or zone.epoch != d.epoch:
             return False  # not synced yet, or not part of this epoch (no vector sent for it): silent
-        if len(zone.offset) != sz.dims(spec.kind):
-            self.problems.report(key, f"monitor {spec.name}: the safe zone has {len(zone.offset)} offset values, "
-                                 f"expected {sz.dims(spec.kind)}; staying silent for this monitor")
+        if len(zone.offset) != sz.dims(pin.kind):
+            self.problems.report(key, f"monitor {d.monitor}: the safe zone has {len(zone.offset)} offset values, "
+                                 f"expected {sz.dims(pin.kind)}; staying silent for this monitor")
             return False
-        self.problems.clear(key, f"monitor {spec.name}: the safe zone is readable again")
-        split = sz.split(spec)
-        _, l2 = sz.sensitivity(spec.kind, spec.window)
+        self.problems.clear(key, f"monitor {d.monitor}: the safe zone is readable again")
+        if d.epoch not in track.ref_span:
+            return False
+        ref_start, ref_end = track.ref_span[d.epoch]
+        if windows[0].start < ref_start.timestamp():
+            return False  # the check would use windows from before the zone's span: wait (after a gap)
+        split = sz.Split(pin.epsilon, pin.violations)
+        _, l2 = sz.sensitivity(pin.kind, pin.window)
         changed = False
         if track.zone_epoch != d.epoch:
             if not sz.Account(track.vectors, track.zones).can_open_zone(split):
-                self.problems.report(f"monitor:{spec.name}", f"monitor {spec.name}: its b = {spec.violations} safe "
+                self.problems.report(f"monitor:{d.monitor}", f"monitor {d.monitor}: its b = {pin.violations} safe "
                                      "zones are spent; no more checks, whatever the aggregator asks")
                 return False
-            ref_at = track.ref_at.get(d.epoch, end)
-            start = ref_at - timedelta(seconds=spec.window * self.settings.interval_s)
-            if not self._charge(spec, "safezone_zone", split.zone, start, max(d.ends_at, end + timedelta(seconds=1)),
-                                end):
+            if (end - ref_end).total_seconds() > MAX_REFERENCE_AGE_S:
+                self.problems.report(key, f"monitor {d.monitor}: the safe zone of epoch {d.epoch} came more than "
+                                     f"{MAX_REFERENCE_AGE_S:g} s after this member's vector; it is not opened (its "
+                                     "checks would start from a stale reference)")
+                return False
+            instance = secrets.token_hex(6)
+            # the zone's first line: its reference windows and the first check's window
+            if not self._spend(track, pin, sz.ZONE_SPEND, instance, split.zone, ref_start, end, end, "zones"):
                 return False
             track.noisy_radius = sz.draw_radius(zone.radius, epsilon=split.radius, l2=l2,
                                                 random_state=self.random_state)
-            track.zone_epoch, track.zones, changed = d.epoch, track.zones + 1, True
+            track.zone_epoch, track.zone_id, track.covered_until, changed = d.epoch, instance, end, True
+        elif end > track.covered_until:  # one more window for the zone's checks: its spend first
+            if not self._spend(track, pin, sz.ZONE_SPEND, track.zone_id, split.zone, track.covered_until, end, end,
+                               None):
+                return False
+            track.covered_until, changed = end, True
         dist = sz.drift_distance(v, track.refs[d.epoch], zone.offset)
         if sz.draw_outside(dist, track.noisy_radius, epsilon=split.check, l2=l2, random_state=self.random_state):
             track.breach_epoch = d.epoch
-            log.debug("monitor %s: left the safe zone of epoch %d (P(outside) was %.3g)", spec.name, d.epoch,
+            log.debug("monitor %s: left the safe zone of epoch %d (P(outside) was %.3g)", d.monitor, d.epoch,
                       sz.outside_probability(dist, track.noisy_radius, epsilon=split.check, l2=l2))
             if sz.Account(track.vectors, track.zones).can_send_vector(split):  # the violation round's vector now
-                self._send_vector(spec, d, track, v, end, d.epoch + 1)
+                self._send_vector(d, pin, track, v, windows, end, d.epoch + 1)
             changed = True
         return changed
-
-    def _charge(self, spec: sz.MonitorSpec, mechanism: str, epsilon: float, start: datetime, stop: datetime,
-                now: datetime) -> bool:
-        """Record the spend in the ledger (fsynced) before anything depends on it; False (logged once) if refused."""
-        ledger = self.member.ledger()
-        if ledger is None:
-            return False
-        n = self.settings.samples_per_window
-        try:
-            ledger.admit(Spend(released_at=now, window_start=start, window_end=stop, epsilon=epsilon / n,
-                               mechanism=mechanism, unit="cpu_second", n_samples=n))
-        except BudgetExceeded as e:
-            self.problems.report(f"monitor-budget:{spec.name}", f"monitor {spec.name}: {e}; staying silent for it")
-            return False
-        except (LedgerCorrupt, OSError) as e:
-            self.problems.report(f"monitor-budget:{spec.name}", f"monitor {spec.name}: cannot record its spend in "
-                                 f"the ledger ({e}); staying silent for it")
-            return False
-        self.problems.clear(f"monitor-budget:{spec.name}", f"monitor {spec.name}: budget available again")
-        return True
 
     # -- files ----------------------------------------------------------------------------------------
     def _definitions(self) -> list[MonitorDefinition] | None:
@@ -234,19 +375,25 @@ class MemberMonitors:
         self.problems.clear("monitors-file", "the aggregator's monitors file is valid again")
         return defs
 
-    def _spec(self, d: MonitorDefinition) -> sz.MonitorSpec | None:
+    def _valid(self, d: MonitorDefinition) -> bool:
+        """The definition is one a member may take part in (logged once per monitor when not)."""
         try:
             spec = sz.MonitorSpec(name=d.monitor, kind=d.kind, threshold=d.threshold, margin=d.margin,
                                   window=d.window, epsilon=d.epsilon, violations=d.violations)
         except ValidationError as e:
             self.problems.report(f"monitor-def:{d.monitor}", f"the aggregator's monitor {d.monitor!r} is refused: "
                                  f"{e.errors()[0]['loc']}: {e.errors()[0]['msg']}; not taking part in it")
-            return None
+            return False
+        problem = None
         if spec.window > MAX_WINDOWS:
-            self.problems.report(f"monitor-def:{d.monitor}", f"the aggregator's monitor {d.monitor!r} averages "
-                                 f"{spec.window} windows, more than the {MAX_WINDOWS} kept; not taking part in it")
-            return None
-        return spec
+            problem = f"averages {spec.window} windows, more than the {MAX_WINDOWS} kept"
+        elif len(d.generation) > MAX_GENERATION_CHARS:
+            problem = f"has a generation of {len(d.generation)} characters, more than {MAX_GENERATION_CHARS}"
+        if problem is not None:
+            self.problems.report(f"monitor-def:{d.monitor}", f"the aggregator's monitor {d.monitor!r} {problem}; "
+                                 "not taking part in it")
+            return False
+        return True
 
     def _zones(self) -> tuple[dict[str, SafeZone], str | None]:
         """This member's zones by monitor, or why they cannot be used (then for every monitor)."""
@@ -268,7 +415,8 @@ class MemberMonitors:
 
     def _write_signals(self, end: datetime) -> None:
         signals = [MonitorSignal(monitor=name, generation=t.generation, vector_epoch=t.vector_epoch, vector=t.vector,
-                                 breach_epoch=t.breach_epoch) for name, t in sorted(self.tracks.items())]
+                                 breach_epoch=t.breach_epoch)
+                   for name, key in sorted(self.current.items()) if (t := self.tracks.get(key)) is not None]
         path = self.paths.monitor_signals_file()
         if signals == self._written and path.exists():
             return
@@ -287,8 +435,51 @@ class MemberMonitors:
             self.problems.report("monitor-write", f"cannot write {path}: {e}. Free disk space.")
 
 
-def _raw_means(path) -> list[float]:
-    """The last raw window means the member kept (``raw.jsonl``), oldest first; none if it cannot be read."""
+def also_checks(settings: Settings) -> Callable:
+    """The ledger's further checks for a monitor spend, run under its lock: the member's cap on all monitors
+    (``monitor_budgets``), and in secure mode with the ``cpu_day`` unit the day's composition with the secure
+    releases (``secure.day_check``), so that neither can be spent past by the other."""
+    checks = [sz.cap_check(settings.monitor_budgets)]
+    if settings.mode == "secure" and settings.secure_unit == "cpu_day":
+        from cpu_tracker_member.secure import day_check  # secure mode only: it loads the accounting
+
+        checks.append(day_check(settings.secure_target, settings.secure_delta))
+
+    def check(recorded, new: Spend) -> None:
+        for c in checks:
+            c(recorded, new)
+
+    return check
+
+
+def composed_words(settings: Settings, spends, start: datetime, end: datetime) -> str | None:
+    """What one unit of activity cost in [start, end] with the private alerts' spends composed in (basic
+    composition: added), when they spent anything there: one second (local mode, secure ``cpu_second``) or one
+    whole window (secure ``cpu_window``). None without monitor spends, and for ``cpu_day``, whose day check already
+    composes them."""
+    if settings.mode == "secure" and settings.secure_unit == "cpu_day":
+        return None
+    lo, hi = start.timestamp(), end.timestamp()
+    starts, ends, eps = sz.monitor_rows([s for s in spends if sz.is_monitor_spend(s)
+                                         and s.window_end.timestamp() > lo and s.window_start.timestamp() <= hi])
+    if not len(starts):
+        return None
+    starts, ends = np.maximum(starts, lo), np.minimum(ends, hi + 1e-6)
+    if settings.mode == "secure" and settings.secure_unit == "cpu_window":
+        n = settings.samples_per_window
+        alerts = n * sz.heaviest_span(starts, ends, eps, settings.interval_s)
+        release, unit = settings.secure_target, f"one window ({settings.interval_s:g} s) of activity"
+    else:
+        alerts = sz.heaviest_span(starts, ends, eps, 0.0)
+        release = settings.secure_target if settings.mode == "secure" else settings.epsilon
+        unit = "one second of activity"
+    return (f"with the private alerts, {unit} cost up to epsilon {release + alerts:.4g} here (releases {release:g} + "
+            f"alerts {alerts:.3g})")
+
+
+def _raw_windows(path) -> list[sz.WindowMean]:
+    """The last window means the member kept (``raw.jsonl``) with their times, oldest first; lines without a start
+    (older versions) are left out, so no vector can span them. None if it cannot be read."""
     try:
         lines = path.read_text().splitlines()[-MAX_WINDOWS:]
     except (OSError, ValueError):
@@ -296,7 +487,19 @@ def _raw_means(path) -> list[float]:
     out = []
     for line in lines:
         try:
-            out.append(float(json.loads(line)["raw_mean"]))
-        except (ValueError, KeyError, TypeError):
+            row = json.loads(line)
+            start = datetime.fromisoformat(row["window_start"]).timestamp()
+            end = datetime.fromisoformat(row["window_end"]).timestamp()
+            mean = float(row["raw_mean"])
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue
+        if end > start and math.isfinite(mean):
+            out.append(sz.WindowMean(start, end, min(max(mean, 0.0), 100.0)))
     return out
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+_EPOCH0 = datetime.fromtimestamp(0, timezone.utc)

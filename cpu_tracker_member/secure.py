@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from shared import __version__, identity, secagg
 from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_json, read_capped
 from shared.ledger import BudgetExceeded, Ledger, Spend
+from shared.safezone import day_epsilon as monitors_day_epsilon
 from shared.logs import Problems
 from shared.paths import Paths
 from shared.schema import CPU_BOUNDS, utc_now
@@ -174,7 +175,8 @@ class DayBudgetExceeded(BudgetExceeded):
 
 def day_check(cap: float, delta: float) -> Callable:
     """The ledger's further check for the ``cpu_day`` unit: the day's secure releases, composed by dp-accounting,
-    stay within ``cap`` on every UTC day the new release's window touches."""
+    and the private alerts' spends on that day (added: ``shared.safezone.day_epsilon``) stay within ``cap`` on every
+    UTC day the new spend's window touches."""
 
     def check(recorded, new: Spend) -> None:
         day = new.window_start.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -184,7 +186,7 @@ def day_check(cap: float, delta: float) -> Callable:
                            and s.noise is not None and s.window_start < end and s.window_end > day)
             events = [ev for (noise, survivors), n in same.items()
                       for ev in [release_event(_spec(noise), survivors)] * n]
-            spent = epsilon_of(events, delta)
+            spent = epsilon_of(events, delta) + monitors_day_epsilon((*recorded, new), day, end)  # + private alerts
             if spent > cap * (1 + 1e-9):
                 raise DayBudgetExceeded(day.date().isoformat(), spent, cap)
             day = end

@@ -4,8 +4,9 @@ locally only), the privacy budget spent and left, and what the guarantee means i
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from cpu_tracker_member.monitor import composed_words
 from shared.ledger import load_spends, spent_per_budget
 from shared.paths import Paths
 from shared.privacy import activity_epsilon, activity_units
@@ -48,6 +49,8 @@ def status_text(paths: Paths, settings: Settings, now: datetime, recent: int = 1
     out.append(f"Releases in the ledger ({paths.ledger_file}): {len(spends)}. Epsilon is counted per second of "
                "CPU activity.")
     out += budget_lines(spends, settings, now)
+    if composed := composed_words(settings, spends, now - timedelta(days=1), now):
+        out.append(f"  In the last day, {composed}.")
     out += [f"  {w}" for w in settings_warnings(settings)]
     out += ["", f"Recent windows (raw values are private: {paths.raw_file}, never synced):",
             f"  {'window end (UTC)':<26}{'raw mean':>10}{'published':>11}"]

@@ -160,12 +160,14 @@ def _meta_line(max_horizon_s: float) -> bytes:
 class Ledger:
     """Append-only ledger in ``path``. ``admit`` checks the budgets and records the spend durably."""
 
-    def __init__(self, path: Path, budgets: Sequence[Budget]):
+    def __init__(self, path: Path, budgets: Sequence[Budget], *, keep_s: float = 0.0):
+        """``keep_s``: the longest horizon a further check (``admit(..., also=...)``) looks back; retention covers it
+        like a budget's."""
         self.path = Path(path)
         self.budgets = tuple(budgets)
         with _locked(self.path, create=True) as fd:
             self.spends, recorded = _read_locked(fd, self.path)
-            self.max_horizon_s = _horizon_ever(recorded, self.spends, self.budgets)
+            self.max_horizon_s = _horizon_ever(recorded, self.spends, self.budgets, keep_s)
             if recorded is None or self.max_horizon_s > recorded:
                 _append(fd, _meta_line(self.max_horizon_s))
             self._seen = _signature(fd)
@@ -259,11 +261,13 @@ class Ledger:
                 self._seen = None
 
 
-def _horizon_ever(recorded: float | None, spends: Sequence[Spend], budgets: Sequence[Budget]) -> float:
+def _horizon_ever(recorded: float | None, spends: Sequence[Spend], budgets: Sequence[Budget],
+                  keep_s: float = 0.0) -> float:
     """The longest horizon the ledger must keep serving: the recorded one, the current budgets' and, for a ledger
     from before the record was kept (``recorded`` None), the whole span its lines cover (its old budgets are
     unknown, so it forgets nothing it still holds). At most MAX_HORIZON_S."""
     longest = max((b.horizon_s for b in budgets), default=0.0)
+    longest = max(longest, keep_s)
     if recorded is None and spends:
         covered = (max(s.window_end for s in spends) - min(s.window_start for s in spends)).total_seconds()
         longest = max(longest, covered)

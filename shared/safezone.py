@@ -37,16 +37,22 @@ inside both v_i(t) and v_i(t0) moves x_i by the same amount in both (it cancels)
 than one window's worth, so the same epsilon also bounds the loss for any one second of activity (the ledger's
 unit). In the sparse-vector proof the radius is the noisy threshold (Laplace(Delta_2 / eps_r): eps_r) and the
 check's logistic noise of scale 2 Delta_2 / eps_c pays eps_c for the one "outside" answer a zone can give.
+
+What a member spends in that unit, the cap on all monitors together and the day unit's composition: the Spending
+section below (docs/alerts.md).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from datetime import datetime
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.ledger import BudgetExceeded, worst_span
 
 Kind = Literal["mean", "imbalance"]
 State = Literal["ok", "firing"]
@@ -381,6 +387,160 @@ class Lifecycle:
         if self.phase != "collecting":
             raise ValueError(f"vectors are only collected while collecting, not while {self.phase}")
         return Lifecycle(self.epoch, "exhausted" if self.used >= spec.violations else "monitoring", self.used)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Spending: what a member pays for a monitor, in the ledger's unit (one second of activity)
+# ---------------------------------------------------------------------------------------------------
+SPEND_PREFIX = "safezone_"
+VECTOR_SPEND, ZONE_SPEND = "safezone_vector", "safezone_zone"
+
+
+def spend_mechanism(what: str, monitor: str, instance: str) -> str:
+    """A ledger line's mechanism: ``safezone_vector`` or ``safezone_zone``, the monitor's name and an instance id
+    drawn once per vector or zone. The lines of one zone (its reference, then one per window its checks use) share
+    the id: together they are one sparse-vector instance, whose epsilon counts once on any span they touch."""
+    if what not in (VECTOR_SPEND, ZONE_SPEND):
+        raise ValueError(f"what must be {VECTOR_SPEND!r} or {ZONE_SPEND!r}, got what={what!r}")
+    return f"{what}:{monitor}:{instance}"
+
+
+WINDOW_JITTER_S = 0.1  # secure rounds end on UTC boundaries: a 20 s window may measure 19.99 s by the wall clock
+
+
+@dataclass(frozen=True)
+class WindowMean:
+    """One window mean of the member with the times it covers (Unix seconds, [start, end)) and its whole seconds
+    (its sensitivity for one second of activity is 1 / seconds of a window's worth). A window up to WINDOW_JITTER_S
+    short of a whole second counts it (0.5 % of a spend at 20 s, less than the secure release's own 1 s grace)."""
+
+    start: float
+    end: float
+    mean: float
+
+    @property
+    def seconds(self) -> int:
+        return math.floor(self.end - self.start + WINDOW_JITTER_S)
+
+
+def usable_windows(windows: Sequence[WindowMean], k: int, *, seconds: int,
+                   interval_s: float) -> list[WindowMean] | None:
+    """The last ``k`` windows, if one vector or check may use them together, else None: each covers at least
+    ``seconds`` whole seconds (the sensitivity its spend is charged for), they follow each other in time, and the
+    gaps between them add up to at most one window (``interval_s``: a quick restart), so they are the last
+    (k + 1) windows of activity at most: never stale windows from before a long stop."""
+    if k < 1 or seconds < 1:
+        raise ValueError(f"need k >= 1 and seconds >= 1, got k={k}, seconds={seconds}")
+    if len(windows) < k:
+        return None
+    used = [windows[i] for i in range(len(windows) - k, len(windows))]  # a deque has no slices
+    if any(w.seconds < seconds for w in used):
+        return None
+    gaps = 0.0
+    for before, after in zip(used, used[1:]):
+        if after.start < before.end - 1e-6:
+            return None
+        gaps += after.start - before.end
+    return used if gaps <= interval_s + 1e-6 else None
+
+
+def is_monitor_spend(spend) -> bool:
+    return spend.mechanism.startswith(SPEND_PREFIX)
+
+
+def monitor_rows(spends: Sequence, *, leave_out: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, epsilons in the ledger's unit) of the monitors' spends, one row per vector or zone: the lines
+    of one zone (same mechanism) become one row over their whole span, counted once. Lines without an instance id
+    (older ledgers: one line per spend) are one row each. ``leave_out``: a mechanism whose lines are skipped."""
+    groups: dict[object, list[float]] = {}
+    for i, s in enumerate(spends):
+        if not is_monitor_spend(s) or s.mechanism == leave_out:
+            continue
+        start, end = s.window_start.timestamp(), s.window_end.timestamp()
+        key = s.mechanism if ":" in s.mechanism else i
+        row = groups.get(key)
+        if row is None:
+            groups[key] = [start, end, s.epsilon]
+        else:
+            row[0], row[1], row[2] = min(row[0], start), max(row[1], end), max(row[2], s.epsilon)
+    arr = np.array(list(groups.values()), dtype=float).reshape(-1, 3)
+    return arr[:, 0], arr[:, 1], arr[:, 2]
+
+
+def heaviest_span(starts: np.ndarray, ends: np.ndarray, eps: np.ndarray, horizon_s: float) -> float:
+    """The most epsilon that the rows ([start, end), half-open) touching one closed span [t, t + H] add up to, over
+    every t: the ledger's rolling-budget arithmetic (``shared.ledger.worst_span``) taken over all spans, not only
+    those touching the last row. The maximum is reached with t just below some row's end e (slide t up to the
+    earliest end inside: nothing leaves), where the span holds the rows with end >= e and start < e + H."""
+    if not len(starts):
+        return 0.0
+    order_e, order_s = np.argsort(ends, kind="stable"), np.argsort(starts, kind="stable")
+    suffix_e = np.concatenate([np.cumsum(eps[order_e][::-1])[::-1], [0.0]])
+    suffix_s = np.concatenate([np.cumsum(eps[order_s][::-1])[::-1], [0.0]])
+    at = ends[order_e]
+    with_end = suffix_e[np.searchsorted(at, at, side="left")]
+    started_late = suffix_s[np.searchsorted(starts[order_s], at + horizon_s, side="left")]
+    return float((with_end - started_late).max())
+
+
+class MonitorCapExceeded(BudgetExceeded):
+    """A monitor spend that the member's own cap on all monitors together refuses (``monitor_budgets``)."""
+
+    def __init__(self, spent: float, cap: float, horizon_s: float):
+        where = "one instant" if horizon_s == 0 else f"one span of {horizon_s:g} s"
+        RuntimeError.__init__(self, f"monitor spend skipped: with it, the private alerts together would spend "
+                              f"{spent:.4g} epsilon (per second of activity) on {where}, over this member's "
+                              f"monitor_budgets cap of {cap:g}")
+        self.spent, self.cap, self.horizon_s = spent, cap, horizon_s
+
+
+def cap_check(budgets: Sequence) -> Callable[[Sequence, object], None]:
+    """The ledger's further check (``Ledger.admit(..., also=...)``, run under its lock) for a monitor spend: with it,
+    the monitors' spends together (every name and generation; each vector and each zone counted once, see
+    ``monitor_rows``) touching any span of ``budget.horizon_s`` stay within ``budget.epsilon``, for each budget.
+    Only spans that touch the new line are checked: the others did not change."""
+
+    def check(recorded: Sequence, new) -> None:
+        if not is_monitor_spend(new):
+            return
+        starts, ends, eps = monitor_rows(recorded, leave_out=new.mechanism if ":" in new.mechanism else None)
+        own = max((s.epsilon for s in recorded if s.mechanism == new.mechanism), default=new.epsilon)
+        # the new line stands for its whole vector or zone: counted once, on the spans it touches
+        starts = np.append(starts, new.window_start.timestamp())
+        ends = np.append(ends, new.window_end.timestamp())
+        eps = np.append(eps, max(own, new.epsilon))
+        for b in budgets:
+            spent = worst_span(starts, ends, eps, b.horizon_s)
+            if spent > b.epsilon * (1 + 1e-9):
+                raise MonitorCapExceeded(spent, b.epsilon, b.horizon_s)
+
+    return check
+
+
+def day_epsilon(spends: Sequence, day_start: datetime, day_end: datetime) -> float:
+    """The epsilon of the monitors' spends for one member's whole activity in [day_start, day_end) (the ``cpu_day``
+    unit), composed by addition (basic composition: add it to the day's other releases). A line charged e per second
+    on S seconds of the day costs S e by group privacy (a vector over K windows of n seconds: K n eps_v / n =
+    K eps_v, which is also what its sensitivity gives: a whole-day change moves x by at most 1 = K Delta_1). A zone
+    costs the least of that sum over its lines and twice its first line's: whatever the day does, each check's
+    distance moves by at most |dv(t)| + |dv(t0)| <= 2 (mean; 2 sqrt(2) < 2 sqrt(5) for imbalance), 2K times the
+    Delta_2 its noise is calibrated for, and its first line covers its K reference windows and one more."""
+    lo, hi = day_start.timestamp(), day_end.timestamp()
+    zones: dict[str, list[float]] = {}
+    total = 0.0
+    for s in spends:
+        if not is_monitor_spend(s):
+            continue
+        start, end = s.window_start.timestamp(), s.window_end.timestamp()
+        inside = max(0.0, min(end, hi) - max(start, lo))
+        if not s.mechanism.startswith(ZONE_SPEND + ":"):
+            total += math.ceil(inside - 1e-9) * s.epsilon
+            continue
+        z = zones.setdefault(s.mechanism, [0.0, math.inf, 0.0])  # [sum in the day, first line's start, its bound]
+        z[0] += math.ceil(inside - 1e-9) * s.epsilon
+        if start < z[1]:
+            z[1], z[2] = start, 2 * math.ceil(end - start - 1e-9) * s.epsilon
+    return total + sum(min(z[0], z[2]) for z in zones.values() if z[0] > 0)
 
 
 def _positive(**values: float) -> None:

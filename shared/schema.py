@@ -245,6 +245,13 @@ class SecureFigure(_Wire):
     noise: str = Field(description="The distributed noise, e.g. 'distributed discrete Laplace'.")
     method: str
     recent: list[SecureRoundStatus] = Field(default_factory=list, description="The latest rounds, newest last.")
+    cohort_too_small_for: list[str] = Field(default_factory=list, description="Those of p50, p90, p99 and "
+                                            "share_above whose 95 % interval spans at least 90 % of its range: the "
+                                            "cohort is too small for them, and their estimate says nothing (a reader "
+                                            "shows that instead of a number).")
+    min_survivors: int | None = Field(default=None, description="Fewest survivors a round needs; fewer: refused.")
+    false_refusal: float | None = Field(default=None, description="The plausibility check refuses an honest round "
+                                        "with at most this probability (a bound from the noise's exact law).")
 
     @field_validator("mean", "standard_error", "ci95_low", "ci95_high")
     @classmethod
@@ -270,6 +277,10 @@ class _Figure(_Wire):
     mode: Literal["local"] = Field(default="local", description="`estimate` comes from local-mode reports.")
     secure: SecureFigure | None = Field(default=None, description="The latest secure round's figure, from the "
                                         "cohort's noisy sum (absent when no secure round has been published).")
+    lead: Literal["local", "secure"] | None = Field(
+        default=None, description="Which figure is the network's, the one the history's points and the headline "
+        "follow: `estimate` (local-mode reports), or `secure` while its round is recent; null: neither (an older "
+        "aggregator: `estimate` when it is set).")
 
 
 class Dashboard(_Figure):

@@ -457,6 +457,17 @@ class FleetEstimate(BaseModel):
     share_above: Interval = Field(description="Fraction of members whose window mean is >= threshold.")
     bin_count_sd: float = Field(description="Standard deviation of the noise of one bin count.")
     max_bin_width: float = Field(description="Widest bin: the resolution of the percentiles.")
+    uninformative: tuple[str, ...] = Field(default=(), description="The figures (p50, p90, p99, share_above) whose "
+                                           "interval spans at least UNINFORMATIVE_SPAN of their whole range: the "
+                                           "cohort is too small for them, and their estimate says nothing.")
+
+
+UNINFORMATIVE_SPAN = 0.9  # an interval over 90 % of the range or more: a number there would mislead
+
+
+def uninformative(iv: Interval, low: float, high: float) -> bool:
+    """True when ``iv`` spans at least UNINFORMATIVE_SPAN of [low, high]: the noise leaves the figure unknown."""
+    return iv.high - iv.low >= UNINFORMATIVE_SPAN * (high - low) - 1e-9
 
 
 def mean_standard_error(spec: NoiseSpec, survivors: int, scale: int) -> float:
@@ -540,10 +551,12 @@ def fleet_estimate(hist_sum: Sequence[int], *, spec: NoiseSpec, survivors: int, 
         est = edges[j - 1] + frac * (edges[j] - edges[j - 1])
         return Interval(estimate=min(max(est, edges[lo]), edges[hi]), low=edges[lo], high=edges[hi])
 
-    share = _share_above(threshold, edges, g, sd, z, n)
-    return FleetEstimate(members=n, confidence=confidence, p50=percentile(0.5), p90=percentile(0.9),
-                         p99=percentile(0.99), threshold=threshold, share_above=share, bin_count_sd=sd_bin,
-                         max_bin_width=max(b - a for a, b in zip(edges, edges[1:])))
+    figures = {"p50": percentile(0.5), "p90": percentile(0.9), "p99": percentile(0.99),
+               "share_above": _share_above(threshold, edges, g, sd, z, n)}
+    vague = tuple(name for name, iv in figures.items()
+                  if uninformative(iv, *((0.0, 1.0) if name == "share_above" else (edges[0], edges[-1]))))
+    return FleetEstimate(members=n, confidence=confidence, threshold=threshold, bin_count_sd=sd_bin,
+                         max_bin_width=max(b - a for a, b in zip(edges, edges[1:])), uninformative=vague, **figures)
 
 
 def _share_above(threshold: float, edges: list[float], g: list[float], sd: list[float], z: list[float],
@@ -563,6 +576,150 @@ def _share_above(threshold: float, edges: list[float], g: list[float], sd: list[
         w = (threshold - edges[below]) / (edges[above] - edges[below])
         est = frac(n - ((1 - w) * g[below] + w * g[above]))
     return Interval(estimate=min(max(est, low), high), low=low, high=high)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What an honest round's sum can be: the plausibility check, from the exact law of the noise
+# ---------------------------------------------------------------------------------------------------
+FALSE_REFUSAL = 1e-6  # the most often an honest round is refused: every check together, by the union bound
+
+
+def noise_tail(spec: NoiseSpec, survivors: int, weights: Sequence[float], rate: float) -> float:
+    """A y with P(|sum_i w_i N_i| > y) <= ``rate`` for the noise of ``survivors`` shares, N_0 the mean coordinate's and
+    N_1.. the histogram's (``weights`` in that order), from the noise's exact law.
+
+    dlaplace: N_i = NB(r, q) - NB(r, q) exactly (r = survivors / t, q = e^-a), and a sum of j coordinates of one
+    parameter is NB(j r, q) - NB(j r, q); for such a sum (equal weights) y is the least integer whose exact two-sided
+    tail is <= rate (``_nb_difference_limit``). Otherwise the Chernoff bound: P(Y >= y) <= exp(K(l) - l y) for every
+    l > 0, K the sum of the coordinates' cumulant generating functions K_i(l w_i), so y = inf_l (K(l) + log(2 / rate))
+    / l (the noise is symmetric); for NB differences K(l) = r (2 log(1 - q) - log(1 - q e^l) - log(1 - q e^-l)),
+    |l| < a, and the objective is unimodal in l (its derivative's numerator l K' - K - log(2 / rate) increases from
+    below 0): golden section. dgaussian: each share is N_Z(0, s^2), s^2 = sigma^2 / t, whose moment generating function
+    is at most the continuous Gaussian's, e^(l^2 s^2 / 2) (Canonne, Kamath & Steinke 2020: it is s^2-subgaussian), so
+    y = sqrt(2 V log(2 / rate)) with V = survivors * sum_i w_i^2 s_i^2."""
+    if not 0 < rate < 1:
+        raise ValueError(f"rate must be in (0, 1), got rate={rate}")
+    if survivors < 1:
+        raise ValueError(f"survivors must be >= 1, got survivors={survivors}")
+    params = [spec.mean_param] + [spec.hist_param] * spec.n_hist
+    terms = [(p, float(w)) for p, w in zip(params, weights) if w]
+    if not terms:
+        return 0.0
+    log_inv = math.log(2 / rate)
+    if spec.family == "dgaussian":
+        v = survivors * math.fsum(w * w * p * p / spec.shares_for for p, w in terms)
+        return math.sqrt(2 * v * log_inv)
+    r = survivors / spec.shares_for
+    if len({(p, abs(w)) for p, w in terms}) == 1:
+        p, w = terms[0]
+        return abs(w) * _nb_difference_limit(r * len(terms), p, rate)
+    l_max = min(p / abs(w) for p, w in terms)
+
+    def objective(u: float) -> float:  # u = l / l_max in (0, 1)
+        lam = u * l_max
+        k = math.fsum(r * (2 * math.log1p(-math.exp(-p)) - math.log1p(-math.exp(lam * abs(w) - p))
+                           - math.log1p(-math.exp(-lam * abs(w) - p))) for p, w in terms)
+        return (k + log_inv) / lam
+
+    lo, hi = 0.0, 1.0
+    golden = (math.sqrt(5) - 1) / 2
+    a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+    fa, fb = objective(a), objective(b)
+    while hi - lo > 1e-12:
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - golden * (hi - lo)
+            fa = objective(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + golden * (hi - lo)
+            fb = objective(b)
+    return min(fa, fb)
+
+
+@lru_cache(maxsize=1024)
+def _nb_difference_limit(r: float, a: float, rate: float) -> int:
+    """The least integer y with P(|Z| > y) <= rate for Z = NB(r, q) - NB(r, q), q = e^-a, from the exact law:
+    P(Z > y) = sum_k P(B = k) P(A > y + k), the NB pmf by its ratio recurrence p(j + 1) = p(j) q (j + r) / (j + 1) in
+    logs, the tails summed from the far end (relative precision), the support cut where the mass left is below
+    e^-60 of the rate (counted as if it all lay beyond y: never understated; beyond the mode the ratio is at most
+    rho = q max(1, (size + r) / (size + 1)), so that mass is at most p(size) / (1 - rho))."""
+    q = math.exp(-a)
+    size = int((math.log(1 / rate) + 60 + r * (1 + abs(math.log(a)))) / a) + 64
+    log_p, pmf = r * math.log1p(-q), []
+    for j in range(size):
+        pmf.append(math.exp(log_p))
+        log_p += math.log(q) + math.log(j + r) - math.log(j + 1)
+    cut = math.exp(log_p) / (1 - q * max(1.0, (size + r) / (size + 1)))  # the mass beyond the support
+    at_least = [0.0] * (size + 1)  # at_least[m] = P(A >= m) within the support
+    for j in range(size - 1, -1, -1):
+        at_least[j] = at_least[j + 1] + pmf[j]
+
+    def upper_tail(y: int) -> float:  # P(Z > y), the cut mass added whole (for either variable)
+        return math.fsum(pmf[k] * at_least[y + 1 + k] for k in range(size - y - 1)) + 2 * cut
+
+    lo, hi = 0, size - 1
+    if 2 * upper_tail(hi) > rate:
+        raise ValueError(f"the support ({size}) is too short for rate={rate}, r={r}, a={a}")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if 2 * upper_tail(mid) <= rate else (mid + 1, hi)
+    return lo
+
+
+@lru_cache(maxsize=256)
+def _plausible_limits(spec: NoiseSpec, survivors: int, scale: int, edges: tuple[float, ...],
+                      rate: float) -> tuple[float, float, float, float]:
+    """(mean coordinate, each bin, the bins' sum, mean against histogram): how far each may stray, in its own units,
+    with the rate split evenly over the 1 + m + 2 two-sided checks."""
+    m = len(edges) - 1
+    each = rate / (m + 3)
+    centres = _centred(edges)
+    return (noise_tail(spec, survivors, [1.0], each),
+            noise_tail(spec, survivors, [0.0, 1.0], each),
+            noise_tail(spec, survivors, [0.0] + [1.0] * m, each),
+            noise_tail(spec, survivors, [1.0 / scale] + [-c for c in centres], each))
+
+
+def _centred(edges: Sequence[float]) -> list[float]:
+    """The bins' centres less the middle of the range: weighting the counts by these, the known total n carries the
+    rest, so the histogram's noise weighs half as much in the mean against histogram check."""
+    middle = (edges[0] + edges[-1]) / 2
+    return [(a + b) / 2 - middle for a, b in zip(edges, edges[1:])]
+
+
+def implausibility(total: Sequence[int], *, spec: NoiseSpec, survivors: int, scale: int, edges: Sequence[float],
+                   rate: float = FALSE_REFUSAL) -> str | None:
+    """Why an unmasked sum ``[mean coordinate, bin counts...]`` cannot come from ``survivors`` honest members (None:
+    it can). An honest sum is the members' part plus the noise of ``survivors`` shares, and its members' part is
+    bounded: the mean coordinate in 0..100 * scale * n, each count in 0..n, the counts adding up to n, and the mean
+    within n (widest bin / 2 + 1 / scale) points of the bins' centres (each value lies within half its bin of the
+    centre; stochastic rounding moves it by less than one unit), the centres summed as n * middle + the counts
+    weighted by (centre - middle), which uses the known total n where the noisy counts' sum would add noise.
+    Each check refuses only noise beyond its
+    ``noise_tail`` at rate / (m + 3), so an honest round is refused with probability at most ``rate`` (the union
+    bound). A member may add anything within the modulus: what stays inside these ranges is not caught."""
+    m = len(edges) - 1
+    if len(total) != m + 1 or spec.n_hist != m:
+        raise ValueError(f"need 1 + spec.n_hist={spec.n_hist} coordinates and one more edge, got {len(total)} "
+                         f"coordinates and {len(edges)} edges")
+    _check_survivors(spec, survivors)
+    y_mean, y_bin, y_sum, y_both = _plausible_limits(spec, survivors, scale, tuple(float(e) for e in edges), rate)
+    n, mean, hist = survivors, float(total[0]), [float(v) for v in total[1:]]
+    top = (edges[-1] - edges[0]) * scale * n
+    if not -y_mean <= mean <= top + y_mean:
+        return f"the mean coordinate {mean:.0f} lies outside 0..{top:.0f} by more than the noise ({y_mean:.0f})"
+    if any(not -y_bin <= h <= n + y_bin for h in hist):
+        return f"a histogram count lies outside 0..{n} by more than the noise ({y_bin:.0f})"
+    if abs(math.fsum(hist) - n) > y_sum:
+        return f"the histogram counts add up to {math.fsum(hist):.0f}, not {n} survivors within the noise ({y_sum:.0f})"
+    middle = (edges[0] + edges[-1]) / 2
+    from_hist = n * middle + math.fsum(c * h for c, h in zip(_centred(edges), hist))  # sum of centres, total n
+    slack = n * (max(b - a for a, b in zip(edges, edges[1:])) / 2 + 1 / scale)
+    if abs(mean / scale - from_hist) > slack + y_both:
+        return (f"the mean coordinate ({mean / scale / n:.1f} points) disagrees with the histogram "
+                f"({from_hist / n:.1f}) by more than half a bin and the noise")
+    return None
 
 
 def _check_survivors(spec: NoiseSpec, survivors: int) -> None:

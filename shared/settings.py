@@ -52,6 +52,12 @@ DEFAULT_BUDGETS = (
 )
 
 
+# The private alerts' cap (shared/safezone.py: cap_check), in the same unit. A default monitor (epsilon 20 for one
+# 20 s window mean, b = 4) costs at most 1 per second of activity over its whole lifetime, on any instant and on any
+# day: the cap admits two of them at once (and four lifetimes a day) and nothing an aggregator asks beyond.
+DEFAULT_MONITOR_BUDGETS = (Budget(horizon_s=0, epsilon=2.0), Budget(horizon_s=86400, epsilon=4.0))
+
+
 SECURE_EPSILON_DEFAULTS = {"cpu_second": 5.0, "cpu_window": 1.25, "cpu_day": 10.0}
 
 
@@ -223,6 +229,19 @@ class Settings(BaseModel):
     join_monitors: bool = Field(
         default=True, description="Member: take part in the aggregator's monitors (each spend is charged to the "
         "ledger first, like a release).")
+    monitor_budgets: tuple[Budget, ...] = Field(
+        default=DEFAULT_MONITOR_BUDGETS, description="Member: the cap on all private alerts together, whatever their "
+        "names and generations (rolling budgets in the ledger's unit, one second of activity, checked by the ledger "
+        "under its lock; each vector and each safe zone counted once). Default: 2 on any instant (two default "
+        "monitors' whole lifetimes) and 4 on any day. A spend over it is skipped and the member stays silent.")
+
+    @model_validator(mode="after")
+    def _check_monitor_budgets(self) -> "Settings":
+        if not self.monitor_budgets:
+            raise ValueError("An empty monitor_budgets would let an aggregator make this member spend without limit "
+                             "on private alerts; keep at least one, e.g. monitor_budgets = [{horizon_s = 0, "
+                             "epsilon = 2.0}], or set join_monitors = false to take part in none")
+        return self
 
 
 class SettingsError(ValueError):
@@ -371,7 +390,7 @@ def settings_warnings(settings: Settings) -> list[str]:
 
 
 def _parse_env(name: str, raw: str):
-    if name in ("budgets", "monitors"):
+    if name in ("budgets", "monitors", "monitor_budgets"):
         try:
             return json.loads(raw)
         except json.JSONDecodeError as e:

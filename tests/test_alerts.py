@@ -41,7 +41,8 @@ class Net:
         self.agg = Aggregator(self.agg_paths, Settings(aggregator=AGG, role="aggregator", monitors=tuple(monitors),
                                                        stale_after_s=10, min_members=3),
                               Problems(logging.getLogger("cpu_tracker.aggregator")))
-        ms = Settings(aggregator=AGG, interval_s=INTERVAL, budgets=(Budget(horizon_s=0, epsilon=1000.0),))
+        ms = Settings(aggregator=AGG, interval_s=INTERVAL, budgets=(Budget(horizon_s=0, epsilon=1000.0),),
+                      monitor_budgets=(Budget(horizon_s=0, epsilon=1000.0),))
         self.members = {}
         for i, m in enumerate(MEMBERS):
             member = Member(Paths(root / m.split("@")[0], m), ms, Problems(logging.getLogger("cpu_tracker.member")))
@@ -52,7 +53,7 @@ class Net:
         for m, (member, monitors) in self.members.items():
             raw = cpu[m] if isinstance(cpu, dict) else cpu
             member.publish(raw, start, self.now)
-            monitors.step(raw, self.now)
+            monitors.step(raw, start, self.now)
         self.sync()
         dash = self.agg.tick(self.now)
         self.sync()
@@ -74,6 +75,11 @@ class Net:
 def _copy(src: Path, dst: Path) -> None:
     if src.is_dir():
         shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def track_of(monitors: MemberMonitors, name: str = "cpu_high"):
+    """The member's track of the generation the aggregator names now."""
+    return monitors.tracks[monitors.current[name]]
 
 
 def true_mean(history: list[float], k: int) -> float:
@@ -101,6 +107,7 @@ def test_the_alert_fires_within_two_rounds_of_the_crossing_and_clears(net):
     assert down <= cleared <= down + 2, (states, down)
     a = net.alert(dash)
     assert a["violation_rounds_used"] == 2 and a["violation_rounds"] == 3 and a["members"] == 3
+    assert net.agg.alerts.runs["cpu_high"].muted == []  # flags the fleet raises together are shared: nobody muted
 
 
 def test_every_spend_is_in_the_ledger_and_matches_the_published_epsilon(net):
@@ -112,13 +119,16 @@ def test_every_spend_is_in_the_ledger_and_matches_the_published_epsilon(net):
     for m, (member, monitors) in net.members.items():
         spends = load_spends(member.paths.ledger_file)
         mine = [x for x in spends if x.mechanism.startswith("safezone_")]
-        track = monitors.tracks["cpu_high"]
-        assert sorted({x.mechanism for x in mine}) == ["safezone_vector", "safezone_zone"]
-        assert sum(x.mechanism == "safezone_vector" for x in mine) == track.vectors
-        assert sum(x.mechanism == "safezone_zone" for x in mine) == track.zones
+        track = track_of(monitors)
+        instances = {x.mechanism: x.epsilon for x in mine}  # a zone's lines (one per window it used) share an id
+        assert sum(m.startswith("safezone_vector:cpu_high:") for m in instances) == track.vectors
+        assert sum(m.startswith("safezone_zone:cpu_high:") for m in instances) == track.zones
         n = member.settings.samples_per_window  # charged per second of activity: epsilon / whole seconds
-        assert sum(x.epsilon for x in mine) * n == pytest.approx(sz.Account(track.vectors, track.zones).spent(s))
+        assert sum(instances.values()) * n == pytest.approx(sz.Account(track.vectors, track.zones).spent(s))
         assert all(x.unit == "cpu_second" for x in mine)
+        for m in instances:  # each zone's lines follow each other without a gap or an overlap
+            lines = [x for x in mine if x.mechanism == m]
+            assert all(a.window_end == b.window_start for a, b in zip(lines, lines[1:]))
         spent.append(sz.Account(track.vectors, track.zones).spent(s))
     # one violation round so far: two vectors and two zones, what every member taking part in every round spent
     assert a["violation_rounds_used"] == 1
@@ -185,7 +195,7 @@ def test_b_violation_rounds_then_exhausted_and_silent(tmp_path):
     for m, (member, monitors) in net.members.items():
         spends = load_spends(member.paths.ledger_file)
         assert len(spends) - before[m] == 6  # only the continuous releases: the monitor spends nothing more
-        t = monitors.tracks["cpu_high"]
+        t = track_of(monitors)
         assert (t.vectors, t.zones) <= (2, 1)
 
 
@@ -207,17 +217,18 @@ def test_a_malformed_safe_zone_keeps_the_member_silent_and_says_why(net, caplog)
     zone_file = member.paths.zones_file(m, AGG)
     net.sync = lambda: None  # the relay stops carrying files: the broken zone stays as it is
     zone_file.write_text('{"kind": "cpu_tracker.safe_zones", "zones": [')
-    before = monitors.tracks["cpu_high"].model_copy()
+    before = track_of(monitors).model_copy()
     for _ in range(3):
         start, net.now = net.now, net.now + timedelta(seconds=INTERVAL)
         assert member.publish(100.0, start, net.now) is not None  # releases go on
-        monitors.step(100.0, net.now)
+        monitors.step(100.0, start, net.now)
     assert caplog.text.count("staying silent for this monitor until it can be read") == 1
     assert "is refused (not a SafeZonesFile" in caplog.text
-    assert monitors.tracks["cpu_high"] == before  # no check, no spend, no flag
+    assert track_of(monitors) == before  # no check, no spend, no flag
     zone_file.unlink()
     zone_file.mkdir()  # a folder where the file should be: cannot be read
-    monitors.step(100.0, net.now)
+    start, net.now = net.now, net.now + timedelta(seconds=INTERVAL)
+    monitors.step(100.0, start, net.now)
     assert "cannot read my safe zone" in caplog.text
 
 
@@ -238,12 +249,12 @@ def test_a_member_refuses_more_than_its_monitor_budget_whatever_the_aggregator_a
     for level in [20.0] * 8:
         net.round(level)
     member, monitors = net.members[MEMBERS[0]]
-    monitors.tracks["cpu_high"].vectors = MONITOR["violations"] + 1  # as if b + 1 vectors were sent
+    track_of(monitors).vectors = MONITOR["violations"] + 1  # as if b + 1 vectors were sent
     defs = json.loads(net.agg_paths.monitors_file().read_text())
     defs["monitors"][0].update(phase="collecting", epoch=7)
     member.paths.monitors_file(AGG).write_text(json.dumps(defs))
     before = len(load_spends(member.paths.ledger_file))
-    monitors.step(20.0, net.now + timedelta(seconds=INTERVAL))
+    monitors.step(20.0, net.now, net.now + timedelta(seconds=INTERVAL))
     assert len(load_spends(member.paths.ledger_file)) == before
     assert "noisy vectors are spent; no more are sent" in caplog.text
 
@@ -251,3 +262,60 @@ def test_a_member_refuses_more_than_its_monitor_budget_whatever_the_aggregator_a
 def test_monitors_members_cannot_afford_are_said_at_start(tmp_path, caplog):
     Net(tmp_path, [{**MONITOR, "epsilon": 1000}])  # 1000 / 20 s windows = 50 per second: over the default 10
     assert "members with these settings will refuse some of their spends" in caplog.text
+
+
+def test_the_hourly_line_and_status_state_the_figure_composed_with_the_alerts(net):
+    from cpu_tracker_member.member import hourly_line
+    from cpu_tracker_member.status import status_text
+
+    for level in [20.0] * 8:
+        net.round(level)
+    member, _ = net.members[MEMBERS[0]]
+    line = hourly_line(member, {"windows": 8, "published": 8, "epsilon": 40}, net.now.timestamp())
+    # one vector (300 / 12 per window mean) and one zone (2 x 300 / 9) on the same seconds, 2 s windows: per second
+    alerts = (300 / 12 + 2 * 300 / 9) / 2
+    assert f"one second of activity cost up to epsilon {5 + alerts:.4g} here (releases 5 + alerts {alerts:.3g})" \
+        in line
+    assert f"epsilon {5 + alerts:.4g}" in status_text(member.paths, member.settings, net.now)
+
+
+def test_the_composed_figure_for_each_secure_unit():
+    from cpu_tracker_member.monitor import composed_words
+    from shared.ledger import Spend
+
+    def line(mech, a, b, eps):
+        return Spend(released_at=T0 + timedelta(seconds=b), window_start=T0 + timedelta(seconds=a),
+                     window_end=T0 + timedelta(seconds=b), epsilon=eps, mechanism=mech, n_samples=20)
+
+    spends = [line("safezone_vector:x:1", 0, 900, 0.1), line("safezone_zone:x:2", 0, 920, 0.2),
+              line("safezone_zone:x:2", 920, 940, 0.2), line("laplace", 900, 920, 5.0)]
+    end = T0 + timedelta(seconds=940)
+    common = {"aggregator": AGG, "mode": "secure"}
+    second = composed_words(Settings(**common, secure_unit="cpu_second"), spends, T0, end)
+    assert "one second of activity cost up to epsilon 5.3 here (releases 5 + alerts 0.3)" in second
+    window = composed_words(Settings(**common, secure_unit="cpu_window"), spends, T0, end)
+    assert "one window (20 s) of activity cost up to epsilon 7.25 here (releases 1.25 + alerts 6)" in window
+    assert composed_words(Settings(**common, secure_unit="cpu_day"), spends, T0, end) is None  # day_check composes
+    assert composed_words(Settings(aggregator=AGG), spends[3:], T0, end) is None  # no alert spent: nothing to say
+
+
+def test_flags_that_arrive_after_their_round_started_share_it(net):
+    """Members run unsynchronised: the first flag starts the round, the others' flags for the same epoch come a tick
+    later. The first flagger alone is muted for that tick; once the others' flags arrive the round is shared and
+    nobody is."""
+    for level in [20.0] * 8:
+        net.round(level)
+    net.round(100.0)  # half of the sliding window at 100 %: still inside every zone
+    run = net.agg.alerts.runs["cpu_high"]
+    assert run.phase == "monitoring" and run.used == 0
+    start, net.now = net.now, net.now + timedelta(seconds=INTERVAL)
+    for m, (member, monitors) in net.members.items():  # the load arrives everywhere: every member leaves its zone
+        member.publish(100.0, start, net.now)
+        monitors.step(100.0, start, net.now)
+    first = MEMBERS[0]
+    _copy(net.members[first][0].paths.report_dir(), net.agg_paths.report_dir(first))  # only its flag has arrived
+    net.agg.tick(net.now)
+    assert run.used == 1 and run.flaggers[run.epoch - 1] == [first] and run.muted == [first]
+    net.sync()
+    net.agg.tick(net.now + timedelta(seconds=1))
+    assert run.flaggers[run.epoch - 1] == MEMBERS and run.muted == []

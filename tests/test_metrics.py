@@ -108,3 +108,39 @@ def test_a_taken_port_is_said_once_and_the_textfile_still_works(tmp_path: Path, 
         agg.tick(NOW)
     assert caplog.text.count("cannot serve metrics") == 1
     check_against_current(paths.metrics_file.read_text(), paths)
+
+
+def test_the_network_figure_is_the_secure_rounds_when_it_leads(tmp_path: Path) -> None:
+    """A network in secure mode: network_cpu_* are the latest secure round's (figure_source says so), and a fleet
+    percentile the cohort is too small for is not exposed as a number."""
+    from shared.schema import Interval, SecureFigure
+
+    fig = SecureFigure(epoch=1, round=88_000_000, round_start=NOW - timedelta(seconds=40),
+                       round_end=NOW - timedelta(seconds=20), cohort=5, survivors=5, mean=52.7, standard_error=1.1,
+                       ci95_low=50.5, ci95_high=54.9, unit="cpu_window", unit_words="w", epsilon=1.25, delta=0.0,
+                       noise="distributed discrete Laplace", method="test", cohort_too_small_for=["p50"],
+                       percentiles={"p50": Interval(estimate=10.8, low=0, high=100),
+                                    "p90": Interval(estimate=80, low=70, high=90)})
+
+    class Rounds:
+        figure = fig
+
+        def tick(self, now: datetime) -> bool:
+            return True
+
+    paths = Paths(data_dir=tmp_path, email=AGG)
+    agg = Aggregator(paths, Settings(aggregator=AGG), Problems(logging.getLogger("t")))
+    agg.secure = Rounds()
+    agg.tick(NOW)
+    got = samples(paths.metrics_file.read_text())
+    assert got[("cpu_tracker_network_cpu_ratio", ())] == pytest.approx(0.527)
+    assert got[("cpu_tracker_network_cpu_ci95_high_ratio", ())] == pytest.approx(0.549)
+    assert got[("cpu_tracker_figure_published", ())] == 1
+    assert got[("cpu_tracker_figure_source", (("source", "secure"),))] == 1
+    assert got[("cpu_tracker_figure_source", (("source", "local"),))] == 0
+    pct = {k[1]: v for k, v in got.items() if k[0] == "cpu_tracker_secure_fleet_cpu_percentile_ratio"}
+    assert set(pct) == {(("bound", b), ("quantile", "90")) for b in ("estimate", "low", "high")}
+    agg.tick(NOW + timedelta(minutes=10))  # the round is no longer recent: no network figure
+    got = samples(paths.metrics_file.read_text())
+    assert got[("cpu_tracker_figure_published", ())] == 0
+    assert not [k for k in got if k[0].startswith("cpu_tracker_network_cpu")]

@@ -408,3 +408,91 @@ def test_no_secure_card_in_local_mode(site: Site) -> None:
     site.publish(dashboard(utc_now()))
     site.open()
     assert not site.shown("secure-card")
+
+
+def secure_figure(now: datetime, survivors: int = 5, cohort: int = 5, too_small=("p50", "p99")):
+    from shared.schema import Interval, SecureFigure, SecureRoundStatus
+
+    return SecureFigure(
+        epoch=2, round=90_000_000, round_start=now - timedelta(seconds=40), round_end=now - timedelta(seconds=20),
+        cohort=cohort, survivors=survivors, mean=52.734, standard_error=1.125, ci95_low=50.53, ci95_high=54.94,
+        percentiles={"p50": Interval(estimate=10.833, low=0.0, high=100.0),
+                     "p90": Interval(estimate=80.0, low=55.0, high=95.0),
+                     "p99": Interval(estimate=97.0, low=5.0, high=100.0)},
+        share_above=Interval(estimate=0.2, low=0.0, high=0.6), cohort_too_small_for=list(too_small),
+        unit="cpu_window", unit_words="a member's whole window", epsilon=1.25, delta=0.0,
+        noise="distributed discrete Laplace", method="secure aggregation", min_survivors=4, false_refusal=1e-6,
+        recent=[SecureRoundStatus(round=89_999_999, round_end=now - timedelta(seconds=40), status="published",
+                                  survivors=5)],
+    )
+
+
+def secure_only(now: datetime, *, lead: str | None = "secure") -> Dashboard:
+    """A network in secure mode: no local report at all, the secure round's figures in the history."""
+    sec = secure_figure(now)
+    return Dashboard(
+        app_version="0.1.0", generated_at=now, status="too_few_members", lead=lead, secure=sec,
+        message="Network CPU 52.7 % (test)." if lead else "No current figure: the latest secure round (test).",
+        counts=Counts(fresh=0, stale=0, rejected=0, legacy=0), privacy=PrivacySummary(),
+        settings=AggregatorSettings(tick_s=TICK_S, stale_after_s=60, min_members=3),
+        history=history(int(now.timestamp())),
+    )
+
+
+def test_a_secure_only_network_leads_with_the_secure_round(site: Site, tmp_path: Path) -> None:
+    """The headline, the members, the privacy and the chart are the secure round's; nothing says "too few members"
+    or "Counted 0"; a percentile whose interval spans the whole range says the cohort is too small for it."""
+    dash = secure_only(utc_now())
+    sec = dash.secure
+    site.publish(dash)
+    site.open()
+
+    assert site.state() == "ok" and site.js("return document.body.dataset.lead") == "secure"
+    assert not site.shown("status-message") and not site.shown("no-figure") and site.shown("estimate-detail")
+    assert (site.text("mean"), site.text("ci-low"), site.text("ci-high")) == (
+        pct(sec.mean), pct(sec.ci95_low), pct(sec.ci95_high))
+    assert site.text("members") == "5 of 5" and f"secure round {sec.round}" in site.text("estimate-detail")
+    assert site.text("std-err") == num(sec.standard_error)
+    assert site.shown("secure-members") and not site.shown("local-members")
+    assert (site.text("secure-counted"), site.text("secure-cohort-size")) == ("5", "5")
+    assert "at least 4" in site.text("min-members")
+    assert site.shown("privacy-secure") and not site.shown("privacy-local")
+    assert site.text("secure-privacy-epsilon") == "1.25" and site.text("secure-privacy-unit") == sec.unit_words
+    assert site.text("secure-privacy-noise") == "distributed discrete Laplace"
+    assert site.shown("secure-card") and not site.shown("secure-headline")  # the mean is the headline's
+    assert site.text("secure-p50") == "cohort too small for it" == site.text("secure-p99")
+    assert site.text("secure-p90") == "80 % (55–95)" and site.text("secure-above") == "20 % (0–60)"
+    assert site.text("legend-line") == "Network average (secure rounds)"
+    drawn = site.js("return [...document.querySelectorAll('#chart .point')].map(p => +p.dataset.t)")
+    assert drawn == [t for run in expected_runs(dash, "hour") for t in run] and drawn
+    page = site.browser.find_element(By.TAG_NAME, "body").text
+    assert "too few members" not in page and "Counted" not in page and "10.8" not in page and "No figure" not in page
+
+    shot = Path(os.environ.get("CPU_TRACKER_SECURE_SCREENSHOT") or tmp_path / "secure.png").resolve()
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    assert site.browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+
+def test_a_secure_round_that_is_no_longer_recent_is_not_shown_as_the_figure(site: Site) -> None:
+    dash = secure_only(utc_now(), lead=None)
+    site.publish(dash)
+    site.open()
+
+    assert site.state() == "too_few_members" and site.js("return document.body.dataset.lead") == "none"
+    assert site.text("status-message") == dash.message
+    assert site.shown("no-figure") and site.text("no-figure") == "No figure for now: no recent secure round."
+    assert site.shown("secure-card") and site.shown("secure-headline")  # the last round, for what it was
+    assert site.shown("privacy-local") and not site.shown("secure-members")
+
+
+def test_local_leads_beside_a_secure_round_during_a_migration(site: Site) -> None:
+    """An aggregator before `lead` existed (or local leading): the local estimate is the headline, the secure card
+    beside it keeps its own mean; the members and privacy cards are local."""
+    now = utc_now()
+    dash = dashboard(now).model_copy(update={"secure": secure_figure(now, too_small=())})
+    site.publish(dash)
+    site.open()
+    assert site.js("return document.body.dataset.lead") == "local"
+    assert site.text("mean") == pct(dash.estimate.mean) and site.text("members") == str(dash.estimate.members)
+    assert site.shown("secure-headline") and site.text("secure-p50") == "10.833 % (0–100)"
+    assert site.shown("local-members") and not site.shown("secure-members") and site.shown("privacy-local")

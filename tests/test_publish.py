@@ -197,3 +197,73 @@ def test_a_restart_across_a_boundary_completes_the_segment_it_left(tmp_path: Pat
             series, start = segment_start(name)
             seg = Segment.model_validate_json((tmp_path / HISTORY_DIR / name).read_bytes())
             assert seg.complete == (start + SEGMENT_S[series] <= int(now.timestamp()) - int(now.timestamp()) % 300)
+
+
+def test_secure_rounds_go_into_the_history_segments_and_lead_the_status(tmp_path: Path) -> None:
+    """A network in secure mode (no local report at all): each tick's history point is the latest secure round's
+    figure with its interval and survivors while that round is recent, a gap once it is not (rounds stopped for 20
+    minutes), and again after; closed hour segments hold them; the terminal status leads with the secure round. The
+    secure rounds are a stand-in here (their protocol is tests/test_secure_protocol.py's); the aggregator, the
+    dashboard, the publisher and the reader are the real ones."""
+    import logging
+
+    from cpu_tracker_aggregator.aggregator import Aggregator
+    from cpu_tracker_aggregator.dashboard import SECURE_RECENT_ROUNDS
+    from cpu_tracker_aggregator.status import status_text
+    from shared.logs import Problems
+    from shared.paths import Paths
+    from shared.schema import Interval, SecureFigure
+
+    window = 20
+    settings = Settings(aggregator=AGG)
+
+    class Rounds:  # what SecureAggregator exposes to the aggregator: tick() and the latest figure
+        figure: SecureFigure | None = None
+
+        def tick(self, now: datetime) -> bool:
+            r = int(now.timestamp()) // window - 2  # published about two rounds after it ended
+            if stopped_from <= now < stopped_until or (self.figure and self.figure.round == r):
+                return False
+            mean = 20 + r % 50
+            self.figure = SecureFigure(
+                epoch=1, round=r, round_start=datetime.fromtimestamp(r * window, timezone.utc),
+                round_end=datetime.fromtimestamp((r + 1) * window, timezone.utc), cohort=6, survivors=5 + r % 2,
+                mean=mean + 0.1234, standard_error=1.0, ci95_low=mean - 2.0, ci95_high=mean + 2.0,
+                percentiles={"p50": Interval(estimate=10.0, low=0.0, high=100.0)}, cohort_too_small_for=["p50"],
+                unit="cpu_window", unit_words="a member's whole window", epsilon=1.25, delta=0.0,
+                noise="distributed discrete Laplace", method="test", min_survivors=5)
+            return True
+
+    start = datetime(2026, 3, 1, 10, 0, 5, tzinfo=timezone.utc)
+    stopped_from, stopped_until = start + timedelta(minutes=50), start + timedelta(minutes=70)
+    agg = Aggregator(Paths(data_dir=tmp_path, email=AGG), settings, Problems(logging.getLogger("t")))
+    agg.secure = Rounds()
+    expected = {}
+    for i in range(int(timedelta(hours=2) / TICK)):
+        now = start + i * TICK
+        dash = agg.tick(now)
+        fig = agg.secure.figure
+        recent = (now - fig.round_end).total_seconds() <= SECURE_RECENT_ROUNDS * window + settings.stale_after_s
+        assert dash.lead == ("secure" if recent else None) and dash.estimate is None
+        assert dash.message.startswith("Network CPU" if recent else "No current figure")
+        expected[int(now.timestamp())] = (round(fig.mean, 3), fig.ci95_low, fig.ci95_high, fig.survivors) if recent \
+            else (None, None, None, 0)
+
+    folder = agg.paths.public_dir()
+    _, history = read_history(folder)
+    got = {t: (m, lo, hi, n) for t, m, lo, hi, n in zip(history.recent.t, history.recent.mean,
+                                                          history.recent.ci95_low, history.recent.ci95_high,
+                                                          history.recent.members)}
+    assert {t: got[t] for t in expected if t in got} == {t: v for t, v in expected.items() if t in got}
+    # the gap: 20 minutes less the 5 rounds + stale_after_s a figure stays recent, one null point per heartbeat
+    assert sum(v[0] is None for t, v in expected.items() if t in got) >= (1200 - 160) // 60 - 2
+    assert len([t for t in expected if t in got]) >= 0.9 * len(expected)  # every changed tick, and heartbeats
+    closed = Segment.model_validate_json((folder / HISTORY_DIR / segment_name(
+        "recent", int(datetime(2026, 3, 1, 10, tzinfo=timezone.utc).timestamp()))).read_bytes())
+    assert closed.complete and sum(p[1] is not None for p in closed.points) >= 60
+    assert all(p[4] in (5, 6) for p in closed.points if p[1] is not None)  # survivors, not the 0 local reports
+    coarse = [m for m in history.coarse.mean if m is not None]
+    assert len(coarse) >= 20 and all(20 <= m <= 70 for m in coarse)
+    text = status_text(folder)
+    assert f"secure round {agg.secure.figure.round}" in text and "of 6 in the round's sum" in text
+    assert "p50 cohort too small for it" in text and "0 fresh" not in text

@@ -181,3 +181,115 @@ def test_monitor_settings_are_checked_with_names():
         MonitorSpec(name="Bad Name", kind="mean", threshold=90)
     with pytest.raises(ValueError, match="epsilon must be finite"):
         sz.outside_probability(0, 0, epsilon=0, l2=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Spending: windows with their times, the cap on all monitors, the day unit's composition
+# ---------------------------------------------------------------------------------------------------
+from datetime import datetime, timedelta, timezone  # noqa: E402
+
+from shared.ledger import Ledger, Spend, worst_span  # noqa: E402
+from shared.settings import Budget, Settings  # noqa: E402
+
+T = datetime(2026, 3, 1, tzinfo=timezone.utc)
+
+
+def windows(*spans: tuple[float, float]) -> list[sz.WindowMean]:
+    return [sz.WindowMean(a, b, 50.0) for a, b in spans]
+
+
+def test_usable_windows_are_recent_following_and_long_enough():
+    w = windows(*[(20 * i, 20 * i + 20) for i in range(5)])
+    assert sz.usable_windows(w, 3, seconds=20, interval_s=20) == w[-3:]
+    assert sz.usable_windows(w, 6, seconds=20, interval_s=20) is None  # too few
+    assert sz.usable_windows(w, 3, seconds=21, interval_s=20) is None  # shorter than the seconds charged for
+    gap = windows((0, 20), (20, 40), (55, 75))  # a quick restart: 15 s missing, less than one window
+    assert sz.usable_windows(gap, 3, seconds=20, interval_s=20) == gap
+    stale = windows((0, 20), (20, 40), (86400, 86420))  # a day apart: never together
+    assert sz.usable_windows(stale, 3, seconds=20, interval_s=20) is None
+    assert sz.usable_windows(stale, 1, seconds=20, interval_s=20) == stale[-1:]
+    two_gaps = windows((0, 20), (32, 52), (64, 84))  # 12 + 12 s: more than one window in all
+    assert sz.usable_windows(two_gaps, 3, seconds=20, interval_s=20) is None
+    aligned = windows((0, 19.995), (19.995, 40.003), (40.003, 59.99))  # secure rounds: wall-clock jitter
+    assert sz.usable_windows(aligned, 3, seconds=20, interval_s=20) == aligned
+    assert sz.usable_windows(windows((0, 19.8), (19.8, 40)), 2, seconds=20, interval_s=20) is None
+    overlap = windows((0, 20), (10, 30))
+    assert sz.usable_windows(overlap, 2, seconds=20, interval_s=20) is None
+
+
+def spend(mech: str, start: float, end: float, eps: float, unit: str = "cpu_second") -> Spend:
+    return Spend(released_at=T + timedelta(seconds=end), window_start=T + timedelta(seconds=start),
+                 window_end=T + timedelta(seconds=end), epsilon=eps, mechanism=mech, unit=unit, n_samples=20)
+
+
+def test_a_zones_lines_count_once_and_other_spends_are_left_out():
+    lines = [spend("safezone_zone:cpu_high:a", 0, 60, 0.1), spend("safezone_zone:cpu_high:a", 60, 80, 0.1),
+             spend("safezone_vector:cpu_high:b", 0, 40, 0.05), spend("safezone_zone", 0, 1000, 0.2),
+             spend("laplace", 0, 20, 5.0)]
+    starts, ends, eps = sz.monitor_rows(lines)
+    rows = sorted(zip((ends - starts).tolist(), eps.tolist()))  # all start at 0: (length, epsilon)
+    assert starts.tolist() == [T.timestamp()] * 3
+    assert rows == [(40.0, 0.05), (80.0, 0.1), (1000.0, 0.2)]  # the older line without an id stands alone
+
+
+@pytest.mark.parametrize("horizon", [0.0, 30.0, 100.0])
+def test_heaviest_span_is_the_brute_force_maximum(horizon):
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        n = int(rng.integers(1, 12))
+        starts = rng.integers(0, 100, n).astype(float)
+        ends = starts + rng.integers(1, 50, n)
+        eps = rng.uniform(0.1, 1, n)
+        brute = max(float(eps[(ends > t) & (starts <= t + horizon)].sum())
+                    for t in np.concatenate([starts, ends - 1e-6]))
+        assert sz.heaviest_span(starts, ends, eps, horizon) == pytest.approx(brute)
+        # the ledger's own arithmetic agrees on the spans that touch the last row
+        assert worst_span(starts, ends, eps, horizon) <= sz.heaviest_span(starts, ends, eps, horizon) + 1e-12
+
+
+def test_the_cap_counts_every_monitor_and_each_zone_once():
+    check = sz.cap_check((Budget(horizon_s=0, epsilon=1.0), Budget(horizon_s=3600, epsilon=1.5)))
+    recorded = [spend("safezone_zone:a:z1", 0, 20, 0.4), spend("safezone_zone:a:z1", 20, 40, 0.4),
+                spend("laplace", 0, 40, 5.0)]
+    check(recorded, spend("safezone_zone:a:z1", 40, 60, 0.4))  # the same zone going on: 0.4, not 1.2
+    check(recorded, spend("laplace", 40, 60, 50.0))  # releases are the ledger's budgets' business
+    check(recorded, spend("safezone_vector:b:v1", 30, 50, 0.6))  # 0.4 + 0.6 on [30, 40): at the cap
+    with pytest.raises(sz.MonitorCapExceeded, match="one instant"):
+        check(recorded, spend("safezone_vector:b:v1", 30, 50, 0.61))
+    later = [*recorded, spend("safezone_vector:b:v1", 30, 50, 0.6)]
+    with pytest.raises(sz.MonitorCapExceeded, match="3600 s, over this member's monitor_budgets cap of 1.5"):
+        check(later, spend("safezone_vector:c:v2", 2000, 2020, 0.6))  # another name, another hour: same cap
+
+
+def test_the_day_unit_composes_the_monitors_spends_by_group_privacy():
+    day = T
+    vector = spend("safezone_vector:a:v", 0, 900, 0.1)  # 45 windows of 20 s at 2 / 20 per second
+    assert sz.day_epsilon([vector], day, day + timedelta(days=1)) == pytest.approx(900 * 0.1)
+    assert sz.day_epsilon([vector], day + timedelta(days=1), day + timedelta(days=2)) == 0
+    # a zone: the lesser of its seconds in the day and twice its first line (2K windows' worth)
+    zone = [spend("safezone_zone:a:z", 0, 920, 0.2), *[spend("safezone_zone:a:z", 920 + 20 * i, 940 + 20 * i, 0.2)
+                                                      for i in range(100)]]
+    assert sz.day_epsilon(zone, day, day + timedelta(days=1)) == pytest.approx(2 * 920 * 0.2)
+    assert sz.day_epsilon(zone[:3], day, day + timedelta(days=1)) == pytest.approx(960 * 0.2)
+    assert sz.day_epsilon([spend("laplace", 0, 20, 5.0)], day, day + timedelta(days=1)) == 0
+
+
+def test_the_cpu_day_check_holds_the_monitors_spends():
+    from cpu_tracker_member.secure import DayBudgetExceeded, day_check
+
+    check = day_check(10.0, 1e-6)
+    small = spend("safezone_vector:a:v", 0, 40, 0.1)  # 40 s x 0.1: 4 for the whole day
+    check([], small)
+    with pytest.raises(DayBudgetExceeded, match="over secure_epsilon 10"):
+        check([small, spend("safezone_vector:a:w", 100, 140, 0.1)], spend("safezone_vector:a:x", 200, 240, 0.1))
+
+
+def test_the_ledger_keeps_what_the_cap_looks_back_on(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl", (Budget(horizon_s=0, epsilon=10.0),), keep_s=86400)
+    assert ledger.retention >= timedelta(days=1)
+    assert Ledger(tmp_path / "other.jsonl", (Budget(horizon_s=0, epsilon=10.0),)).retention == timedelta(hours=1)
+
+
+def test_an_empty_monitor_cap_is_refused_with_a_sentence():
+    with pytest.raises(ValidationError, match="join_monitors = false"):
+        Settings(aggregator="agg@example.org", monitor_budgets=())

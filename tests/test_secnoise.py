@@ -402,3 +402,156 @@ def test_percentile_interval_is_tight_for_the_least_favourable_fleet():
         iv = fleet_estimate(noisy.tolist(), spec=spec, survivors=k, edges=edges).p50
         hits += iv.low <= 45.5 <= iv.high
     assert abs(hits / reps - 0.95) <= 6 * math.sqrt(0.95 * 0.05 / reps), hits / reps
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plausibility check: its limits hold the noise's exact tails, and honest rounds are refused at most at its rate
+# ---------------------------------------------------------------------------------------------------
+def _nb_difference_tail(r: float, a: float, y: float) -> float:
+    """P(|Z| > y) for Z = NB(r, q) - NB(r, q), q = e^-a, summed from the exact pmf (log-gamma) well into the tail."""
+    from scipy.special import gammaln
+
+    q = math.exp(-a)
+    size = int(y + 80 / a) + 10
+    j = np.arange(size)
+    p = np.exp(gammaln(j + r) - gammaln(r) - gammaln(j + 1) + r * math.log1p(-q) + j * math.log(q))
+    positive = np.correlate(p, p, "full")[size - 1:]  # P(Z = z), z >= 0 (the rest of the sum is below e^-80)
+    return 2 * math.fsum(positive[math.floor(y) + 1:])
+
+
+@pytest.mark.parametrize("r", [1.0, 1.82, 4.0])
+@pytest.mark.parametrize("a, weights", [(0.125, [0.0, 1.0]), (0.01, [1.0]), (0.125, [0.0] + [1.0] * 20)])
+def test_noise_tail_is_the_exact_tail_of_the_discrete_laplace_sum(r, a, weights):
+    """The limit for one coordinate (and for the sum of 20 bins: NB(20 r, q) - NB(20 r, q)) is the least integer
+    whose exact two-sided tail (the pmf summed with log-gamma, another way than the code's) is <= the rate."""
+    t = 100
+    spec = _spec("dlaplace", a, a, t=t, n_hist=20)
+    shape = r * max(1, sum(1 for w in weights[1:] if w))
+    for rate in (1e-3, 1e-6 / 23):
+        y = secnoise.noise_tail(spec, round(r * t), weights, rate)
+        assert y == int(y) and _nb_difference_tail(shape, a, y) <= rate < _nb_difference_tail(shape, a, y - 1)
+
+
+def test_noise_tail_bounds_a_weighted_sum_by_chernoff():
+    """Mean against histogram (unequal weights): a bound, never below the exact tail of any one of its terms, and
+    for the Gaussian case sqrt(2 V log(2 / rate))."""
+    spec = _spec("dlaplace", 0.01, 0.125, t=50, n_hist=20)
+    centres = [2.5 + 5 * i for i in range(20)]
+    y = secnoise.noise_tail(spec, 50, [1.0] + [-c for c in centres], 1e-6)
+    assert y >= 97.5 * secnoise.noise_tail(spec, 50, [0.0] * 20 + [1.0], 1e-6)
+    g = _spec("dgaussian", 30.0, 4.0, t=10, n_hist=2)
+    v = 20 * (30.0**2 + 2 * 4.0**2) / 10
+    assert secnoise.noise_tail(g, 20, [1.0, 1.0, -1.0], 1e-6) == pytest.approx(math.sqrt(2 * v * math.log(2e6)))
+
+
+@pytest.mark.parametrize("s2", [0.3, 0.84, 2.0, 30.0])
+def test_the_discrete_gaussian_is_subgaussian_as_noise_tail_assumes(s2):
+    """noise_tail bounds the discrete Gaussian's moment generating function by e^(l^2 s2 / 2) (CKS20): checked by
+    summing it over the support (in logs), where the discrete law differs most from the continuous one (small s2)."""
+    xs = np.arange(-int(60 * math.sqrt(s2)) - 60, int(60 * math.sqrt(s2)) + 61).astype(float)
+    log_w = -xs**2 / (2 * s2)
+    log_z = float(np.logaddexp.reduce(log_w))
+    for lam in (0.01, 0.1, 0.5, 1.0, 2.0, 4.0 / math.sqrt(s2)):
+        assert float(np.logaddexp.reduce(log_w + lam * xs)) - log_z <= lam * lam * s2 / 2 + 1e-12
+
+
+def _honest_total(x: np.ndarray, edges: list[float], noise: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An honest round's sum: the members' stochastically rounded means (scale 1) and bin counts, plus ``noise``."""
+    counts = np.histogram(x, bins=edges)[0]
+    return np.concatenate([[np.floor(x + rng.random(len(x))).sum()], counts]).astype(np.int64) + noise
+
+
+def test_honest_rounds_are_refused_at_most_at_the_stated_rate():
+    """At a rate one can count (2 %), over 5,000 honest rounds with exactly t survivors (the summed noise is then
+    exactly DLap: the heaviest tails a published round has), refusals stay within rate * N + 6 binomial sd."""
+    spec, rate, rounds = _spec("dlaplace", 0.01, 0.125, t=50, n_hist=20, sens=100), 0.02, 5000
+    rng, q = np.random.default_rng(21), np.exp(-np.array([0.01] + [0.125] * 20))
+    refused = 0
+    for _ in range(rounds):
+        noise = rng.negative_binomial(1.0, 1 - q) - rng.negative_binomial(1.0, 1 - q)
+        total = _honest_total(_fleet("bimodal", 50, rng), EDGES, noise, rng)
+        refused += secnoise.implausibility(total.tolist(), spec=spec, survivors=50, scale=1, edges=EDGES,
+                                           rate=rate) is not None
+    assert refused <= rate * rounds + 6 * math.sqrt(rate * (1 - rate) * rounds)
+
+
+def test_honest_rounds_at_the_defaults_are_not_refused():
+    """The aggregator's own check (``secure.implausible``) on the epoch it plans for 1,000 members at the whole-window
+    unit, over 20,000 honest rounds with t = 550 survivors: none refused (the bound says P(any) <= 20,000 * 1e-6 = 2 %;
+    the 6-sigma rule this replaces refused about 0.06 % of them, a dozen, because 6 sd of a discrete Laplace is only
+    8.5 of its scales: e^-8.5 = 2e-4 per coordinate)."""
+    import base64
+    from datetime import datetime, timezone
+
+    from cpu_tracker_aggregator.secure import implausible, plan_epoch
+    from shared.settings import Settings
+
+    keys = {f"m{i:04d}@example.org": base64.b64encode(bytes([i % 256]) * 32).decode() for i in range(1000)}
+    epoch = plan_epoch(1, keys, Settings(aggregator="agg@example.org", mode="secure"), "agg@example.org", 0,
+                       datetime(2026, 1, 1, tzinfo=timezone.utc))
+    t, spec, edges = epoch.noise.shares_for, epoch.noise, epoch.bin_edges()
+    assert spec.family == "dlaplace" and t == 550
+    rng = np.random.default_rng(22)
+    q = np.exp(-np.array([spec.mean_param] + [spec.hist_param] * epoch.bins))
+    refused = []
+    for _ in range(20_000):
+        noise = rng.negative_binomial(1.0, 1 - q) - rng.negative_binomial(1.0, 1 - q)
+        why = implausible(_honest_total(_fleet("idle", t, rng), edges, noise, rng), epoch, t)
+        if why:
+            refused.append(why)
+    assert refused == []
+
+
+def test_each_plausibility_check_catches_what_it_is_for():
+    """An honest sum passes, also with each part at the edge of its limit; one step beyond a limit (a member adding
+    garbage there) is refused with the reason named. The histogram is precise here (a_h = 2) so that the mean against
+    histogram check has room inside the mean's range."""
+    spec, n = _spec("dlaplace", 0.01, 2.0, t=50, n_hist=20, sens=100), 60
+    counts = [0] * 20
+    counts[0], counts[17] = 30, 30  # 30 members near 2.5 %, 30 near 87.5 %: the centres sum to 2,700 points
+    honest = [2700] + counts
+    check = lambda total: secnoise.implausibility(total, spec=spec, survivors=n, scale=1, edges=EDGES)  # noqa: E731
+    assert check(honest) is None
+    y_mean, y_bin, y_sum, y_both = secnoise._plausible_limits(spec, n, 1, tuple(EDGES), secnoise.FALSE_REFUSAL)
+    assert "mean coordinate" in check([100 * n + int(y_mean) + 1] + counts)
+    assert "mean coordinate" in check([-int(y_mean) - 1] + counts)
+    assert "histogram count" in check([2700, -int(y_bin) - 1] + counts[1:])
+    assert "histogram count" in check([2700] + counts[:5] + [n + int(y_bin) + 1] + counts[6:])
+    moved = int(y_bin)  # a count at the edge of its limit, the others unchanged in sum
+    assert check([2700, 30 - moved] + counts[1:5] + [moved] + counts[6:]) is None
+    assert "add up" in check([2700] + [c + (int(y_sum) // 10 + 1 if i < 10 else 0) for i, c in enumerate(counts)])
+    edge = 2700 + int(n * (2.5 + 1) + y_both)  # half the widest bin and the rounding per member, plus the noise
+    assert edge + 1 <= 100 * n  # inside the mean's own range: only the histogram can tell
+    assert check([edge] + counts) is None
+    assert "disagrees with the histogram" in check([edge + 1] + counts)
+    with pytest.raises(ValueError, match="coordinates"):
+        check(honest[:-1])
+
+
+def test_a_figure_the_cohort_is_too_small_for_is_named():
+    """With 5 members the noise spans the whole range: every percentile and the share above 90 % are named as
+    uninformative; with the counts nearly exact, none is."""
+    spec = calibrate(family="dlaplace", epsilon=1.25, delta=0, mean_sensitivity=100, releases=1, mean_fraction=0.8,
+                     shares_for=4)
+    counts = [0] * 20
+    counts[10] = 5
+    est = fleet_estimate(counts, spec=spec, survivors=5, edges=EDGES)
+    assert set(est.uninformative) == {"p50", "p90", "p99", "share_above"}
+    exact = fleet_estimate(counts, spec=_spec("dlaplace", 0.001, 60.0, t=4, n_hist=20), survivors=5, edges=EDGES)
+    assert exact.uninformative == () and (exact.p50.low, exact.p50.high) == (50.0, 55.0)
+    assert secnoise.uninformative(secnoise.Interval(estimate=50, low=5, high=95), 0, 100)
+    assert not secnoise.uninformative(secnoise.Interval(estimate=50, low=6, high=95), 0, 100)
+
+
+def test_collusion_loss_is_computed_from_the_exact_law():
+    """The bench's collusion table (docs/secure-noise.md): with all t shares the noise is exactly DLap(a), whose pure
+    epsilon is a * d; each share fewer costs more; half the shares at the whole-window unit take its 1.25 to about 4.1
+    (the issue's figure; the README's old sqrt((k - c) / t) would have said 1.77)."""
+    from tests.bench.secure_accuracy import _nb_difference_epsilon
+
+    assert _nb_difference_epsilon(1.0, 0.125, 1) == pytest.approx(0.125, rel=1e-9)
+    assert _nb_difference_epsilon(1.0, 0.01, 100) == pytest.approx(1.0, rel=1e-9)
+    by_share = [_nb_difference_epsilon(r, 0.125, 1) for r in (1.0, 0.75, 0.5, 0.25)]
+    assert by_share == sorted(by_share) and by_share[-1] > 2 * by_share[0]
+    half = _nb_difference_epsilon(0.5, 0.01, 100) + 2 * _nb_difference_epsilon(0.5, 0.125, 1)
+    assert 4.0 <= half <= 4.15

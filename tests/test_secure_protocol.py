@@ -188,7 +188,12 @@ def test_the_secure_figure_reaches_prometheus_in_its_conventions(tmp_path, monke
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(generate_latest(reg).decode()) for s in fam.samples}
     assert samples[("cpu_tracker_secure_network_cpu_ratio", ())] == pytest.approx(fig.mean / 100)
+    assert samples[("cpu_tracker_secure_network_cpu_ci95_high_ratio", ())] == pytest.approx(fig.ci95_high / 100)
     assert samples[("cpu_tracker_secure_survivors", ())] == fig.survivors == 4
+    assert "p90" in fig.cohort_too_small_for  # 4 members: the noise spans the whole range, so no number is exposed
+    for q, iv in fig.percentiles.items():
+        key = ("cpu_tracker_secure_fleet_cpu_percentile_ratio", (("bound", "estimate"), ("quantile", q[1:])))
+        assert samples.get(key) == (None if q in fig.cohort_too_small_for else pytest.approx(iv.estimate / 100))
     assert samples[("cpu_tracker_secure_recent_rounds", (("status", "published"),))] >= 1
 
 

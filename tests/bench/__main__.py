@@ -4,7 +4,7 @@
 
 Benchmarks (one module each): aggregator_scale, accuracy, secure_accuracy, secure_protocol, secure_scale,
 secure_latency, member_overhead, relay_bytes, e2e_latency, soak, safezone (private alerts, last: a simulation of
-about 3 minutes). secure_scale (the secure aggregator at 1,000, 10,000 and 100,000 members) runs alone.
+under a minute). secure_scale (the secure aggregator at 1,000, 10,000 and 100,000 members) runs alone.
 Each runs in its own process. The aggregator timings run alone; the member overhead (light, measured as the
 member's own CPU time) runs beside the accuracy simulation; the secure-aggregation accuracy (about 2 minutes of one
 core) beside the secure protocol's costs after them; the secure rounds on a local network after the other network

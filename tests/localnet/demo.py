@@ -70,7 +70,9 @@ def figure_line(dash: dict) -> str:
     sec = dash.get("secure")
     if sec:
         p = sec.get("percentiles", {})
-        pct = "  ".join(f"{k} {v['estimate']:.0f} [{v['low']:.0f}, {v['high']:.0f}]" for k, v in p.items())
+        vague = set(sec.get("cohort_too_small_for", []))  # as the page: no number where the interval spans it all
+        pct = "  ".join(f"{k} cohort too small for it" if k in vague else
+                        f"{k} {v['estimate']:.0f} [{v['low']:.0f}, {v['high']:.0f}]" for k, v in p.items())
         return (f"{dash['generated_at'][11:19]}  secure round {sec['round']}: network CPU {sec['mean']:6.2f} %  95 % "
                 f"interval [{sec['ci95_low']:6.2f}, {sec['ci95_high']:6.2f}]  {sec['survivors']} of {sec['cohort']} "
                 f"members  {pct}  (epsilon {sec['epsilon']:.3g} per {sec['unit_words']})")
