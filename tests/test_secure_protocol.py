@@ -40,6 +40,21 @@ def test_rounds_complete_and_the_sum_is_exactly_the_values_plus_noise_shares(tmp
     assert set(fig.percentiles) >= {"p50", "p90", "p99"}
 
 
+@pytest.mark.parametrize("bins", [10, 40])
+def test_a_histogram_of_other_than_20_bins_is_planned_taken_part_in_and_published(tmp_path, monkeypatch, bins):
+    """``secure_bins`` reaches the noise as well as the epoch (``calibrate(n_hist=...)``): planned with the default
+    20, an epoch of other bins could not be built, or its members could not draw their noise shares."""
+    net = Net(tmp_path, 5, monkeypatch, secure_bins=bins)
+    assert net.agg.epoch.bins == net.agg.epoch.noise.n_hist == bins
+    for _ in range(3):
+        net.step()
+    fig = net.agg.figure
+    assert fig is not None and fig.survivors == 5
+    assert all(len(net.sent[(m, fig.round)]) == 1 + bins for m in net.members)
+    total = net.exact_sum(fig.round, net.members)
+    assert fig.mean == pytest.approx(total[0] / net.agg.epoch.scale / 5, abs=1e-9)
+
+
 def test_a_sparse_ring_of_40_unmasks_exactly(tmp_path, monkeypatch):
     """Above 30 members the graph is the ring derived from the epoch's seed (12 neighbours, threshold 7): every member
     derives the same symmetric graph from the compact epoch, and the sum is exact."""
