@@ -280,18 +280,22 @@ class Round:
             xs = range(1, t + 1)
             for n, k in enumerate(np.flatnonzero(whole).tolist()):
                 out[k] = dict(zip(xs, values[n * t:(n + 1) * t]))
-        lacking = 0
+        lacking, degree = 0, self.topo.degree
         for k, p in enumerate(self.survivors):
             got = out[k]
             if got is None or max(got.values()) >= shamir.PRIME:  # one by one, leaving out what is not a share
-                got = dict(self.shares[p])
-                i = int(rows[k])
-                for c in np.flatnonzero(have[i]).tolist():
-                    if len(got) >= t:
+                got, filed, i = {}, self.shares[p], int(rows[k])
+                row, raw = have[i].tolist(), blocks[i].tobytes()
+                for c in range(degree):  # the lowest t x's that have a share: seeds missing the same holders then
+                    x = c + 1  # share one set of Lagrange coefficients in shamir.combine
+                    if x in filed:
+                        got[x] = filed[x]
+                    elif row[c] and (value := int.from_bytes(raw[c * size:(c + 1) * size], "big")) < shamir.PRIME:
+                        got[x] = value
+                    else:
+                        continue
+                    if len(got) == t:
                         break
-                    value = int.from_bytes(blocks[i, c].tobytes(), "big")
-                    if value < shamir.PRIME:
-                        got.setdefault(c + 1, value)
                 out[k] = got
             lacking += len(got) < t
         return out, lacking

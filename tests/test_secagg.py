@@ -332,8 +332,10 @@ def test_the_aggregators_gathering_of_shares_rebuilds_every_survivors_seed(n, dr
     got, lacking = rnd.seed_shares()
     assert lacking == 0
     assert secagg.combine_seeds(got, epoch.threshold) == [seeds[m] for m in alive]
+    t = epoch.threshold  # each seed's lowest t x's held by a survivor: seeds missing the same holders share coefficients
+    assert [sorted(g) for g in got] == [[k + 1 for k, p in enumerate(topo.graph[m]) if p not in gone][:t]
+                                        for m in alive]
     if not dropped:
-        t = epoch.threshold
         assert got == [{x: shares[m][x - 1] for x in range(1, t + 1)} for m in alive]
 
 

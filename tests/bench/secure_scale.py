@@ -168,6 +168,9 @@ class InMemoryAggregator(SecureAggregator):
     files: dict
     cohort: Cohort
 
+    def _read_bytes(self, path):
+        return self.files.get(str(path))
+
     def _member_file(self, path, model, key, problem):
         from shared.secure_schema import read_mac
 
@@ -229,6 +232,8 @@ def run_cohort(work: Path, k: int, rounds: int, *, dropped: float = 0.0, in_memo
         if agg.figure is not None and agg.figure.round == r - 1:
             published.append(r - 1)
         log(f"secure_scale: k={k} round {r}: close {close_s:.2f} s, answers and unmask {look_s:.2f} s")
+    missed = [r for r in range(e.first_round, e.first_round + rounds - 1) if r not in published]
+    assert not missed, f"rounds {missed} were not published at k = {k}: the timings would not be a round's"
     sizes = {
         "upload": cohort.bytes.get("upload", 0), "answers": cohort.bytes.get("answers", 0),
         "did.json": cohort.bytes.get("did.json", 0),
