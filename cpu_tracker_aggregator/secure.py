@@ -24,6 +24,7 @@ import secrets
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Mapping, Sequence
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -244,7 +245,7 @@ class Round:
     revealed: set[str] = field(default_factory=set)
     bodies: dict[str, bytes] = field(default_factory=dict)  # member -> its all-shares reveal, read at unmasking
     fresh: bool = False  # reveals arrived since the last attempt to unmask
-    inbox_arrays: tuple | None = None  # (sealed, senders, views, signers) gathered for this pass's inboxes
+    inbox_arrays: tuple | None = None  # what this pass's inboxes need, gathered for the whole cohort (_inbox_entry)
     status: str = "unmasking"  # or refused, then published | failed
     reason: str | None = None
 
@@ -252,7 +253,7 @@ class Round:
     def graph(self) -> dict[str, list[str]]:
         return self.topo.graph
 
-    @property
+    @cached_property
     def h_text(self) -> str:
         return b64(self.h)
 
@@ -648,14 +649,14 @@ class SecureAggregator:
             self._answers_done[m] = ans
             for v in ans.views:
                 rnd = open_rounds.get(v.round)
-                if rnd is not None and v.epoch_hash == b64(rnd.h) and m in rnd.shares and m not in rnd.views:
+                if rnd is not None and v.epoch_hash == rnd.h_text and m in rnd.shares and m not in rnd.views:
                     bits, sig = b64_bytes(v.statuses), b64_bytes(v.signature)
                     if len(bits) == (rnd.epoch.degree + 7) // 8:
                         rnd.views[m] = (v.survivors, bits, sig)
                         rnd.packed[m] = secagg.view_record(v.survivors, bits, sig)
             for sr in ans.reveals:
                 rnd = open_rounds.get(sr.round)
-                if rnd is None or sr.epoch_hash != b64(rnd.h) or m in rnd.revealed:
+                if rnd is None or sr.epoch_hash != rnd.h_text or m in rnd.revealed:
                     continue
                 try:
                     plain = secagg.unseal(keys["reveal"], b64_bytes(sr.sealed), secagg.reveal_aad(rnd.h, rnd.number))
@@ -772,23 +773,26 @@ class SecureAggregator:
         topo = rnd.topo
         if rnd.inbox_arrays is None:
             view_size = 4 + (topo.degree + 7) // 8 + 64
-            rnd.inbox_arrays = (*topo.gather(rnd.sealed, rnd.epoch.cohort, secagg.SEALED_SHARE_BYTES),
-                                *topo.spread(rnd.packed, rnd.epoch.cohort, view_size))
-        sealed_rows, senders, view_rows, signers = rnd.inbox_arrays
+            sealed_rows, senders = topo.gather(rnd.sealed, rnd.epoch.cohort, secagg.SEALED_SHARE_BYTES)
+            view_rows, signers = topo.spread(rnd.packed, rnd.epoch.cohort, view_size)
+            signed = signers & senders
+            rnd.inbox_arrays = (sealed_rows, senders, view_rows, signed, senders.all(axis=1).tolist(),
+                                signed.all(axis=1).tolist(), signed.any(axis=1).tolist(), rnd.h_text)
+        sealed_rows, senders, view_rows, signed, everyone, all_signed, any_signed, h_text = rnd.inbox_arrays
         i = topo.index[m]
-        alive = senders[i]
-        everyone = bool(alive.all())
-        bits = topo.all_bits if everyone else secagg.pack_bits(alive.tolist())
-        sealed = b"" if m in rnd.views else (sealed_rows[i] if everyone else sealed_rows[i][alive]).tobytes()
-        signed = signers[i] & alive
-        if signed.all():  # secagg.pack_views' layout, in one copy
+        if everyone[i]:
+            bits, sealed = topo.all_bits, b"" if m in rnd.views else sealed_rows[i].tobytes()
+        else:
+            alive = senders[i]
+            bits, sealed = secagg.pack_bits(alive.tolist()), b"" if m in rnd.views else sealed_rows[i][alive].tobytes()
+        if all_signed[i]:  # secagg.pack_views' layout, in one copy
             views = topo.all_bits + view_rows[i].tobytes()
-        elif signed.any():
-            views = secagg.pack_views([row.tobytes() if ok else None for row, ok in zip(view_rows[i], signed)],
+        elif any_signed[i]:
+            views = secagg.pack_views([row.tobytes() if ok else None for row, ok in zip(view_rows[i], signed[i])],
                                       topo.degree)
         else:
             views = b""
-        return {"round": rnd.number, "epoch_hash": rnd.h_text, "status": "unmasking", "survived": m in rnd.shares,
+        return {"round": rnd.number, "epoch_hash": h_text, "status": "unmasking", "survived": m in rnd.shares,
                 "survivors": len(rnd.shares), "statuses": b64(bits), "sealed": b64(sealed),
                 "views": b64(views) if views else "", "reason": None}
 
