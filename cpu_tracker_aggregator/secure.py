@@ -24,7 +24,6 @@ import secrets
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import cached_property
 from typing import Mapping, Sequence
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -253,7 +252,7 @@ class Round:
     def graph(self) -> dict[str, list[str]]:
         return self.topo.graph
 
-    @cached_property
+    @property
     def h_text(self) -> str:
         return b64(self.h)
 
@@ -640,6 +639,7 @@ class SecureAggregator:
         if not open_rounds:
             return
         members = set().union(*(rnd.epoch.cohort for rnd in open_rounds.values()))
+        h_texts = {r: rnd.h_text for r, rnd in open_rounds.items()}
         for m in sorted(members):
             keys = self._member_keys(m)
             ans = None if keys is None else self._member_file(self._where(m)["answers"], SecureAnswers,
@@ -649,14 +649,14 @@ class SecureAggregator:
             self._answers_done[m] = ans
             for v in ans.views:
                 rnd = open_rounds.get(v.round)
-                if rnd is not None and v.epoch_hash == rnd.h_text and m in rnd.shares and m not in rnd.views:
+                if rnd is not None and v.epoch_hash == h_texts[v.round] and m in rnd.shares and m not in rnd.views:
                     bits, sig = b64_bytes(v.statuses), b64_bytes(v.signature)
                     if len(bits) == (rnd.epoch.degree + 7) // 8:
                         rnd.views[m] = (v.survivors, bits, sig)
                         rnd.packed[m] = secagg.view_record(v.survivors, bits, sig)
             for sr in ans.reveals:
                 rnd = open_rounds.get(sr.round)
-                if rnd is None or sr.epoch_hash != rnd.h_text or m in rnd.revealed:
+                if rnd is None or sr.epoch_hash != h_texts[sr.round] or m in rnd.revealed:
                     continue
                 try:
                     plain = secagg.unseal(keys["reveal"], b64_bytes(sr.sealed), secagg.reveal_aad(rnd.h, rnd.number))
