@@ -545,8 +545,8 @@ def run(ctx) -> Result:
     res.notes += [
         "Parameters from plan_epoch for k members at the defaults: noise sized for t = secagg.lying_floor(k, degree) "
         "shares (58 / 550 / 5,358 at k = 100 / 1,000 / 10,000); all k survive, so the sum carries k / t times the "
-        "target variance: RMSE = sd_total sqrt(k / t) / k. The day unit releases every 5 minutes (288 a day) through "
-        "the bench's stand-in for secure_schema.release_seconds.",
+        "target variance: RMSE = sd_total sqrt(k / t) / k. The day unit releases every 5 minutes (288 a day): "
+        "secure_schema.release_seconds at the default 20 s windows.",
         "Local mode and the tutorial put the unit's whole epsilon on the mean (no histogram), which favours them; the "
         "tutorial's truncated noise (diffprivlib.tools.mean, bounds 0-100) is biased towards 50.",
         "Percentile intervals are runs of whole bins built from one-sided 2.5 % bounds at each edge: >= 95 % for every "
