@@ -32,11 +32,11 @@ from cpu_tracker_aggregator.metrics import secure_metrics
 @dataclass(frozen=True)
 class Guarded:
     """Folders only some may read, of one kind (``key``, ``what``: how a problem with them is said): each as
-    (folder, who may read it, the file withdrawn while it is exposed)."""
+    (folder, who may read it, the files withdrawn while it is exposed)."""
 
     key: str
     what: str
-    folders: list[tuple[Path, list[str], Path]]
+    folders: list[tuple[Path, list[str], list[Path]]]
 
 
 class Feature:
@@ -77,7 +77,7 @@ def member_folders(key: str, what: str, folder_of: Callable[[str], Path], file_o
         names = [n for n in os.listdir(root) if is_datasite_email(n)]
     except OSError:
         names = []
-    return Guarded(key, what, [(folder_of(m), [m], file_of(m)) for m in sorted(names)])
+    return Guarded(key, what, [(folder_of(m), [m], [file_of(m)]) for m in sorted(names)])
 
 
 class SecureRounds(Feature):
@@ -110,5 +110,5 @@ class SecureRounds(Feature):
         p = self.paths
         epoch = self.rounds.epoch if self.rounds is not None else None
         cohort = epoch.emails() if epoch else []
-        return [Guarded("epoch-exposed", "epoch folders", [(p.epoch_dir(), cohort, p.epoch_file())]),
+        return [Guarded("epoch-exposed", "epoch folders", [(p.epoch_dir(), cohort, [p.epoch_file(), p.rounds_file()])]),
                 member_folders("inbox-exposed", "inbox folders", p.inbox_dir, p.inbox_file)]

@@ -192,7 +192,7 @@ class Member:
     def published_files(self) -> list[Path]:
         """Every file the member publishes (shared/paths.py): withdrawn together when their folder is exposed."""
         p = self.paths
-        files = [p.report_file(), p.monitor_signals_file(), p.secure_key_file()]
+        files = [p.report_file(), p.monitor_signals_file(), p.secure_join_file(), p.answers_file()]
         try:
             names = os.listdir(p.upload_dir())
         except OSError:
@@ -263,6 +263,7 @@ def run_member(
     for warning in settings_warnings(s):
         log.warning("%s", warning)
     release = release_for(member)  # local or secure, by the settings
+    release.start(stop)
     observers = observers_for(member)  # the private alerts (safe zones): one check per window
     read()  # psutil's first reading is meaningless: discard it
     start = wall()

@@ -9,7 +9,9 @@ subclass, its settings and its schema, plus its line in ``RELEASES``; a new cons
 from __future__ import annotations
 
 import math
+import threading
 from datetime import datetime
+from threading import Event
 from typing import TYPE_CHECKING, Callable
 
 from cpu_tracker_member.monitor import MemberMonitors
@@ -26,6 +28,9 @@ class Release:
 
     def __init__(self, member: Member):
         self.member = member
+
+    def start(self, stop: Event) -> None:
+        """Start what runs beside the windows until ``stop`` is set (nothing, unless a mode needs it)."""
 
     def span(self, wall: Callable[[], datetime]) -> float:
         """Seconds until the window that starts now ends; reads ``wall`` only if it needs the time of day."""
@@ -68,6 +73,11 @@ class SecureRelease(Release):
 
         self.secure = SecureMember(member.paths, member.settings, member.problems, member.ledger)
         self.epsilon = member.settings.secure_target  # at most: the epoch's noise decides
+
+    def start(self, stop: Event) -> None:
+        """The answers to the aggregator's inboxes (views, reveals) are sent as soon as an inbox asks, between
+        windows too."""
+        threading.Thread(target=self.secure.answer_loop, args=(stop,), name="secure-answers", daemon=True).start()
 
     def span(self, wall: Callable[[], datetime]) -> float:
         # secure rounds are UTC windows (round r = [r * interval, (r + 1) * interval)): end each window on one

@@ -76,7 +76,7 @@ def secure_lines(paths: Paths, settings: Settings, spends) -> list[str]:
              f"(secure_unit, secure_epsilon){' per UTC day, delta ' + format(settings.secure_delta, 'g') if settings.secure_unit == 'cpu_day' else ''}."]
     try:
         epoch = Epoch.model_validate_json(read_regular(paths.epoch_file(settings.aggregator), MAX_EPOCH_BYTES))
-        listed = epoch.key_of(paths.email) is not None
+        listed = paths.email in epoch.cohort
         lines.append(f"Epoch {epoch.epoch} from {epoch.aggregator}: {len(epoch.cohort)} members, rounds "
                      f"{epoch.first_round}-{epoch.last_round()}, at least {epoch.min_survivors} survivors; this "
                      f"datasite is {'listed' if listed else 'not listed (enrolled at the next epoch)'}.")

@@ -10,28 +10,33 @@
 │   │   ├── ledger.jsonl                     privacy ledger: every spend, fsynced before anything is published
 │   │   ├── raw.jsonl                        raw window means, for the owner's eyes only
 │   │   └── monitors.json                    private alerts: the member's references and noisy radii
-│   ├── secure/                              secure mode (names in cpu_tracker_member/secure.py)
-│   │   ├── x25519.key                       the member's long-term private key
-│   │   └── revealed.json                    what it revealed, per round and peer: recorded before it leaves
+│   ├── secure/                              secure mode, the member's
+│   │   ├── state.json                       rounds used, views signed, what it revealed: recorded before it leaves
+│   │   └── pins.json                        the identity keys of other datasites, pinned at first sight
 │   └── aggregator/
 │       ├── history.json                     network history (survives restarts)
 │       ├── members.json                     per-member status, for the operator only
 │       ├── alerts.json                      private alerts: the coordinator's state and the noisy vectors
-│       └── cpu_tracker.prom                 the public figures for Prometheus (textfile collector)
+│       ├── cpu_tracker.prom                 the public figures for Prometheus (textfile collector)
+│       ├── secure.json                      secure mode: the open rounds and the epoch, across a restart
+│       └── epochs/<n>.json                  secure mode: each epoch it signed, to resume it after a restart
 ├── plugins/local_syncstate.json             the SyftBox 0.4.0 client's record of what the relay holds (read only)
 └── datasites/
     ├── <member>/app_data/cpu_tracker/       the member's: the aggregator may read it, nobody else
     │   ├── cpu_tracker.json                 the DP report (MemberReport), local mode
     │   ├── monitor.json                     private alerts: breach flags, noisy vectors (MonitorSignalsFile)
-    │   ├── secure_key.json                  secure mode: the member's public key (SecureKey)
+    │   ├── secure_join.json                 secure mode: its request to take part (SecureJoin)
     │   ├── secure/r<r>.json                 secure mode: its upload for round r (SecureUpload)
+    │   ├── secure/answers.json              secure mode: its signed views and sealed reveals (SecureAnswers)
     │   ├── syftperm.yaml                    permission file for the PyPI client (denies everyone, then grants)
     │   └── syft.pub.yaml                    permission file for the Go client (terminal)
+    ├── <member>/public/did.json             every datasite's identity keys (syft-crypto's did:web document)
     ├── <member>/api_data/cpu_tracker/cpu_tracker.json   a tutorial-era member's report (read as legacy)
     ├── <aggregator>/app_data/cpu_tracker_epoch/         secure mode, readable by the epoch's cohort only
-    │   └── epoch.json                       the cohort, its keys, the graph, the noise, the schedule (Epoch)
+    │   ├── epoch.json                       the cohort, the graph's seed, the noise, the schedule (Epoch)
+    │   └── rounds.json                      each closed round's outcome (RoundOutcomes)
     ├── <aggregator>/app_data/cpu_tracker_inbox/<member>/   secure mode, readable by that member only
-    │   └── inbox.json                       survivors, dropped, the shares sealed for it (Inbox)
+    │   └── inbox.json                       its neighbours' statuses and the shares sealed for it (Inbox)
     ├── <aggregator>/app_data/cpu_tracker_alerts/<member>/  private alerts, readable by that member only
     │   └── zones.json                       the member's safe zones (SafeZonesFile)
     └── <aggregator>/public/cpu_tracker/     world-readable (cpu_tracker_aggregator/publish.py)
@@ -47,7 +52,8 @@
 ```
 
 Each ``app_data`` folder of the aggregator carries its own ``syftperm.yaml`` and ``syft.pub.yaml`` too. Outside the
-data folder: the app folder (``apps/cpu_tracker/``: the code, ``cpu_tracker.toml``, SyftBox's app log in
+data folder: the datasite's private identity keys where syft-crypto keeps them
+(``<data_dir>/../.syftbox/<8 hex>/pvt.jwks.json``, ``Paths.private_keys_file``), the app folder (``apps/cpu_tracker/``: the code, ``cpu_tracker.toml``, SyftBox's app log in
 ``logs/``) and the shared Python environments, ``~/.cache/cpu_tracker/env-<hash of the pins>/`` with their records
 in ``in-use/`` (``shared/envs.py``). How often each public file changes and what it costs the relay:
 ``docs/dashboard.md``; who can read what: ``docs/permissions.md``.
@@ -74,9 +80,13 @@ HISTORY_INDEX_FILE = f"{HISTORY_DIR}/index.json"
 DASHBOARD_SCHEMA_FILE = "dashboard.schema.json"
 REPORT_SCHEMA_FILE = "member_report.schema.json"
 PAGE_FILE = "index.html"
-SECURE_KEY_FILE = "secure_key.json"
+SECURE_JOIN_FILE = "secure_join.json"
 EPOCH_FILE = "epoch.json"
+ROUNDS_FILE = "rounds.json"
 INBOX_FILE = "inbox.json"
+ANSWERS_FILE = "answers.json"
+DID_FILE = "did.json"  # syft-crypto's name and place: datasites/<email>/public/did.json
+PRIVATE_KEYS_FILE = "pvt.jwks.json"  # syft-crypto's: <data_dir>/../.syftbox/<8 hex>/pvt.jwks.json
 SYFTPERM_FILE = "syftperm.yaml"
 SYFT_PUB_FILE = "syft.pub.yaml"
 _EMAIL = re.compile(r"[^@/\\\s*?\[\]{}]+@[^@/\\\s*?\[\]{}]+")  # no separator, whitespace or glob character
@@ -127,9 +137,10 @@ def is_datasite_email(name: str) -> bool:
     return datasite_email_problem(name) is None
 
 
-class Paths(namedtuple("Paths", "data_dir email app_name", defaults=(APP_NAME,))):
-    """Paths of one datasite's workspace (``data_dir``: Path, ``email``: str, ``app_name``). Pure: building it
-    touches no file. Immutable; a named tuple rather than a dataclass, which would cost the supervisor 1.2 MB."""
+class Paths(namedtuple("Paths", "data_dir email app_name server_url", defaults=(APP_NAME, ""))):
+    """Paths of one datasite's workspace (``data_dir``: Path, ``email``: str, ``app_name``, ``server_url``: the SyftBox
+    client's server URL, which names the private-key folder in syft-crypto's layout). Pure: building it touches no
+    file. Immutable; a named tuple rather than a dataclass, which would cost the supervisor 1.2 MB."""
 
     __slots__ = ()
 
@@ -212,13 +223,43 @@ class Paths(namedtuple("Paths", "data_dir email app_name", defaults=(APP_NAME,))
     # -- secure aggregation (shared.secure_schema names what each file holds) ---------------------------
     @property
     def secure_private(self) -> Path:
-        """The member's X25519 private key and what it revealed: local, never synced."""
+        """The member's secure-mode state (rounds used, views signed, what it revealed) and the pins of other
+        datasites' keys: local, never synced."""
         return self.private / "secure"
 
-    def secure_key_file(self, member: str | None = None) -> Path:
-        """A member's public key, in its report folder: for the aggregator only, which hands it to the cohort in
-        the epoch (nothing public says who takes part)."""
-        return self.report_dir(member) / SECURE_KEY_FILE
+    @property
+    def secure_state_file(self) -> Path:
+        return self.secure_private / "state.json"
+
+    @property
+    def pins_file(self) -> Path:
+        return self.secure_private / "pins.json"
+
+    @property
+    def aggregator_secure_file(self) -> Path:
+        return self.private / "aggregator" / "secure.json"
+
+    def aggregator_epoch_copy(self, number: int) -> Path:
+        """The aggregator's private copy of an epoch it signed, to resume it after a restart."""
+        return self.private / "aggregator" / "epochs" / f"{number}.json"
+
+    def did_file(self, email: str | None = None) -> Path:
+        """A datasite's identity keys (syft-crypto's did:web document), world-readable by SyftBox's convention."""
+        return self.datasites / (email or self.email) / "public" / DID_FILE
+
+    @property
+    def private_keys_file(self) -> Path:
+        """This datasite's private identity keys where syft-crypto keeps them: outside the SyftBox folder, in
+        ``<data_dir>/../.syftbox/<first 8 hex of sha256("<server_url>::<email>")>/`` (so one key per datasite)."""
+        import hashlib  # here: the supervisor imports this module
+
+        partition = hashlib.sha256(f"{self.server_url}::{self.email}".encode()).hexdigest()[:8]
+        return self.data_dir.parent / ".syftbox" / partition / PRIVATE_KEYS_FILE
+
+    def secure_join_file(self, member: str | None = None) -> Path:
+        """A member's request to take part in secure rounds, in its report folder: for the aggregator only (nothing
+        public says who takes part)."""
+        return self.report_dir(member) / SECURE_JOIN_FILE
 
     def epoch_dir(self, aggregator: str | None = None) -> Path:
         """The aggregator's epoch folder, readable by the epoch's cohort only."""
@@ -227,12 +268,20 @@ class Paths(namedtuple("Paths", "data_dir email app_name", defaults=(APP_NAME,))
     def epoch_file(self, aggregator: str | None = None) -> Path:
         return self.epoch_dir(aggregator) / EPOCH_FILE
 
+    def rounds_file(self, aggregator: str | None = None) -> Path:
+        """The recent rounds' outcomes (no emails), beside the epoch: the cohort only."""
+        return self.epoch_dir(aggregator) / ROUNDS_FILE
+
     def upload_dir(self, member: str | None = None) -> Path:
         """A member's round uploads: inside its report folder, so under the same aggregator-only permission."""
         return self.report_dir(member) / "secure"
 
     def upload_file(self, round_: int, member: str | None = None) -> Path:
         return self.upload_dir(member) / f"r{round_}.json"
+
+    def answers_file(self, member: str | None = None) -> Path:
+        """A member's signed views and sealed reveals of recent rounds, rewritten when it has new ones."""
+        return self.upload_dir(member) / ANSWERS_FILE
 
     def inbox_dir(self, member: str, aggregator: str | None = None) -> Path:
         """The aggregator's folder for one member, readable by that member only (apart from the app's own report

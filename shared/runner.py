@@ -84,7 +84,7 @@ class ClientConfig(namedtuple("ClientConfig", "path data_dir email server_url"))
 
     def workspace(self) -> Paths:
         """The datasite's paths."""
-        return Paths(data_dir=self.data_dir, email=self.email, app_name=APP_NAME)
+        return Paths(data_dir=self.data_dir, email=self.email, app_name=APP_NAME, server_url=self.server_url)
 
 
 def load_client_config(config: str | None = None, environ: dict[str, str] | None = None) -> ClientConfig:
@@ -108,7 +108,14 @@ def load_client_config(config: str | None = None, environ: dict[str, str] | None
     if not isinstance(data_dir, str) or not data_dir:
         raise ClientConfigError(f"{path}: data_dir must be a folder, got {data_dir!r}")
     return ClientConfig(path=path, data_dir=Path(data_dir).expanduser().resolve(), email=email,
-                        server_url=str(data.get("server_url") or DEFAULT_SERVER_URL))
+                        server_url=_as_syftbox_url(str(data.get("server_url") or DEFAULT_SERVER_URL)))
+
+
+def _as_syftbox_url(url: str) -> str:
+    """The server URL as the SyftBox client holds it (pydantic's ``AnyHttpUrl``: an empty path becomes ``/``), so the
+    private-key folder it names (``Paths.identity_dir``) is the one syft-crypto uses."""
+    scheme, sep, rest = url.partition("://")
+    return url + "/" if sep and "/" not in rest else url
 
 
 def load_workspace(config: str | None) -> Paths:

@@ -359,10 +359,12 @@ def json_schemas() -> dict[str, dict]:
     from shared import secure_schema as sec  # it builds on this module
 
     return {
-        "secure_key.schema.json": sec.SecureKey.model_json_schema(mode="serialization"),
+        "secure_join.schema.json": sec.SecureJoin.model_json_schema(mode="serialization"),
         "secure_epoch.schema.json": sec.Epoch.model_json_schema(mode="serialization"),
         "secure_round.schema.json": sec.SecureUpload.model_json_schema(mode="serialization"),
+        "secure_answers.schema.json": sec.SecureAnswers.model_json_schema(mode="serialization"),
         "secure_inbox.schema.json": sec.Inbox.model_json_schema(mode="serialization"),
+        "secure_rounds.schema.json": sec.RoundOutcomes.model_json_schema(mode="serialization"),
         REPORT_SCHEMA_FILE: MemberReport.model_json_schema(mode="serialization"),
         DASHBOARD_SCHEMA_FILE: Dashboard.model_json_schema(mode="serialization"),
         "current.schema.json": Current.model_json_schema(mode="serialization"),

@@ -1,23 +1,31 @@
-"""Secure aggregation, the pure steps: keys, masks, seed shares, the neighbour graph, and unmasking.
+"""Secure aggregation, the pure steps (protocol version 2): key derivation, masks, seed shares, the neighbour graph
+derived from the epoch's seed, signed views, packed reveals, the consistency rule and unmasking. No I/O.
 
-The protocol (Bonawitz et al., CCS 2017, with SecAgg+'s sparse neighbour graph, Bell et al., CCS 2020) run over
-SyftBox files, one round per UTC window; files and their order live in the two roles' ``secure`` modules.
-Member i in round r uploads, readable by the aggregator only,
+The protocol (Bonawitz et al., CCS 2017, sections 4 and 6: the malicious-server variant with a consistency round;
+with SecAgg+'s sparse neighbour graph, Bell et al., CCS 2020) runs over SyftBox files, one round per release window;
+files and their order live in the two roles' ``secure`` modules. Member i in round r of epoch E uploads, readable
+by the aggregator only,
 
     y_i = x_i + e_i + PRG(b_i,r) + sum_{j in N(i), j > i} PRG(k_ij,r) - sum_{j in N(i), j < i} PRG(k_ij,r)   (mod 2^64)
 
-where x_i is its quantized window vector, e_i its integer noise share, b_i,r a fresh 16-byte self-mask seed
-whose Shamir shares (threshold t) go, sealed for each neighbour j, into the same upload, and k_ij,r a round
-key derived from the X25519 secret that i and j share. Over the survivors S the pairwise masks cancel; the
-aggregator removes each survivor's self mask (its seed rebuilt from t neighbours' shares) and, for each dropped
-j, the masks its surviving neighbours held with j (their round keys k_ij,r, revealed by those neighbours).
-For one peer and one round a member reveals the self-mask share or the round key, never both, so an aggregator
-that lies about who dropped cannot strip both masks off anyone's upload.
+where x_i is its quantized vector, e_i its integer noise share, b_i,r a fresh 127-bit self-mask seed whose Shamir
+shares (threshold t) go, sealed for each neighbour j, into the same upload, and k_ij,r = HKDF(pair_ij, h_E, r) a
+round key from the X25519 secret i and j share (bound to both emails, both public keys and the aggregator). Over
+the survivors S the pairwise masks cancel; the aggregator removes each survivor's self mask (its seed rebuilt from t
+neighbours' shares) and, for each dropped j, the masks its surviving neighbours held with j (their round keys).
 
-Every primitive comes from a well-kept library: X25519, HKDF-SHA256, AES-256-CTR (the mask stream) and
-AES-256-GCM (sealed shares) from ``cryptography``; Shamir over GF(2^127 - 1) with python-flint's field arithmetic
-(``shared.shamir``); randomness
-from ``secrets`` (the OS's cryptographic source). Nothing here uses numpy's generators.
+What stops an aggregator that lies about who dropped (``consistent_signers``): after the round closes each member
+signs one view of it (its neighbours' statuses and the survivor count) and reveals anything only once at least t
+of its neighbours signed views consistent with its own; it then reveals per its view: a share for a neighbour it
+saw survive, the round key for one it saw drop, never both for one (round, peer). For V's t consistent signers, both
+V and they believe the other survived, so neither reveals their round key: those masks stay on V's upload unless
+the signers' uploads are in the sum too. A sum can only be unmasked over a closed set (each honest member in it has
+at least t neighbours in it, or t Sybils among its neighbours), of at least ``lying_floor(n, degree)`` members.
+
+Every primitive comes from a well-kept library: X25519, Ed25519 (views, in ``shared.identity``), HKDF-SHA256 and
+AES-256-GCM (sealed shares and reveals) from ``cryptography``; SHAKE-128 (the mask stream) from ``hashlib``; Shamir over
+GF(2^127 - 1) with python-flint's field arithmetic (``shared.shamir``); randomness from ``secrets``. Nothing here uses numpy's
+generators.
 """
 
 from __future__ import annotations
@@ -26,39 +34,89 @@ import base64
 import hashlib
 import math
 import secrets
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shared import shamir
 
 MODULUS_BITS = 64  # arithmetic mod 2^64: numpy's uint64 wraps exactly there
-SEED_BYTES = shamir.SECRET_BYTES  # a self-mask seed: one field element of shared.shamir
+SEED_BYTES = shamir.SECRET_BYTES  # a self-mask seed: one element of GF(2^127 - 1)
 KEY_BYTES = 32
-_PROTOCOL = b"cpu_tracker secagg v1"
+SEALED_SHARE_BYTES = SEED_BYTES + 16  # AES-GCM: the share and its tag (the key is unique per message: zero nonce)
+HASH_BYTES = 32
+PROTOCOL = b"cpu_tracker secagg v2"
 
 
 # ---------------------------------------------------------------------------------------------------
-# Keys
+# Key derivation
 # ---------------------------------------------------------------------------------------------------
-def new_private_key() -> bytes:
-    """A fresh X25519 private key, raw 32 bytes (kept outside ``datasites/``, mode 0600, by the caller)."""
-    from cryptography.hazmat.primitives import serialization as s
+def _lp(part: bytes | str) -> bytes:
+    """``part`` with its length in front: concatenations of these cannot be read two ways."""
+    raw = part.encode() if isinstance(part, str) else part
+    return len(raw).to_bytes(2, "big") + raw
 
-    return X25519PrivateKey.generate().private_bytes(s.Encoding.Raw, s.PrivateFormat.Raw, s.NoEncryption())
+
+def _hkdf(secret: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=PROTOCOL + b"|" + info).derive(secret)
 
 
-def public_key(private_raw: bytes) -> bytes:
-    """The raw 32-byte X25519 public key of ``private_raw``."""
-    from cryptography.hazmat.primitives import serialization as s
+def _exchange(private_raw: bytes, peer_public_raw: bytes, who: str) -> bytes:
+    try:  # cryptography refuses a low-order public key (an all-zero shared key)
+        return X25519PrivateKey.from_private_bytes(private_raw).exchange(X25519PublicKey.from_public_bytes(
+            peer_public_raw))
+    except ValueError:
+        raise ValueError(f"the X25519 key of {who} is not a usable key") from None
 
-    key = X25519PrivateKey.from_private_bytes(private_raw).public_key()
-    return key.public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
+
+def pair_secret(private_raw: bytes, my_public: bytes, peer_public: bytes, *, me: str, peer: str,
+                aggregator: str) -> bytes:
+    """The secret member ``me`` shares with neighbour ``peer``: HKDF-SHA256 of their X25519 shared key, bound to both
+    emails and both public keys (in sorted order, so both ends derive the same) and to the aggregator's email."""
+    shared = _exchange(private_raw, peer_public, peer)
+    (a, ka), (b, kb) = sorted(((me, my_public), (peer, peer_public)))
+    return _hkdf(shared, b"pair|" + _lp(a) + _lp(ka) + _lp(b) + _lp(kb) + _lp(aggregator))
+
+
+def aggregator_secret(private_raw: bytes, peer_public: bytes, *, member: str, member_public: bytes,
+                      aggregator: str, aggregator_public: bytes) -> bytes:
+    """The secret a member shares with its aggregator (either side computes it with its own private key and the other's
+    public key): it authenticates the member's uploads and answers and the aggregator's inbox (HMAC), and seals the
+    member's reveals so that only the aggregator reads them (not the relay, which stores every file)."""
+    shared = _exchange(private_raw, peer_public, member if peer_public == member_public else aggregator)
+    return _hkdf(shared, b"aggregator|" + _lp(member) + _lp(member_public) + _lp(aggregator) + _lp(aggregator_public))
+
+
+def round_key(pair: bytes, epoch_hash: bytes, round_: int) -> bytes:
+    """The pairwise mask key of one round of one epoch: revealing it uncovers that mask and nothing else."""
+    return _hkdf(pair, b"mask|" + epoch_hash + round_.to_bytes(8, "big"))
+
+
+def share_key(pair: bytes, epoch_hash: bytes, round_: int, sender: str, receiver: str) -> bytes:
+    """The AES-GCM key of the one share ``sender`` seals for ``receiver`` in one round: one key per message (a member
+    uploads once per round, recorded before it uploads), so the nonce can be zero."""
+    return _hkdf(pair, b"share|" + epoch_hash + round_.to_bytes(8, "big") + _lp(sender) + _lp(receiver))
+
+
+def mac_key(secret: bytes, purpose: str) -> bytes:
+    """An HMAC-SHA256 key from the member-aggregator secret, one per file kind (an upload's key does not authenticate
+    an inbox)."""
+    return _hkdf(secret, b"mac|" + purpose.encode())
+
+
+def reveal_key(secret: bytes) -> bytes:
+    """The AES-GCM key that seals a member's reveals for the aggregator (random nonces; each reveal is bound to its
+    epoch and round by ``reveal_aad``: one derivation per member, not one per round, for the aggregator's 10,000)."""
+    return _hkdf(secret, b"reveal")
+
+
+def reveal_aad(epoch_hash: bytes, round_: int) -> bytes:
+    """What a sealed reveal is bound to: opening it under another epoch or round fails."""
+    return b"reveal|" + epoch_hash + round_.to_bytes(8, "big")
 
 
 def fingerprint(public_raw: bytes) -> str:
@@ -66,42 +124,20 @@ def fingerprint(public_raw: bytes) -> str:
     return hashlib.sha256(public_raw).hexdigest()[:16]
 
 
-def _hkdf(secret: bytes, info: bytes, salt: bytes | None = None, length: int = KEY_BYTES) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=_PROTOCOL + b"|" + info).derive(secret)
-
-
-def pair_secret(private_raw: bytes, peer_public_raw: bytes, *, me: str, peer: str, epoch_salt: bytes) -> bytes:
-    """The secret member ``me`` shares with ``peer`` for one epoch: HKDF-SHA256 of their X25519 shared key, salted
-    with the epoch's public salt and bound to both emails (in sorted order, so both ends derive the same)."""
-    try:  # cryptography refuses a low-order public key (an all-zero shared key)
-        shared = X25519PrivateKey.from_private_bytes(private_raw).exchange(
-            X25519PublicKey.from_public_bytes(peer_public_raw))
-    except ValueError:
-        raise ValueError(f"the public key of {peer} is not a usable X25519 key") from None
-    a, b = sorted((me, peer))
-    return _hkdf(shared, b"pair|" + a.encode() + b"|" + b.encode(), salt=epoch_salt)
-
-
-def round_key(pair: bytes, round_: int) -> bytes:
-    """The pairwise mask key of one round: revealing it uncovers that round's pairwise mask and nothing else."""
-    return _hkdf(pair, b"mask|%d" % round_)
-
-
-def seal_key(pair: bytes) -> bytes:
-    """The AES-GCM key that seals self-mask shares from one member of the pair to the other."""
-    return _hkdf(pair, b"seal")
-
-
 # ---------------------------------------------------------------------------------------------------
 # Masks
 # ---------------------------------------------------------------------------------------------------
-def prg(key: bytes, dim: int) -> np.ndarray:
-    """``dim`` pseudorandom uint64 words: the AES-256-CTR keystream of ``key`` (each key is used for one
-    stream only, so the zero nonce is safe). A 16-byte self-mask seed is stretched to an AES key by HKDF."""
-    if len(key) == SEED_BYTES:
-        key = _hkdf(key, b"self")
-    enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(enc.update(bytes(8 * dim)) + enc.finalize(), dtype="<u8").astype(np.uint64)
+def prg(key: bytes, dim: int, kind: bytes = b"pair") -> np.ndarray:
+    """``dim`` pseudorandom uint64 words: SHAKE-128 (FIPS 202's extendable-output function, from the standard
+    library's OpenSSL) of the key, separated by ``kind``; each key is used for one stream only. A quarter of the cost
+    of an AES-CTR stream in Python (no cipher object to build), which the aggregator pays once per survivor a round."""
+    return np.frombuffer(hashlib.shake_128(PROTOCOL + b"|prg|" + kind + b"|" + key).digest(8 * dim),
+                         dtype="<u8").astype(np.uint64)
+
+
+def seed_stream(seed: int, dim: int) -> np.ndarray:
+    """The self mask of a seed: ``prg`` of its 16 bytes."""
+    return prg(seed_bytes(seed), dim, b"self")
 
 
 def pair_sign(me: str, peer: str) -> int:
@@ -111,11 +147,11 @@ def pair_sign(me: str, peer: str) -> int:
     return 1 if peer > me else -1
 
 
-def masked(values: Sequence[int], *, self_seed: bytes, round_keys: Mapping[str, bytes], me: str) -> np.ndarray:
+def masked(values: Sequence[int], *, self_seed: int, round_keys: Mapping[str, bytes], me: str) -> np.ndarray:
     """``values`` (integers, noise included) plus the self mask and the signed pairwise masks, mod 2^64."""
     dim = len(values)
     y = np.array([int(v) % (1 << MODULUS_BITS) for v in values], dtype=np.uint64)
-    y += prg(self_seed, dim)
+    y += seed_stream(self_seed, dim)
     for peer, key in round_keys.items():
         if pair_sign(me, peer) > 0:
             y += prg(key, dim)
@@ -124,26 +160,16 @@ def masked(values: Sequence[int], *, self_seed: bytes, round_keys: Mapping[str, 
     return y
 
 
-def unmask_sum(
-    uploads: Mapping[str, np.ndarray],
-    self_seeds: Mapping[str, bytes],
-    dropped_keys: Iterable[tuple[str, str, bytes]],
-) -> np.ndarray:
-    """The sum over the survivors (the keys of ``uploads``) of their masked vectors, with every self mask and
-    every pairwise mask with a dropped member removed, as signed integers (int64, centred mod 2^64).
-
-    ``self_seeds``: each survivor's rebuilt self-mask seed. ``dropped_keys``: (survivor, dropped, k) for every
-    surviving neighbour of every dropped member: the round key the survivor revealed."""
-    if set(self_seeds) != set(uploads):
-        raise ValueError("a self-mask seed is needed for every survivor, and only for them")
-    dim = len(next(iter(uploads.values())))
-    total = np.zeros(dim, dtype=np.uint64)
-    for who, y in uploads.items():
-        total += y
-        total -= prg(self_seeds[who], dim)
+def unmask_sum(masked_total: np.ndarray, self_seeds: Iterable[int],
+               dropped_keys: Iterable[tuple[str, str, bytes]]) -> np.ndarray:
+    """The survivors' sum from the sum of their masked vectors (uint64): every survivor's self mask removed (its
+    rebuilt seed) and, for each (survivor, dropped, k) in ``dropped_keys``, the mask the survivor held with the
+    dropped member. As signed integers (int64, centred mod 2^64)."""
+    total = np.array(masked_total, dtype=np.uint64)
+    dim = len(total)
+    for seed in self_seeds:
+        total -= seed_stream(seed, dim)
     for survivor, gone, key in dropped_keys:
-        if survivor not in uploads or gone in uploads:
-            raise ValueError(f"a revealed round key must belong to a survivor ({survivor}) and a dropped member ({gone})")
         if pair_sign(survivor, gone) > 0:
             total -= prg(key, dim)
         else:
@@ -164,65 +190,53 @@ def decode_vector(text: str, dim: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Self-mask seeds: Shamir shares, sealed for each neighbour
+# Self-mask seeds: Shamir shares over GF(2^127 - 1), sealed for each neighbour
 # ---------------------------------------------------------------------------------------------------
-def new_seed() -> bytes:
-    return shamir.to_bytes(shamir.new_secret())
+def new_seed() -> int:
+    """A fresh self-mask seed: a uniformly random element of GF(2^127 - 1) from the OS's cryptographic source."""
+    return shamir.new_secret()
 
 
-def split_seed(seed: bytes, holders: Sequence[str], threshold: int) -> dict[str, tuple[int, bytes]]:
-    """Shamir shares of ``seed``, one per holder (share index = position in ``holders`` + 1): any ``threshold``
-    rebuild it, fewer tell nothing (``shared.shamir``, GF(2^127 - 1))."""
-    if not 1 <= threshold <= len(holders):
-        raise ValueError(f"threshold must be between 1 and {len(holders)}, got {threshold}")
-    values = shamir.split(shamir.from_bytes(seed), len(holders), threshold)
-    return {h: (i + 1, shamir.to_bytes(v)) for i, (h, v) in enumerate(zip(holders, values))}
+seed_bytes = shamir.to_bytes  # a seed or share on the wire: 16 bytes, big-endian
+seed_value = shamir.from_bytes  # and back (ValueError unless it is a field element)
 
 
-def combine_seeds(share_sets: Sequence[Sequence[tuple[int, bytes]]], threshold: int) -> list[bytes]:
-    """Many seeds at once, each from at least ``threshold`` of its shares (those with the smallest indices are used):
-    one Lagrange pass per set of indices (``shared.shamir.combine``). ValueError for a seed with too few shares, a
-    repeated index or a share that is not a field element."""
-    sets = []
-    for shares in share_sets:
-        by_index = {index: shamir.from_bytes(value) for index, value in shares}
-        if len(by_index) != len(shares):
-            raise ValueError("a seed's shares repeat an index")
-        sets.append(by_index)
-    return [shamir.to_bytes(v) for v in shamir.combine(sets, threshold)]
+def split_seed(seed: int, n: int, threshold: int) -> list[int]:
+    """The ``n`` Shamir shares of ``seed`` at x = 1..n (x = the holder's position in the dealer's sorted neighbour
+    list, plus one): any ``threshold`` rebuild it, fewer tell nothing (``shared.shamir``)."""
+    return shamir.split(seed, n, threshold)
 
 
-def seal(key: bytes, plaintext: bytes, aad: bytes) -> str:
-    """AES-256-GCM, a random 12-byte nonce in front; base64 text."""
+def combine_seeds(share_sets: Sequence[Mapping[int, int]], threshold: int) -> list[int]:
+    """Many seeds at once, each from at least ``threshold`` of its shares (x -> value), in one vectorised pass per
+    set of x's (``shared.shamir.combine``); ValueError for a seed with too few shares."""
+    return shamir.combine(share_sets, threshold)
+
+
+def seal_share(key: bytes, share: int) -> bytes:
+    """A share sealed for its holder (``share_key``): 32 bytes, AES-256-GCM with a zero nonce (the key is unique)."""
+    return AESGCM(key).encrypt(bytes(12), seed_bytes(share), b"")
+
+
+def open_share(key: bytes, sealed: bytes) -> int:
+    """The share of ``seal_share``; ``cryptography.exceptions.InvalidTag`` if it was altered or sealed under another
+    key (another epoch, round, sender or receiver), ValueError if it is not a field element."""
+    return seed_value(AESGCM(key).decrypt(bytes(12), sealed, b""))
+
+
+def seal(key: bytes, plaintext: bytes, aad: bytes = b"") -> bytes:
+    """AES-256-GCM with a random 12-byte nonce in front."""
     nonce = secrets.token_bytes(12)
-    return base64.b64encode(nonce + AESGCM(key).encrypt(nonce, plaintext, aad)).decode()
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
 
 
-def unseal(key: bytes, text: str, aad: bytes) -> bytes:
-    """The plaintext of ``seal``; ``cryptography.exceptions.InvalidTag`` if it was altered or is bound to other
-    ``aad`` (another round, sender or receiver)."""
-    raw = base64.b64decode(text, validate=True)
-    return AESGCM(key).decrypt(raw[:12], raw[12:], aad)
-
-
-def share_aad(epoch: int, round_: int, sender: str, receiver: str) -> bytes:
-    """What a sealed share is bound to: replaying it in another round or for another pair fails."""
-    return b"share|%d|%d|" % (epoch, round_) + sender.encode() + b"|" + receiver.encode()
-
-
-def pack_share(share: tuple[int, bytes]) -> bytes:
-    index, value = share
-    return index.to_bytes(2, "big") + value
-
-
-def unpack_share(raw: bytes) -> tuple[int, bytes]:
-    if len(raw) != 2 + SEED_BYTES:
-        raise ValueError("a seed share is 18 bytes")
-    return int.from_bytes(raw[:2], "big"), raw[2:]
+def unseal(key: bytes, sealed: bytes, aad: bytes = b"") -> bytes:
+    """The plaintext of ``seal``; ``cryptography.exceptions.InvalidTag`` if altered or sealed under another key."""
+    return AESGCM(key).decrypt(sealed[:12], sealed[12:], aad)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The neighbour graph and the thresholds
+# The neighbour graph, derived from the epoch's seed, and the thresholds
 # ---------------------------------------------------------------------------------------------------
 def graph_degree(n: int, complete_up_to: int = 30) -> int:
     """Neighbours per member: everyone else up to ``complete_up_to`` members, else SecAgg+'s logarithmic degree,
@@ -232,25 +246,28 @@ def graph_degree(n: int, complete_up_to: int = 30) -> int:
     return min(n - 1, 2 * (n - 1).bit_length())
 
 
-def neighbour_graph(cohort: Sequence[str], degree: int) -> dict[str, list[str]]:
-    """Each member's neighbours: the complete graph when ``degree >= n - 1``, else a ring over a random
-    permutation of the cohort (cryptographic shuffle), each member joined to the ``degree / 2`` nearest on
-    each side: symmetric, every member exactly ``degree`` neighbours, lists sorted."""
-    members = sorted(set(cohort))
-    n = len(members)
+def ring_order(cohort: Sequence[str], seed: bytes) -> list[str]:
+    """The cohort ordered around the ring: by SHA-256(seed || email), ties (never seen) by email."""
+    return sorted(cohort, key=lambda m: (hashlib.sha256(seed + m.encode()).digest(), m))
+
+
+def neighbours_in(order: Sequence[str], position: Mapping[str, int], member: str, degree: int) -> list[str]:
+    """``member``'s neighbours (sorted): everyone else when ``degree >= n - 1``, else the ``degree / 2`` nearest on
+    each side of the ring ``order`` (``position``: member -> index in it)."""
+    n = len(order)
     if degree >= n - 1:
-        return {m: [p for p in members if p != m] for m in members}
+        return sorted(m for m in order if m != member)
     if degree < 2 or degree % 2:
         raise ValueError(f"a ring needs an even degree of at least 2, got {degree}")
-    order = list(members)
-    secrets.SystemRandom().shuffle(order)
-    out: dict[str, set[str]] = {m: set() for m in members}
-    for pos, m in enumerate(order):
-        for step in range(1, degree // 2 + 1):
-            peer = order[(pos + step) % n]
-            out[m].add(peer)
-            out[peer].add(m)
-    return {m: sorted(p) for m, p in out.items()}
+    at = position[member]
+    return sorted({order[(at + step) % n] for s in range(1, degree // 2 + 1) for step in (s, -s)})
+
+
+def derived_graph(cohort: Sequence[str], seed: bytes, degree: int) -> dict[str, list[str]]:
+    """Every member's neighbours: symmetric, every member exactly ``degree`` of them, lists sorted."""
+    order = ring_order(cohort, seed)
+    position = {m: i for i, m in enumerate(order)}
+    return {m: neighbours_in(order, position, m, degree) for m in order}
 
 
 def shamir_threshold(degree: int) -> int:
@@ -266,9 +283,10 @@ def lying_floor(n: int, degree: int) -> int:
     in Q, because a mask between two members whose views agree that both survived is revealed by neither, so both
     uploads must be in the sum. In the complete graph that needs |Q| >= t + 1. In the ring of degree 2h (each member
     joined to the h nearest on each side) the periodic patterns (runs of Q members between gaps of h - 1) need
-    |Q| >= n (h + 1) / (2h), and no closed set is smaller in an exhaustive search of every ring up to 22 members and
-    an exact integer program on larger ones (``tests/test_secagg.py``); this is that bound, rounded up. Noise sized for
-    this many shares keeps a member's epsilon against such an aggregator."""
+    |Q| >= n (h + 1) / (2h); this is that bound, rounded up. It is not proven a lower bound: the evidence is an
+    exhaustive search of every subset on complete graphs and rings up to 19 members (``tests/test_secagg.py``) and
+    exact integer programs (MILP) on rings of 23 to 60 members with degrees 4 to 14, none of which found a smaller
+    closed set. Noise sized for this many shares keeps a member's epsilon against such an aggregator."""
     if n < 2 or not 1 <= degree <= n - 1:
         raise ValueError(f"need 2 <= n and 1 <= degree <= n - 1, got n={n}, degree={degree}")
     t = shamir_threshold(degree)
@@ -278,5 +296,136 @@ def lying_floor(n: int, degree: int) -> int:
     return min(n, max(t + 1, math.ceil(n * (h + 1) / (2 * h) - 1e-9)))
 
 
-def is_symmetric(graph: Mapping[str, Sequence[str]]) -> bool:
-    return all(m != p and m in graph.get(p, ()) for m, peers in graph.items() for p in peers)
+# ---------------------------------------------------------------------------------------------------
+# Bitmaps, views, reveals
+# ---------------------------------------------------------------------------------------------------
+def pack_bits(bits: Sequence[bool]) -> bytes:
+    """Bits in order, most significant first, padded with zeros to whole bytes."""
+    out = bytearray((len(bits) + 7) // 8)
+    for i, bit in enumerate(bits):
+        if bit:
+            out[i // 8] |= 0x80 >> (i % 8)
+    return bytes(out)
+
+
+def unpack_bits(raw: bytes, n: int) -> list[bool]:
+    """The first ``n`` bits of ``pack_bits``; ValueError if ``raw`` has another length or padding that is not zero."""
+    if len(raw) != (n + 7) // 8:
+        raise ValueError(f"a bitmap of {n} bits is {(n + 7) // 8} bytes, got {len(raw)}")
+    bits = [bool(raw[i // 8] & (0x80 >> (i % 8))) for i in range(8 * len(raw))]
+    if any(bits[n:]):
+        raise ValueError("a bitmap's padding bits must be zero")
+    return bits[:n]
+
+
+class View(NamedTuple):
+    """What one member signs about one round it uploaded in and was told it survived: the epoch (its hash), the
+    round, the survivor count and each of its neighbours' statuses (True: survived), in its sorted neighbour order."""
+
+    epoch_hash: bytes
+    round: int
+    member: str
+    survivors: int
+    statuses: tuple[bool, ...]
+
+    def status_of(self, neighbours: Sequence[str]) -> dict[str, bool]:
+        return dict(zip(neighbours, self.statuses))
+
+
+def view_message(view: View) -> bytes:
+    """The bytes a view's Ed25519 signature covers (``identity.sign``), one layout for signer and checker."""
+    return (PROTOCOL + b"|view|" + view.epoch_hash + view.round.to_bytes(8, "big") + view.survivors.to_bytes(4, "big")
+            + _lp(view.member) + pack_bits(view.statuses))
+
+
+def consistent_signers(mine: View, my_neighbours: Sequence[str], theirs: Mapping[str, View],
+                       neighbours_of: Mapping[str, Sequence[str]]) -> tuple[list[str], list[str]]:
+    """Which neighbours' (already verified) views agree with ``mine``, and which disagree. A view agrees when it is for
+    the same epoch, round and survivor count, its signer survived in ``mine``, ``mine``'s member survived in it, and
+    both give the same status to every member both mention. ``neighbours_of[j]``: j's sorted neighbours."""
+    me = mine.member
+    my_status = mine.status_of(my_neighbours)
+    agree, disagree = [], []
+    for j, view in sorted(theirs.items()):
+        if j not in my_status or view.member != j:
+            continue
+        theirs_status = view.status_of(neighbours_of[j])
+        ok = (view.epoch_hash == mine.epoch_hash and view.round == mine.round and view.survivors == mine.survivors
+              and my_status[j] and theirs_status.get(me) is True
+              and all(theirs_status[m] == s for m, s in my_status.items() if m in theirs_status))
+        (agree if ok else disagree).append(j)
+    return agree, disagree
+
+
+def pack_reveal(round_: int, entries: Sequence[int | bytes | None]) -> bytes:
+    """A member's reveals of one round, in its neighbour order: a share (an int, 16 bytes) for a neighbour it saw
+    survive, a round key (32 bytes) for one it saw drop, None for nothing (a share that did not arrive). Layout:
+    round (8 bytes), a bitmap of the present entries, a bitmap of the keys among them, then the entries."""
+    present = [e is not None for e in entries]
+    is_key = [isinstance(e, (bytes, bytearray)) for e in entries]
+    body = b"".join(bytes(e) if isinstance(e, (bytes, bytearray)) else seed_bytes(e) for e in entries if e is not None)
+    if any(isinstance(e, (bytes, bytearray)) and len(e) != KEY_BYTES for e in entries):
+        raise ValueError(f"a round key is {KEY_BYTES} bytes")
+    return round_.to_bytes(8, "big") + pack_bits(present) + pack_bits(is_key) + body
+
+
+def unpack_reveal(raw: bytes, degree: int) -> tuple[int, list[int | bytes | None]]:
+    """(round, entries) of ``pack_reveal`` for a member with ``degree`` neighbours; ValueError if malformed."""
+    width = (degree + 7) // 8
+    if len(raw) < 8 + 2 * width:
+        raise ValueError("a reveal is too short")
+    round_ = int.from_bytes(raw[:8], "big")
+    present = unpack_bits(raw[8:8 + width], degree)
+    is_key = unpack_bits(raw[8 + width:8 + 2 * width], degree)
+    at, out = 8 + 2 * width, []
+    for p, k in zip(present, is_key):
+        if not p:
+            if k:
+                raise ValueError("a reveal marks an absent entry as a key")
+            out.append(None)
+            continue
+        size = KEY_BYTES if k else SEED_BYTES
+        chunk = raw[at:at + size]
+        if len(chunk) != size:
+            raise ValueError("a reveal is cut short")
+        out.append(bytes(chunk) if k else seed_value(chunk))
+        at += size
+    if at != len(raw):
+        raise ValueError("a reveal has trailing bytes")
+    return round_, out
+
+
+def view_record(survivors: int, statuses: bytes, signature: bytes) -> bytes:
+    """One signed view as an inbox carries it: the survivor count (4 bytes), the statuses bitmap over its signer's
+    neighbours, the Ed25519 signature (64 bytes)."""
+    if len(signature) != 64:
+        raise ValueError("a view's signature is 64 bytes")
+    return survivors.to_bytes(4, "big") + statuses + signature
+
+
+def pack_views(records: Sequence[bytes | None], degree: int) -> bytes:
+    """Neighbours' signed views for one member's inbox, in its neighbour order: None for a neighbour without one, else
+    its ``view_record``. Layout: a bitmap of the present entries, then the records."""
+    size = 4 + (degree + 7) // 8 + 64
+    if any(r is not None and len(r) != size for r in records):
+        raise ValueError("a view record has the wrong length")
+    return pack_bits([r is not None for r in records]) + b"".join(r for r in records if r is not None)
+
+
+def unpack_views(raw: bytes, n: int, degree: int) -> list[tuple[int, bytes, bytes] | None]:
+    """The ``n`` entries of ``pack_views``; ValueError if malformed."""
+    head, width = (n + 7) // 8, (degree + 7) // 8
+    present = unpack_bits(raw[:head], n)
+    size, at, out = 4 + width + 64, head, []
+    for p in present:
+        if not p:
+            out.append(None)
+            continue
+        chunk = raw[at:at + size]
+        if len(chunk) != size:
+            raise ValueError("the views are cut short")
+        out.append((int.from_bytes(chunk[:4], "big"), bytes(chunk[4:4 + width]), bytes(chunk[4 + width:])))
+        at += size
+    if at != len(raw):
+        raise ValueError("the views have trailing bytes")
+    return out

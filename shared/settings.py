@@ -194,8 +194,8 @@ class Settings(BaseModel):
     )
     min_survivor_fraction: float = Field(
         default=0.8, gt=0, le=1,
-        description="Aggregator: a round needs this share of the cohort (and at least min_cohort); the noise is "
-        "sized so that that many members' shares already carry all of it.",
+        description="Aggregator: a round needs this share of the cohort (and at least min_cohort). Member: the least "
+        "share of survivors it accepts from an epoch.",
     )
     secure_bins: int = Field(default=20, ge=2, le=100, description="Histogram bins over [0, 100] (fleet percentiles).")
 

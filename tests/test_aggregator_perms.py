@@ -11,11 +11,12 @@ import yaml
 
 from cpu_tracker_aggregator.aggregator import Aggregator
 from shared.permissions import ensure_permissions
-from tests.test_secure_protocol import AGG, W, Net, _t
+from tests.secure_harness import AGG, Net, t
+
 
 def _now(net: Net):
-    """The time of the aggregator's last tick in ``net`` (its round closed then): a tick at it closes nothing new."""
-    return _t(net.round * W + net.agg.epoch.deadline_s + 0.5) if net.agg.epoch else _t(net.round * W)
+    """The time of the aggregator's last tick in ``net`` (after its round closed): a tick at it closes nothing new."""
+    return t(net.round * net.round_s + net.deadline + 1.0)
 
 
 GRANT = yaml.safe_dump([{"path": "**", "user": "*", "permissions": ["read"]}])

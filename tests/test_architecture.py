@@ -79,16 +79,6 @@ def test_runtime_modules_hold_no_code_only_tests_call():
     assert not unused, "defined in runtime code but used only by tests (or nowhere):\n" + "\n".join(unused)
 
 
-# The secure-mode files are being rewritten on another branch (secure-v2, protocol version 2). Their methods,
-# properties and class constants are not checked until it is merged (issue 20: the lead removes this exclusion
-# then); names they use still count as used, like any runtime code's.
-NOT_YET_CHECKED = {
-    "cpu_tracker_member/secure.py",
-    "cpu_tracker_aggregator/secure.py",
-    "shared/secagg.py",
-    "shared/secure_schema.py",
-    "shared/secnoise.py",
-}
 # Methods that a framework or the language calls by name, never our code: what they are called by.
 CALLED_BY_FRAMEWORKS = {
     "collect": "prometheus_client's registry, on every scrape (a custom collector's protocol)",
@@ -160,8 +150,6 @@ def test_runtime_classes_hold_no_method_property_or_constant_only_tests_use():
     unused = []
     for path, tree in trees.items():
         rel = str(path.relative_to(REPO))
-        if rel in NOT_YET_CHECKED:
-            continue
         for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
             for kind, name in class_members(cls):
                 if not used.get(name) and name not in USED_BY_TESTS_UNTIL_SECURE_V2:

@@ -78,7 +78,7 @@ def built_paths() -> dict[str, str]:
     """Every path ``Paths`` builds, relative to ``<data_dir>``, with placeholders for the member, aggregator and
     round, by the attribute that builds it."""
     p = Paths(Path("<data_dir>"), "<aggregator>")
-    args = {"member": "<member>", "aggregator": "<aggregator>", "round_": "<r>"}
+    args = {"member": "<member>", "aggregator": "<aggregator>", "round_": "<r>", "number": "<n>", "email": "<member>"}
     built = {}
     for name, attr in vars(Paths).items():
         if name.startswith("_"):
@@ -89,7 +89,8 @@ def built_paths() -> dict[str, str]:
             value = attr(p, **{k: args[k] for k in inspect.signature(attr).parameters if k != "self"})
         else:
             continue
-        built[name] = str(value)
+        if str(value).startswith("<data_dir>/"):  # outside it (the identity keys): said in the docstring's prose
+            built[name] = str(value)
     return built
 
 

@@ -39,7 +39,8 @@ def test_withdrawal_removes_every_file_the_member_published_and_says_so_once(tmp
     member, wall = _member(tmp_path), FakeWall()
     _window(member, wall)
     p = member.paths
-    published = [p.report_file(), p.monitor_signals_file(), p.secure_key_file(), p.upload_file(7), p.upload_file(8)]
+    published = [p.report_file(), p.monitor_signals_file(), p.secure_join_file(), p.answers_file(), p.upload_file(7),
+                 p.upload_file(8)]
     for f in published[1:]:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("{}")

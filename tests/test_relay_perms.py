@@ -145,7 +145,7 @@ class World:
 
     def member_files_on_relay(self) -> list[str]:
         p = self.paths
-        files = [p.report_file(), p.monitor_signals_file(), p.secure_key_file(), p.upload_file(1)]
+        files = [p.report_file(), p.monitor_signals_file(), p.secure_join_file(), p.answers_file(), p.upload_file(1)]
         return [str(f.relative_to(p.datasites)) for f in files if self.relay.has(str(f.relative_to(p.datasites)))]
 
     def exposed(self) -> list[str]:

@@ -24,11 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # -- the client config -------------------------------------------------------------------------------------------
-def syftbox_view(config: Path | None) -> tuple[Path, str]:
+def syftbox_view(config: Path | None) -> tuple[Path, str, str]:
     from syftbox.lib import Client
 
     client = Client.load(config)
-    return Path(client.workspace.data_dir), str(client.email)
+    return Path(client.workspace.data_dir), str(client.email), str(client.config.server_url)
 
 
 @pytest.mark.parametrize("layout", ["plain", "legacy_name", "sync_folder", "home", "relative", "from_env"])
@@ -54,8 +54,9 @@ def test_the_config_is_read_as_syftbox_reads_it(tmp_path, monkeypatch, layout):
         monkeypatch.setenv("SYFTBOX_CLIENT_CONFIG_PATH", str(given))
         given = None
     ours = load_client_config(None if given is None else str(given))
-    assert (ours.data_dir, ours.email) == syftbox_view(given)
-    assert ours.server_url == "http://127.0.0.1:1" and ours.data_dir.is_absolute()
+    # the server URL as syftbox holds it (the private-key folder is named after it, as syft-crypto names it)
+    assert (ours.data_dir, ours.email, ours.server_url) == syftbox_view(given)
+    assert ours.server_url == "http://127.0.0.1:1/" and ours.data_dir.is_absolute()
     assert load_workspace(None if given is None else str(given)).private == ours.data_dir / "private" / "cpu_tracker"
 
 

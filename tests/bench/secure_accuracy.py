@@ -5,8 +5,7 @@ colluding members cost.
 Parameters: for each unit and cohort size k the epoch the aggregator would plan for k members who chose that
 ``secure_unit`` and nothing else (``cpu_tracker_aggregator.secure.plan_epoch``: the noise sized for
 ``secagg.lying_floor(k, degree)`` shares, the split, the quantization, the bins). The day unit releases at rounds of
-``_release_seconds`` (5 minutes: 288 releases a day); until the protocol's ``secure_schema.release_seconds`` is on
-main the bench passes that round length as ``interval_s`` (``_release_seconds``, deleted when it lands).
+``secure_schema.release_seconds`` (5 minutes at the default 20 s windows: 288 releases a day), as the product does.
 
 One round per trial: k members' window means from a fleet, quantized (``quantize``), their one-hot histogram over the
 epoch's bins, plus the summed noise of k shares (every member survives). The noise: the sum of k real
@@ -27,7 +26,6 @@ Fleets: "real" (each member a random 20 s stretch of tests/bench/data/cpu_trace_
 
 from __future__ import annotations
 
-import base64
 import math
 import random
 import time
@@ -45,7 +43,6 @@ UNITS = ("cpu_second", "cpu_window", "cpu_day")
 KS = (100, 1000, 10000)
 FLEETS = ("real", "mixed")
 INTERVAL_S = 20.0  # the default interval_s: the member measures every window
-DAY_ROUND_S = 300.0
 AGG = "agg@bench.example.org"
 SEED = 20261206
 GOAL_RMSE = {"cpu_day": (1000, 1.5)}  # the issue's goal: the day unit within 1.5 points at k = 1,000
@@ -55,26 +52,17 @@ PERCENTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
 # ---------------------------------------------------------------------------------------------------
 # The product's parameters
 # ---------------------------------------------------------------------------------------------------
-def _release_seconds(unit: str, interval_s: float) -> float:
-    """The round length of ``unit``: the smallest whole number of windows lasting >= 5 minutes for cpu_day, the window
-    otherwise. Stands in for ``shared.secure_schema.release_seconds`` until it is on main: delete it then, and pass
-    INTERVAL_S to the settings below."""
-    if unit != "cpu_day" or interval_s >= DAY_ROUND_S:
-        return interval_s
-    return math.ceil(DAY_ROUND_S / interval_s - 1e-9) * interval_s
-
-
 @lru_cache(maxsize=None)
 def product_epoch(unit: str, k: int):
     """The epoch ``plan_epoch`` makes for k members who set ``secure_unit = unit`` and nothing else."""
     from cpu_tracker_aggregator.secure import plan_epoch
     from shared.settings import Settings
 
-    rng = random.Random(f"{SEED}-{k}")
-    keys = {f"m{i:05d}@bench.example.org": base64.b64encode(rng.randbytes(32)).decode() for i in range(k)}
-    settings = Settings(aggregator=AGG, mode="secure", secure_unit=unit,
-                        interval_s=_release_seconds(unit, INTERVAL_S))
-    return plan_epoch(1, keys, settings, AGG, 0, datetime(2026, 12, 6, tzinfo=timezone.utc))
+    cohort = [f"m{i:05d}@bench.example.org" for i in range(k)]
+    settings = Settings(aggregator=AGG, mode="secure", secure_unit=unit, interval_s=INTERVAL_S)
+    assert settings == Settings(aggregator=AGG, mode="secure", secure_unit=unit)  # nothing else: the defaults
+    return plan_epoch(1, cohort, settings, AGG, 0, datetime(2026, 12, 6, tzinfo=timezone.utc),
+                      seed=random.Random(f"{SEED}-{k}").randbytes(32))
 
 
 def releases(epoch) -> int:
@@ -557,8 +545,8 @@ def run(ctx) -> Result:
     res.notes += [
         "Parameters from plan_epoch for k members at the defaults: noise sized for t = secagg.lying_floor(k, degree) "
         "shares (58 / 550 / 5,358 at k = 100 / 1,000 / 10,000); all k survive, so the sum carries k / t times the "
-        "target variance: RMSE = sd_total sqrt(k / t) / k. The day unit releases every 5 minutes (288 a day) through "
-        "the bench's stand-in for secure_schema.release_seconds.",
+        "target variance: RMSE = sd_total sqrt(k / t) / k. The day unit releases every 5 minutes (288 a day): "
+        "secure_schema.release_seconds at the default 20 s windows.",
         "Local mode and the tutorial put the unit's whole epsilon on the mean (no histogram), which favours them; the "
         "tutorial's truncated noise (diffprivlib.tools.mean, bounds 0-100) is biased towards 50.",
         "Percentile intervals are runs of whole bins built from one-sided 2.5 % bounds at each edge: >= 95 % for every "

@@ -1,118 +1,145 @@
-"""What secure aggregation costs: a member's CPU per round, the bytes it uploads, and the aggregator's time per round.
+"""What secure aggregation costs one member: CPU per round and bytes, at k = 1,000, 10,000 and 100,000 members.
 
-In-process, with the roles' real code: ``cpu_tracker_member.secure`` builds each upload (vector, noise share,
-masks, Shamir split of the self-mask seed, sealed shares) and answers an inbox (unsealing its neighbours' shares);
-``cpu_tracker_aggregator.secure`` unmasks (rebuilds every survivor's seed from its shares, removes the masks).
-The cohort is k = 1,000 with the logarithmic ring graph (20 neighbours, threshold 11), 20 s windows; the aggregator
-at k = 10,000 (28 neighbours, threshold 15) is timed on a sample of survivors and scaled to the cohort, because its
-cost is one Shamir rebuild per survivor plus one pass over the vectors (both linear in k).
+The member is the real one (``cpu_tracker_member.secure.SecureMember``): it reads and checks the signed epoch against
+its own minimums, derives its neighbours from the ring, reads its neighbours' did.json, charges its ledger, builds
+its upload (quantized value, noise share, masks, Shamir split, sealed shares, MAC), then answers its inbox: signs its
+view of the round just closed, verifies its neighbours' signed views of the round before, checks their consistency
+and reveals (sealed for the aggregator). Its neighbours are real keys too: the bench writes their did.json and, as
+the aggregator would, each round's inbox with their sealed shares and signed views. Only the member's work is timed
+(process CPU time); the costs it pays once an epoch (reading the epoch, ordering the ring) are shown apart and
+spread over the epoch's rounds in the per-round figure.
 """
 
 from __future__ import annotations
 
-import base64
+import logging
+import secrets
+import shutil
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
-import numpy as np
-
-from cpu_tracker_aggregator.secure import plan_epoch, unmask
-from shared import secagg
-from shared.secure_schema import Reveal, SecureUpload
+from cpu_tracker_aggregator.secure import plan_epoch
+from cpu_tracker_member.secure import SecureMember, epoch_epsilon
+from shared import identity, secagg
+from shared.atomic import atomic_write_json
+from shared.ledger import Ledger
+from shared.logs import Problems
+from shared.paths import Paths
+from shared.secure_schema import b64, epoch_hash, inbox_file, message, signed_file
 from shared.settings import Settings
 from tests.bench.common import Result, Row
 
 WINDOW_S = 20.0
-AGG = "agg@example.org"
+AGG = "aggregator@bench.example.org"
+ME = "me@bench.example.org"
+START = 4_000_000
 
 
-def _cohort(k: int):
-    members = [f"m{i:05d}@example.org" for i in range(k)]
-    priv = {m: secagg.new_private_key() for m in members[:64]}  # keys for the members whose side is timed
-    pub = {m: base64.b64encode(secagg.public_key(priv.get(m) or secagg.new_private_key())).decode()
-           for m in members[:64]}
-    filler = base64.b64encode(secagg.public_key(secagg.new_private_key())).decode()
-    keys = {m: pub.get(m, filler) for m in members}
+def _t(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+def member_cost(work: Path, k: int, rounds: int) -> dict:
+    """CPU seconds of one member's rounds in a cohort of k, and the bytes it moves."""
+    root = work / f"member-k{k}"
+    shutil.rmtree(root, ignore_errors=True)
+    me = Paths(root / ME, ME)
+    agg = Paths(root / AGG, AGG)
+    me.datasites.mkdir(parents=True)
+    (root / AGG).mkdir()
+    (agg.data_dir / "datasites").symlink_to(me.datasites)  # one mirror for both
     settings = Settings(aggregator=AGG, mode="secure", interval_s=WINDOW_S)
-    epoch = plan_epoch(1, keys, settings, AGG, 1000, datetime.now(timezone.utc))
-    return members, priv, epoch
-
-
-def member_round_ms(epoch, me, priv) -> tuple[float, int]:
-    """CPU ms of one member's round (upload and reveals for its neighbours) and the upload's bytes."""
-    import cpu_tracker_member.secure as msec
-
-    salt = base64.b64decode(epoch.salt)
-    peers = epoch.neighbours[me]
+    agg_id = identity.load_or_create(agg)
+    cohort = sorted([f"x{i:06d}@bench.example.org" for i in range(k - 1)] + [ME])
+    epoch = plan_epoch(1, cohort, settings, AGG, START, _t(START * WINDOW_S), seed=secrets.token_bytes(32))
+    raw = signed_file(epoch, agg_id.sign)
+    agg.epoch_file().parent.mkdir(parents=True)
+    agg.epoch_file().write_bytes(raw)
+    h = epoch_hash(message(epoch.kind, raw[:raw.rindex(b',"signature"')] + b"}"))
+    peers = epoch.neighbours(ME)
+    ids = {p: identity.Identity.generate(p) for p in peers}
+    for p, i in ids.items():
+        atomic_write_json(me.did_file(p), i.did_document())
+    ledger = Ledger(me.ledger_file, settings.budgets)
+    epoch_epsilon(epoch)  # the accounting libraries' imports: once a process, not an epoch
+    member = SecureMember(me, settings, Problems(logging.getLogger("bench.member")), lambda: ledger)
     started = time.process_time()
-    pairs = {p: secagg.pair_secret(priv, base64.b64decode(epoch.key_of(p)), me=me, peer=p, epoch_salt=salt)
-             for p in peers}
-    setup = time.process_time() - started  # once per epoch (an hour of rounds): reported apart
-    rounds = 20
-    started = time.process_time()
-    for r in range(rounds):
-        values = msec.window_vector(37.5, epoch)
-        seed = secagg.new_seed()
-        y = secagg.masked(values, self_seed=seed, round_keys={p: secagg.round_key(pairs[p], r) for p in peers}, me=me)
-        shares = secagg.split_seed(seed, peers, epoch.threshold)
-        sealed = {p: secagg.seal(secagg.seal_key(pairs[p]), secagg.pack_share(shares[p]),
-                                 secagg.share_aad(1, r, me, p)) for p in peers}
-        # answering the inbox: open one sealed share per neighbour (here our own, same cost), reveal them
-        opened = {p: base64.b64encode(secagg.unseal(secagg.seal_key(pairs[p]), sealed[p],
-                                                    secagg.share_aad(1, r, me, p))).decode() for p in peers}
-        upload = SecureUpload(app_version="bench", email=me, epoch=1, round=r, created_at=datetime.now(timezone.utc),
-                              vector=secagg.encode_vector(y), sealed=sealed, reveals=[Reveal(round=r + 100, shares=opened)])
-        body = upload.model_dump_json().encode()
-    per_round = (time.process_time() - started) / rounds
-    return 1000 * (per_round + setup / epoch.rounds), len(body)
+    assert member.ready()
+    keys = member._keys
+    mine = identity.load_or_create(me)
+    pair = {p: secagg.pair_secret(i.prekey_private, i.public.prekey, mine.public.prekey, me=p, peer=ME,
+                                  aggregator=AGG) for p, i in ids.items()}
+    t = epoch.threshold
+    cpu, sizes = [], {}
+    once = None
+    for n, r in enumerate(range(START, START + rounds)):
+        c0 = time.process_time()
+        assert member.publish(37.5, _t(r * WINDOW_S), _t((r + 1) * WINDOW_S)), "no upload"
+        c1 = time.process_time()
+        if once is None:
+            once = c1 - started  # identity, pins, join, the epoch read and checked, the ring ordered, pair secrets
+        entries = [_entry(epoch, h, r, ME, peers, pair, t, with_views=False)]
+        if n:
+            entries.append(_entry(epoch, h, r - 1, ME, peers, pair, t, with_views=True, ids=ids))
+        body = inbox_file(ME, _t((r + 1) * WINDOW_S + 11), entries, keys["inbox"])
+        agg.inbox_file(ME).parent.mkdir(parents=True, exist_ok=True)
+        agg.inbox_file(ME).write_bytes(body)
+        c2 = time.process_time()
+        member.answer()
+        c3 = time.process_time()
+        if n >= 2:
+            cpu.append((c1 - c0) + (c3 - c2))
+        sizes = {"upload": me.upload_file(r).stat().st_size, "answers": me.answers_file().stat().st_size,
+                 "inbox": len(body), "epoch": len(raw)}
+    answered = r - 1 in member._state.answered
+    shutil.rmtree(root, ignore_errors=True)
+    return {"k": k, "degree": epoch.degree, "cpu_round_s": sum(cpu) / len(cpu), "once_s": once,
+            "rounds_per_epoch": epoch.rounds, "bytes": sizes, "revealed": answered}
 
 
-def aggregator_round_s(epoch, sample: int) -> tuple[float, float]:
-    """Seconds for one round's unmasking at the epoch's cohort size (no dropout), measured on ``sample`` survivors and
-    scaled; and the seconds the Shamir rebuild alone takes for the sample (shared.shamir)."""
-    members = epoch.emails()
-    dim = epoch.dim
-    survivors = members[:sample]
-    vectors, reveals = {}, {m: Reveal(round=0) for m in members}
-    shares_of = {}
-    for m in survivors:
-        seed = secagg.new_seed()
-        vectors[m] = secagg.prg(seed, dim) + np.arange(dim, dtype=np.uint64)
-        shares_of[m] = secagg.split_seed(seed, epoch.neighbours[m], epoch.threshold)
-    sh = {m: {} for m in members}
-    for m in survivors:
-        for p, share in shares_of[m].items():
-            sh[p][m] = base64.b64encode(secagg.pack_share(share)).decode()
-    reveals = {p: Reveal(round=0, shares=s) for p, s in sh.items() if s}
-    # the pairwise masks cancel over a full cohort; for a sample they would not, so time them apart: unmask sees
-    # only self masks here (identical work per survivor)
-    started = time.perf_counter()
-    unmask(epoch, vectors, [], reveals)
-    elapsed = time.perf_counter() - started
-    started = time.perf_counter()
-    secagg.combine_seeds([[secagg.unpack_share(base64.b64decode(reveals[j].shares[m]))
-                           for j in epoch.neighbours[m] if m in reveals.get(j, Reveal(round=0)).shares]
-                          for m in survivors], epoch.threshold)
-    shamir = time.perf_counter() - started
-    return elapsed * len(members) / sample, shamir
+def _entry(epoch, h, r, me, peers, pair, t, *, with_views: bool, ids=None) -> dict:
+    """Round r of the member's inbox as the aggregator writes it: its neighbours' sealed shares (first time) or their
+    signed views (all survived)."""
+    survivors = len(epoch.cohort)
+    sealed = b"" if with_views else b"".join(
+        secagg.seal_share(secagg.share_key(pair[p], h, r, p, me), secagg.new_seed()) for p in peers)
+    views = b""
+    if with_views:
+        views = secagg.pack_bits([True] * len(peers))
+        for p in peers:
+            bits = tuple(True for _ in epoch.neighbours(p))
+            sig = ids[p].sign(secagg.view_message(secagg.View(h, r, p, survivors, bits)))
+            views += secagg.view_record(survivors, secagg.pack_bits(bits), sig)
+    return {"round": r, "epoch_hash": b64(h), "status": "unmasking", "survived": True, "survivors": survivors,
+            "statuses": b64(secagg.pack_bits([True] * len(peers))), "sealed": b64(sealed),
+            "views": b64(views) if views else "", "reason": None}
 
 
 def run(ctx) -> Result:
-    res = Result("secure_protocol", "Secure aggregation: member cost, upload size, aggregator time per round")
-    members, priv, epoch = _cohort(1000)
-    me = members[0]
-    ms, size = member_round_ms(epoch, me, priv[me])
-    core = ms / (WINDOW_S * 1000)
-    res.rows.append(Row(f"member CPU per round, k = 1,000, {len(epoch.neighbours[me])} neighbours, 20 s windows",
-                        100 * core, "% of a core", "", None, "<= 0.1 % of a core", 100 * core <= 0.1,
-                        f"{ms:.1f} ms a round (the epoch's key agreements spread over its {epoch.rounds} rounds)"))
-    res.rows.append(Row("bytes uploaded per member per round (masked vector, sealed shares, reveals)", size / 1024,
-                        "KB", "", None, "<= 4 KB", size <= 4096))
-    _, _, big = _cohort(10_000)
-    sample = 100 if ctx.quick else 300
-    seconds, shamir_s = aggregator_round_s(big, sample)
-    res.rows.append(Row(f"aggregator time per round, k = 10,000 ({len(big.neighbours[big.emails()[0]])} neighbours, "
-                        f"threshold {big.threshold})", seconds, "s", "", None, "<= 2 s", seconds <= 2.0,
-                        f"measured on {sample} survivors and scaled (the Shamir rebuild alone: "
-                        f"{shamir_s * len(big.emails()) / sample:.2f} s)"))
+    res = Result("secure_protocol", "Secure aggregation: one member's CPU and bytes per round at fleet sizes")
+    sizes = (1000, 10_000) if ctx.quick else (1000, 10_000, 100_000)
+    rounds = 6 if ctx.quick else 12
+    figures = {}
+    for k in sizes:
+        f = figures[k] = member_cost(ctx.work, k, rounds)
+        per_round = f["cpu_round_s"] + f["once_s"] / f["rounds_per_epoch"]
+        core = per_round / WINDOW_S
+        ctx.log(f"secure_protocol: k={k}: {1000 * f['cpu_round_s']:.1f} ms a round, {f['once_s']:.2f} s once")
+        res.rows.append(Row(f"member CPU per round, k = {k:,} ({f['degree']} neighbours, 20 s rounds)", 100 * core,
+                            "% of a core", "", None, "<= 0.1 % of a core" if k == 10_000 else "",
+                            (100 * core <= 0.1) if k == 10_000 else None,
+                            f"{1000 * f['cpu_round_s']:.1f} ms a round (upload, view, {f['degree']} views verified, "
+                            f"reveal) + {f['once_s']:.2f} s once an epoch (epoch read and checked, ring, "
+                            f"{f['degree']} key agreements) over its {f['rounds_per_epoch']} rounds"
+                            + ("" if f["revealed"] else "; NOT REVEALED: the consistency check failed")))
+        b = f["bytes"]
+        up = b["upload"] + b["answers"]
+        res.rows.append(Row(f"bytes a member uploads per round, k = {k:,} (round file + answers: view and sealed "
+                            "reveal)", up / 1024, "KB", "", None, "<= 4 KB" if k == 10_000 else "",
+                            (up <= 4096) if k == 10_000 else None,
+                            f"round file {b['upload']} B, answers {b['answers']} B; inbox read {b['inbox']} B; "
+                            f"epoch {b['epoch'] / 1024:.0f} KB once an epoch"))
+    res.details = figures
+    res.notes.append(__doc__.split("\n\n")[1].replace("\n", " "))
     return res
