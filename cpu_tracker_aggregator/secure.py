@@ -42,7 +42,7 @@ from shared.atomic import (
 from shared.logs import Problems
 from shared.paths import Paths, is_datasite_email
 from shared.permissions import ensure_permissions, exposure_sentence, guard_for, withhold
-from shared.schema import SecureFigure, SecureRoundStatus
+from shared.schema import SECOND_UNIT, SecureFigure, SecureRoundStatus
 from shared.secnoise import (
     FALSE_REFUSAL,
     calibrate,
@@ -91,7 +91,7 @@ NOISE_WORDS = {"dlaplace": "distributed discrete Laplace", "dgaussian": "distrib
 def scale_for(unit: str, units_per_window: int) -> int:
     """Integers per point: 1 for the window and day units; for one second of a window of n seconds, enough that the
     per-second sensitivity 100 * scale / n is about 10 steps (so rounding it up costs little)."""
-    return 1 if unit != "cpu_second" else max(1, math.ceil(units_per_window / 10))
+    return 1 if unit != SECOND_UNIT else max(1, math.ceil(units_per_window / 10))
 
 
 def plan_epoch(number: int, cohort: list[str], settings: Settings, aggregator: str, first_round: int,

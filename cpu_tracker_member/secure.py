@@ -40,7 +40,8 @@ from shared.ledger import BudgetExceeded, Ledger, Spend
 from shared.safezone import day_epsilon as monitors_day_epsilon
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.schema import CPU_BOUNDS, utc_now
+from shared.privacy import clip_cpu
+from shared.schema import CPU_BOUNDS, DAY_UNIT, utc_now
 from shared.secnoise import NoiseSpec, epsilon_of, quantize, release_event, sample_share
 from shared.secure_schema import (
     UNIT_WORDS,
@@ -87,7 +88,7 @@ def bin_of(mean: float, bins: int) -> int:
 def window_vector(raw_mean: float, epoch: Epoch, rng=None) -> list[int]:
     """The member's vector for one round, before masking: its quantized mean, the one-hot histogram of that mean
     over ``epoch.bins`` bins, plus its noise share. Only this member ever sees it."""
-    mean = min(max(float(raw_mean), CPU_BOUNDS[0]), CPU_BOUNDS[1])
+    mean = clip_cpu(raw_mean)
     x = [quantize(mean, epoch.scale, rng)] + [0] * epoch.bins
     x[1 + bin_of(mean, epoch.bins)] = 1
     noise = sample_share(epoch.noise, epoch.bins, rng)
@@ -182,7 +183,7 @@ def day_check(cap: float, delta: float) -> Callable:
         day = new.window_start.replace(hour=0, minute=0, second=0, microsecond=0)
         while day < new.window_end:
             end = day + timedelta(days=1)
-            same = Counter((s.noise, s.survivors) for s in (*recorded, new) if s.unit == "cpu_day"
+            same = Counter((s.noise, s.survivors) for s in (*recorded, new) if s.unit == DAY_UNIT
                            and s.noise is not None and s.window_start < end and s.window_end > day)
             events = [ev for (noise, survivors), n in same.items()
                       for ev in [release_event(_spec(noise), survivors)] * n]
@@ -391,7 +392,7 @@ class SecureMember:
         round_s = release_seconds(self.settings.secure_unit, self.settings.interval_s)
         r = round_of(start, end, round_s)
         seconds = (end - start).total_seconds()
-        value = min(max(float(raw_mean), CPU_BOUNDS[0]), CPU_BOUNDS[1])
+        value = clip_cpu(raw_mean)
         if self._round is None or self._round[0] != r:
             self._round = (r, start.timestamp(), 0.0, 0.0)
         _, first, covered, total = self._round
@@ -449,7 +450,7 @@ class SecureMember:
             n_samples=epoch.units_per_window, noise=epoch.noise.model_dump_json(),
             survivors=secagg.lying_floor(len(epoch.cohort), epoch.degree),
         )
-        also = day_check(self.settings.secure_target, epoch.delta) if epoch.unit == "cpu_day" else None
+        also = day_check(self.settings.secure_target, epoch.delta) if epoch.unit == DAY_UNIT else None
         try:
             if also is not None and ledger.retention < timedelta(days=1):
                 raise OSError("the ledger keeps less than a day (add a budget with horizon_s = 86400) and the "

@@ -36,7 +36,7 @@ from pydantic import AwareDatetime, Field, PrivateAttr, field_validator, model_v
 from pydantic_core import to_json
 
 from shared.paths import is_datasite_email
-from shared.schema import CPU_BOUNDS, _Wire
+from shared.schema import CPU_BOUNDS, DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, SecureUnit, _Wire
 from shared.secagg import HASH_BYTES, MODULUS_BITS, PROTOCOL, neighbours_in, ring_order, shamir_threshold
 from shared.secnoise import NoiseSpec
 
@@ -46,11 +46,11 @@ UPLOAD_KIND = "cpu_tracker.secure_round"
 ANSWERS_KIND = "cpu_tracker.secure_answers"
 INBOX_KIND = "cpu_tracker.secure_inbox"
 ROUNDS_KIND = "cpu_tracker.secure_rounds"
-Unit = Literal["cpu_second", "cpu_window", "cpu_day"]
+Unit = SecureUnit
 UNIT_WORDS = {
-    "cpu_second": "one second of a member's CPU activity",
-    "cpu_window": "a member's whole window",
-    "cpu_day": "a member's whole UTC day",
+    SECOND_UNIT: "one second of a member's CPU activity",
+    WINDOW_UNIT: "a member's whole window",
+    DAY_UNIT: "a member's whole UTC day",
 }
 DAY_RELEASE_S = 300.0  # the cpu_day unit releases about every 5 minutes
 
@@ -412,7 +412,7 @@ def release_seconds(unit: str, interval_s: float) -> float:
     """A round's length: the measurement window itself, except for ``cpu_day``, whose whole day is the unit whatever
     the number of releases: the smallest whole number of windows that lasts at least 5 minutes (288 releases a day
     at 20 s windows instead of 4,320). The member keeps measuring every window; a round releases their mean."""
-    if unit != "cpu_day":
+    if unit != DAY_UNIT:
         return float(interval_s)
     return math.ceil(DAY_RELEASE_S / interval_s - 1e-9) * float(interval_s)
 
@@ -422,7 +422,7 @@ def mean_sensitivity_for(unit: str, scale: int, units_per_window: int) -> int:
     to the full range, 100 * scale; one second of activity by 100 * scale / n for n whole seconds, rounded up.
     Stochastic rounding adds at most one integer step either way, which the + 1 covers for the per-second unit."""
     full = int(round((CPU_BOUNDS[1] - CPU_BOUNDS[0]) * scale))
-    if unit == "cpu_second":
+    if unit == SECOND_UNIT:
         return min(full, math.ceil(full / units_per_window) + 1)
     return full
 
@@ -430,7 +430,7 @@ def mean_sensitivity_for(unit: str, scale: int, units_per_window: int) -> int:
 def releases_for(unit: str, window_s: float) -> int:
     """Releases one unit of protection must cover: the rounds that touch one UTC day for ``cpu_day`` (rounds are
     aligned to UTC multiples of ``window_s``), else one."""
-    if unit != "cpu_day":
+    if unit != DAY_UNIT:
         return 1
     whole = DAY_S / window_s
     return math.ceil(whole - 1e-9) + (0 if abs(whole - round(whole)) < 1e-9 else 1)
@@ -439,4 +439,4 @@ def releases_for(unit: str, window_s: float) -> int:
 def noise_family_for(unit: str) -> str:
     """Pure epsilon per window or per second: the distributed discrete Laplace. A day of releases composes far more
     cheaply in zCDP: the distributed discrete Gaussian (figures in docs/secure-mode.md's table)."""
-    return "dgaussian" if unit == "cpu_day" else "dlaplace"
+    return "dgaussian" if unit == DAY_UNIT else "dlaplace"
