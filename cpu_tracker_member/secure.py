@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from shared import __version__, identity, secagg
 from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_json, read_capped
-from shared.ledger import BudgetExceeded, Ledger, Spend
+from shared.ledger import BudgetExceeded, Charge, LedgerKeeper, Spend
 from shared.safezone import day_epsilon as monitors_day_epsilon
 from shared.logs import Problems
 from shared.paths import Paths
@@ -44,6 +44,7 @@ from shared.privacy import clip_cpu
 from shared.schema import CPU_BOUNDS, DAY_UNIT, utc_now
 from shared.secnoise import NoiseSpec, epsilon_of, quantize, release_event, sample_share
 from shared.secure_schema import (
+    DAY_S,
     UNIT_WORDS,
     Epoch,
     Inbox,
@@ -251,7 +252,7 @@ class SecureMember:
     paths: Paths
     settings: Settings
     problems: Problems
-    ledger: Callable[[], Ledger | None]
+    keeper: LedgerKeeper  # the member's ledger, and the one way every spender charges it
     _me: identity.Identity | None = None
     _book: identity.KeyBook | None = None
     _agg: identity.PublicKeys | None = None
@@ -440,8 +441,7 @@ class SecureMember:
             return False
         self.problems.clear("peers")
         self._book.pins.save()
-        ledger = self.ledger()
-        if ledger is None:
+        if self.keeper.ledger() is None:
             return False
         round_start = datetime.fromtimestamp(epoch.window(r)[0], timezone.utc)
         spend = Spend(
@@ -451,21 +451,10 @@ class SecureMember:
             survivors=secagg.lying_floor(len(epoch.cohort), epoch.degree),
         )
         also = day_check(self.settings.secure_target, epoch.delta) if epoch.unit == DAY_UNIT else None
-        try:
-            if also is not None and ledger.retention < timedelta(days=1):
-                raise OSError("the ledger keeps less than a day (add a budget with horizon_s = 86400) and the "
-                              "cpu_day unit needs the whole day")
-            ledger.admit(spend, also)
-            self.problems.clear("budget", "privacy budget available again: secure rounds resume")
-        except BudgetExceeded as e:
-            if "budget" not in self.problems.active:
-                self.problems.report("budget", f"{e}; rounds resume by themselves once the span rolls past")
+        charged = self.keeper.charge(spend, who="secure mode: ", resume="rounds resume by themselves once the span "
+                                     "rolls past", also=also, needs_s=DAY_S if also is not None else 0.0)
+        if charged is not Charge.CHARGED:
             return False
-        except OSError as e:
-            self.problems.report("ledger-write", f"cannot record the secure release in the ledger, not taking part: "
-                                 f"{e}")
-            return False
-        self.problems.clear("ledger-write")
         try:
             state.last_used = r
             state.used[r] = b64(h)

@@ -11,7 +11,7 @@ import numpy as np
 
 import cpu_tracker_member.secure as msec
 from cpu_tracker_aggregator.secure import SecureAggregator
-from shared.ledger import Ledger
+from shared.ledger import Ledger, LedgerKeeper
 from shared.logs import Problems
 from shared.paths import Paths
 from shared.secure_schema import SecureUpload, release_seconds
@@ -71,8 +71,8 @@ class Net:
     def member(self, email, settings: Settings | None = None) -> msec.SecureMember:
         p = self.home(email)
         s = settings or self.member_settings
-        ledger = Ledger(p.ledger_file, s.budgets)
-        return msec.SecureMember(p, s, Problems(logging.getLogger(f"test.secure.{email}")), lambda: ledger)
+        problems = Problems(logging.getLogger(f"test.secure.{email}"))  # the ledger opened as the member opens it
+        return msec.SecureMember(p, s, problems, LedgerKeeper(lambda: Ledger(p.ledger_file, s.budgets), problems))
 
     # -- one round ------------------------------------------------------------------------------------
     def members_upload(self, who=None, r=None):

@@ -149,7 +149,7 @@ def test_every_secure_release_is_charged_before_its_upload_and_the_day_budget_ho
     assert e.unit == "cpu_day" and e.noise.family == "dgaussian"
     per_day = math.ceil(86400 / e.window_s)
     m = net.members[0]
-    ledger = net.secure[m].ledger()
+    ledger = net.secure[m].keeper.ledger()
     net.step()
     spends = [s for s in ledger.spends if s.mechanism.startswith("secure")]
     floor = secagg.lying_floor(3, e.degree)
@@ -386,7 +386,7 @@ def test_nothing_is_charged_for_nothing_while_the_aggregator_is_away(tmp_path, m
     net = Net(tmp_path, 4, monkeypatch)
     net.step()
     m = net.members[0]
-    ledger = net.secure[m].ledger()
+    ledger = net.secure[m].keeper.ledger()
     charged = len(ledger.spends)
     for _ in range(8):  # the aggregator is gone: nobody closes anything
         net.members_upload()
@@ -450,3 +450,20 @@ def test_a_member_joining_late_is_in_an_epoch_within_a_few_rounds(tmp_path, monk
     for _ in range(3):
         net.step()
     assert net.agg.figure is not None and net.agg.figure.survivors == 5
+
+
+def test_a_ledger_edited_into_garbage_while_running_pauses_the_member_said_once(tmp_path, monkeypatch, caplog):
+    """The charge goes through the member's one ledger keeper (shared.ledger.LedgerKeeper): a ledger that turns
+    unreadable mid-run pauses the rounds with one ERROR, never a traceback out of publish (before: LedgerCorrupt
+    escaped the secure member and restarted the role)."""
+    net = Net(tmp_path, 4, monkeypatch)
+    net.step()
+    m = net.members[0]
+    path = net.secure[m].keeper.ledger().path
+    path.write_text(path.read_text() + "not a spend\n{\n")
+    caplog.clear()
+    for _ in range(3):
+        net.step()  # raises on the old code
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "ledger" in r.getMessage()]
+    assert len(said) == 1 and "releases paused" in said[0], said
+    assert net.upload(m, net.round - 1) is None  # nothing of a round is sent without its charge

@@ -23,7 +23,7 @@ from cpu_tracker_aggregator.secure import plan_epoch
 from cpu_tracker_member.secure import SecureMember, epoch_epsilon
 from shared import identity, secagg
 from shared.atomic import atomic_write_json
-from shared.ledger import Ledger
+from shared.ledger import Ledger, LedgerKeeper
 from shared.logs import Problems
 from shared.paths import Paths
 from shared.secure_schema import b64, epoch_hash, inbox_file, message, signed_file
@@ -63,7 +63,8 @@ def member_cost(work: Path, k: int, rounds: int) -> dict:
         atomic_write_json(me.did_file(p), i.did_document())
     ledger = Ledger(me.ledger_file, settings.budgets)
     epoch_epsilon(epoch)  # the accounting libraries' imports: once a process, not an epoch
-    member = SecureMember(me, settings, Problems(logging.getLogger("bench.member")), lambda: ledger)
+    problems = Problems(logging.getLogger("bench.member"))
+    member = SecureMember(me, settings, problems, LedgerKeeper(lambda: ledger, problems))
     started = time.process_time()
     assert member.ready()
     keys = member._keys
