@@ -336,8 +336,8 @@ def test_relay_down_then_back(net: LocalNetwork) -> None:
         assert (latest.window.start, latest.window.end) == (spends[-1].window_start, spends[-1].window_end)
         for b in settings.budgets:
             assert worst_spans(spends, b.horizon_s) <= b.epsilon * (1 + 1e-9)
-        elapsed = (spends[-1].window_end - spends[0].window_start).total_seconds() - (up_at - down_at).total_seconds()
-        assert abs(len(spends) - elapsed / INTERVAL_S) <= 4, f"{m}: {len(spends)} releases over {elapsed:.0f} s"
+        lengths = [(sp.window_end - sp.window_start).total_seconds() for sp in spends]  # one window each, not merged
+        assert all(0.5 * INTERVAL_S <= x <= 3 * INTERVAL_S for x in lengths[1:]), f"{m}: window lengths {lengths}"
     # once synced again, the aggregator holds each member's current report
     net.wait_for(lambda: all(paths(net, AGG).report_file(m).read_bytes() == paths(net, m).report_file().read_bytes()
                              for m in MEMBERS), timeout=60, what="the aggregator to catch up with every member")
