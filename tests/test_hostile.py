@@ -23,12 +23,9 @@ import json
 import logging
 import math
 import os
-import signal
-import socket
 import statistics
 import time
 import tracemalloc
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
@@ -46,6 +43,7 @@ from shared.logs import Problems
 from shared.paths import Paths
 from shared.schema import Dashboard
 from shared.settings import Settings
+from tests.special_files import deadline, make_fifo, make_socket
 
 AGG = "agg@example.org"
 HONEST = [f"m{i}@example.org" for i in range(4)]
@@ -104,21 +102,6 @@ def ws(tmp_path: Path) -> Workspace:
     return Workspace(tmp_path)
 
 
-@contextmanager
-def deadline(seconds: int):
-    """Fail (instead of hanging the suite) if the block blocks, e.g. on a FIFO."""
-    def boom(*_):
-        raise TimeoutError(f"blocked for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def tick(ws: Workspace, now: datetime = NOW, **kw) -> Dashboard:
     with deadline(20):
         dash = ws.aggregator(**kw).tick(now)
@@ -161,20 +144,11 @@ def _relative_dotdot_folder_symlink(ws: Workspace, evil: str) -> None:
 
 
 def _fifo(ws: Workspace, evil: str) -> None:
-    ws.report_dir(evil).mkdir(parents=True)
-    os.mkfifo(ws.paths.report_file(evil))
+    make_fifo(ws.paths.report_file(evil))
 
 
 def _socket(ws: Workspace, evil: str) -> None:
-    ws.report_dir(evil).mkdir(parents=True)
-    cwd = os.getcwd()
-    os.chdir(ws.report_dir(evil))  # bind by a short relative name: AF_UNIX paths are limited to 108 bytes
-    try:
-        s = socket.socket(socket.AF_UNIX)
-        s.bind(ws.paths.report_file(evil).name)
-        s.close()
-    finally:
-        os.chdir(cwd)
+    make_socket(ws.paths.report_file(evil))
 
 
 def _directory_with_entries(ws: Workspace, evil: str) -> None:

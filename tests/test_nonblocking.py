@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
 import threading
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,46 +19,9 @@ from shared.logs import Problems
 from shared.paths import Paths
 from shared.settings import SettingsError, load_settings, Settings
 from tests.conftest import AGG, FakeClock, FakeWall
+from tests.special_files import deadline, make_fifo, make_socket
 
 ME = "me@example.org"
-
-
-class Blocked(BaseException):
-    """Not an OSError (nor any Exception): no ``except OSError`` on the way can mistake it for a read error."""
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail (instead of hanging the suite) if the block blocks, e.g. on a FIFO."""
-    def boom(*_):
-        raise Blocked(f"blocked for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def _fifo(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mkfifo(path)
-    return path
-
-
-def _socket(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cwd = os.getcwd()
-    os.chdir(path.parent)  # AF_UNIX paths are limited to 108 bytes: bind by the short name
-    try:
-        s = socket.socket(socket.AF_UNIX)
-        s.bind(path.name)
-        s.close()
-    finally:
-        os.chdir(cwd)
-    return path
 
 
 def _symlink(path: Path) -> Path:
@@ -82,7 +42,7 @@ def _device(path: Path) -> Path:
     return path
 
 
-KINDS = {"fifo": _fifo, "socket": _socket, "symlink": _symlink, "folder": _folder, "device_link": _device}
+KINDS = {"fifo": make_fifo, "socket": make_socket, "symlink": _symlink, "folder": _folder, "device_link": _device}
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -132,7 +92,7 @@ def test_a_fifo_swapped_in_after_the_check_cannot_block_the_open(tmp_path: Path,
 
 
 def test_write_if_changed_replaces_a_fifo_instead_of_blocking_on_it(tmp_path: Path) -> None:
-    path = _fifo(tmp_path / "syftperm.yaml")
+    path = make_fifo(tmp_path / "syftperm.yaml")
     with deadline(5):
         assert write_if_changed(path, b"rules\n") is True
     assert path.read_bytes() == b"rules\n"
@@ -146,7 +106,7 @@ def test_a_settings_file_that_is_not_a_file_is_one_sentence(tmp_path: Path, kind
 
 
 def test_a_members_file_that_is_a_fifo_is_refused_in_a_sentence(tmp_path: Path) -> None:
-    fifo = _fifo(tmp_path / "members.txt")
+    fifo = make_fifo(tmp_path / "members.txt")
     with deadline(5), pytest.raises(SettingsError, match="members_file .* cannot be read .*not a regular file"):
         load_settings(tmp_path, {"CPU_TRACKER_AGGREGATOR": AGG, "CPU_TRACKER_MEMBERS_FILE": str(fifo)})
 
@@ -165,7 +125,7 @@ def test_a_fifo_anywhere_the_member_reads_never_hangs_it(tmp_path: Path, place: 
     """A FIFO named like a file the member reads (a permission file, the aggregator's files): one window runs to
     its end under a deadline, whatever it then decides to publish."""
     paths = Paths(tmp_path, ME)
-    _fifo(FIFO_PLACES[place](paths))
+    make_fifo(FIFO_PLACES[place](paths))
     member = Member(paths, Settings(aggregator=AGG, interval_s=1), Problems(logging.getLogger("test.fifo")))
     reads = iter([0.0] + [5.0] * 10)
     with deadline(20):
@@ -177,7 +137,7 @@ def test_a_fifo_as_my_safe_zone_file_is_refused_at_once(tmp_path: Path) -> None:
     from cpu_tracker_member.monitor import MemberMonitors
 
     paths = Paths(tmp_path, ME)
-    _fifo(paths.zones_file(ME, AGG))
+    make_fifo(paths.zones_file(ME, AGG))
     member = Member(paths, Settings(aggregator=AGG, interval_s=1), Problems(logging.getLogger("test.fifo")))
     with deadline(5):
         zones, why = MemberMonitors(member)._zones()

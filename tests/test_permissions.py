@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from shared.paths import Paths
 from shared.permissions import Rule, parse_permission_file, rule_readers
 from shared.settings import Settings
 from tests.conftest import AGG, FakeClock, FakeWall
+from tests.special_files import make_fifo, make_socket
 
 ME, OTHER = "me@example.org", "other@example.org"
 GRANT = yaml.safe_dump([{"path": "**", "user": "*", "permissions": ["read"]}])
@@ -58,22 +58,7 @@ def test_withdrawal_removes_every_file_the_member_published_and_says_so_once(tmp
     assert p.report_file().exists()
 
 
-def _fifo(path: Path) -> None:
-    os.mkfifo(path)
-
-
-def _sock(path: Path) -> None:
-    cwd = os.getcwd()
-    os.chdir(path.parent)
-    try:
-        s = socket.socket(socket.AF_UNIX)
-        s.bind(path.name)
-        s.close()
-    finally:
-        os.chdir(cwd)
-
-
-NOT_FILES = {"a FIFO": _fifo, "a socket": _sock, "a folder": lambda p: p.mkdir(),
+NOT_FILES = {"a FIFO": make_fifo, "a socket": make_socket, "a folder": lambda p: p.mkdir(),
              "a symbolic link": lambda p: p.symlink_to("/etc/hostname")}
 
 
