@@ -39,6 +39,7 @@ from shared.paths import is_datasite_email
 from shared.schema import CPU_BOUNDS, DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, SecureUnit, _Wire
 from shared.secagg import HASH_BYTES, MODULUS_BITS, PROTOCOL, neighbours_in, ring_order, shamir_threshold
 from shared.secnoise import NoiseSpec
+from shared.settings import DAY_S
 
 JOIN_KIND = "cpu_tracker.secure_join"
 EPOCH_KIND = "cpu_tracker.secure_epoch"
@@ -405,7 +406,6 @@ class RoundOutcomes(_Wire):
 # ---------------------------------------------------------------------------------------------------
 # The rules both roles apply to an epoch's parameters (one place)
 # ---------------------------------------------------------------------------------------------------
-DAY_S = 86400
 
 
 def release_seconds(unit: str, interval_s: float) -> float:
