@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from pydantic import ValidationError
 
 from cpu_tracker_aggregator.reader import signature
-from shared import identity, secagg, shamir
+from shared.secure import identity, secagg, shamir
 from shared.atomic import (
     PRIVATE,
     atomic_write_bytes,
@@ -42,8 +42,8 @@ from shared.atomic import (
 from shared.logs import Problems
 from shared.paths import Paths, is_datasite_email
 from shared.permissions import ensure_permissions, exposure_sentence, guard_for, withhold
-from shared.schema import SECOND_UNIT, SecureFigure, SecureRoundStatus
-from shared.secnoise import (
+from shared.wire.schema import SECOND_UNIT, SecureFigure, SecureRoundStatus
+from shared.secure.secnoise import (
     FALSE_REFUSAL,
     calibrate,
     epsilon_of,
@@ -53,7 +53,7 @@ from shared.secnoise import (
     mean_standard_error,
     release_event,
 )
-from shared.secure_schema import (
+from shared.wire.secure_schema import (
     UNIT_WORDS,
     Epoch,
     inbox_file,

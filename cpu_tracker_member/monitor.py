@@ -47,12 +47,12 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from shared import safezone as sz
+from shared.privacy import safezone as sz
 from shared.atomic import PRIVATE, atomic_write_bytes, read_regular
-from shared.ledger import BudgetExceeded, Charge, Spend
+from shared.privacy.ledger import BudgetExceeded, Charge, Spend
 from shared.paths import SYFTPERM_FILE
 from shared.privacy import clip_cpu
-from shared.schema import (DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, MonitorDefinition, MonitorSignal, MonitorSignalsFile,
+from shared.wire.schema import (DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, MonitorDefinition, MonitorSignal, MonitorSignalsFile,
                            MonitorsFile, SafeZone, SafeZonesFile)
 from shared.settings import Settings
 

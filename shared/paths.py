@@ -46,7 +46,7 @@
         ├── history/coarse-YYYYMMDD.json     the 5-minute points of one UTC day (Segment): kept 30 days
         ├── dashboard.json                   schema-1 Dashboard with the whole history, for old readers
         ├── monitors.json                    the monitors and their rounds (MonitorsFile)
-        ├── *.schema.json                    the JSON Schemas of the files above (shared/schemas/)
+        ├── *.schema.json                    the JSON Schemas of the files above (shared/wire/schemas/)
         ├── index.html                       the self-contained page
         └── syftperm.yaml, syft.pub.yaml     world-readable
 ```
@@ -220,7 +220,7 @@ class Paths(namedtuple("Paths", "data_dir email app_name server_url", defaults=(
     def current_file(self) -> Path:
         return self.public_dir() / CURRENT_FILE
 
-    # -- secure aggregation (shared.secure_schema names what each file holds) ---------------------------
+    # -- secure aggregation (shared.wire.secure_schema names what each file holds) ---------------------------
     @property
     def secure_private(self) -> Path:
         """The member's secure-mode state (rounds used, views signed, what it revealed) and the pins of other

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from shared.atomic import read_regular
 from shared.paths import SETTINGS_FILE, datasite_email_problem
 from shared.privacy import units_per_window, window_noise_scale
-from shared.schema import DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, SecureUnit
+from shared.wire.schema import DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, SecureUnit
 
 ENV_PREFIXES = ("SYFTBOX_CPU_TRACKER_", "CPU_TRACKER_")
 NOT_SETTINGS = {"env_root"}  # CPU_TRACKER_ENV_ROOT: where run.sh keeps the environments, read by run.sh alone
@@ -225,7 +225,7 @@ class Settings(BaseModel):
     monitors: tuple[Any, ...] = Field(
         default=(), description="Aggregator: the private alerts it runs, [[monitors]] tables (name, kind, threshold, "
         "margin, window, epsilon, violations, lifetime_days); none by default: each costs every member budget. Each "
-        "table is checked on its own (shared.safezone.parse_monitors): a bad one is refused in the log, the rest run.")
+        "table is checked on its own (shared.privacy.safezone.parse_monitors): a bad one is refused in the log, the rest run.")
     join_monitors: bool = Field(
         default=True, description="Member: take part in the aggregator's monitors (each spend is charged to the "
         "ledger first, like a release).")

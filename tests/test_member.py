@@ -16,8 +16,8 @@ import yaml
 from syftbox.lib.permissions import ComputedPermission, PermissionType, SyftPermission
 
 from cpu_tracker_member.member import Member, measure_window, run_member
-from shared.ledger import load_spends
-from shared.schema import MemberReport
+from shared.privacy.ledger import load_spends
+from shared.wire.schema import MemberReport
 from shared.paths import Paths
 from shared.settings import Budget, Settings
 from tests.conftest import AGG, FakeClock, FakeWall, is_synced

@@ -1,4 +1,4 @@
-"""shared.secnoise: the shares sum to the promised noise, calibration round-trips through dp-accounting, the default
+"""shared.secure.secnoise: the shares sum to the promised noise, calibration round-trips through dp-accounting, the default
 source is cryptographic, quantization is unbiased, and the fleet intervals cover as stated.
 
 Statistical tests use fixed seeds and tolerances derived from the math: 6 standard errors for means and variances
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from dp_accounting import dp_event, rdp
 
-from shared import secnoise
-from shared.secnoise import (
+from shared.secure import secnoise
+from shared.secure.secnoise import (
     FAMILIES,
     NoiseSpec,
     calibrate,

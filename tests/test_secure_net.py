@@ -14,10 +14,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from shared import identity, secagg
-from shared.schema import SCHEMA_DIR
-from shared.secagg import decode_vector
-from shared.secure_schema import Epoch, SecureAnswers, SecureUpload, b64_bytes, read_mac
+from shared.secure import identity, secagg
+from shared.wire.schema import SCHEMA_DIR
+from shared.secure.secagg import decode_vector
+from shared.wire.secure_schema import Epoch, SecureAnswers, SecureUpload, b64_bytes, read_mac
 from tests.localnet.demo import REPO, install_tracker, secure_settings, site_paths
 from tests.localnet.network import LocalNetwork
 

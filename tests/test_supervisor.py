@@ -15,8 +15,8 @@ import pytest
 
 from shared.logs import Problems
 from shared.paths import SETTINGS_FILE
-from shared.runner import ClientConfigError, load_client_config, load_workspace
-from shared.supervisor import (ENV_RETRY_S, WORKER_BACKOFF_S, Chore, CodeWatch, FileStamps, KeepWorker, PrepareEnv,
+from shared.host.runner import ClientConfigError, load_client_config, load_workspace
+from shared.host.supervisor import (ENV_RETRY_S, WORKER_BACKOFF_S, Chore, CodeWatch, FileStamps, KeepWorker, PrepareEnv,
                                WatchFiles)
 from tests.localnet.demo import PACKAGES, copy_app
 
@@ -89,11 +89,11 @@ def new_modules(code: str, *args: str, cwd: Path = REPO) -> set[str]:
 
 
 def test_the_supervisor_imports_the_standard_library_only():
-    modules = new_modules("import shared.runner, shared.supervisor, shared.envs")
+    modules = new_modules("import shared.host.runner, shared.host.supervisor, shared.host.envs")
     third_party = sorted({m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"shared"})
     assert not third_party, f"the supervisor imports {third_party}"
     # shared.atomic is in (the lock file's private folder, 0700 whatever the umask, is its rule): 0.1 MB
-    assert not {"shared.settings", "shared.schema", "typing", "dataclasses"} & modules
+    assert not {"shared.settings", "shared.wire.schema", "typing", "dataclasses"} & modules
 
 
 @pytest.mark.parametrize("role, other", [("member", "cpu_tracker_aggregator"), ("aggregator", "cpu_tracker_member")])
@@ -101,7 +101,7 @@ def test_a_worker_imports_only_the_roles_it_runs(tmp_path, role, other):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "email": "m@x.org"}))
     code = ("import os\nos.environ.update(CPU_TRACKER_AGGREGATOR='a@x.org', CPU_TRACKER_INTERVAL_S='1', "
-            "CPU_TRACKER_TICK_S='1')\nfrom shared.worker import main\n"
+            "CPU_TRACKER_TICK_S='1')\nfrom shared.host.worker import main\n"
             "assert main(sys.argv[1:], roles=['cpu_tracker_member.member', 'cpu_tracker_aggregator.aggregator']) == 0")
     packages = {m.split(".")[0] for m in new_modules(code, "--config", str(config), "--once", "--role", role,
                                                      cwd=tmp_path)}
@@ -113,7 +113,7 @@ def test_the_stamps_follow_files_added_removed_and_renamed_without_listing_every
     folder = copy_app(tmp_path / "app")
     stamps = FileStamps(folder, PACKAGES, extra=(SETTINGS_FILE,))
     first = stamps.read()
-    assert "shared/runner.py" in first and "run.sh" in first and SETTINGS_FILE not in first
+    assert "shared/host/runner.py" in first and "run.sh" in first and SETTINGS_FILE not in first
     (folder / "shared" / "new_module.py").write_text("x = 1\n")
     (folder / "shared" / "sub").mkdir()
     (folder / "shared" / "sub" / "deep.py").write_text("y = 2\n")
@@ -130,8 +130,8 @@ def test_the_stamps_follow_files_added_removed_and_renamed_without_listing_every
 
     listed = []
     stamps._list = (lambda real: lambda: (listed.append(1), real())[1])(stamps._list)
-    (folder / "shared" / "runner.py").write_text("# edited in place\n")  # no folder changes: no listing
-    assert stamps.read()["shared/runner.py"] != third["shared/runner.py"] and not listed
+    (folder / "shared" / "host" / "runner.py").write_text("# edited in place\n")  # no folder changes: no listing
+    assert stamps.read()["shared/host/runner.py"] != third["shared/host/runner.py"] and not listed
 
 
 # -- the jobs ----------------------------------------------------------------------------------------------------
@@ -248,17 +248,17 @@ def test_the_watcher_asks_for_an_update_new_pins_or_a_new_worker(tmp_path, caplo
     assert "cpu_tracker.toml changed: starting the worker again" in caplog.text
     (folder / "pyproject.toml").write_text("# new pins\n")
     assert settle(20.0) is None and pins.pending  # the environment first
-    (folder / "shared" / "runner.py").write_text("# new code\n")
+    (folder / "shared" / "host" / "runner.py").write_text("# new code\n")
     assert settle(30.0) is None  # still waiting for the environment of the new pins
     pins.due = float("inf")  # (no build under way)
-    (folder / "shared" / "worker.py").write_text("# new code\n")
+    (folder / "shared" / "host" / "worker.py").write_text("# new code\n")
     assert settle(40.0) == "update"
     installed[0] = False
     assert job.run(50.0) == "removed"
 
 
 def test_the_supervisor_steps_through_its_jobs_on_the_clock_it_is_given(tmp_path, monkeypatch):
-    from shared.supervisor import Supervisor
+    from shared.host.supervisor import Supervisor
 
     folder = copy_app(tmp_path / "app")
     monkeypatch.chdir(folder)

@@ -48,7 +48,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from shared.atomic import PRIVATE, atomic_write_text, ensure_private_dir
 from shared.logs import Problems
 from shared.privacy import epsilon_per_unit
-from shared.schema import DAY_UNIT, LEGACY_UNIT, SECOND_UNIT, WINDOW_UNIT
+from shared.wire.schema import DAY_UNIT, LEGACY_UNIT, SECOND_UNIT, WINDOW_UNIT
 from shared.settings import MAX_HORIZON_S, Budget, budget_words
 
 log = logging.getLogger("cpu_tracker.ledger")

@@ -52,8 +52,8 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.ledger import BudgetExceeded, worst_span
-from shared.schema import CPU_BOUNDS
+from shared.privacy.ledger import BudgetExceeded, worst_span
+from shared.wire.schema import CPU_BOUNDS
 
 Kind = Literal["mean", "imbalance"]
 State = Literal["ok", "firing"]

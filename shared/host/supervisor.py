@@ -29,10 +29,10 @@ from collections.abc import Callable, Sequence
 from io import BufferedReader  # not typing (0.6 MB more in the supervisor)
 
 from shared import __version__
-from shared.envs import current_env
+from shared.host.envs import current_env
 from shared.logs import LogSink, Problems, setup_logging, write_raw
 from shared.paths import SETTINGS_FILE, Paths
-from shared.runner import (CONFIG_VAR, PARENT_VAR, RESTART_S, ClientConfig, ClientConfigError, Parent, app_dir,
+from shared.host.runner import (CONFIG_VAR, PARENT_VAR, RESTART_S, ClientConfig, ClientConfigError, Parent, app_dir,
                            load_client_config, parser, private_tree_ready, wait_for_lock)
 
 log = logging.getLogger("cpu_tracker")
@@ -384,7 +384,7 @@ class Supervisor:
         self.code.files.read()  # the folders are listed once now: the first poll is a stat per file
         env = current_env()
         if env is not None:
-            envs = [sys.executable, "-m", "shared.envs"]
+            envs = [sys.executable, "-m", "shared.host.envs"]
             record = [*envs, "record", str(env), str(self.folder), str(paths.data_dir), "--pid", str(os.getpid())]
             clean = [*envs, "clean", str(env)]
             jobs += [Chore("env-record", record, now, RECORD_EVERY_S, self.problems, self._child_env(), self.folder),
@@ -414,7 +414,7 @@ class Supervisor:
         return {k: v for k, v in os.environ.items() if k != PARENT_VAR}
 
     def _spawn(self) -> subprocess.Popen:
-        argv = [sys.executable, "-m", "shared.runner", *self.modules, *self.argv, "--worker"]
+        argv = [sys.executable, "-m", "shared.host.runner", *self.modules, *self.argv, "--worker"]
         proc = subprocess.Popen(argv, cwd=self.folder, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env=self._child_env())
         threading.Thread(target=_relay, args=(proc.stdout,), name="relay", daemon=True).start()

@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.paths import DASHBOARD_SCHEMA_FILE, REPORT_SCHEMA_FILE
-from shared.secnoise import Interval  # estimate, low, high: one interval model for every published figure
+from shared.secure.secnoise import Interval  # estimate, low, high: one interval model for every published figure
 
 SCHEMA_VERSION = 1
 REPORT_KIND = "cpu_tracker.member_report"
@@ -356,7 +356,7 @@ class Current(_Figure):
 
 def json_schemas() -> dict[str, dict]:
     """The JSON Schemas of the wire formats, by file name."""
-    from shared import secure_schema as sec  # it builds on this module
+    from shared.wire import secure_schema as sec  # it builds on this module
 
     return {
         "secure_join.schema.json": sec.SecureJoin.model_json_schema(mode="serialization"),

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shared import shamir
+from shared.secure import shamir
 
 MODULUS_BITS = 64  # arithmetic mod 2^64: numpy's uint64 wraps exactly there
 SEED_BYTES = shamir.SECRET_BYTES  # a self-mask seed: one element of GF(2^127 - 1)

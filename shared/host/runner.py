@@ -258,10 +258,10 @@ def cli(argv: list[str] | None = None) -> int:
         print("usage: python -m shared.runner ROLE_MODULE... [--config C] [--role R] [--once]", file=sys.stderr)
         return 2
     if "--once" in argv[n:] or "--worker" in argv[n:]:
-        from shared.worker import main
+        from shared.host.worker import main
 
         return main(argv[n:], roles=argv[:n])
-    from shared.supervisor import supervise
+    from shared.host.supervisor import supervise
 
     return supervise(argv[:n], argv[n:])
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from shared.atomic import remove_stale_temps
 from shared.logs import Problems, setup_logging
 from shared.paths import HISTORY_DIR, Paths
-from shared.runner import (EX_TEMPFAIL, RESTART_S, ClientConfigError, Parent, Role, acquire_lock, app_dir,
+from shared.host.runner import (EX_TEMPFAIL, RESTART_S, ClientConfigError, Parent, Role, acquire_lock, app_dir,
                            load_workspace, lock_holder, parser, private_tree_ready, wait_for_lock)
 from shared.settings import SETTINGS_FILE, Settings, SettingsError, load_settings
 

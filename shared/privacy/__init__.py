@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
-from shared.schema import CPU_BOUNDS, DAY_UNIT, LEGACY_UNIT, SECOND_UNIT, WINDOW_UNIT, LaplaceRelease
+from shared.wire.schema import CPU_BOUNDS, DAY_UNIT, LEGACY_UNIT, SECOND_UNIT, WINDOW_UNIT, LaplaceRelease
 
 
 def mean_sensitivity(lower: float, upper: float, n_samples: int) -> float:
