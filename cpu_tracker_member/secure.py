@@ -178,8 +178,8 @@ class DayBudgetExceeded(BudgetExceeded):
 
 def day_check(cap: float, delta: float) -> Callable:
     """The ledger's further check for the ``cpu_day`` unit: the day's secure releases, composed by dp-accounting,
-    and the private alerts' spends on that day (added: ``shared.privacy.safezone.day_epsilon``) stay within ``cap`` on every
-    UTC day the new spend's window touches."""
+    and the private alerts' spends on that day (added: ``shared.privacy.safezone.day_epsilon``) stay within ``cap`` on
+    every UTC day the new spend's window touches."""
 
     def check(recorded, new: Spend) -> None:
         day = new.window_start.replace(hour=0, minute=0, second=0, microsecond=0)

@@ -55,7 +55,7 @@ Each ``app_data`` folder of the aggregator carries its own ``syftperm.yaml`` and
 data folder: the datasite's private identity keys where syft-crypto keeps them
 (``<data_dir>/../.syftbox/<8 hex>/pvt.jwks.json``, ``Paths.private_keys_file``), the app folder (``apps/cpu_tracker/``: the code, ``cpu_tracker.toml``, SyftBox's app log in
 ``logs/``) and the shared Python environments, ``~/.cache/cpu_tracker/env-<hash of the pins>/`` with their records
-in ``in-use/`` (``shared/envs.py``). How often each public file changes and what it costs the relay:
+in ``in-use/`` (``shared/host/envs.py``). How often each public file changes and what it costs the relay:
 ``docs/dashboard.md``; who can read what: ``docs/permissions.md``.
 """
 

@@ -52,8 +52,8 @@ DEFAULT_BUDGETS = (
 )
 
 
-# The private alerts' cap (shared/safezone.py: cap_check), in the same unit. A default monitor (epsilon 20 for one
-# 20 s window mean, b = 4) costs at most 1 per second of activity over its whole lifetime, on any instant and on any
+# The private alerts' cap (shared/privacy/safezone.py: cap_check), in the same unit. A default monitor (epsilon 20 for
+# one 20 s window mean, b = 4) costs at most 1 per second of activity over its whole lifetime, on any instant and on any
 # day: the cap admits two of them at once (and four lifetimes a day) and nothing an aggregator asks beyond.
 DEFAULT_MONITOR_BUDGETS = (Budget(horizon_s=0, epsilon=2.0), Budget(horizon_s=86400, epsilon=4.0))
 
@@ -221,11 +221,12 @@ class Settings(BaseModel):
                              + (f" (from members_file {self.members_file!r})" if self.members_file else ""))
         return self
 
-    # -- private alerts (safe zones): shared/safezone.py, cpu_tracker_member/monitor.py, .../alerts.py
+    # -- private alerts (safe zones): shared/privacy/safezone.py, cpu_tracker_member/monitor.py, .../alerts.py
     monitors: tuple[Any, ...] = Field(
         default=(), description="Aggregator: the private alerts it runs, [[monitors]] tables (name, kind, threshold, "
         "margin, window, epsilon, violations, lifetime_days); none by default: each costs every member budget. Each "
-        "table is checked on its own (shared.privacy.safezone.parse_monitors): a bad one is refused in the log, the rest run.")
+        "table is checked on its own (shared.privacy.safezone.parse_monitors): a bad one is refused in the log, the "
+        "rest run.")
     join_monitors: bool = Field(
         default=True, description="Member: take part in the aggregator's monitors (each spend is charged to the "
         "ledger first, like a release).")

@@ -3,8 +3,8 @@
 lying aggregator would, and drives the real member code window by window: ``run_member`` (measure, publish with the
 real ledger, the private alerts) with fake clocks, SyftBox's files on disk, real diffprivlib noise.
 
-What the member really does with its data is seen at the noise: the three ``shared.privacy.safezone.draw_*`` functions are
-wrapped (observed, not replaced), so each vector, radius and check is known with its epsilon, its sensitivity and
+What the member really does with its data is seen at the noise: the three ``shared.privacy.safezone.draw_*`` functions
+are wrapped (observed, not replaced), so each vector, radius and check is known with its epsilon, its sensitivity and
 the window it was drawn at. ``Verdict`` then compares that with the member's own ledger file, independently of the
 member's code (its own arithmetic, brute force):
 

@@ -1,5 +1,5 @@
-"""Each datasite's identity keys (shared.secure.identity): syft-crypto's did.json and key file, made once, never overwritten;
-other datasites' keys pinned on first use."""
+"""Each datasite's identity keys (shared.secure.identity): syft-crypto's did.json and key file, made once, never
+overwritten; other datasites' keys pinned on first use."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.privacy.ledger import (BudgetExceeded, Ledger, LedgerCorrupt, Spend, _arrays, check_budgets, load_spends,
-                           worst_span)
+                                   worst_span)
 from shared.settings import Budget
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)

@@ -109,7 +109,8 @@ def _run_once(config: Path, app_dir: Path, mask: int, role: str = "member", env:
               ) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(app_dir), "CPU_TRACKER_AGGREGATOR": AGG,
            "CPU_TRACKER_INTERVAL_S": "1", "CPU_TRACKER_MIN_MEMBERS": "1", **(env or {})}
-    return subprocess.run(["sh", "-c", f"umask {mask:03o}; exec \"$@\"", "sh", sys.executable, "-m", "shared.host.runner",
+    return subprocess.run(["sh", "-c", f"umask {mask:03o}; exec \"$@\"", "sh", sys.executable, "-m",
+                           "shared.host.runner",
                            "cpu_tracker_member.member", "cpu_tracker_aggregator.aggregator", "--config", str(config),
                            "--once", "--role", role], cwd=app_dir, env=env, capture_output=True, text=True, timeout=120)
 

@@ -245,8 +245,8 @@ def test_a_view_signature_covers_every_field():
 
 
 def test_signed_and_maced_files_cover_their_bytes():
-    """The envelope of shared.wire.secure_schema: the signature or MAC is the last member and covers the bytes before it;
-    any change of a byte, a missing or a moved trailer, or another kind's key is refused."""
+    """The envelope of shared.wire.secure_schema: the signature or MAC is the last member and covers the bytes before
+    it; any change of a byte, a missing or a moved trailer, or another kind's key is refused."""
     from datetime import datetime, timezone
 
     from shared.wire.secure_schema import Refused, SecureJoin, mac_file, read_mac, read_signed, signed_file

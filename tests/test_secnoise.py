@@ -1,5 +1,5 @@
-"""shared.secure.secnoise: the shares sum to the promised noise, calibration round-trips through dp-accounting, the default
-source is cryptographic, quantization is unbiased, and the fleet intervals cover as stated.
+"""shared.secure.secnoise: the shares sum to the promised noise, calibration round-trips through dp-accounting, the
+default source is cryptographic, quantization is unbiased, and the fleet intervals cover as stated.
 
 Statistical tests use fixed seeds and tolerances derived from the math: 6 standard errors for means and variances
 (the standard error of a sample variance is sqrt((mu4 - sigma^4) / N), mu4 from the law's cumulants), df + 6 sd for

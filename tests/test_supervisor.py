@@ -17,7 +17,7 @@ from shared.logs import Problems
 from shared.paths import SETTINGS_FILE
 from shared.host.runner import ClientConfigError, load_client_config, load_workspace
 from shared.host.supervisor import (ENV_RETRY_S, WORKER_BACKOFF_S, Chore, CodeWatch, FileStamps, KeepWorker, PrepareEnv,
-                               WatchFiles)
+                                    WatchFiles)
 from tests.localnet.demo import PACKAGES, copy_app
 
 REPO = Path(__file__).resolve().parents[1]

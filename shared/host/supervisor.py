@@ -1,5 +1,6 @@
-"""The supervisor ``run.sh`` starts (``python -m shared.runner ROLE_MODULE...``): one per datasite, standard library
-only, so that it stays small (about 13 MB) while the worker it keeps running carries the roles and their libraries.
+"""The supervisor ``run.sh`` starts (``python -m shared.host.runner ROLE_MODULE...``): one per datasite, standard
+library only, so that it stays small (about 13 MB) while the worker it keeps running carries the roles and their
+libraries.
 
 Its loop wakes every ``WATCH_S`` to see whether it must stop (a signal, its parent gone) and runs whichever of its
 small jobs is due, each a ``Job`` with its own period:
@@ -10,9 +11,9 @@ small jobs is due, each a ``Job`` with its own period:
   entry left ``apps/`` stops for good;
 - ``PrepareEnv``: the environment for new pins, built while the running version goes on;
 - ``Chore``: the environment record (hourly) and the removal of unused environments (daily), each in a short-lived
-  child process (``python -m shared.envs``) so that what they import never stays in the supervisor.
+  child process (``python -m shared.host.envs``) so that what they import never stays in the supervisor.
 
-The module docstring of ``shared.runner`` says what the whole process promises.
+The module docstring of ``shared.host.runner`` says what the whole process promises.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from shared.host.envs import current_env
 from shared.logs import LogSink, Problems, setup_logging, write_raw
 from shared.paths import SETTINGS_FILE, Paths
 from shared.host.runner import (CONFIG_VAR, PARENT_VAR, RESTART_S, ClientConfig, ClientConfigError, Parent, app_dir,
-                           load_client_config, parser, private_tree_ready, wait_for_lock)
+                                load_client_config, parser, private_tree_ready, wait_for_lock)
 
 log = logging.getLogger("cpu_tracker")
 WATCH_S = 1.0  # how often the loop checks its parent and runs the jobs that are due

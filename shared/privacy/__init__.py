@@ -1,6 +1,6 @@
 """Privacy math, pure functions. Noise is drawn only in ``laplace_release`` (diffprivlib, imported lazily).
 
-Unit: one second of CPU activity (``shared.schema.SECOND_UNIT``), fixed: no setting moves it. A window of n whole seconds
+Unit: one second of CPU activity (``shared.wire.schema.SECOND_UNIT``), fixed: no setting moves it. A window of n whole seconds
 averages n one-second busy fractions clipped to [lower, upper]; changing any one second moves it by at most
 (upper - lower) / n (the L1 sensitivity), so the Laplace mechanism with scale b = sensitivity / epsilon
 makes each release epsilon-DP for that unit (Dwork & Roth 2014, Thm 3.6). Activity lasting k seconds
@@ -76,7 +76,7 @@ def laplace_release(
 # ---------------------------------------------------------------------------------------------------
 # The privacy unit: one second of CPU activity, fixed, whatever the settings
 # ---------------------------------------------------------------------------------------------------
-UNIT_S = 1.0  # SECOND_UNIT's length (shared/schema.py names the units)
+UNIT_S = 1.0  # SECOND_UNIT's length (shared/wire/schema.py names the units)
 LEGACY_PERIOD_MAX_S = 0.1  # the old default period, the longest one an old ledger line is credited with
 COARSER_UNITS = (WINDOW_UNIT, DAY_UNIT)  # secure mode's units: a member's whole window, its whole UTC day
 

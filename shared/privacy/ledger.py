@@ -16,7 +16,7 @@ mid-append) is cut off on open; any other unreadable line stops releases (the bu
 until the owner acts.
 
 Units: every line says its privacy unit. Budgets are checked in the fixed unit, one second of CPU activity
-(``shared.schema.SECOND_UNIT``); older lines in ``cpu_sample`` are converted conservatively
+(``shared.wire.schema.SECOND_UNIT``); older lines in ``cpu_sample`` are converted conservatively
 (``shared.privacy.epsilon_per_unit``).
 
 The file is the owner's alone: mode 0600 in a 0700 folder, whatever the umask, also after compaction.

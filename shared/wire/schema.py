@@ -2,8 +2,8 @@
 
 Compatibility contract (as in google/differential-privacy's dp_event.py): fields are never removed or
 renamed, new fields are optional, meanings never change; ``schema_version`` changes only with a breaking
-change. Readers ignore fields they do not know. The committed JSON Schemas in ``shared/schemas/`` are
-generated from these models (``python -m shared.schema``) and a test fails when they differ.
+change. Readers ignore fields they do not know. The committed JSON Schemas in ``shared/wire/schemas/`` are
+generated from these models (``python -m shared.wire.schema``) and a test fails when they differ.
 
 Times are tz-aware UTC, ISO 8601. A report names its release mechanism in ``release.mechanism``; a new
 mechanism (Gaussian, secure aggregation, histograms) is a new release model beside ``LaplaceRelease``.
@@ -120,7 +120,7 @@ class MemberReport(_Wire):
     release: Release
     privacy_unit: PrivacyUnit
     mode: Literal["local"] = Field(default="local", description="local: the member's own noisy release (a member in "
-                                   "secure mode writes round files instead, shared.secure_schema.SecureUpload).")
+                                   "secure mode writes round files instead, shared.wire.secure_schema.SecureUpload).")
     cpu: float | None = Field(default=None, description="Legacy (tutorial) key: equals release.value.")
     timestamp: str | None = Field(default=None, description="Legacy (tutorial) key: created_at, 'YYYY-MM-DD HH:MM:SS' UTC.")
 
@@ -378,7 +378,8 @@ def schema_text(schema: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Private alerts (safe zones): shared/safezone.py, cpu_tracker_member/monitor.py, cpu_tracker_aggregator/alerts.py
+# Private alerts (safe zones): shared/privacy/safezone.py, cpu_tracker_member/monitor.py,
+# cpu_tracker_aggregator/alerts.py
 # ---------------------------------------------------------------------------------------------------
 MONITORS_KIND = "cpu_tracker.monitors"
 ZONES_KIND = "cpu_tracker.safe_zones"

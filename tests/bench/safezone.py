@@ -1,5 +1,5 @@
-"""Private alerts, honestly: the safe-zone monitor (shared/privacy/safezone.py) against naive private monitors, every one
-charged in the same unit by the same arithmetic as the member's ledger, on CPU traces, many seeds.
+"""Private alerts, honestly: the safe-zone monitor (shared/privacy/safezone.py) against naive private monitors, every
+one charged in the same unit by the same arithmetic as the member's ledger, on CPU traces, many seeds.
 
 The unit is the ledger's: one second of a member's activity. A monitor's cost is what the member's ledger would
 record for it (``safezone.monitor_rows`` + ``heaviest_span``: the ledger's rolling-budget arithmetic): the most its

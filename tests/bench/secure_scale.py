@@ -3,11 +3,12 @@
 
 The aggregator is the real one (``cpu_tracker_aggregator.secure.SecureAggregator``, its real tick): it enrols the
 members from their did.json and MAC'd join files, signs its epoch, reads and checks every upload, writes every inbox
-(O(degree) each), collects the views and reveals, rebuilds every seed in one vectorised pass (``shared.secure.shamir``) and
-publishes the figure. The k members are simulated by ``Cohort``: real identity keys and did.json, real member-
-aggregator secrets, and per round an upload and an answers file per member written into the aggregator's mirror,
-built with the protocol's own primitives (``shared.secure.secagg``), so the aggregator reads exactly what honest members send:
-the masked vector (its self mask from a real seed), the sealed shares, the view of the round just closed and the
+(O(degree) each), collects the views and reveals, rebuilds every seed in one vectorised pass
+(``shared.secure.shamir``) and publishes the figure. The k members are simulated by ``Cohort``: real identity keys and
+did.json, real member-aggregator secrets, and per round an upload and an answers file per member written into the
+aggregator's mirror,
+built with the protocol's own primitives (``shared.secure.secagg``), so the aggregator reads exactly what honest members
+send: the masked vector (its self mask from a real seed), the sealed shares, the view of the round just closed and the
 sealed reveal of the round before (real shares of every surviving neighbour's seed, real round keys with dropped
 ones). Three things the aggregator never opens are cheaper than a member would make them, so that 10,000 uploads are
 built in seconds: the pairwise masks between two survivors (which cancel in the sum) are random words that sum to
