@@ -42,7 +42,8 @@ from shared.atomic import (
 from shared.logs import Problems
 from shared.paths import Paths, is_datasite_email
 from shared.permissions import ensure_permissions, exposure_sentence, guard_for, withhold
-from shared.wire.schema import SECOND_UNIT, SecureFigure, SecureRoundStatus
+from shared.privacy import SECOND_UNIT
+from shared.wire.schema import SecureFigure, SecureRoundStatus
 from shared.secure.secnoise import (
     FALSE_REFUSAL,
     calibrate,

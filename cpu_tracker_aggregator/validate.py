@@ -28,8 +28,8 @@ from typing import Literal, NamedTuple, Union, get_args, get_origin
 from pydantic import AwareDatetime, BaseModel, ValidationError
 
 from shared.paths import is_datasite_email
-from shared.privacy import laplace_scale, window_sensitivity
-from shared.wire.schema import CPU_BOUNDS, SCHEMA_VERSION, LegacyReport, MemberReport
+from shared.privacy import CPU_BOUNDS, laplace_scale, window_sensitivity
+from shared.wire.schema import SCHEMA_VERSION, LegacyReport, MemberReport
 from shared.settings import Settings
 
 REASONS = {

@@ -25,9 +25,9 @@ from shared.privacy.ledger import Charge, Ledger, LedgerKeeper, Spend, spent_per
 from shared.logs import Hourly, Problems
 from shared.paths import Paths
 from shared.permissions import PermissionGuard, ensure_permissions, withdraw
-from shared.privacy import UNIT_S, clip_cpu, laplace_release, window_sensitivity
+from shared.privacy import CPU_BOUNDS, SECOND_UNIT, UNIT_S, clip_cpu, laplace_release, window_sensitivity
 from shared.host.runner import Role
-from shared.wire.schema import CPU_BOUNDS, SECOND_UNIT, MemberReport, PrivacyUnit, Window, utc_now
+from shared.wire.schema import MemberReport, PrivacyUnit, Window, utc_now
 from shared.settings import Settings, settings_warnings
 
 RAW_KEEP = 2000  # raw window means kept for the owner's `status`

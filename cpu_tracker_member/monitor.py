@@ -51,9 +51,9 @@ from shared.privacy import safezone as sz
 from shared.atomic import PRIVATE, atomic_write_bytes, read_regular
 from shared.privacy.ledger import BudgetExceeded, Charge, Spend
 from shared.paths import SYFTPERM_FILE
-from shared.privacy import clip_cpu
-from shared.wire.schema import (DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, MonitorDefinition, MonitorSignal,
-                                MonitorSignalsFile, MonitorsFile, SafeZone, SafeZonesFile)
+from shared.privacy import DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, clip_cpu
+from shared.wire.schema import (MonitorDefinition, MonitorSignal, MonitorSignalsFile, MonitorsFile, SafeZone,
+                                SafeZonesFile)
 from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.member")

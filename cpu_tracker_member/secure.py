@@ -41,8 +41,8 @@ from shared.privacy.ledger import BudgetExceeded, Charge, LedgerKeeper, Spend
 from shared.privacy.safezone import day_epsilon as monitors_day_epsilon
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.privacy import clip_cpu
-from shared.wire.schema import CPU_BOUNDS, DAY_UNIT, utc_now
+from shared.privacy import CPU_BOUNDS, DAY_UNIT, clip_cpu
+from shared.wire.schema import utc_now
 from shared.secure.secnoise import NoiseSpec, epsilon_of, quantize, release_event, sample_share
 from shared.wire.secure_schema import (
     DAY_S,

@@ -18,8 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shared.atomic import read_regular
 from shared.paths import SETTINGS_FILE, datasite_email_problem
-from shared.privacy import units_per_window, window_noise_scale
-from shared.wire.schema import DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, SecureUnit
+from shared.privacy import DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, SecureUnit, units_per_window, window_noise_scale
 
 ENV_PREFIXES = ("SYFTBOX_CPU_TRACKER_", "CPU_TRACKER_")
 NOT_SETTINGS = {"env_root"}  # CPU_TRACKER_ENV_ROOT: where run.sh keeps the environments, read by run.sh alone

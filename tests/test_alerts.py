@@ -23,7 +23,8 @@ from shared.privacy import safezone as sz
 from shared.privacy.ledger import load_spends
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.wire.schema import SCHEMA_DIR, Current, Dashboard, MonitorSignalsFile
+from shared.wire.catalog import SCHEMA_DIR
+from shared.wire.schema import Current, Dashboard, MonitorSignalsFile
 from shared.settings import Budget, Settings
 
 AGG = "agg@example.org"

@@ -52,7 +52,8 @@ from cpu_tracker_aggregator.publish import read_history
 from shared.paths import (CURRENT_FILE, DASHBOARD_SCHEMA_FILE, HISTORY_DIR, HISTORY_INDEX_FILE, PAGE_FILE, REPORT_FILE,
                           REPORT_SCHEMA_FILE, Paths)
 from shared.permissions import permission_files
-from shared.wire.schema import Current, Dashboard, History, HistoryIndex, MemberReport, Segment, json_schemas, schema_text
+from shared.wire.catalog import json_schemas, schema_text
+from shared.wire.schema import Current, Dashboard, History, HistoryIndex, MemberReport, Segment
 from shared.settings import Budget, Settings
 from tests.conftest import FakeClock, FakeWall
 

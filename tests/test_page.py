@@ -378,7 +378,8 @@ def test_shows_the_private_alerts_and_hides_them_when_none_run(site: Site) -> No
 
 
 def test_shows_the_secure_round_beside_the_local_figure(site: Site) -> None:
-    from shared.wire.schema import Interval, SecureFigure, SecureRoundStatus
+    from shared.privacy import Interval
+    from shared.wire.schema import SecureFigure, SecureRoundStatus
 
     now = utc_now()
     sec = SecureFigure(
@@ -411,7 +412,8 @@ def test_no_secure_card_in_local_mode(site: Site) -> None:
 
 
 def secure_figure(now: datetime, survivors: int = 5, cohort: int = 5, too_small=("p50", "p99")):
-    from shared.wire.schema import Interval, SecureFigure, SecureRoundStatus
+    from shared.privacy import Interval
+    from shared.wire.schema import SecureFigure, SecureRoundStatus
 
     return SecureFigure(
         epoch=2, round=90_000_000, round_start=now - timedelta(seconds=40), round_end=now - timedelta(seconds=20),

@@ -212,7 +212,8 @@ def test_secure_rounds_go_into_the_history_segments_and_lead_the_status(tmp_path
     from cpu_tracker_aggregator.status import status_text
     from shared.logs import Problems
     from shared.paths import Paths
-    from shared.wire.schema import Interval, SecureFigure
+    from shared.privacy import Interval
+    from shared.wire.schema import SecureFigure
 
     window = 20
     settings = Settings(aggregator=AGG)

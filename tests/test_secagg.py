@@ -345,7 +345,7 @@ def test_the_fast_inbox_encoder_writes_what_the_model_and_the_committed_schema_a
 
     import jsonschema
 
-    from shared.wire.schema import SCHEMA_DIR
+    from shared.wire.catalog import SCHEMA_DIR
     from shared.wire.secure_schema import Inbox, InboxRound, b64, inbox_file, read_mac
 
     key = secrets.token_bytes(32)

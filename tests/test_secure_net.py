@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 
 from shared.secure import identity, secagg
-from shared.wire.schema import SCHEMA_DIR
+from shared.wire.catalog import SCHEMA_DIR
 from shared.secure.secagg import decode_vector
 from shared.wire.secure_schema import Epoch, SecureAnswers, SecureUpload, b64_bytes, read_mac
 from tests.localnet.demo import REPO, install_tracker, secure_settings, site_paths

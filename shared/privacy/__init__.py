@@ -1,7 +1,7 @@
 """Privacy math, pure functions. Noise is drawn only in ``laplace_release`` (diffprivlib, imported lazily).
 
-Unit: one second of CPU activity (``shared.wire.schema.SECOND_UNIT``), fixed: no setting moves it. A window of n whole seconds
-averages n one-second busy fractions clipped to [lower, upper]; changing any one second moves it by at most
+Unit: one second of CPU activity (``SECOND_UNIT``), fixed: no setting moves it. A window of n whole seconds averages n
+one-second busy fractions clipped to [lower, upper]; changing any one second moves it by at most
 (upper - lower) / n (the L1 sensitivity), so the Laplace mechanism with scale b = sensitivity / epsilon
 makes each release epsilon-DP for that unit (Dwork & Roth 2014, Thm 3.6). Activity lasting k seconds
 costs k * epsilon (group privacy, ibid. Thm 2.2), summed over releases (basic composition, Thm 3.14).
@@ -13,9 +13,43 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Literal, Sequence
 
-from shared.wire.schema import CPU_BOUNDS, DAY_UNIT, LEGACY_UNIT, SECOND_UNIT, WINDOW_UNIT, LaplaceRelease
+from pydantic import BaseModel, ConfigDict, Field
+
+CPU_BOUNDS = (0.0, 100.0)  # psutil.cpu_percent() is a percentage: every sample is clipped to these bounds
+# What a release's epsilon protects (its privacy unit), as every file and setting names it
+SECOND_UNIT = "cpu_second"  # any one second of the machine's CPU activity: local mode's unit, fixed
+WINDOW_UNIT = "cpu_window"  # secure mode: a member's whole window
+DAY_UNIT = "cpu_day"  # secure mode: a member's whole UTC day
+LEGACY_UNIT = "cpu_sample"  # before app 0.2: one sample of sample_period_s seconds
+SecureUnit = Literal[SECOND_UNIT, WINDOW_UNIT, DAY_UNIT]  # type: ignore[valid-type]  (names of literals)
+# The values this math returns are written to the wire as they are (``shared.wire`` builds its files from them):
+# immutable, extra keys ignored when read back, NaN and infinities refused.
+_VALUE = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+
+class LaplaceRelease(BaseModel):
+    """A value released with the Laplace mechanism (diffprivlib.mechanisms.Laplace, unbiased, delta = 0)."""
+
+    model_config = _VALUE
+
+    mechanism: Literal["laplace"] = "laplace"
+    value: float = Field(description="The released (noisy) mean, in percent. Not clamped: may leave the bounds.")
+    epsilon: float = Field(gt=0, description="Epsilon spent by this release, for the privacy unit.")
+    delta: float = Field(default=0.0, ge=0, le=0, description="Pure DP: always 0.")
+    sensitivity: float = Field(gt=0, description="L1 sensitivity of the mean: (upper - lower) / n_samples.")
+    noise_scale: float = Field(gt=0, description="Laplace scale b = sensitivity / epsilon.")
+    noise_std: float = Field(gt=0, description="Standard deviation of the noise, sqrt(2) * b.")
+    implementation: str = Field(default="", description="Library and version that drew the noise.")
+
+
+class Interval(BaseModel):
+    model_config = _VALUE
+
+    estimate: float = Field(description="Point estimate.")
+    low: float = Field(description="Lower end of the interval.")
+    high: float = Field(description="Upper end of the interval.")
 
 
 def mean_sensitivity(lower: float, upper: float, n_samples: int) -> float:
@@ -76,7 +110,7 @@ def laplace_release(
 # ---------------------------------------------------------------------------------------------------
 # The privacy unit: one second of CPU activity, fixed, whatever the settings
 # ---------------------------------------------------------------------------------------------------
-UNIT_S = 1.0  # SECOND_UNIT's length (shared/wire/schema.py names the units)
+UNIT_S = 1.0  # SECOND_UNIT's length
 LEGACY_PERIOD_MAX_S = 0.1  # the old default period, the longest one an old ledger line is credited with
 COARSER_UNITS = (WINDOW_UNIT, DAY_UNIT)  # secure mode's units: a member's whole window, its whole UTC day
 

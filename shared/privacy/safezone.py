@@ -53,7 +53,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.privacy.ledger import BudgetExceeded, worst_span
-from shared.wire.schema import CPU_BOUNDS
+from shared.privacy import CPU_BOUNDS
 
 Kind = Literal["mean", "imbalance"]
 State = Literal["ok", "firing"]

@@ -38,6 +38,8 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.privacy import CPU_BOUNDS, Interval, clip_cpu
+
 FAMILIES = ("dlaplace", "dgaussian")
 PLD_DISCRETIZATION = 1e-3  # dp-accounting PLD grid: pessimistic (losses rounded up); 288 releases compose in ~40 ms
 DEFAULT_N_HIST = 20
@@ -371,18 +373,18 @@ def _discrete_gaussian(sigma2: float, rng) -> int:
 def quantize(value: float, scale: int, rng=None) -> int:
     """Unbiased stochastic rounding of value * scale: floor, plus 1 with the fractional part's probability.
 
-    ``value`` is clipped to the CPU bounds [0, 100] first, so the result is in [0, 100 * scale]. Its rounding error
-    has mean 0 and variance frac (1 - frac) <= 1/4 quantized units^2. Sensitivity: it is floor(v + U), U uniform;
-    with one U for two values, the results are at most ceil(|v - v'|) apart, so by joint convexity the noise sized
-    for ``mean_sensitivity = ceil(sensitivity in points * scale)`` covers the rounding too."""
+    ``value`` is clipped to ``CPU_BOUNDS`` first (``privacy.clip_cpu``), so the result is in [0, 100 * scale]. Its
+    rounding error has mean 0 and variance frac (1 - frac) <= 1/4 quantized units^2. Sensitivity: it is floor(v + U),
+    U uniform; with one U for two values, the results are at most ceil(|v - v'|) apart, so by joint convexity the noise
+    sized for ``mean_sensitivity = ceil(sensitivity in points * scale)`` covers the rounding too."""
     if not math.isfinite(value):
         raise ValueError(f"value must be finite, got value={value}")
     if not (isinstance(scale, int) and scale >= 1):
         raise ValueError(f"scale must be an integer >= 1, got scale={scale!r}")
     rng = _CSPRNG if rng is None else rng
-    v = min(max(value, 0.0), 100.0) * scale
+    v = clip_cpu(value) * scale
     low = math.floor(v)
-    return min(low + (rng.random() < v - low), 100 * scale)
+    return min(low + (rng.random() < v - low), int(CPU_BOUNDS[1]) * scale)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -433,14 +435,6 @@ def _z(level: float, kurtosis: float) -> float:
     holds for any symmetric law (a nearly degenerate one has a huge kurtosis and a tiny sd)."""
     z = NormalDist().inv_cdf(0.5 + level / 2)
     return min(z + max(0.0, (z**3 - 3 * z) * kurtosis / 24), 1 / math.sqrt(1 - level))
-
-
-class Interval(BaseModel):
-    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
-
-    estimate: float = Field(description="Point estimate.")
-    low: float = Field(description="Lower end of the interval.")
-    high: float = Field(description="Upper end of the interval.")
 
 
 class FleetEstimate(BaseModel):
