@@ -166,8 +166,7 @@ def secure_figure(epoch: Epoch, round_: int, total: np.ndarray, survivors: int,
     return SecureFigure(
         epoch=epoch.epoch, round=round_, round_start=_utc(start), round_end=_utc(end), cohort=len(epoch.cohort),
         survivors=survivors, mean=mean.estimate, standard_error=se, ci95_low=mean.low, ci95_high=mean.high,
-        percentiles={q: getattr(fleet, q) for q in ("p50", "p90", "p99")}, share_above=fleet.share_above,
-        threshold=90.0, cohort_too_small_for=list(fleet.uninformative), unit=epoch.unit,
+        **fleet, unit=epoch.unit,
         unit_words=UNIT_WORDS[epoch.unit], epsilon=eps, delta=epoch.delta, noise=NOISE_WORDS[epoch.noise.family],
         method=f"secure aggregation (pairwise and self masks, Shamir-shared seeds) of {survivors} members' quantized "
                f"window means with {NOISE_WORDS[epoch.noise.family]} noise shares; interval from the noise's "

@@ -211,14 +211,14 @@ def simulate(unit: str, kind: str, k: int, trials: int, tut_trials: int, real: n
         est = fleet_estimate(total[1:], spec=epoch.noise, survivors=k, edges=edges)
         xs = np.sort(x)
         for name, p in PERCENTILES:
-            iv = getattr(est, name)
-            if name in est.uninformative:
+            iv = est["percentiles"][name]
+            if name in est["cohort_too_small_for"]:
                 vague[name] += 1
                 continue
             hits[name][0] += iv.low <= xs[math.ceil(p * k - 1e-9) - 1] <= iv.high
             hits[name][1] += 1
             width[name] += iv.high - iv.low
-        share_hits += est.share_above.low <= float(np.mean(x >= 90)) <= est.share_above.high
+        share_hits += est["share_above"].low <= float(np.mean(x >= 90)) <= est["share_above"].high
     e = np.array(err)
     cell.rmse, cell.bias = float(np.sqrt(np.mean(e**2))), float(e.mean())
     cell.rmse_exact = math.sqrt(noise_sd(epoch.noise, k)[0] ** 2 + float(np.mean(rounding))) / (k * epoch.scale)
@@ -448,9 +448,9 @@ def bins_table(real: np.ndarray, quick: bool) -> str:
                     est = fleet_estimate(noisy, spec=spec, survivors=k, edges=edges)
                     xs = np.sort(x)
                     for name, p in PERCENTILES:
-                        if name in est.uninformative:
+                        if name in est["cohort_too_small_for"]:
                             continue
-                        iv = getattr(est, name)
+                        iv = est["percentiles"][name]
                         hit[name] += iv.low <= xs[math.ceil(p * k - 1e-9) - 1] <= iv.high
                         seen[name] += 1
                         width[name] += iv.high - iv.low
