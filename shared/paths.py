@@ -250,10 +250,15 @@ class Paths(namedtuple("Paths", "data_dir email app_name server_url", defaults=(
     @property
     def private_keys_file(self) -> Path:
         """This datasite's private identity keys where syft-crypto keeps them: outside the SyftBox folder, in
-        ``<data_dir>/../.syftbox/<first 8 hex of sha256("<server_url>::<email>")>/`` (so one key per datasite)."""
-        import hashlib  # here: the supervisor imports this module
+        ``<data_dir>/../.syftbox/<first 8 hex of sha256("<server_url>::<email>")>/`` (so one key per datasite), with
+        the server URL as the SyftBox client holds it: pydantic's ``AnyHttpUrl`` (scheme and host lower-cased, a
+        default port dropped, an empty path made ``/``)."""
+        import hashlib  # here, and pydantic too: the supervisor imports this module
 
-        partition = hashlib.sha256(f"{self.server_url}::{self.email}".encode()).hexdigest()[:8]
+        from pydantic import AnyHttpUrl
+
+        url = str(AnyHttpUrl(self.server_url)) if self.server_url else ""
+        partition = hashlib.sha256(f"{url}::{self.email}".encode()).hexdigest()[:8]
         return self.data_dir.parent / ".syftbox" / partition / PRIVATE_KEYS_FILE
 
     def secure_join_file(self, member: str | None = None) -> Path:

@@ -4,6 +4,7 @@ each process imports (the supervisor the standard library only; a worker only th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,25 @@ def syftbox_view(config: Path | None) -> tuple[Path, str, str]:
     return Path(client.workspace.data_dir), str(client.email), str(client.config.server_url)
 
 
+def syft_crypto_keys_file(data_dir: Path, server_url: str, email: str) -> Path:
+    """Where syft-crypto keeps a datasite's private keys: ``<data_dir>/../.syftbox/<8 hex of
+    sha256("<server_url>::<email>")>/pvt.jwks.json``, with the server URL as the SyftBox client holds it."""
+    partition = hashlib.sha256(f"{server_url}::{email}".encode()).hexdigest()[:8]
+    return data_dir.parent / ".syftbox" / partition / "pvt.jwks.json"
+
+
+@pytest.mark.parametrize("url", ["https://syftbox.net", "https://syftbox.net/", "HTTPS://SyftBox.NET",
+                                 "https://syftbox.net:443", "http://127.0.0.1:8080", "https://relay.example.org/v1/"])
+def test_the_key_folder_is_named_after_the_server_url_as_syftbox_holds_it(tmp_path, url):
+    """However the server URL is written in config.json (case, default port, trailing slash), the private-key file is
+    the one syft-crypto derives from the SyftBox client's own parsed URL, not from the text as written."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"email": "m@x.org", "server_url": url, "client_url": "http://127.0.0.1:2",
+                                  "data_dir": str(tmp_path / "data")}))
+    data_dir, email, server_url = syftbox_view(config)
+    assert load_workspace(str(config)).private_keys_file == syft_crypto_keys_file(data_dir, server_url, email)
+
+
 @pytest.mark.parametrize("layout", ["plain", "legacy_name", "sync_folder", "home", "relative", "from_env"])
 def test_the_config_is_read_as_syftbox_reads_it(tmp_path, monkeypatch, layout):
     home, cwd = tmp_path / "home", tmp_path / "cwd"
@@ -54,9 +74,10 @@ def test_the_config_is_read_as_syftbox_reads_it(tmp_path, monkeypatch, layout):
         monkeypatch.setenv("SYFTBOX_CLIENT_CONFIG_PATH", str(given))
         given = None
     ours = load_client_config(None if given is None else str(given))
-    # the server URL as syftbox holds it (the private-key folder is named after it, as syft-crypto names it)
-    assert (ours.data_dir, ours.email, ours.server_url) == syftbox_view(given)
-    assert ours.server_url == "http://127.0.0.1:1/" and ours.data_dir.is_absolute()
+    data_dir, email, server_url = syftbox_view(given)
+    assert (ours.data_dir, ours.email) == (data_dir, email) and ours.data_dir.is_absolute()
+    # the private-key folder is named after the server URL as syftbox holds it, as syft-crypto names it
+    assert ours.workspace().private_keys_file == syft_crypto_keys_file(data_dir, server_url, email)
     assert load_workspace(None if given is None else str(given)).private == ours.data_dir / "private" / "cpu_tracker"
 
 

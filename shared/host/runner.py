@@ -108,14 +108,7 @@ def load_client_config(config: str | None = None, environ: dict[str, str] | None
     if not isinstance(data_dir, str) or not data_dir:
         raise ClientConfigError(f"{path}: data_dir must be a folder, got {data_dir!r}")
     return ClientConfig(path=path, data_dir=Path(data_dir).expanduser().resolve(), email=email,
-                        server_url=_as_syftbox_url(str(data.get("server_url") or DEFAULT_SERVER_URL)))
-
-
-def _as_syftbox_url(url: str) -> str:
-    """The server URL as the SyftBox client holds it (pydantic's ``AnyHttpUrl``: an empty path becomes ``/``), so the
-    private-key folder it names (``Paths.identity_dir``) is the one syft-crypto uses."""
-    scheme, sep, rest = url.partition("://")
-    return url + "/" if sep and "/" not in rest else url
+                        server_url=str(data.get("server_url") or DEFAULT_SERVER_URL))
 
 
 def load_workspace(config: str | None) -> Paths:
