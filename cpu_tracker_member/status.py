@@ -9,8 +9,8 @@ from datetime import datetime, timedelta
 from cpu_tracker_member.monitor import composed_words
 from shared.privacy.ledger import load_spends, spent_per_budget
 from shared.paths import Paths
-from shared.privacy import activity_epsilon, activity_units
-from shared.settings import Settings, budget_words, duration_words, settings_warnings
+from shared.privacy import activity_epsilon, activity_units, budget_words, duration_words
+from shared.settings import Settings, settings_warnings
 
 WEAK = 10.0  # above this epsilon, say plainly that there is no meaningful protection
 

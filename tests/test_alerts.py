@@ -19,13 +19,14 @@ from cpu_tracker_aggregator.aggregator import Aggregator
 from cpu_tracker_aggregator.status import status_text
 from cpu_tracker_member.member import Member
 from cpu_tracker_member.monitor import MemberMonitors
+from shared.privacy import Budget
 from shared.privacy import safezone as sz
 from shared.privacy.ledger import load_spends
 from shared.logs import Problems
 from shared.paths import Paths
 from shared.wire.catalog import SCHEMA_DIR
 from shared.wire.schema import Current, Dashboard, MonitorSignalsFile
-from shared.settings import Budget, Settings
+from shared.settings import Settings
 
 AGG = "agg@example.org"
 MEMBERS = ["m1@example.org", "m2@example.org", "m3@example.org"]

@@ -54,7 +54,8 @@ from shared.paths import (CURRENT_FILE, DASHBOARD_SCHEMA_FILE, HISTORY_DIR, HIST
 from shared.permissions import permission_files
 from shared.wire.catalog import json_schemas, schema_text
 from shared.wire.schema import Current, Dashboard, History, HistoryIndex, MemberReport, Segment
-from shared.settings import Budget, Settings
+from shared.privacy import Budget
+from shared.settings import Settings
 from tests.conftest import FakeClock, FakeWall
 
 ME, AGG = "me@example.org", "agg@example.org"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from shared.privacy.ledger import (BudgetExceeded, Ledger, LedgerCorrupt, Spend, _arrays, check_budgets, load_spends,
                                    worst_span)
-from shared.settings import Budget
+from shared.privacy import Budget
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

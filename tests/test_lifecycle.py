@@ -312,7 +312,7 @@ def test_log_sink_file_is_capped_with_one_older_generation(tmp_path):
 
 def test_the_ledger_keeps_only_retained_releases_in_memory_and_compacts_its_file(tmp_path):
     from shared.privacy.ledger import Ledger, Spend
-    from shared.settings import Budget
+    from shared.privacy import Budget
 
     budgets = (Budget(horizon_s=0, epsilon=1.0), Budget(horizon_s=600, epsilon=100.0))  # retention 600 s + 1 h
     ledger = Ledger(tmp_path / "ledger.jsonl", budgets)

@@ -29,7 +29,8 @@ from shared.privacy.ledger import load_spends
 from shared.logs import Problems
 from shared.paths import Paths
 from shared.host.runner import acquire_lock, private_tree_ready
-from shared.settings import Budget, Settings
+from shared.privacy import Budget
+from shared.settings import Settings
 from tests.conftest import AGG, FakeClock, FakeWall
 
 ME = "me@example.org"

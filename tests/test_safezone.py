@@ -189,7 +189,8 @@ def test_monitor_settings_are_checked_with_names():
 from datetime import datetime, timedelta, timezone  # noqa: E402
 
 from shared.privacy.ledger import Ledger, Spend, worst_span  # noqa: E402
-from shared.settings import Budget, Settings  # noqa: E402
+from shared.privacy import Budget  # noqa: E402
+from shared.settings import Settings  # noqa: E402
 
 T = datetime(2026, 3, 1, tzinfo=timezone.utc)
 

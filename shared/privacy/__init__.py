@@ -111,6 +111,8 @@ def laplace_release(
 # The privacy unit: one second of CPU activity, fixed, whatever the settings
 # ---------------------------------------------------------------------------------------------------
 UNIT_S = 1.0  # SECOND_UNIT's length
+DAY_S = 86400.0  # DAY_UNIT's length, and a day wherever the app counts in days
+MAX_HORIZON_S = 366 * DAY_S  # a year and a day: longer horizons mean nothing for a CPU tracker, and cost memory
 LEGACY_PERIOD_MAX_S = 0.1  # the old default period, the longest one an old ledger line is credited with
 COARSER_UNITS = (WINDOW_UNIT, DAY_UNIT)  # secure mode's units: a member's whole window, its whole UTC day
 
@@ -168,6 +170,38 @@ def activity_epsilon(activity_s: float, *, epsilon: float) -> float:
     split between two windows costs each its share, epsilon in total, since every window's sensitivity is
     100 / n for n whole seconds)."""
     return epsilon * activity_units(activity_s)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rolling budgets (set in the settings, enforced by the ledger)
+# ---------------------------------------------------------------------------------------------------
+class Budget(BaseModel):
+    """A rolling privacy budget: the epsilon summed over every release whose window touches any span of
+    ``horizon_s`` seconds never exceeds ``epsilon`` (in the fixed unit: one second of CPU activity)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    horizon_s: float = Field(
+        ge=0, le=MAX_HORIZON_S, description="Length of the rolling span in seconds (0: one instant; at most 366 days)."
+    )
+    epsilon: float = Field(gt=0, le=1e9, description="Most epsilon all releases touching such a span may spend.")
+
+
+def duration_words(seconds: float) -> str:
+    """``3600`` -> "1 hour", ``0`` -> "an instant", ``90`` -> "1.5 minutes": for messages and status."""
+    if seconds == 0:
+        return "an instant"
+    for size, name in ((DAY_S, "day"), (3600.0, "hour"), (60.0, "minute"), (1.0, "second")):
+        if seconds >= size:
+            n = seconds / size
+            return f"{n:.3g} {name}{'' if n == 1 else 's'}"
+    return f"{seconds:.3g} seconds"
+
+
+def budget_words(budget: Budget) -> str:
+    """A budget in plain words: "at most 1000 epsilon on any span of 1 hour"."""
+    where = "any single instant" if budget.horizon_s == 0 else f"any span of {duration_words(budget.horizon_s)}"
+    return f"at most {budget.epsilon:g} epsilon on {where}"
 
 
 # ---------------------------------------------------------------------------------------------------

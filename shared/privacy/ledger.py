@@ -47,8 +47,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from shared.atomic import PRIVATE, atomic_write_text, ensure_private_dir
 from shared.logs import Problems
-from shared.privacy import DAY_UNIT, LEGACY_UNIT, SECOND_UNIT, WINDOW_UNIT, epsilon_per_unit
-from shared.settings import MAX_HORIZON_S, Budget, budget_words
+from shared.privacy import (DAY_UNIT, LEGACY_UNIT, MAX_HORIZON_S, SECOND_UNIT, WINDOW_UNIT, Budget, budget_words,
+                            epsilon_per_unit)
 
 log = logging.getLogger("cpu_tracker.ledger")
 

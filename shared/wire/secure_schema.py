@@ -37,11 +37,10 @@ from pydantic import AwareDatetime, Field, PrivateAttr, field_validator, model_v
 from pydantic_core import to_json
 
 from shared.paths import is_datasite_email
-from shared.privacy import CPU_BOUNDS, DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, SecureUnit
+from shared.privacy import CPU_BOUNDS, DAY_S, DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, SecureUnit
 from shared.wire.schema import _Wire
 from shared.secure.secagg import HASH_BYTES, MODULUS_BITS, PROTOCOL, neighbours_in, ring_order, shamir_threshold
 from shared.secure.secnoise import NoiseSpec
-from shared.settings import DAY_S
 
 JOIN_KIND = "cpu_tracker.secure_join"
 EPOCH_KIND = "cpu_tracker.secure_epoch"

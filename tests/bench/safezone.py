@@ -39,10 +39,11 @@ import numpy as np
 from scipy.special import expit
 
 from cpu_tracker_aggregator.alerts import FLAG_ALLOWANCE
+from shared.privacy import Budget
 from shared.privacy import safezone as sz
 from shared.privacy.ledger import BudgetExceeded, Spend
 from shared.privacy.safezone import Lifecycle, MonitorSpec
-from shared.settings import DEFAULT_MONITOR_BUDGETS, Budget, Settings
+from shared.settings import DEFAULT_MONITOR_BUDGETS, Settings
 from tests.bench.common import Result, Row
 from tests.bench.record_trace import DEFAULT as REAL_TRACE, load
 
