@@ -69,7 +69,7 @@ case "${1:-}" in
     env)        ensure_env "${2:-runtime}" ;;
     *)          ensure_env runtime ;;
 esac
-touch "$ENV/.used" 2>/dev/null || true  # shared.envs removes an env nothing has used for a week
+touch "$ENV/.used" 2>/dev/null || true  # shared.host.envs removes an env nothing has used for a week
 
 export PYTHONPATH="$APP_DIR${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
