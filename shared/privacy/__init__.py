@@ -5,6 +5,11 @@ one-second busy fractions clipped to [lower, upper]; changing any one second mov
 (upper - lower) / n (the L1 sensitivity), so the Laplace mechanism with scale b = sensitivity / epsilon
 makes each release epsilon-DP for that unit (Dwork & Roth 2014, Thm 3.6). Activity lasting k seconds
 costs k * epsilon (group privacy, ibid. Thm 2.2), summed over releases (basic composition, Thm 3.14).
+
+Also here, below everything that names them: the privacy units every file and setting uses, ``CPU_BOUNDS`` and
+``clip_cpu``, the rolling budgets (``Budget``: set in the settings, enforced by ``ledger``), and the values the math
+returns that the wire formats carry as they are (``LaplaceRelease``, ``Interval``). Secure mode's noise is in
+``shared.secure.secnoise``; the ledger and the safe zones are this package's ``ledger`` and ``safezone``.
 """
 
 from __future__ import annotations
