@@ -416,6 +416,7 @@ class PermissionGuard:
     _period: int = 0
     _period_sync: tuple = (-1, None)  # (period, the client's record as this period sees it)
     _evictions: int = 0  # contents forgotten from ``_known``: a kept verdict may have relied on one
+    _rels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # folder -> its parts below the datasite
 
     def refresh(self) -> None:
         """Start a new period (call once per window or tick): every folder is stamped again, once, and a verdict is
@@ -432,11 +433,18 @@ class PermissionGuard:
 
     def _rel(self, path) -> tuple[str, ...]:
         text = os.fspath(path)
-        if text == self._root:
-            return ()
-        if not text.startswith(self._root + "/"):
-            raise ValueError(f"{text} is not inside {self._root}")
-        return tuple(p for p in text[len(self._root) + 1:].split("/") if p)
+        rel = self._rels.get(text)
+        if rel is None:
+            if text == self._root:
+                rel = ()
+            elif not text.startswith(self._root + "/"):
+                raise ValueError(f"{text} is not inside {self._root}")
+            else:
+                rel = tuple(p for p in text[len(self._root) + 1:].split("/") if p)
+            if len(self._rels) >= 1 << 18:
+                self._rels.clear()
+            self._rels[text] = rel
+        return rel
 
     def _join(self, rel: tuple[str, ...]) -> str:
         return "/".join((self._root, *rel))
