@@ -73,8 +73,8 @@ class Feature:
 def member_folders(key: str, what: str, folder_of: Callable[[str], Path], file_of: Callable[[str], Path]) -> Guarded:
     """The per-member folders of one kind that exist now, each readable by its member only (as text: a ``Path`` per
     member per tick was most of the cost of this check at 10,000 members)."""
-    root = folder_of("x").parent
-    inside = file_of("x").relative_to(folder_of("x"))
+    root = str(folder_of("x").parent)
+    inside = str(file_of("x").relative_to(folder_of("x")))
     try:
         names = [n for n in os.listdir(root) if is_datasite_email(n)]
     except OSError:

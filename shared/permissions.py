@@ -412,11 +412,12 @@ class PermissionGuard:
     _memo: dict[str, object] = field(default_factory=dict)
     _verdicts: dict[tuple, tuple] = field(default_factory=dict)  # key -> (period, verdict, what it was decided from)
     _noted: set[tuple[str, ...]] = field(default_factory=set)
-    _racy: set[str] = field(default_factory=set)  # folders listed this period with a stamp too recent to trust
+    _racy: set[str] = field(default_factory=set)  # folders listed this period with a file stamp too recent to trust
     _period: int = 0
     _period_sync: tuple = (-1, None)  # (period, the client's record as this period sees it)
     _evictions: int = 0  # contents forgotten from ``_known``: a kept verdict may have relied on one
     _rels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # folder -> its parts below the datasite
+    _listed: dict[str, dict] = field(default_factory=dict)  # folder -> its last listing
 
     def refresh(self) -> None:
         """Start a new period (call once per window or tick): every folder is stamped again, once, and a verdict is
@@ -485,9 +486,14 @@ class PermissionGuard:
             return False
         if sync is not None:
             self._note(rel, sync)
-            if any(sync.get(rel[:depth]) != was for depth, was in enumerate(synced)):
+            for depth, was in enumerate(synced):
+                if sync.get(rel[:depth]) != was:
+                    return False
+        for folder, was in zip(folders, listings):
+            now = self._list(folder)
+            if now is not was and now != was:
                 return False
-        return all(self._list(f) == was for f, was in zip(folders, listings))
+        return True
 
     def _note(self, rel: tuple[str, ...], sync) -> None:
         """Every folder on the way, even past a problem: what the record holds now is gone next time."""
@@ -654,6 +660,11 @@ class PermissionGuard:
             result = f"cannot be checked ({e.strerror or e}), so what its permission files grant is unknown"
         else:
             result = self._scan(folder, st)
+            before = self._listed.get(folder)
+            if before is not None and before == result:
+                result = before  # the same object from period to period while unchanged: kept verdicts compare fast
+            else:
+                self._listed[folder] = result
         self._memo[folder] = result
         return result
 
@@ -671,9 +682,9 @@ class PermissionGuard:
                 names = sorted(e.name for e in os.scandir(folder) if is_permission_name(e.name))
             except OSError as e:
                 return f"cannot be listed ({e.strerror or e}), so what its permission files grant is unknown"
-            if st.st_ctime_ns < trusted:
+            if st.st_ctime_ns < trusted:  # else listed again next period: a name added within the tick is seen then
                 self._listing[folder] = (sig, names)
-        racy = st.st_ctime_ns >= trusted
+        racy = False  # a file whose content may have changed without its stamp: no verdict kept on it
         out = {}
         for name in names:
             try:
