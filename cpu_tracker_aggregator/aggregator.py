@@ -121,7 +121,8 @@ class Aggregator:
         guard.refresh()
         for f in self.features.values():
             for g in f.guarded():
-                found = [why for folder, readers, files in g.folders if any(map(os.path.lexists, files))
+                found = [why for folder, readers, files in g.folders  # the verdict first: kept from tick to tick
+                         if guard.exposure(folder, readers) and any(map(os.path.lexists, files))
                          and (why := withhold(guard, folder, readers, files))]
                 if found:
                     self.problems.report(g.key, exposure_sentence(found, g.what), logging.ERROR)

@@ -758,7 +758,8 @@ class SecureAggregator:
         else read it gets nothing: its inbox is withdrawn (said once) and written again once that is fixed."""
         guard, exposed = guard_for(self.paths.my_datasite, self.paths.sync_state_file), []
         for m, body in self.inbox_bodies(now, current).items():
-            why = withhold(guard, self.paths.inbox_dir(m), [m], [self.paths.inbox_file(m)])
+            where = self._where(m)  # plain strings: a Path per member per round was the round's largest cost
+            why = withhold(guard, where["inbox_dir"], [m], [where["inbox"]])
             if why:
                 exposed.append(why)
                 self._perms_done.discard(m)
@@ -767,7 +768,7 @@ class SecureAggregator:
                 if m not in self._perms_done:
                     ensure_permissions(self.paths.inbox_dir(m), self.paths.email, [m])
                     self._perms_done.add(m)
-                replace_file(self._where(m)["inbox"], body)
+                replace_file(where["inbox"], body)
                 self.problems.clear("inbox-write")
             except OSError as ex:
                 self.problems.report("inbox-write", f"secure mode: cannot write inboxes ({ex}); free disk space")

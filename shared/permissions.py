@@ -58,6 +58,10 @@ from shared.paths import SYFT_PUB_FILE, SYFTPERM_FILE
 ALL = ["admin", "create", "write", "read"]
 MAX_PERM_FILE_BYTES = 1 << 20
 MAX_SYNC_STATE_BYTES = 256 << 20  # the 0.4.0 client's record of every file it syncs: tens of MB at 10,000 members
+# A stamp whose st_ctime_ns is this close to now is not trusted to change with the next write: the kernel stamps
+# ctime from a coarse clock (one tick, 1-10 ms), so a second write within that tick can leave every stamp as it was
+# (git's "racily clean" index entries). Such a file or folder is read again next period instead of kept.
+RACY_NS = 2_000_000_000
 RESET_MARK = b"# cpu_tracker: written again so that the relay drops rules another permission file left: "
 
 
@@ -386,9 +390,15 @@ def _status(entry) -> tuple:
 class PermissionGuard:
     """Checks, before the app writes into one of its folders, every permission file that could let anyone but the
     allowed readers read it there: on disk, and what the relay holds (module docstring). Caches each folder's listing
-    (by its stat signature, for one ``refresh`` period), each file's reading (by its signature) and every content it
-    has read (by hash: to judge a version the relay still holds). Paths are kept as text inside: at 10,000 inbox
-    folders a tick, ``pathlib`` was most of the cost."""
+    (its permission files' names by the folder's stamp; their stamps taken once per ``refresh`` period), each file's
+    reading (by its stamp), every content it has read (by hash: to judge a version the relay still holds) and each
+    safe verdict, across periods, with everything it was decided from: the stamps (inode, device, size, mtime, ctime,
+    mode, owner) of every permission file in every folder from the datasite down to the folder, whether each of those
+    folders exists, and the client's record of each. A period re-stamps each folder once and keeps a verdict only when
+    all of that is as it was; ctime, which a write or ``utime`` always moves and no user can set, catches a rewrite in
+    place that restores mtime and size (``RACY_NS``: unless its stamp was too recent to trust). A verdict that finds a
+    problem is decided again every period. Paths are kept as text inside: at 10,000 inbox folders a tick,
+    ``pathlib`` was most of the cost."""
 
     datasite: Path  # the owner's own datasite folder: datasites/<email>
     sync_state_file: Path | None = None  # <data_dir>/plugins/local_syncstate.json
@@ -400,15 +410,23 @@ class PermissionGuard:
     _odd_seen: dict[str, float] = field(default_factory=dict)
     _uploaded: dict[str, datetime] = field(default_factory=dict)
     _memo: dict[str, object] = field(default_factory=dict)
-    _verdicts: dict[tuple, str | None] = field(default_factory=dict)
+    _verdicts: dict[tuple, tuple] = field(default_factory=dict)  # key -> (period, verdict, what it was decided from)
     _noted: set[tuple[str, ...]] = field(default_factory=set)
+    _racy: set[str] = field(default_factory=set)  # folders listed this period with a file stamp too recent to trust
+    _period: int = 0
+    _period_sync: tuple = (-1, None)  # (period, the client's record as this period sees it)
+    _evictions: int = 0  # contents forgotten from ``_known``: a kept verdict may have relied on one
+    _rels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # folder -> its parts below the datasite
+    _listed: dict[str, dict] = field(default_factory=dict)  # folder -> its last listing
 
     def refresh(self) -> None:
-        """Forget this period's listings and verdicts (call once per window or tick): a folder is listed, and a
-        folder judged for given readers, at most once a period."""
+        """Start a new period (call once per window or tick): every folder is stamped again, once, and a verdict is
+        kept only while all it was decided from is unchanged. A folder is listed, and a folder judged for given
+        readers, at most once a period."""
         self._memo.clear()
-        self._verdicts.clear()
         self._noted.clear()
+        self._racy.clear()
+        self._period += 1
 
     def __post_init__(self) -> None:
         self._root = os.fspath(self.datasite).rstrip("/")
@@ -416,16 +434,23 @@ class PermissionGuard:
 
     def _rel(self, path) -> tuple[str, ...]:
         text = os.fspath(path)
-        if text == self._root:
-            return ()
-        if not text.startswith(self._root + "/"):
-            raise ValueError(f"{text} is not inside {self._root}")
-        return tuple(p for p in text[len(self._root) + 1:].split("/") if p)
+        rel = self._rels.get(text)
+        if rel is None:
+            if text == self._root:
+                rel = ()
+            elif not text.startswith(self._root + "/"):
+                raise ValueError(f"{text} is not inside {self._root}")
+            else:
+                rel = tuple(p for p in text[len(self._root) + 1:].split("/") if p)
+            if len(self._rels) >= 1 << 18:
+                self._rels.clear()
+            self._rels[text] = rel
+        return rel
 
     def _join(self, rel: tuple[str, ...]) -> str:
         return "/".join((self._root, *rel))
 
-    def exposure(self, folder: Path, allowed: Iterable[str], *, top: Path | None = None) -> str | None:
+    def exposure(self, folder: Path | str, allowed: Iterable[str], *, top: Path | None = None) -> str | None:
         """Why what the app writes in ``folder`` (inside ``datasite``) could be read by someone not in ``allowed``
         (the owner is always allowed): the file, the rule and what to change; None when nothing could. ``top``: the
         app's own folder that holds ``folder`` (default: ``folder`` itself), whose own files are the app's."""
@@ -433,17 +458,59 @@ class PermissionGuard:
         rel = self._rel(folder)
         own = len(self._rel(top)) if top is not None else len(rel)
         key = (rel, allowed, own)
-        if key not in self._verdicts:
-            self._verdicts[key] = self._exposure(rel, allowed, own)
-        return self._verdicts[key]
+        kept = self._verdicts.get(key)
+        if kept is not None and kept[0] == self._period:
+            return kept[1]
+        sync = self._sync_this_period()
+        if kept is not None and kept[2] is not None and self._unchanged(rel, kept[2], sync):
+            self._verdicts[key] = (self._period, None, kept[2])
+            return None
+        verdict = self._exposure(rel, allowed, own, sync)
+        self._verdicts[key] = (self._period, verdict, self._decided_from(rel, sync) if verdict is None else None)
+        return verdict
 
-    def _exposure(self, rel: tuple[str, ...], allowed: frozenset[str], own: int) -> str | None:
-        sync = self._sync_view()
-        if sync is not None:  # every folder on the way, even past a problem: what it records now is gone next time
-            for depth in range(len(rel) + 1):
-                if rel[:depth] not in self._noted:
-                    self._noted.add(rel[:depth])
-                    self._note_uploads(self._join(rel[:depth]), sync.get(rel[:depth], {}))
+    def _decided_from(self, rel: tuple[str, ...], sync) -> tuple | None:
+        """What a safe verdict on ``rel`` was just decided from (this period's listing of each folder on the way and
+        the client's record of it); None when one of them is too recent to trust next period."""
+        folders = tuple(self._join(rel[:depth]) for depth in range(len(rel) + 1))
+        if any(f in self._racy for f in folders):
+            return None
+        listings = tuple(self._list(f) for f in folders)
+        synced = None if sync is None else tuple(sync.get(rel[:depth]) for depth in range(len(rel) + 1))
+        return folders, listings, synced, self._evictions
+
+    def _unchanged(self, rel: tuple[str, ...], inputs: tuple, sync) -> bool:
+        """Whether everything a kept verdict on ``rel`` was decided from is as it was (``_decided_from``)."""
+        folders, listings, synced, evictions = inputs
+        if evictions != self._evictions or (synced is None) != (sync is None):
+            return False
+        if sync is not None:
+            self._note(rel, sync)
+            for depth, was in enumerate(synced):
+                if sync.get(rel[:depth]) != was:
+                    return False
+        for folder, was in zip(folders, listings):
+            now = self._list(folder)
+            if now is not was and now != was:
+                return False
+        return True
+
+    def _note(self, rel: tuple[str, ...], sync) -> None:
+        """Every folder on the way, even past a problem: what the record holds now is gone next time."""
+        for depth in range(len(rel) + 1):
+            if rel[:depth] not in self._noted:
+                self._noted.add(rel[:depth])
+                self._note_uploads(self._join(rel[:depth]), sync.get(rel[:depth], {}))
+
+    def _sync_this_period(self):
+        """The client's record as this period sees it (read once a period: one snapshot for every folder)."""
+        if self._period_sync[0] != self._period:
+            self._period_sync = (self._period, self._sync_view())
+        return self._period_sync[1]
+
+    def _exposure(self, rel: tuple[str, ...], allowed: frozenset[str], own: int, sync) -> str | None:
+        if sync is not None:
+            self._note(rel, sync)
         for depth in range(len(rel) + 1):
             problem = self._folder_problem(self._join(rel[:depth]), rel[:depth], rel[depth:], allowed, sync,
                                            above=depth < own)
@@ -593,6 +660,11 @@ class PermissionGuard:
             result = f"cannot be checked ({e.strerror or e}), so what its permission files grant is unknown"
         else:
             result = self._scan(folder, st)
+            before = self._listed.get(folder)
+            if before is not None and before == result:
+                result = before  # the same object from period to period while unchanged: kept verdicts compare fast
+            else:
+                self._listed[folder] = result
         self._memo[folder] = result
         return result
 
@@ -600,7 +672,8 @@ class PermissionGuard:
         if not stat.S_ISDIR(st.st_mode):
             return (f"is {describe(st.st_mode)}, not a folder, so what the relay makes of it is unknown; "
                     "replace it with a folder")
-        sig = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        trusted = time.time_ns() - RACY_NS  # stamps older than this change with any later write
+        sig = _stamp(st)
         cached = self._listing.get(folder)
         if cached is not None and cached[0] == sig:
             names = cached[1]
@@ -609,16 +682,21 @@ class PermissionGuard:
                 names = sorted(e.name for e in os.scandir(folder) if is_permission_name(e.name))
             except OSError as e:
                 return f"cannot be listed ({e.strerror or e}), so what its permission files grant is unknown"
-            self._listing[folder] = (sig, names)
+            if st.st_ctime_ns < trusted:  # else listed again next period: a name added within the tick is seen then
+                self._listing[folder] = (sig, names)
+        racy = False  # a file whose content may have changed without its stamp: no verdict kept on it
         out = {}
         for name in names:
             try:
                 fst = os.lstat(f"{folder}/{name}")
-                out[name] = (fst.st_ino, fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_mode)
+                out[name] = _stamp(fst)
+                racy = racy or fst.st_ctime_ns >= trusted
             except FileNotFoundError:
                 continue
             except OSError as e:
                 out[name] = str(e.strerror or e)
+        if racy:
+            self._racy.add(folder)
         return out
 
     def _read(self, path: str, sig) -> tuple[PermFile, str | None]:
@@ -641,8 +719,10 @@ class PermissionGuard:
                 pf = self._known.get(digest) or parse_permission_file(os.path.basename(path), data)
                 if len(self._known) >= 1 << 16:
                     self._known.pop(next(iter(self._known)))
+                    self._evictions += 1
                 self._known[digest] = pf
-        self._files[path] = (sig, pf, digest)
+        if isinstance(sig, str) or sig[3] < time.time_ns() - RACY_NS:  # a recent stamp: read again next time
+            self._files[path] = (sig, pf, digest)
         return pf, digest
 
     def _sync_view(self):
@@ -667,6 +747,12 @@ class PermissionGuard:
         return view
 
 
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file or folder from another: inode, size, mtime, ctime, mode (in that order: the
+    checks read mtime at [2], ctime at [3], the mode at [4]), device, owner."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_dev, st.st_uid)
+
+
 def _odd(name: str) -> bool:
     return name.endswith(SYFTPERM_FILE) and name != SYFTPERM_FILE
 
@@ -683,7 +769,7 @@ def _instant(t: datetime) -> float:
     return t.timestamp()
 
 
-def withdraw(files: Iterable[Path]) -> tuple[list[str], list[str]]:
+def withdraw(files: Iterable[Path | str]) -> tuple[list[str], list[str]]:
     """Remove each of ``files`` (the client then removes the relay's copy). Returns (removed, failed) descriptions."""
     removed, failed = [], []
     for path in files:
@@ -703,7 +789,8 @@ def guard_for(datasite: Path, sync_state_file: Path | None = None) -> Permission
     return PermissionGuard(Path(datasite), sync_state_file)
 
 
-def withhold(guard: PermissionGuard, folder: Path, readers: Sequence[str], files: Iterable[Path]) -> str | None:
+def withhold(guard: PermissionGuard, folder: Path | str, readers: Sequence[str], files: Iterable[Path | str]
+             ) -> str | None:
     """Why what the app writes in ``folder`` could be read by anyone but ``readers`` (and the owner), with ``files``
     (what the app published there) then withdrawn; None when the app may write there. The caller says it once
     (``exposure_sentence``)."""

@@ -6,10 +6,15 @@ while it lasts, and puts everything back once the grant is gone."""
 from __future__ import annotations
 
 import logging
+import os
+import re
+import time
 
+import pytest
 import yaml
 
 from cpu_tracker_aggregator.aggregator import Aggregator
+from shared import permissions
 from shared.permissions import ensure_permissions
 from tests.secure_harness import AGG, Net, t
 
@@ -54,3 +59,48 @@ def test_a_grant_above_the_aggregators_own_folders_withdraws_them_until_it_is_go
         net.step()
     assert p.epoch_file().exists() and all(f.exists() for f in inboxes)
     assert "the inbox folders' permission files are safe again" in caplog.text
+
+
+def _in_place(folder):
+    """The inbox's syftperm.yaml rewritten in place, its reader turned into a pattern (everyone to the Go server) in
+    as many bytes, mtime put back: inode, size and mtime as they were."""
+    target = folder / "syftperm.yaml"
+    before, data = target.stat(), target.read_bytes()
+    reader = re.search(rb"user: (m\d\d@example\.org)", data).group(1)
+    with open(target, "r+b") as f:
+        f.write(data.replace(reader, b"'*" + reader[2:-1] + b"'"))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    return target
+
+
+def _stray(folder):
+    target = folder / "notes.syftperm.yaml"
+    target.write_bytes((folder / "syftperm.yaml").read_bytes())  # safe rules, under a name the relay misreads
+    return target
+
+
+@pytest.mark.parametrize("change", [_in_place, _stray], ids=["rewritten in place, mtime and size kept", "a stray"])
+def test_an_inbox_permission_file_changed_between_two_ticks_is_caught_at_the_next(tmp_path, monkeypatch, caplog,
+                                                                                   change):
+    """The verdicts on 10,000 inbox folders are kept from tick to tick (every stamp trusted here: RACY_NS 0); a change
+    to one inbox's permission files withdraws that inbox at the very next tick, and only that one."""
+    monkeypatch.setattr(permissions, "RACY_NS", 0, raising=False)
+    net = Net(tmp_path, 4, monkeypatch)
+    for _ in range(3):
+        net.step()
+    p = net.agg.paths
+    agg = Aggregator(p, net.settings, net.agg.problems)
+    agg.features["secure"].rounds = net.agg
+    agg.tick(_now(net))
+    time.sleep(0.05)  # past a tick of the kernel's coarse ctime clock
+    agg.tick(_now(net))  # verdicts kept from here
+    assert all(p.inbox_file(m).exists() for m in net.members)
+    caplog.set_level(logging.ERROR)
+    target = change(p.inbox_dir(net.members[1]))
+    agg.tick(_now(net))
+    assert not p.inbox_file(net.members[1]).exists()
+    assert all(p.inbox_file(m).exists() for m in net.members if m != net.members[1])
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and str(target) in errors[0], errors

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,16 @@ import yaml
 
 from cpu_tracker_member.member import Member, run_member
 from shared.logs import Problems
-from shared.paths import Paths
-from shared.permissions import Rule, parse_permission_file, rule_readers
+from shared import permissions
+from shared.paths import SYFT_PUB_FILE, SYFTPERM_FILE, Paths
+from shared.permissions import (
+    PermissionGuard,
+    Rule,
+    ensure_permissions,
+    parse_permission_file,
+    permission_files,
+    rule_readers,
+)
 from shared.settings import Settings
 from tests.conftest import AGG, FakeClock, FakeWall
 from tests.special_files import make_fifo, make_socket
@@ -136,3 +146,185 @@ def test_rule_readers(pattern, user, folder, readers) -> None:
 def test_what_the_app_does_not_know_is_unknown(name, data, unknown) -> None:
     pf = parse_permission_file(name, data)
     assert pf.unknown is not None and unknown in pf.unknown, pf
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verdicts kept across periods (the aggregator checks 10,000 inbox folders a tick): every change is caught next period
+# ---------------------------------------------------------------------------------------------------
+INBOX = ("app_data", "cpu_tracker_inbox")
+
+
+def _inboxes(tmp_path: Path, n: int = 2) -> tuple[PermissionGuard, list[Path], list[str]]:
+    """An aggregator's datasite with ``n`` inbox folders, each readable by its member, and a guard that found them
+    safe; every stamp already older than the coarse ctime clock's tick."""
+    datasite = tmp_path / "datasites" / AGG
+    members = [f"m{i}@example.org" for i in range(n)]
+    folders = [datasite.joinpath(*INBOX, m) for m in members]
+    for folder, m in zip(folders, members):
+        ensure_permissions(folder, AGG, [m])
+    time.sleep(0.05)
+    guard = PermissionGuard(datasite)
+    assert [guard.exposure(f, [m]) for f, m in zip(folders, members)] == [None] * n
+    return guard, folders, members
+
+
+def _utime_back(path: Path, st: os.stat_result) -> None:
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    st = path.stat()
+    path.write_bytes(data)
+    _utime_back(path, st)
+
+
+def _stray(folder: Path) -> Path:
+    st = (folder / SYFTPERM_FILE).stat()
+    target = folder / "notes.syftperm.yaml"
+    target.write_bytes((folder / SYFTPERM_FILE).read_bytes())  # the same safe rules, under a name the relay misreads
+    _utime_back(target, st)
+    return target
+
+
+def _symlink(folder: Path) -> Path:
+    target, copy = folder / SYFTPERM_FILE, folder.parent / "elsewhere.yaml"
+    copy.write_bytes(target.read_bytes())  # the same safe rules, but through a link
+    link = folder / ".link.tmp"
+    link.symlink_to(copy)
+    os.replace(link, target)
+    return target
+
+
+def _grant_above(folder: Path) -> Path:
+    target = folder.parent / SYFTPERM_FILE
+    target.write_text(GRANT)
+    return target
+
+
+def _pub_everyone(folder: Path) -> Path:
+    target = folder / SYFT_PUB_FILE
+    _rewrite(target, permission_files(AGG, ["*"])[SYFT_PUB_FILE])
+    return target
+
+
+def _grant_here(folder: Path) -> Path:
+    target = folder / SYFTPERM_FILE
+    _rewrite(target, GRANT.encode())  # another size, the old mtime
+    return target
+
+
+def _folder_replaced(folder: Path) -> Path:
+    aside = folder.with_name(folder.name + ".old")
+    folder.rename(aside)
+    folder.mkdir()
+    (folder / SYFTPERM_FILE).write_text(GRANT)
+    return folder / SYFTPERM_FILE
+
+
+CHANGES = {"rewritten with the old mtime": _grant_here, "a stray notes.syftperm.yaml": _stray,
+           "replaced by a symlink": _symlink, "a grant in the folder above": _grant_above,
+           "syft.pub.yaml granting everyone, old mtime": _pub_everyone, "the folder replaced": _folder_replaced}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_kept_verdict_catches_any_change_on_the_very_next_period(tmp_path, monkeypatch, change) -> None:
+    """Trusting every stamp (RACY_NS 0): the verdict was kept, and the change is caught at the next period anyway."""
+    monkeypatch.setattr(permissions, "RACY_NS", 0, raising=False)  # trust every stamp
+    guard, folders, members = _inboxes(tmp_path)
+    guard.refresh()
+    assert guard.exposure(folders[0], members[:1]) is None
+    target = CHANGES[change](folders[0])
+    guard.refresh()
+    problem = guard.exposure(folders[0], members[:1])
+    assert problem is not None and str(target) in problem, problem
+
+
+def _same_size_grant(path: Path) -> bytes:
+    """The file's bytes with its reader turned into a pattern (``'*@example.or'``: everyone to the Go server), in
+    exactly as many bytes."""
+    data = path.read_bytes()
+    reader = re.search(rb"user: (m\d@example\.org)", data).group(1)
+    forged = b"'*" + reader[2:-1] + b"'"
+    assert len(forged) == len(reader)
+    return data.replace(reader, forged)
+
+
+def _rewrite_in_place(path: Path, data: bytes) -> os.stat_result:
+    """Overwrite ``path`` in place (the same inode) with ``data`` of the same size, then put mtime back: only ctime,
+    which no user can set, tells the versions apart."""
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.write(data)
+    _utime_back(path, before)
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    return after
+
+
+def test_a_rewrite_in_place_with_mtime_and_size_kept_is_caught_by_ctime(tmp_path, monkeypatch) -> None:
+    """The adversary keeps inode, size and mtime; the rewrite and the ``utime`` move ctime, which the stamp holds."""
+    monkeypatch.setattr(permissions, "RACY_NS", 0, raising=False)  # trust every stamp
+    guard, folders, members = _inboxes(tmp_path)
+    target = folders[0] / SYFTPERM_FILE
+    forged = _same_size_grant(target)
+    time.sleep(0.05)  # more than one tick of the kernel's coarse clock since the stamp was taken
+    _rewrite_in_place(target, forged)
+    guard.refresh()
+    problem = guard.exposure(folders[0], members[:1])
+    assert problem is not None and str(target) in problem and "'*@example.or'" in problem, problem
+
+
+def _coarse_clock(monkeypatch, folder: Path) -> None:
+    """What a kernel before 6.13 (no multigrain timestamps) does within one tick of its coarse clock: every write
+    stamps the same ctime. Simulated for the files under ``folder`` (this machine's kernel moves ctime at every
+    write)."""
+    real, frozen = os.lstat, time.time_ns()
+
+    def lstat(path, *a, **k):
+        st = real(path, *a, **k)
+        if not os.fspath(path).startswith(str(folder)):
+            return st
+        extra = {name: getattr(st, name) for name in ("st_atime", "st_mtime", "st_ctime", "st_atime_ns",
+                                                       "st_mtime_ns", "st_blksize", "st_blocks", "st_rdev")}
+        return os.stat_result(tuple(st)[:10], extra | {"st_ctime_ns": frozen})
+
+    monkeypatch.setattr(os, "lstat", lstat)
+
+
+def test_a_rewrite_in_place_within_one_tick_of_the_ctime_clock_is_caught(tmp_path, monkeypatch) -> None:
+    """Within one tick of a coarse ctime clock a rewrite that restores mtime and size keeps every stamp: a stamp that
+    recent is not trusted (``RACY_NS``), so the file is read again at the next period."""
+    datasite = tmp_path / "datasites" / AGG
+    folder = datasite.joinpath(*INBOX, "m0@example.org")
+    ensure_permissions(folder, AGG, ["m0@example.org"])
+    _coarse_clock(monkeypatch, folder)
+    target = folder / SYFTPERM_FILE
+    forged = _same_size_grant(target)
+    guard = PermissionGuard(datasite)
+    assert guard.exposure(folder, ["m0@example.org"]) is None
+    before = os.lstat(target)
+    _rewrite_in_place(target, forged)
+    assert os.lstat(target) == before  # every stamp as it was
+    guard.refresh()
+    assert str(target) in (guard.exposure(folder, ["m0@example.org"]) or "")
+
+
+def test_an_unchanged_folder_costs_its_stamps_once_a_period_and_no_new_verdict(tmp_path, monkeypatch) -> None:
+    """Two inboxes, each asked twice a period (the aggregator's check, then the inbox write): each folder on their
+    paths is stamped once a period, no rule is judged again and no permission file is read again."""
+    monkeypatch.setattr(permissions, "RACY_NS", 0, raising=False)  # trust every stamp
+    guard, folders, members = _inboxes(tmp_path)
+    judged, lstats, real_lstat = [], [], os.lstat
+    monkeypatch.setattr(permissions, "exposure", lambda *a, **k: judged.append(a) or None)
+    monkeypatch.setattr(permissions, "read_regular", lambda *a, **k: pytest.fail(f"{a[0]} read again"))
+    monkeypatch.setattr(os, "lstat", lambda p, *a, **k: lstats.append(os.fspath(p)) or real_lstat(p, *a, **k))
+    for _ in range(3):
+        guard.refresh()
+        lstats.clear()
+        for _ in range(2):
+            assert [guard.exposure(str(f), [m]) for f, m in zip(folders, members)] == [None, None]
+        assert judged == []
+        assert sorted(set(lstats)) == sorted(lstats)  # nothing stamped twice in a period
+        on_the_way = {str(tmp_path / "datasites" / AGG)} | {str(folders[0].parents[i]) for i in range(2)}
+        assert on_the_way | {str(f) for f in folders} <= set(lstats)
+        assert {str(f / n) for f in folders for n in (SYFTPERM_FILE, SYFT_PUB_FILE)} <= set(lstats)
