@@ -188,13 +188,31 @@ def _own_dir(path: Path) -> None:
         os.chmod(path, PRIVATE_DIR)
 
 
-def _check_above(root: Path) -> None:
-    """No folder from ``root``'s parent up to ``/`` lets another user rename the entry on the way to ``root``."""
+def check_trusted_file(path: Path) -> None:
+    """Raise ``PrivateTreeError`` when another local user could have written the file at ``path`` (another app's
+    file this one trusts): it, or the folder it is in, belongs to someone but this user or root, or can be written by
+    others; or a folder above lets another user rename what it holds. Nothing there: nothing to distrust."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if st.st_uid not in (0, os.geteuid()):
+        raise PrivateTreeError(errno.EPERM, f"belongs to uid {st.st_uid}, who could write anything in it: remove it "
+                               "(the SyftBox client makes it again)", str(path))
+    if st.st_mode & 0o022:
+        raise PrivateTreeError(errno.EPERM, f"can be written by other users (mode {stat.S_IMODE(st.st_mode):04o}): run "
+                               f"`chmod go-w {path}`", str(path))
+    _check_above(Path(path), "replace it with a forged one")
+
+
+def _check_above(root: Path, harm: str = "make the app forget the privacy budget it spent") -> None:
+    """No folder from ``root``'s parent up to ``/`` lets another user rename the entry on the way to ``root`` (and so
+    do ``harm``)."""
     for start in {Path(os.path.abspath(root)), Path(os.path.realpath(root))}:  # the path as named, and as it is
-        _check_chain(start)
+        _check_chain(start, harm)
 
 
-def _check_chain(child: Path) -> None:
+def _check_chain(child: Path, harm: str) -> None:
     for folder in child.parents:
         try:
             st = os.stat(folder)
@@ -210,7 +228,7 @@ def _check_chain(child: Path) -> None:
         if others_write and not (st.st_mode & stat.S_ISVTX and child_uid in ours):
             raise PrivateTreeError(
                 errno.EPERM, f"can be written by other users (mode {stat.S_IMODE(st.st_mode):04o}), who could then "
-                f"rename {child} and make the app forget the privacy budget it spent; run `chmod go-w {folder}`",
+                f"rename {child} and {harm}; run `chmod go-w {folder}`",
                 str(folder))
         if st.st_uid not in ours:
             raise PrivateTreeError(errno.EPERM, f"belongs to uid {st.st_uid}, who could rename {child}; keep the "

@@ -52,7 +52,8 @@ import yaml
 from wcmatch import fnmatch as wcfnmatch
 from wcmatch import glob as wcglob
 
-from shared.atomic import ChangeCache, atomic_write_bytes, describe, read_regular
+from shared.atomic import (ChangeCache, PrivateTreeError, atomic_write_bytes, check_trusted_file, describe,
+                           read_regular)
 from shared.paths import SYFT_PUB_FILE, SYFTPERM_FILE
 
 ALL = ["admin", "create", "write", "read"]
@@ -415,6 +416,7 @@ class PermissionGuard:
     _racy: set[str] = field(default_factory=set)  # folders listed this period with a file stamp too recent to trust
     _period: int = 0
     _period_sync: tuple = (-1, None)  # (period, the client's record as this period sees it)
+    _period_distrust: tuple = (-1, None)  # (period, why the client's record cannot be trusted this period)
     _evictions: int = 0  # contents forgotten from ``_known``: a kept verdict may have relied on one
     _rels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # folder -> its parts below the datasite
     _listed: dict[str, dict] = field(default_factory=dict)  # folder -> its last listing
@@ -461,6 +463,10 @@ class PermissionGuard:
         kept = self._verdicts.get(key)
         if kept is not None and kept[0] == self._period:
             return kept[1]
+        distrust = self._distrust_this_period()
+        if distrust is not None:  # fail closed: a forged record could hide what the relay holds
+            self._verdicts[key] = (self._period, distrust, None)
+            return distrust
         sync = self._sync_this_period()
         if kept is not None and kept[2] is not None and self._unchanged(rel, kept[2], sync):
             self._verdicts[key] = (self._period, None, kept[2])
@@ -501,6 +507,22 @@ class PermissionGuard:
             if rel[:depth] not in self._noted:
                 self._noted.add(rel[:depth])
                 self._note_uploads(self._join(rel[:depth]), sync.get(rel[:depth], {}))
+
+    def _distrust_this_period(self) -> str | None:
+        """Why the client's record of what the relay holds cannot be trusted (another local user could have written
+        it, so it could hide what the relay holds), checked once a period; None when it can, or there is none."""
+        if self._period_distrust[0] != self._period:
+            why = None
+            if self.sync_state_file is not None:
+                try:
+                    check_trusted_file(self.sync_state_file)
+                except PrivateTreeError as e:
+                    why = (f"the SyftBox client's record of what the relay holds: {e}, so it cannot tell what the "
+                           "relay holds")
+                except OSError as e:
+                    why = f"the SyftBox client's record of what the relay holds cannot be checked ({e})"
+            self._period_distrust = (self._period, why)
+        return self._period_distrust[1]
 
     def _sync_this_period(self):
         """The client's record as this period sees it (read once a period: one snapshot for every folder)."""

@@ -234,3 +234,30 @@ def test_private_folders_are_0700_and_private_files_0600_whatever_the_umask(home
             assert mode == (0o644 if name.endswith(".prom") and mask != 0o077 else 0o600) or \
                 (name.endswith(".prom") and mode & 0o022 == 0), (name, oct(mode))
     assert {"app.lock", "ledger.jsonl", "raw.jsonl", "history.json"} <= set(seen), seen
+
+
+def test_a_client_record_another_user_forged_stops_releases_with_a_sentence(stranger, home, caplog) -> None:
+    """The SyftBox client's plugins folder made under umask 000 (0777): another user replaces the client's record of
+    what the relay holds with a forged one (which could hide a grant the relay still holds). The member withdraws
+    its report, spends nothing and says what to run; once fixed it publishes again."""
+    data = home / "SyftBox"
+    data.mkdir(mode=0o755)
+    paths = Paths(data, ME)
+    member = Member(paths, Settings(aggregator=AGG, interval_s=1.0, budgets=(Budget(horizon_s=3600, epsilon=50.0),)),
+                    Problems(logging.getLogger("test.users")))
+    _window(member, FakeWall())
+    assert paths.report_file().exists()
+    spent = _all_spends(paths)
+    plugins = paths.sync_state_file.parent
+    plugins.mkdir(mode=0o777)
+    os.chmod(plugins, 0o777)
+    forged = as_stranger(stranger, "import json, sys\njson.dump({'states': {}, 'status_info': {}}, open(sys.argv[1], 'w'))\n",
+                         str(paths.sync_state_file))
+    assert forged.returncode == 0, forged.stderr
+    _window(member, FakeWall())
+    assert not paths.report_file().exists() and _all_spends(paths) == spent
+    assert f"chmod go-w {plugins}" in caplog.text or f"belongs to uid {stranger[0]}" in caplog.text
+    paths.sync_state_file.unlink()
+    os.chmod(plugins, 0o755)
+    _window(member, FakeWall())
+    assert paths.report_file().exists() and _all_spends(paths) == spent + 1

@@ -4,6 +4,7 @@ an odd name, a ``{useremail}`` rule; what each kind of rule lets whom read (``ru
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -328,3 +329,44 @@ def test_an_unchanged_folder_costs_its_stamps_once_a_period_and_no_new_verdict(t
         on_the_way = {str(tmp_path / "datasites" / AGG)} | {str(folders[0].parents[i]) for i in range(2)}
         assert on_the_way | {str(f) for f in folders} <= set(lstats)
         assert {str(f / n) for f in folders for n in (SYFTPERM_FILE, SYFT_PUB_FILE)} <= set(lstats)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The client's record of what the relay holds is trusted only when no other local user could have written it
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("open_up", ["record", "plugins"])
+def test_a_client_record_others_can_write_fails_closed_until_fixed(tmp_path, open_up) -> None:
+    """A record another local user could forge could hide what the relay holds: while the record, or its folder, is
+    writable by others every folder counts as exposed, with the command that fixes it; fixed, the check is as before."""
+    datasite = tmp_path / "datasites" / AGG
+    folder = datasite.joinpath(*INBOX, "m@example.org")
+    ensure_permissions(folder, AGG, ["m@example.org"])
+    record = tmp_path / "plugins" / "local_syncstate.json"
+    record.parent.mkdir(mode=0o755)
+    record.write_text(json.dumps({"states": {}, "status_info": {}}))
+    os.chmod(record, 0o644)
+    guard = PermissionGuard(datasite, record)
+    assert guard.exposure(folder, ["m@example.org"]) is None
+    opened = record if open_up == "record" else record.parent
+    os.chmod(opened, 0o666 if open_up == "record" else 0o777)
+    guard.refresh()
+    why = guard.exposure(folder, ["m@example.org"])
+    assert why is not None and "record of what the relay holds" in why and f"chmod go-w {opened}" in why
+    os.chmod(opened, 0o644 if open_up == "record" else 0o755)
+    guard.refresh()
+    assert guard.exposure(folder, ["m@example.org"]) is None
+
+
+def test_a_client_record_owned_by_another_user_fails_closed(tmp_path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root; this case was not run")
+    datasite = tmp_path / "datasites" / AGG
+    folder = datasite.joinpath(*INBOX, "m@example.org")
+    ensure_permissions(folder, AGG, ["m@example.org"])
+    record = tmp_path / "plugins" / "local_syncstate.json"
+    record.parent.mkdir(mode=0o755)
+    record.write_text(json.dumps({"states": {}, "status_info": {}}))
+    os.chmod(record, 0o644)
+    os.chown(record, 54321, 54321)
+    why = PermissionGuard(datasite, record).exposure(folder, ["m@example.org"])
+    assert why is not None and "belongs to uid 54321" in why
