@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import stat
+from functools import lru_cache
 from pathlib import Path
 from collections.abc import Iterable  # not typing: the supervisor imports this module
 
@@ -199,7 +200,7 @@ def check_trusted_file(path: Path) -> None:
     if st.st_uid not in (0, os.geteuid()):
         raise PrivateTreeError(errno.EPERM, f"belongs to uid {st.st_uid}, who could write anything in it: remove it "
                                "(the SyftBox client makes it again)", str(path))
-    if st.st_mode & 0o022:
+    if others_can_write(st):
         raise PrivateTreeError(errno.EPERM, f"can be written by other users (mode {stat.S_IMODE(st.st_mode):04o}): run "
                                f"`chmod go-w {path}`", str(path))
     _check_above(Path(path), "replace it with a forged one")
@@ -224,8 +225,7 @@ def _check_chain(child: Path, harm: str) -> None:
         except FileNotFoundError:
             child_uid = os.geteuid()  # made by this process, next
         ours = {0, os.geteuid()}
-        others_write = st.st_mode & 0o022
-        if others_write and not (st.st_mode & stat.S_ISVTX and child_uid in ours):
+        if others_can_write(st) and not (st.st_mode & stat.S_ISVTX and child_uid in ours):
             raise PrivateTreeError(
                 errno.EPERM, f"can be written by other users (mode {stat.S_IMODE(st.st_mode):04o}), who could then "
                 f"rename {child} and {harm}; run `chmod go-w {folder}`",
@@ -234,6 +234,29 @@ def _check_chain(child: Path, harm: str) -> None:
             raise PrivateTreeError(errno.EPERM, f"belongs to uid {st.st_uid}, who could rename {child}; keep the "
                                    "SyftBox folder under folders owned by you or root", str(folder))
         child = folder
+
+
+def others_can_write(st: os.stat_result) -> bool:
+    """Whether a user but this one (or root) can write the file or folder ``st`` describes: everyone can, or a group
+    someone else is in can. A group only this user is in (the "user private group" Debian and Ubuntu give each user,
+    whose umask 002 makes folders 0775) is this user's own."""
+    if st.st_mode & 0o002:
+        return True
+    return bool(st.st_mode & 0o020) and not _own_group(st.st_gid)
+
+
+@lru_cache(maxsize=16)
+def _own_group(gid: int) -> bool:
+    """Only this user is in group ``gid``: no one else lists it, and it is no one else's primary group."""
+    import grp  # here: the supervisor imports this module
+    import pwd
+
+    me = os.geteuid()
+    try:
+        members, name = set(grp.getgrgid(gid).gr_mem), pwd.getpwuid(me).pw_name
+    except KeyError:
+        return False
+    return not (members - {name}) and all(p.pw_uid == me for p in pwd.getpwall() if p.pw_gid == gid)
 
 
 def _about(e: OSError, path: Path) -> OSError:

@@ -261,3 +261,34 @@ def test_a_client_record_another_user_forged_stops_releases_with_a_sentence(stra
     os.chmod(plugins, 0o755)
     _window(member, FakeWall())
     assert paths.report_file().exists() and _all_spends(paths) == spent + 1
+
+
+@pytest.fixture
+def own_group():
+    """A group nobody is in, as a user private group is to its user (Debian and Ubuntu, umask 002): its gid."""
+    name = f"cpg{secrets.token_hex(4)}"
+    subprocess.run(["groupadd", "--system", name], check=True)
+    try:
+        import grp
+
+        yield grp.getgrnam(name).gr_gid
+    finally:
+        subprocess.run(["groupdel", name], check=False)
+
+
+def test_a_syftbox_folder_only_its_users_own_group_can_write_is_private_enough(stranger, own_group, home,
+                                                                               caplog) -> None:
+    """Made under umask 002 (0775) with the user's private group, the SyftBox folder is safe: the member publishes.
+    The same folder with a group another user is in is not: the member spends nothing and says what to run."""
+    data = home / "SyftBox"
+    data.mkdir()
+    os.chmod(data, 0o775)
+    os.chown(data, -1, own_group)
+    paths = Paths(data, ME)
+    member = Member(paths, Settings(aggregator=AGG, interval_s=1.0, budgets=(Budget(horizon_s=3600, epsilon=50.0),)),
+                    Problems(logging.getLogger("test.users")))
+    _window(member, FakeWall())
+    assert paths.report_file().exists() and _all_spends(paths) == 1
+    os.chown(data, -1, stranger[1])  # the stranger's own group: the stranger could rename private/ away
+    _window(_member(paths), FakeWall())  # as the app starts again
+    assert _all_spends(paths) == 1 and f"chmod go-w {data}" in caplog.text
