@@ -155,7 +155,7 @@ def outcomes(net) -> tuple[int | None, dict[int, str]]:
 def test_an_aggregator_killed_mid_round_closes_every_round_members_charged(net):
     """Issue 19's soak: an aggregator SIGKILLed (its supervisor and worker: a crash, as SyftBox sees it) is started
     again by SyftBox's scheduler, resumes its epoch and gives every round a member charged, before or while it was
-    down, an outcome (published, refused or failed); a figure follows."""
+    down, an outcome (published, refused or failed), without withdrawing its epoch; a figure follows."""
     dash = secure_with(net, 5)
     epoch, _ = outcomes(net)
     procs = net.app_processes(AGG)
@@ -173,6 +173,8 @@ def test_an_aggregator_killed_mid_round_closes_every_round_members_charged(net):
         return all(seen.get(r) in ("published", "refused", "failed") for r in charged) and seen
     seen = net.wait_for(all_closed, timeout=90, what=f"an outcome for each of the charged rounds {sorted(charged)}")
     assert outcomes(net)[0] == epoch  # resumed, not a new epoch
+    log = (net.sites[AGG].apps / "cpu_tracker" / "logs" / "cpu_tracker.log").read_text()  # this run's: truncated at start
+    assert "resumed epoch" in log and "withdrawn" not in log  # its epoch folder's own grant is no exposure
     secure_with(net, 5, after_round=max(charged), timeout=90)  # and the rounds go on
     print({r: seen[r] for r in sorted(charged)})
 
