@@ -267,8 +267,7 @@ def analyse(w: Watch, spends: dict[str, list], plan: Plan) -> tuple[list[Row], d
     lost_kill, lost_out = lost(kill_span), lost(out_span)
     local = [s for s in spends[LOCAL] if not s.mechanism.startswith("secure-")]
     local_lost = [s for s in local if _key(s.window_end.isoformat()) not in w.on_relay]
-    in_outage = [s for s in local_lost
-                 if ev["outage"] - iv <= s.window_end.timestamp() <= ev["relay_back"] + (out_fig or iv)]
+    in_outage = [s for s in local if ev["outage"] <= s.released_at.timestamp() <= ev["relay_back"]]
     epochs_around_kill = ([e for t, e in w.epochs if t <= ev["kill"]][-1:],
                           [e for t, e in w.epochs if t > ev["kill"]])
     budgets = Settings(aggregator=AGG).budgets
@@ -299,9 +298,9 @@ def analyse(w: Watch, spends: dict[str, list], plan: Plan) -> tuple[list[Row], d
         Row(f"charged rounds not published around the {plan.outage:g} s relay outage, worst member", worst_lost_out,
             "rounds", note=f"rounds {out_span[0]}-{out_span[-1]}: " + ", ".join(
                 f"{r} {w.outcomes.get(r, 'no outcome')}" for r in sorted(set().union(*map(set, lost_out.values()))))),
-        Row("local member: charged releases that never reached the relay, outage", len(in_outage), "releases",
+        Row("local member: releases charged while the relay was down", len(in_outage), "releases",
             goal=f"<= {GOAL_LOCAL_PER_OUTAGE} (+1 being uploaded)", met=len(in_outage) <= GOAL_LOCAL_PER_OUTAGE + 1,
-            note=f"{len(local_lost)} of {len(local)} lost in the whole soak"),
+            note=f"{len(local_lost)} of {len(local)} charged releases never reached the relay in the whole soak"),
         Row("SyftBox started run.sh again after the SIGKILL", ev.get("restarted", math.nan) - ev["kill"], "s",
             met="restarted" in ev),
         Row("first new secure figure after the kill", kill_fig, "s",
