@@ -1,7 +1,7 @@
 #!/bin/sh
 # SyftBox entry point and the project's command line.
 #   ./run.sh            run the app (what SyftBox does): member, plus aggregator on the aggregator's datasite;
-#                       a supervisor in Python (shared/runner.py) keeps it running, restarts it into new code,
+#                       a supervisor in Python (shared/host/supervisor.py) keeps it running, restarts it into new code,
 #                       and stops it when its SyftBox client is gone
 #   ./run.sh demo       a whole local SyftBox network on 127.0.0.1 with the app installed in every client
 #   ./run.sh test       the whole test suite (pytest arguments may follow)
@@ -69,7 +69,7 @@ case "${1:-}" in
     env)        ensure_env "${2:-runtime}" ;;
     *)          ensure_env runtime ;;
 esac
-touch "$ENV/.used" 2>/dev/null || true  # shared.envs removes an env nothing has used for a week
+touch "$ENV/.used" 2>/dev/null || true  # shared.host.envs removes an env nothing has used for a week
 
 export PYTHONPATH="$APP_DIR${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -78,6 +78,6 @@ case "${1:-}" in
     test)  shift; exec "$ENV/bin/python" -m pytest "$@" ;;
     bench) shift; exec "$ENV/bin/python" -m tests.bench "$@" ;;
     env)   echo "$ENV" ;;
-    "")    exec "$ENV/bin/python" -m shared.runner cpu_tracker_member.member cpu_tracker_aggregator.aggregator ;;
+    "")    exec "$ENV/bin/python" -m shared.host.runner cpu_tracker_member.member cpu_tracker_aggregator.aggregator ;;
     *)     echo "usage: ./run.sh [demo|test|bench|env] [args...]" >&2; exit 2 ;;
 esac

@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         import argparse
 
         from cpu_tracker_aggregator.status import status_text
-        from shared.runner import load_workspace
+        from shared.host.runner import load_workspace
 
         args = argparse.ArgumentParser(prog="cpu_tracker_aggregator status")
         args.add_argument("--config")
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         print(status_text(load_workspace(ns.config).public_dir()))
         return 0
     from cpu_tracker_aggregator.aggregator import ROLE
-    from shared.worker import main as run_main
+    from shared.host.worker import main as run_main
 
     return run_main(argv, roles=[ROLE], prog="cpu_tracker_aggregator", forced_role="aggregator")
 

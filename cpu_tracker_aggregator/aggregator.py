@@ -25,8 +25,9 @@ from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_chunks, writ
 from shared.logs import Hourly, Problems
 from shared.paths import PAGE_FILE, Paths
 from shared.permissions import ensure_permissions, exposure_sentence, guard_for, withhold
-from shared.runner import Role
-from shared.schema import Dashboard, History, json_schemas, schema_text, utc_now
+from shared.host.runner import Role
+from shared.wire.catalog import json_schemas, schema_text
+from shared.wire.schema import Dashboard, History, utc_now
 from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.aggregator")

@@ -1,4 +1,4 @@
-"""The coordinator of the private alerts over SyftBox files: Algorithms 2 and 4 of ``shared/safezone.py``.
+"""The coordinator of the private alerts over SyftBox files: Algorithms 2 and 4 of ``shared/privacy/safezone.py``.
 
 ```txt
 aggregator                                         member
@@ -35,13 +35,13 @@ from cpu_tracker_aggregator.features import Feature, Guarded, member_folders
 from cpu_tracker_aggregator.metrics import PERCENT, PREFIX
 from cpu_tracker_aggregator.reader import open_datasites, read_report
 from shared import APP_NAME
-from shared import safezone as sz
+from shared.privacy import safezone as sz
 from shared.atomic import PRIVATE, ChangeCache, atomic_write_bytes, write_if_changed
 from shared.logs import Problems
 from shared.paths import MONITOR_SIGNALS_FILE, Paths, is_datasite_email
 from shared.permissions import ensure_permissions, exposure_sentence, guard_for, withhold
-from shared.schema import (AlertState, Dashboard, MonitorDefinition, MonitorSignal, MonitorSignalsFile, MonitorsFile,
-                           SafeZone, SafeZonesFile)
+from shared.wire.schema import (AlertState, Dashboard, MonitorDefinition, MonitorSignal, MonitorSignalsFile,
+                                MonitorsFile, SafeZone, SafeZonesFile)
 from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.aggregator")

@@ -11,7 +11,7 @@ from datetime import datetime
 from cpu_tracker_aggregator.roster import FreshReleases, Snapshot
 from shared import __version__
 from shared.privacy import estimate_mean
-from shared.schema import (
+from shared.wire.schema import (
     AggregatorSettings,
     Counts,
     Dashboard,

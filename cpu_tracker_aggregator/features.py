@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 
 from shared.logs import Problems
 from shared.paths import Paths, is_datasite_email
-from shared.schema import Dashboard
+from shared.wire.schema import Dashboard
 from shared.settings import Settings
 
 from cpu_tracker_aggregator.metrics import secure_metrics

@@ -20,7 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cpu_tracker_aggregator.dashboard import secure_estimate
 from shared.atomic import atomic_write_bytes, ensure_private_dir
-from shared.schema import CPU_BOUNDS, Dashboard
+from shared.privacy import CPU_BOUNDS
+from shared.wire.schema import Dashboard
 
 PREFIX = "cpu_tracker"
 PERCENT = CPU_BOUNDS[1] - CPU_BOUNDS[0]  # the figures are percentages; Prometheus wants ratios

@@ -23,7 +23,7 @@ from pathlib import Path
 from cpu_tracker_aggregator.dashboard import COARSE_S, COARSE_STEP_S, COLUMNS, RECENT_S
 from shared.atomic import atomic_write_bytes
 from shared.paths import CURRENT_FILE, DASHBOARD_FILE, HISTORY_DIR, HISTORY_INDEX_FILE
-from shared.schema import Current, Dashboard, History, HistoryIndex, OpenPoints, Point, Segment, Series
+from shared.wire.schema import Current, Dashboard, History, HistoryIndex, OpenPoints, Point, Segment, Series
 
 log = logging.getLogger("cpu_tracker.aggregator")
 BLOCK_S = COARSE_STEP_S  # points reach a segment once their 5-minute block has closed

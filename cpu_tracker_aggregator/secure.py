@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from pydantic import ValidationError
 
 from cpu_tracker_aggregator.reader import signature
-from shared import identity, secagg, shamir
+from shared.secure import identity, secagg, shamir
 from shared.atomic import (
     PRIVATE,
     atomic_write_bytes,
@@ -42,8 +42,9 @@ from shared.atomic import (
 from shared.logs import Problems
 from shared.paths import Paths, is_datasite_email
 from shared.permissions import ensure_permissions, exposure_sentence, guard_for, withhold
-from shared.schema import SECOND_UNIT, SecureFigure, SecureRoundStatus
-from shared.secnoise import (
+from shared.privacy import SECOND_UNIT
+from shared.wire.schema import SecureFigure, SecureRoundStatus
+from shared.secure.secnoise import (
     FALSE_REFUSAL,
     calibrate,
     epsilon_of,
@@ -53,7 +54,7 @@ from shared.secnoise import (
     mean_standard_error,
     release_event,
 )
-from shared.secure_schema import (
+from shared.wire.secure_schema import (
     UNIT_WORDS,
     Epoch,
     inbox_file,
@@ -165,8 +166,7 @@ def secure_figure(epoch: Epoch, round_: int, total: np.ndarray, survivors: int,
     return SecureFigure(
         epoch=epoch.epoch, round=round_, round_start=_utc(start), round_end=_utc(end), cohort=len(epoch.cohort),
         survivors=survivors, mean=mean.estimate, standard_error=se, ci95_low=mean.low, ci95_high=mean.high,
-        percentiles={q: getattr(fleet, q) for q in ("p50", "p90", "p99")}, share_above=fleet.share_above,
-        threshold=90.0, cohort_too_small_for=list(fleet.uninformative), unit=epoch.unit,
+        **fleet, unit=epoch.unit,
         unit_words=UNIT_WORDS[epoch.unit], epsilon=eps, delta=epoch.delta, noise=NOISE_WORDS[epoch.noise.family],
         method=f"secure aggregation (pairwise and self masks, Shamir-shared seeds) of {survivors} members' quantized "
                f"window means with {NOISE_WORDS[epoch.noise.family]} noise shares; interval from the noise's "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cpu_tracker_aggregator.publish import read_history
-from shared.schema import SecureFigure
+from shared.wire.schema import SecureFigure
 
 BARS = "▁▂▃▄▅▆▇█"
 TOO_SMALL = "cohort too small for it"

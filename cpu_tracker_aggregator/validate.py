@@ -1,7 +1,7 @@
 """Checking one member's report file. Pure: bytes in, an accepted summary or a named reason out.
 
 Every way a file can be wrong has a named reason (``REASONS``); the aggregator counts them and never lets one bad
-file stop a tick. Each rule is stated once: the shape and ranges by the pydantic models (``shared.schema``), the
+file stop a tick. Each rule is stated once: the shape and ranges by the pydantic models (``shared.wire.schema``), the
 agreement of the privacy numbers by ``_check_numbers``, the time by ``is_future``, strict JSON by ``_strict_json``.
 
 One path. ``model_validate_json`` parses and validates the bytes in one pass (strict mode: no number read from a
@@ -28,8 +28,8 @@ from typing import Literal, NamedTuple, Union, get_args, get_origin
 from pydantic import AwareDatetime, BaseModel, ValidationError
 
 from shared.paths import is_datasite_email
-from shared.privacy import laplace_scale, window_sensitivity
-from shared.schema import CPU_BOUNDS, SCHEMA_VERSION, LegacyReport, MemberReport
+from shared.privacy import CPU_BOUNDS, laplace_scale, window_sensitivity
+from shared.wire.schema import SCHEMA_VERSION, LegacyReport, MemberReport
 from shared.settings import Settings
 
 REASONS = {

@@ -13,8 +13,8 @@ def main(argv: list[str] | None = None) -> int:
         import argparse
 
         from cpu_tracker_member.status import status_text
-        from shared.runner import app_dir, load_workspace
-        from shared.schema import utc_now
+        from shared.host.runner import app_dir, load_workspace
+        from shared.wire.schema import utc_now
         from shared.settings import load_settings
 
         args = argparse.ArgumentParser(prog="cpu_tracker_member status")
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         print(status_text(load_workspace(ns.config), load_settings(app_dir()), utc_now()))
         return 0
     from cpu_tracker_member.member import ROLE
-    from shared.worker import main as run_main
+    from shared.host.worker import main as run_main
 
     return run_main(argv, roles=[ROLE], prog="cpu_tracker_member", forced_role="member")
 

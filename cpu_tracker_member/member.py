@@ -21,13 +21,13 @@ from cpu_tracker_member.monitor import composed_words
 from cpu_tracker_member.release import observers_for, release_for
 from shared import __version__
 from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_stale_temps, secure_private_tree
-from shared.ledger import Charge, Ledger, LedgerKeeper, Spend, spent_per_budget
+from shared.privacy.ledger import Charge, Ledger, LedgerKeeper, Spend, spent_per_budget
 from shared.logs import Hourly, Problems
 from shared.paths import Paths
 from shared.permissions import PermissionGuard, ensure_permissions, withdraw
-from shared.privacy import UNIT_S, clip_cpu, laplace_release, window_sensitivity
-from shared.runner import Role
-from shared.schema import CPU_BOUNDS, SECOND_UNIT, MemberReport, PrivacyUnit, Window, utc_now
+from shared.privacy import CPU_BOUNDS, SECOND_UNIT, UNIT_S, clip_cpu, laplace_release, window_sensitivity
+from shared.host.runner import Role
+from shared.wire.schema import MemberReport, PrivacyUnit, Window, utc_now
 from shared.settings import Settings, settings_warnings
 
 RAW_KEEP = 2000  # raw window means kept for the owner's `status`

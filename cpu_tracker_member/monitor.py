@@ -1,4 +1,4 @@
-"""The member's side of the private alerts: Algorithms 1 and 3 of ``shared/safezone.py`` over SyftBox files.
+"""The member's side of the private alerts: Algorithms 1 and 3 of ``shared/privacy/safezone.py`` over SyftBox files.
 
 Once per window (``MemberMonitors.step``, called by the member's loop with the window's raw mean and its times), for
 each monitor the aggregator publishes in ``public/cpu_tracker/monitors.json``:
@@ -19,7 +19,7 @@ generation is a new monitor: all of them together are bounded by the member's ow
 the ledger checks under its lock with every spend (``safezone.cap_check``), so an aggregator that loses its state or
 invents a generation each time the member is exhausted cannot make it spend past the cap.
 
-Accounting (``shared/ledger.py``): the generation's count is recorded durably first (a crash never lets it spend
+Accounting (``shared/privacy/ledger.py``): the generation's count is recorded durably first (a crash never lets it spend
 twice), then the spend is admitted by the ledger, fsynced, *before* its noise is drawn: ``safezone_vector``
 (epsilon / 3(b + 1)) on the true span of the K windows it summarises; ``safezone_zone`` (2 epsilon / 3b) first on
 its reference windows and the window of its first check, then extended by one line per window its checks go on to
@@ -47,13 +47,13 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from shared import safezone as sz
+from shared.privacy import safezone as sz
 from shared.atomic import PRIVATE, atomic_write_bytes, read_regular
-from shared.ledger import BudgetExceeded, Charge, Spend
+from shared.privacy.ledger import BudgetExceeded, Charge, Spend
 from shared.paths import SYFTPERM_FILE
-from shared.privacy import clip_cpu
-from shared.schema import (DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, MonitorDefinition, MonitorSignal, MonitorSignalsFile,
-                           MonitorsFile, SafeZone, SafeZonesFile)
+from shared.privacy import DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, clip_cpu
+from shared.wire.schema import (MonitorDefinition, MonitorSignal, MonitorSignalsFile, MonitorsFile, SafeZone,
+                                SafeZonesFile)
 from shared.settings import Settings
 
 log = logging.getLogger("cpu_tracker.member")

@@ -34,16 +34,17 @@ from typing import Callable
 from cryptography.exceptions import InvalidTag
 from pydantic import ValidationError
 
-from shared import __version__, identity, secagg
+from shared import __version__
+from shared.secure import identity, secagg
 from shared.atomic import PRIVATE, atomic_write_bytes, atomic_write_json, read_capped
-from shared.ledger import BudgetExceeded, Charge, LedgerKeeper, Spend
-from shared.safezone import day_epsilon as monitors_day_epsilon
+from shared.privacy.ledger import BudgetExceeded, Charge, LedgerKeeper, Spend
+from shared.privacy.safezone import day_epsilon as monitors_day_epsilon
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.privacy import clip_cpu
-from shared.schema import CPU_BOUNDS, DAY_UNIT, utc_now
-from shared.secnoise import NoiseSpec, epsilon_of, quantize, release_event, sample_share
-from shared.secure_schema import (
+from shared.privacy import CPU_BOUNDS, DAY_UNIT, clip_cpu
+from shared.wire.schema import utc_now
+from shared.secure.secnoise import NoiseSpec, epsilon_of, quantize, release_event, sample_share
+from shared.wire.secure_schema import (
     DAY_S,
     UNIT_WORDS,
     Epoch,
@@ -177,8 +178,8 @@ class DayBudgetExceeded(BudgetExceeded):
 
 def day_check(cap: float, delta: float) -> Callable:
     """The ledger's further check for the ``cpu_day`` unit: the day's secure releases, composed by dp-accounting,
-    and the private alerts' spends on that day (added: ``shared.safezone.day_epsilon``) stay within ``cap`` on every
-    UTC day the new spend's window touches."""
+    and the private alerts' spends on that day (added: ``shared.privacy.safezone.day_epsilon``) stay within ``cap`` on
+    every UTC day the new spend's window touches."""
 
     def check(recorded, new: Spend) -> None:
         day = new.window_start.replace(hour=0, minute=0, second=0, microsecond=0)

@@ -7,10 +7,10 @@ import json
 from datetime import datetime, timedelta
 
 from cpu_tracker_member.monitor import composed_words
-from shared.ledger import load_spends, spent_per_budget
+from shared.privacy.ledger import load_spends, spent_per_budget
 from shared.paths import Paths
-from shared.privacy import activity_epsilon, activity_units
-from shared.settings import Settings, budget_words, duration_words, settings_warnings
+from shared.privacy import activity_epsilon, activity_units, budget_words, duration_words
+from shared.settings import Settings, settings_warnings
 
 WEAK = 10.0  # above this epsilon, say plainly that there is no meaningful protection
 
@@ -69,7 +69,7 @@ def secure_lines(paths: Paths, settings: Settings, spends) -> list[str]:
     """Secure mode in plain words: what the aggregator receives, the unit and epsilon, the epoch seen."""
     from cpu_tracker_member.secure import MAX_EPOCH_BYTES
     from shared.atomic import read_regular
-    from shared.secure_schema import UNIT_WORDS, Epoch
+    from shared.wire.secure_schema import UNIT_WORDS, Epoch
 
     lines = [f"Mode: secure. The aggregator receives only masked round files and learns the cohort's noisy sum; each "
              f"round protects {UNIT_WORDS[settings.secure_unit]} at epsilon {settings.secure_target:g} at most "

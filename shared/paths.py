@@ -46,7 +46,7 @@
         ├── history/coarse-YYYYMMDD.json     the 5-minute points of one UTC day (Segment): kept 30 days
         ├── dashboard.json                   schema-1 Dashboard with the whole history, for old readers
         ├── monitors.json                    the monitors and their rounds (MonitorsFile)
-        ├── *.schema.json                    the JSON Schemas of the files above (shared/schemas/)
+        ├── *.schema.json                    the JSON Schemas of the files above (shared/wire/schemas/)
         ├── index.html                       the self-contained page
         └── syftperm.yaml, syft.pub.yaml     world-readable
 ```
@@ -55,7 +55,7 @@ Each ``app_data`` folder of the aggregator carries its own ``syftperm.yaml`` and
 data folder: the datasite's private identity keys where syft-crypto keeps them
 (``<data_dir>/../.syftbox/<8 hex>/pvt.jwks.json``, ``Paths.private_keys_file``), the app folder (``apps/cpu_tracker/``: the code, ``cpu_tracker.toml``, SyftBox's app log in
 ``logs/``) and the shared Python environments, ``~/.cache/cpu_tracker/env-<hash of the pins>/`` with their records
-in ``in-use/`` (``shared/envs.py``). How often each public file changes and what it costs the relay:
+in ``in-use/`` (``shared/host/envs.py``). How often each public file changes and what it costs the relay:
 ``docs/dashboard.md``; who can read what: ``docs/permissions.md``.
 """
 
@@ -220,7 +220,7 @@ class Paths(namedtuple("Paths", "data_dir email app_name server_url", defaults=(
     def current_file(self) -> Path:
         return self.public_dir() / CURRENT_FILE
 
-    # -- secure aggregation (shared.secure_schema names what each file holds) ---------------------------
+    # -- secure aggregation (shared.wire.secure_schema names what each file holds) ---------------------------
     @property
     def secure_private(self) -> Path:
         """The member's secure-mode state (rounds used, views signed, what it revealed) and the pins of other
@@ -250,10 +250,15 @@ class Paths(namedtuple("Paths", "data_dir email app_name server_url", defaults=(
     @property
     def private_keys_file(self) -> Path:
         """This datasite's private identity keys where syft-crypto keeps them: outside the SyftBox folder, in
-        ``<data_dir>/../.syftbox/<first 8 hex of sha256("<server_url>::<email>")>/`` (so one key per datasite)."""
-        import hashlib  # here: the supervisor imports this module
+        ``<data_dir>/../.syftbox/<first 8 hex of sha256("<server_url>::<email>")>/`` (so one key per datasite), with
+        the server URL as the SyftBox client holds it: pydantic's ``AnyHttpUrl`` (scheme and host lower-cased, a
+        default port dropped, an empty path made ``/``)."""
+        import hashlib  # here, and pydantic too: the supervisor imports this module
 
-        partition = hashlib.sha256(f"{self.server_url}::{self.email}".encode()).hexdigest()[:8]
+        from pydantic import AnyHttpUrl
+
+        url = str(AnyHttpUrl(self.server_url)) if self.server_url else ""
+        partition = hashlib.sha256(f"{url}::{self.email}".encode()).hexdigest()[:8]
         return self.data_dir.parent / ".syftbox" / partition / PRIVATE_KEYS_FILE
 
     def secure_join_file(self, member: str | None = None) -> Path:

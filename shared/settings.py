@@ -18,27 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shared.atomic import read_regular
 from shared.paths import SETTINGS_FILE, datasite_email_problem
-from shared.privacy import units_per_window, window_noise_scale
-from shared.schema import DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, SecureUnit
+from shared.privacy import (DAY_S, DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, Budget, SecureUnit, budget_words, duration_words,
+                            units_per_window, window_noise_scale)
 
 ENV_PREFIXES = ("SYFTBOX_CPU_TRACKER_", "CPU_TRACKER_")
 NOT_SETTINGS = {"env_root"}  # CPU_TRACKER_ENV_ROOT: where run.sh keeps the environments, read by run.sh alone
-DAY_S = 86400.0
 MAX_SETTINGS_BYTES = 1 << 20
 MAX_MEMBERS_FILE_BYTES = 64 << 20  # about 2.5 million emails
-MAX_HORIZON_S = 366 * DAY_S  # a year and a day: longer horizons mean nothing for a CPU tracker, and cost memory
-
-
-class Budget(BaseModel):
-    """A rolling privacy budget: the epsilon summed over every release whose window touches any span of
-    ``horizon_s`` seconds never exceeds ``epsilon`` (in the fixed unit: one second of CPU activity)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    horizon_s: float = Field(
-        ge=0, le=MAX_HORIZON_S, description="Length of the rolling span in seconds (0: one instant; at most 366 days)."
-    )
-    epsilon: float = Field(gt=0, le=1e9, description="Most epsilon all releases touching such a span may spend.")
 
 
 # In the fixed unit (epsilon per second of activity). Default release: 5 per 20 s window, back to back, so any
@@ -52,8 +38,8 @@ DEFAULT_BUDGETS = (
 )
 
 
-# The private alerts' cap (shared/safezone.py: cap_check), in the same unit. A default monitor (epsilon 20 for one
-# 20 s window mean, b = 4) costs at most 1 per second of activity over its whole lifetime, on any instant and on any
+# The private alerts' cap (shared/privacy/safezone.py: cap_check), in the same unit. A default monitor (epsilon 20 for
+# one 20 s window mean, b = 4) costs at most 1 per second of activity over its whole lifetime, on any instant and on any
 # day: the cap admits two of them at once (and four lifetimes a day) and nothing an aggregator asks beyond.
 DEFAULT_MONITOR_BUDGETS = (Budget(horizon_s=0, epsilon=2.0), Budget(horizon_s=86400, epsilon=4.0))
 
@@ -221,11 +207,12 @@ class Settings(BaseModel):
                              + (f" (from members_file {self.members_file!r})" if self.members_file else ""))
         return self
 
-    # -- private alerts (safe zones): shared/safezone.py, cpu_tracker_member/monitor.py, .../alerts.py
+    # -- private alerts (safe zones): shared/privacy/safezone.py, cpu_tracker_member/monitor.py, .../alerts.py
     monitors: tuple[Any, ...] = Field(
         default=(), description="Aggregator: the private alerts it runs, [[monitors]] tables (name, kind, threshold, "
         "margin, window, epsilon, violations, lifetime_days); none by default: each costs every member budget. Each "
-        "table is checked on its own (shared.safezone.parse_monitors): a bad one is refused in the log, the rest run.")
+        "table is checked on its own (shared.privacy.safezone.parse_monitors): a bad one is refused in the log, the "
+        "rest run.")
     join_monitors: bool = Field(
         default=True, description="Member: take part in the aggregator's monitors (each spend is charged to the "
         "ledger first, like a release).")
@@ -360,23 +347,6 @@ def _shown(value) -> str:
 # ---------------------------------------------------------------------------------------------------
 # What the settings will do, said before they do it
 # ---------------------------------------------------------------------------------------------------
-def duration_words(seconds: float) -> str:
-    """``3600`` -> "1 hour", ``0`` -> "an instant", ``90`` -> "1.5 minutes": for messages and status."""
-    if seconds == 0:
-        return "an instant"
-    for size, name in ((DAY_S, "day"), (3600.0, "hour"), (60.0, "minute"), (1.0, "second")):
-        if seconds >= size:
-            n = seconds / size
-            return f"{n:.3g} {name}{'' if n == 1 else 's'}"
-    return f"{seconds:.3g} seconds"
-
-
-def budget_words(budget: Budget) -> str:
-    """A budget in plain words: "at most 1000 epsilon on any span of 1 hour"."""
-    where = "any single instant" if budget.horizon_s == 0 else f"any span of {duration_words(budget.horizon_s)}"
-    return f"at most {budget.epsilon:g} epsilon on {where}"
-
-
 def windows_touching(horizon_s: float, interval_s: float) -> int:
     """Most back-to-back windows of ``interval_s`` seconds (half-open) that a closed span of ``horizon_s`` touches."""
     return math.floor(horizon_s / interval_s + 1e-9) + 1

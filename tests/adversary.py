@@ -23,8 +23,8 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 
 from cpu_tracker_aggregator.secure import Round, SecureAggregator
-from shared import identity, secagg
-from shared.secure_schema import (
+from shared.secure import identity, secagg
+from shared.wire.secure_schema import (
     Epoch,
     Inbox,
     InboxRound,
@@ -37,7 +37,7 @@ from shared.secure_schema import (
     read_mac,
     signed_file,
 )
-from shared.schema import utc_now
+from shared.wire.schema import utc_now
 
 log = logging.getLogger("test.adversary")
 

@@ -3,8 +3,8 @@
 lying aggregator would, and drives the real member code window by window: ``run_member`` (measure, publish with the
 real ledger, the private alerts) with fake clocks, SyftBox's files on disk, real diffprivlib noise.
 
-What the member really does with its data is seen at the noise: the three ``shared.safezone.draw_*`` functions are
-wrapped (observed, not replaced), so each vector, radius and check is known with its epsilon, its sensitivity and
+What the member really does with its data is seen at the noise: the three ``shared.privacy.safezone.draw_*`` functions
+are wrapped (observed, not replaced), so each vector, radius and check is known with its epsilon, its sensitivity and
 the window it was drawn at. ``Verdict`` then compares that with the member's own ledger file, independently of the
 member's code (its own arithmetic, brute force):
 
@@ -31,11 +31,11 @@ from typing import Callable
 import numpy as np
 
 from cpu_tracker_member.member import Member, run_member
-from shared import safezone as sz
-from shared.ledger import load_spends
+from shared.privacy import safezone as sz
+from shared.privacy.ledger import load_spends
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.schema import MonitorDefinition, MonitorSignalsFile, MonitorsFile, SafeZone, SafeZonesFile
+from shared.wire.schema import MonitorDefinition, MonitorSignalsFile, MonitorsFile, SafeZone, SafeZonesFile
 from shared.settings import Settings
 
 AGG = "agg@example.org"

@@ -11,10 +11,10 @@ import numpy as np
 
 import cpu_tracker_member.secure as msec
 from cpu_tracker_aggregator.secure import SecureAggregator
-from shared.ledger import Ledger, LedgerKeeper
+from shared.privacy.ledger import Ledger, LedgerKeeper
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.secure_schema import SecureUpload, release_seconds
+from shared.wire.secure_schema import SecureUpload, release_seconds
 from shared.settings import Settings
 
 AGG = "agg@example.org"

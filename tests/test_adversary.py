@@ -19,8 +19,8 @@ import secrets
 import pytest
 
 import cpu_tracker_member.secure as msec
-from shared import identity
-from shared.secure_schema import (
+from shared.secure import identity
+from shared.wire.secure_schema import (
     Epoch,
     Inbox,
     SecureAnswers,
@@ -32,7 +32,7 @@ from shared.secure_schema import (
     read_mac,
     signed_file,
 )
-from shared.schema import utc_now
+from shared.wire.schema import utc_now
 from tests.adversary import Adversary, LyingAggregator, entry_for, sent
 from tests.secure_harness import AGG, Net, t
 

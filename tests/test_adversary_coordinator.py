@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from shared.schema import MonitorSignal, MonitorSignalsFile
+from shared.wire.schema import MonitorSignal, MonitorSignalsFile
 from shared.settings import Settings
 from tests.adversary_coordinator import AGG, OUTSIDE, T0, Adversary, Monitor, spent_window_unit
 from tests.test_alerts import MEMBERS, Net

@@ -38,7 +38,8 @@ from cpu_tracker_member.member import build_report
 from shared.atomic import atomic_write_json
 from shared.logs import Problems
 from shared.paths import DASHBOARD_SCHEMA_FILE, REPORT_SCHEMA_FILE, Paths
-from shared.schema import SCHEMA_DIR, Dashboard, json_schemas, schema_text
+from shared.wire.catalog import SCHEMA_DIR, json_schemas, schema_text
+from shared.wire.schema import Dashboard
 from shared.settings import Settings
 from tests.conftest import is_synced
 
@@ -367,9 +368,9 @@ def test_published_schemas_are_the_committed_ones(ws: Workspace) -> None:
 @pytest.mark.parametrize("name", sorted(json_schemas()))
 def test_committed_schemas_match_the_models(name: str) -> None:
     committed = SCHEMA_DIR / name
-    assert committed.is_file(), f"{committed} missing: run `python -m shared.schema`"
+    assert committed.is_file(), f"{committed} missing: run `python -m shared.wire.catalog`"
     assert committed.read_text() == schema_text(json_schemas()[name]), (
-        f"{committed} differs from the pydantic models: run `python -m shared.schema` and commit the result"
+        f"{committed} differs from the pydantic models: run `python -m shared.wire.catalog` and commit the result"
     )
 
 

@@ -19,12 +19,14 @@ from cpu_tracker_aggregator.aggregator import Aggregator
 from cpu_tracker_aggregator.status import status_text
 from cpu_tracker_member.member import Member
 from cpu_tracker_member.monitor import MemberMonitors
-from shared import safezone as sz
-from shared.ledger import load_spends
+from shared.privacy import Budget
+from shared.privacy import safezone as sz
+from shared.privacy.ledger import load_spends
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.schema import SCHEMA_DIR, Current, Dashboard, MonitorSignalsFile
-from shared.settings import Budget, Settings
+from shared.wire.catalog import SCHEMA_DIR
+from shared.wire.schema import Current, Dashboard, MonitorSignalsFile
+from shared.settings import Settings
 
 AGG = "agg@example.org"
 MEMBERS = ["m1@example.org", "m2@example.org", "m3@example.org"]
@@ -282,7 +284,7 @@ def test_the_hourly_line_and_status_state_the_figure_composed_with_the_alerts(ne
 
 def test_the_composed_figure_for_each_secure_unit():
     from cpu_tracker_member.monitor import composed_words
-    from shared.ledger import Spend
+    from shared.privacy.ledger import Spend
 
     def line(mech, a, b, eps):
         return Spend(released_at=T0 + timedelta(seconds=b), window_start=T0 + timedelta(seconds=a),

@@ -7,6 +7,8 @@
   frameworks call).
 - ``docs/architecture.md`` names every runtime module, in a row of its module tables with what it owns, and no module
   that is gone.
+- Inside ``shared``, imports point down its layers (``SHARED_LAYERS``) and no two modules import each other, directly or
+  through others (lazy imports included), but the entry point's hand-over (``HAND_OVER``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,89 @@ def imported(tree: ast.AST) -> set[str]:
               and isinstance(node.args[0], ast.Constant)):
             names.add(node.args[0].value)
     return names
+
+
+# shared's layers, lowest first. A unit (a subpackage, or a top-level module) imports only itself and lower layers;
+# the base's modules, standard library only (the supervisor imports them), import each other.
+SHARED_LAYERS = (
+    ("shared", "shared.atomic", "shared.logs", "shared.paths", "shared.permissions"),  # the base: files, names, logs
+    ("shared.privacy",),  # the privacy math, the units and budgets, the ledger, the safe zones
+    ("shared.secure", "shared.settings"),  # secure mode's primitives over the math; the settings over the math
+    ("shared.wire",),  # the files other datasites read, built from the math's values and secure mode's specs
+    ("shared.host",),  # the process: the supervisor on the base, the worker reading the settings
+)
+# The one cycle: ``python -m shared.host.runner`` hands over to the supervisor or the worker (lazily), which both use
+# the runner's client config, lock and command line.
+HAND_OVER = {("shared.host.runner", "shared.host.supervisor"), ("shared.host.runner", "shared.host.worker")}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def shared_unit(name: str) -> str:
+    """The unit of a module of ``shared``: its subpackage, or itself at the top level."""
+    parts = name.split(".")
+    return ".".join(parts[:2])
+
+
+def shared_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ``shared`` it imports (``from shared.x import y`` counts ``shared.x.y`` when that is
+    a module), for every module of ``shared``."""
+    modules = {module_name(p): p for p in runtime_modules() if p.relative_to(REPO).parts[0] == "shared"}
+    graph = {}
+    for name, path in modules.items():
+        tree, out = ast.parse(path.read_text()), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                out |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                        for a in node.names}
+        out |= imported(tree)
+        graph[name] = {m for m in out if m in modules and m != name}
+    return graph
+
+
+def layer_problems(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of ``graph`` that point up or across ``SHARED_LAYERS``, and its import cycles (but ``HAND_OVER``)."""
+    rank = {unit: i for i, layer in enumerate(SHARED_LAYERS) for unit in layer}
+    problems = []
+    for name, targets in sorted(graph.items()):
+        here = shared_unit(name)
+        if here not in rank:
+            problems.append(f"{name}: its unit {here} is in no layer of SHARED_LAYERS")
+            continue
+        for t in sorted(targets):
+            there = shared_unit(t)
+            if there != here and rank.get(there, len(SHARED_LAYERS)) >= rank[here] and rank[here] > 0:
+                problems.append(f"{name} imports {t}: {there} is not below {here}")
+    edges = {(a, b) for a, ts in graph.items() for b in ts} - HAND_OVER
+    reach = {a: {b for x, b in edges if x == a} for a in graph}
+    changed = True
+    while changed:  # transitive closure: a few dozen modules
+        changed = False
+        for a in reach:
+            more = set().union(*(reach.get(b, set()) for b in reach[a])) - reach[a]
+            if more:
+                reach[a] |= more
+                changed = True
+    problems += [f"{a} imports itself through {sorted(b for b in reach[a] if a in reach.get(b, ()))}"
+                 for a in sorted(reach) if a in reach[a]]
+    return problems
+
+
+def test_shared_imports_point_down_its_layers_without_cycles():
+    problems = layer_problems(shared_graph())
+    assert not problems, "\n".join(problems)
+
+
+def test_an_import_up_the_layers_or_a_cycle_is_caught():
+    graph = shared_graph()
+    up = {**graph, "shared.privacy.ledger": graph["shared.privacy.ledger"] | {"shared.settings"}}
+    assert ("shared.privacy.ledger imports shared.settings: shared.settings is not below shared.privacy"
+            in layer_problems(up))
+    circle = {**graph, "shared.wire.schema": graph["shared.wire.schema"] | {"shared.wire.secure_schema"}}  # main's
+    assert any(p.startswith("shared.wire.schema imports itself through") for p in layer_problems(circle))
 
 
 @pytest.mark.parametrize("path", runtime_modules(), ids=lambda p: str(p.relative_to(REPO)))

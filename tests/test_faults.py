@@ -46,14 +46,16 @@ from cpu_tracker_aggregator.aggregator import PAGE, Aggregator
 from cpu_tracker_aggregator.validate import parse_report
 from cpu_tracker_member.member import Member, build_report, run_member
 from shared.atomic import atomic_write_json
-from shared.ledger import Ledger, Spend, load_spends
+from shared.privacy.ledger import Ledger, Spend, load_spends
 from shared.logs import Problems
 from cpu_tracker_aggregator.publish import read_history
 from shared.paths import (CURRENT_FILE, DASHBOARD_SCHEMA_FILE, HISTORY_DIR, HISTORY_INDEX_FILE, PAGE_FILE, REPORT_FILE,
                           REPORT_SCHEMA_FILE, Paths)
 from shared.permissions import permission_files
-from shared.schema import Current, Dashboard, History, HistoryIndex, MemberReport, Segment, json_schemas, schema_text
-from shared.settings import Budget, Settings
+from shared.wire.catalog import json_schemas, schema_text
+from shared.wire.schema import Current, Dashboard, History, HistoryIndex, MemberReport, Segment
+from shared.privacy import Budget
+from shared.settings import Settings
 from tests.conftest import FakeClock, FakeWall
 
 ME, AGG = "me@example.org", "agg@example.org"

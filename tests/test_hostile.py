@@ -41,7 +41,7 @@ from cpu_tracker_member.member import build_report
 from shared.atomic import atomic_write_json
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.schema import Dashboard
+from shared.wire.schema import Dashboard
 from shared.settings import Settings
 from tests.special_files import deadline, make_fifo, make_socket
 

@@ -1,5 +1,5 @@
-"""Each datasite's identity keys (shared.identity): syft-crypto's did.json and key file, made once, never overwritten;
-other datasites' keys pinned on first use."""
+"""Each datasite's identity keys (shared.secure.identity): syft-crypto's did.json and key file, made once, never
+overwritten; other datasites' keys pinned on first use."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from shared import identity
+from shared.secure import identity
 from shared.logs import Problems
 from shared.paths import Paths
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.ledger import (BudgetExceeded, Ledger, LedgerCorrupt, Spend, _arrays, check_budgets, load_spends,
-                           worst_span)
-from shared.settings import Budget
+from shared.privacy.ledger import (BudgetExceeded, Ledger, LedgerCorrupt, Spend, _arrays, check_budgets, load_spends,
+                                   worst_span)
+from shared.privacy import Budget
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -255,7 +255,7 @@ def test_every_charge_outcome_is_said_once_and_never_escapes(tmp_path, caplog):
     charges resume by themselves once it is fixed."""
     import logging
 
-    from shared.ledger import Charge, LedgerKeeper
+    from shared.privacy.ledger import Charge, LedgerKeeper
     from shared.logs import Problems
 
     caplog.set_level(logging.INFO)

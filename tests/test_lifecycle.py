@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from shared.envs import collect_unused, record_use
+from shared.host.envs import collect_unused, record_use
 from shared.logs import Hourly, LogSink
 from shared.paths import Paths
 from shared.settings import Settings, settings_warnings
-from shared.supervisor import CodeWatch, code_files
+from shared.host.supervisor import CodeWatch, code_files
 from tests.localnet.demo import PACKAGES, app_env, copy_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,8 +311,8 @@ def test_log_sink_file_is_capped_with_one_older_generation(tmp_path):
 
 
 def test_the_ledger_keeps_only_retained_releases_in_memory_and_compacts_its_file(tmp_path):
-    from shared.ledger import Ledger, Spend
-    from shared.settings import Budget
+    from shared.privacy.ledger import Ledger, Spend
+    from shared.privacy import Budget
 
     budgets = (Budget(horizon_s=0, epsilon=1.0), Budget(horizon_s=600, epsilon=100.0))  # retention 600 s + 1 h
     ledger = Ledger(tmp_path / "ledger.jsonl", budgets)

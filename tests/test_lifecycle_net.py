@@ -63,7 +63,7 @@ def pid_in(path: Path) -> int | None:
 def supervisors(net: LocalNetwork, email: str) -> dict[int, int]:
     """pid -> parent pid of every live cpu_tracker supervisor started by ``email``'s client (old runs included)."""
     return {pid: ppid for pid, (ppid, cmd) in net.app_processes(email).items()
-            if "shared.runner" in cmd and "--worker" not in cmd}
+            if "shared.host.runner" in cmd and "--worker" not in cmd}
 
 
 def workers(net: LocalNetwork, email: str) -> list[int]:

@@ -25,11 +25,12 @@ from pathlib import Path
 import pytest
 
 from cpu_tracker_member.member import Member, run_member
-from shared.ledger import load_spends
+from shared.privacy.ledger import load_spends
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.runner import acquire_lock, private_tree_ready
-from shared.settings import Budget, Settings
+from shared.host.runner import acquire_lock, private_tree_ready
+from shared.privacy import Budget
+from shared.settings import Settings
 from tests.conftest import AGG, FakeClock, FakeWall
 
 ME = "me@example.org"
@@ -109,7 +110,8 @@ def _run_once(config: Path, app_dir: Path, mask: int, role: str = "member", env:
               ) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(app_dir), "CPU_TRACKER_AGGREGATOR": AGG,
            "CPU_TRACKER_INTERVAL_S": "1", "CPU_TRACKER_MIN_MEMBERS": "1", **(env or {})}
-    return subprocess.run(["sh", "-c", f"umask {mask:03o}; exec \"$@\"", "sh", sys.executable, "-m", "shared.runner",
+    return subprocess.run(["sh", "-c", f"umask {mask:03o}; exec \"$@\"", "sh", sys.executable, "-m",
+                           "shared.host.runner",
                            "cpu_tracker_member.member", "cpu_tracker_aggregator.aggregator", "--config", str(config),
                            "--once", "--role", role], cwd=app_dir, env=env, capture_output=True, text=True, timeout=120)
 

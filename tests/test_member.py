@@ -16,10 +16,11 @@ import yaml
 from syftbox.lib.permissions import ComputedPermission, PermissionType, SyftPermission
 
 from cpu_tracker_member.member import Member, measure_window, run_member
-from shared.ledger import load_spends
-from shared.schema import MemberReport
+from shared.privacy.ledger import load_spends
+from shared.wire.schema import MemberReport
 from shared.paths import Paths
-from shared.settings import Budget, Settings
+from shared.privacy import Budget
+from shared.settings import Settings
 from tests.conftest import AGG, FakeClock, FakeWall, is_synced
 
 ME, OTHER = "me@example.org", "other@example.org"

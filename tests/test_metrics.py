@@ -16,7 +16,7 @@ from cpu_tracker_member.member import build_report
 from shared.atomic import atomic_write_json
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.schema import Current
+from shared.wire.schema import Current
 from shared.settings import Settings
 
 AGG = "agg@example.org"
@@ -113,7 +113,8 @@ def test_a_taken_port_is_said_once_and_the_textfile_still_works(tmp_path: Path, 
 def test_the_network_figure_is_the_secure_rounds_when_it_leads(tmp_path: Path) -> None:
     """A network in secure mode: network_cpu_* are the latest secure round's (figure_source says so), and a fleet
     percentile the cohort is too small for is not exposed as a number."""
-    from shared.schema import Interval, SecureFigure
+    from shared.privacy import Interval
+    from shared.wire.schema import SecureFigure
 
     fig = SecureFigure(epoch=1, round=88_000_000, round_start=NOW - timedelta(seconds=40),
                        round_end=NOW - timedelta(seconds=20), cohort=5, survivors=5, mean=52.7, standard_error=1.1,

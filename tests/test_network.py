@@ -46,9 +46,10 @@ import pytest
 
 from cpu_tracker_aggregator.publish import read_history
 from cpu_tracker_member.member import Member, run_member
-from shared.ledger import load_spends
+from shared.privacy.ledger import load_spends
 from shared.logs import Problems
-from shared.schema import SCHEMA_DIR, Current, MemberReport
+from shared.wire.catalog import SCHEMA_DIR
+from shared.wire.schema import Current, MemberReport
 from shared.settings import Settings
 from tests.localnet.demo import install_tracker, site_paths
 from tests.localnet.network import Datasite, LocalNetwork

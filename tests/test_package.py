@@ -41,7 +41,11 @@ def test_the_wheel_holds_the_runtime_only(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == set(RUNTIME_PACKAGES)
-    assert "shared/schemas/member_report.schema.json" in names and "shared/schemas/dashboard.schema.json" in names
+    # every module and committed JSON Schema of the runtime packages, subpackages included
+    files = {str(p.relative_to(REPO)) for pkg in RUNTIME_PACKAGES for p in (REPO / pkg).rglob("*")
+             if p.suffix in (".py", ".json") and "__pycache__" not in p.parts}
+    assert "shared/wire/schemas/member_report.schema.json" in files and "shared/privacy/ledger.py" in files
+    assert sorted(files - set(names)) == []
     assert "cpu_tracker_aggregator/page/index.html" in names
     assert not [n for n in names if n.startswith("tests/") or "localnet" in n]
 
@@ -74,7 +78,7 @@ def test_both_roles_run_from_a_fresh_venv(wheel, tmp_path):
     for role in ("member", "aggregator"):
         done = _run([venv / "bin" / "python", "-m", f"cpu_tracker_{role}", "--help"], cwd=tmp_path, env=env)
         assert "--config" in done.stdout and "--once" in done.stdout
-    where = _run([venv / "bin" / "python", "-c", "import shared.runner, cpu_tracker_aggregator.aggregator as a; "
-                  "print(shared.runner.__file__); print(a.PAGE.is_file())"], cwd=tmp_path, env=env).stdout.split()
+    where = _run([venv / "bin" / "python", "-c", "import shared.host.runner, cpu_tracker_aggregator.aggregator as a; "
+                  "print(shared.host.runner.__file__); print(a.PAGE.is_file())"], cwd=tmp_path, env=env).stdout.split()
     assert Path(where[0]).is_relative_to(site) and where[1] == "True"
     assert not os.path.commonpath([where[0], str(REPO)]) == str(REPO)

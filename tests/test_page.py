@@ -34,7 +34,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from cpu_tracker_aggregator.aggregator import PAGE
 from cpu_tracker_aggregator.publish import Publisher, read_history
 from shared.paths import CURRENT_FILE
-from shared.schema import (
+from shared.wire.schema import (
     AggregatorSettings,
     Counts,
     Dashboard,
@@ -359,7 +359,7 @@ def test_page_refetches_the_dashboard(site: Site) -> None:
 
 
 def test_shows_the_private_alerts_and_hides_them_when_none_run(site: Site) -> None:
-    from shared.schema import AlertState
+    from shared.wire.schema import AlertState
 
     dash = dashboard(utc_now())
     site.publish(dash)
@@ -378,7 +378,8 @@ def test_shows_the_private_alerts_and_hides_them_when_none_run(site: Site) -> No
 
 
 def test_shows_the_secure_round_beside_the_local_figure(site: Site) -> None:
-    from shared.schema import Interval, SecureFigure, SecureRoundStatus
+    from shared.privacy import Interval
+    from shared.wire.schema import SecureFigure, SecureRoundStatus
 
     now = utc_now()
     sec = SecureFigure(
@@ -411,7 +412,8 @@ def test_no_secure_card_in_local_mode(site: Site) -> None:
 
 
 def secure_figure(now: datetime, survivors: int = 5, cohort: int = 5, too_small=("p50", "p99")):
-    from shared.schema import Interval, SecureFigure, SecureRoundStatus
+    from shared.privacy import Interval
+    from shared.wire.schema import SecureFigure, SecureRoundStatus
 
     return SecureFigure(
         epoch=2, round=90_000_000, round_start=now - timedelta(seconds=40), round_end=now - timedelta(seconds=20),

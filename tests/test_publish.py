@@ -13,7 +13,7 @@ import cpu_tracker_aggregator.publish as publish
 from cpu_tracker_aggregator.dashboard import add_point, empty_history
 from cpu_tracker_aggregator.publish import SEGMENT_S, Publisher, read_history, segment_name, segment_start
 from shared.paths import CURRENT_FILE, HISTORY_DIR, HISTORY_INDEX_FILE
-from shared.schema import AggregatorSettings, Counts, Dashboard, Estimate, PrivacySummary, Segment
+from shared.wire.schema import AggregatorSettings, Counts, Dashboard, Estimate, PrivacySummary, Segment
 from shared.settings import Settings
 
 AGG = "agg@example.org"
@@ -212,7 +212,8 @@ def test_secure_rounds_go_into_the_history_segments_and_lead_the_status(tmp_path
     from cpu_tracker_aggregator.status import status_text
     from shared.logs import Problems
     from shared.paths import Paths
-    from shared.schema import Interval, SecureFigure
+    from shared.privacy import Interval
+    from shared.wire.schema import SecureFigure
 
     window = 20
     settings = Settings(aggregator=AGG)

@@ -391,7 +391,7 @@ def test_a_relay_outage_costs_a_member_at_most_one_release(world: World, caplog)
     back, so every release written meanwhile but the last is charged for nothing (11 in a 120 s outage at 20 s
     windows, before). The member reads the client's record: once the last report has not reached the relay, it
     spends nothing more until it has. Ten windows of outage cost one release; releases resume with the relay."""
-    from shared.ledger import load_spends
+    from shared.privacy.ledger import load_spends
 
     before = len(load_spends(world.paths.ledger_file))
     written = [world.window(relay_up=False) for _ in range(10)]

@@ -1,4 +1,4 @@
-"""The safe-zone algorithms (shared/safezone.py) against hand-worked cases."""
+"""The safe-zone algorithms (shared/privacy/safezone.py) against hand-worked cases."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from shared import safezone as sz
-from shared.safezone import Account, Lifecycle, MonitorSpec, Split
+from shared.privacy import safezone as sz
+from shared.privacy.safezone import Account, Lifecycle, MonitorSpec, Split
 
 MEAN = MonitorSpec(name="cpu_high", kind="mean", threshold=85, margin=5, window=10, epsilon=6, violations=3)
 IMB = MonitorSpec(name="cpu_imbalance", kind="imbalance", threshold=25, margin=5, window=10, epsilon=6, violations=3)
@@ -188,8 +188,9 @@ def test_monitor_settings_are_checked_with_names():
 # ---------------------------------------------------------------------------------------------------
 from datetime import datetime, timedelta, timezone  # noqa: E402
 
-from shared.ledger import Ledger, Spend, worst_span  # noqa: E402
-from shared.settings import Budget, Settings  # noqa: E402
+from shared.privacy.ledger import Ledger, Spend, worst_span  # noqa: E402
+from shared.privacy import Budget  # noqa: E402
+from shared.settings import Settings  # noqa: E402
 
 T = datetime(2026, 3, 1, tzinfo=timezone.utc)
 

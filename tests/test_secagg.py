@@ -1,5 +1,5 @@
-"""The pure steps of secure aggregation (shared.secagg): key derivation, masks, shares, the derived graph, views,
-packed reveals, the consistency rule and unmasking; and the signed-file envelope of shared.secure_schema."""
+"""The pure steps of secure aggregation (shared.secure.secagg): key derivation, masks, shares, the derived graph, views,
+packed reveals, the consistency rule and unmasking; and the signed-file envelope of shared.wire.secure_schema."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from shared import secagg
-from shared.identity import Identity, verify
+from shared.secure import secagg
+from shared.secure.identity import Identity, verify
 
 H = b"h" * 32  # an epoch hash
 
@@ -245,11 +245,11 @@ def test_a_view_signature_covers_every_field():
 
 
 def test_signed_and_maced_files_cover_their_bytes():
-    """The envelope of shared.secure_schema: the signature or MAC is the last member and covers the bytes before it;
-    any change of a byte, a missing or a moved trailer, or another kind's key is refused."""
+    """The envelope of shared.wire.secure_schema: the signature or MAC is the last member and covers the bytes before
+    it; any change of a byte, a missing or a moved trailer, or another kind's key is refused."""
     from datetime import datetime, timezone
 
-    from shared.secure_schema import Refused, SecureJoin, mac_file, read_mac, read_signed, signed_file
+    from shared.wire.secure_schema import Refused, SecureJoin, mac_file, read_mac, read_signed, signed_file
 
     join = SecureJoin(email="m@x.org", identity="A" * 43 + "=", created_at=datetime(2026, 1, 1, tzinfo=timezone.utc))
     key = secrets.token_bytes(32)
@@ -345,8 +345,8 @@ def test_the_fast_inbox_encoder_writes_what_the_model_and_the_committed_schema_a
 
     import jsonschema
 
-    from shared.schema import SCHEMA_DIR
-    from shared.secure_schema import Inbox, InboxRound, b64, inbox_file, read_mac
+    from shared.wire.catalog import SCHEMA_DIR
+    from shared.wire.secure_schema import Inbox, InboxRound, b64, inbox_file, read_mac
 
     key = secrets.token_bytes(32)
     now = datetime(2026, 1, 1, 12, 0, 1, 250000, tzinfo=timezone.utc)

@@ -1,5 +1,5 @@
-"""shared.secnoise: the shares sum to the promised noise, calibration round-trips through dp-accounting, the default
-source is cryptographic, quantization is unbiased, and the fleet intervals cover as stated.
+"""shared.secure.secnoise: the shares sum to the promised noise, calibration round-trips through dp-accounting, the
+default source is cryptographic, quantization is unbiased, and the fleet intervals cover as stated.
 
 Statistical tests use fixed seeds and tolerances derived from the math: 6 standard errors for means and variances
 (the standard error of a sample variance is sqrt((mu4 - sigma^4) / N), mu4 from the law's cumulants), df + 6 sd for
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from dp_accounting import dp_event, rdp
 
-from shared import secnoise
-from shared.secnoise import (
+from shared.privacy import Interval
+from shared.secure import secnoise
+from shared.secure.secnoise import (
     FAMILIES,
     NoiseSpec,
     calibrate,
@@ -314,12 +315,12 @@ def test_fleet_intervals_cover(kind, k):
         est = fleet_estimate(noisy.tolist(), spec=spec, survivors=k, edges=EDGES)
         xs = np.sort(x)
         for name, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
-            iv = getattr(est, name)
+            iv = est["percentiles"][name]
             truth = xs[math.ceil(p * k) - 1]  # the smallest value with at least p k members at or below it
             covered[name] += iv.low <= truth <= iv.high
             assert iv.low <= iv.estimate <= iv.high
         share = float(np.mean(x >= 90))
-        covered["share"] += est.share_above.low <= share <= est.share_above.high
+        covered["share"] += est["share_above"].low <= share <= est["share_above"].high
     rates = {name: c / REPS for name, c in covered.items()}
     for name in ("p50", "p90", "p99"):
         assert rates[name] >= 0.95 - BINOMIAL_6SD, rates
@@ -350,11 +351,12 @@ def test_fleet_estimate_without_noise_to_speak_of():
     counts[8] = 30  # 30 members in [40, 45)
     counts[19] = 10  # 10 members in [95, 100]
     est = fleet_estimate(counts, spec=spec, survivors=40, edges=EDGES)
-    assert (est.p50.low, est.p50.high) == (40.0, 45.0)
-    assert (est.p99.low, est.p99.high) == (95.0, 100.0)
-    assert est.share_above.estimate == pytest.approx(0.25) and est.share_above.high - est.share_above.low < 1e-9
+    assert (est["percentiles"]["p50"].low, est["percentiles"]["p50"].high) == (40.0, 45.0)
+    assert (est["percentiles"]["p99"].low, est["percentiles"]["p99"].high) == (95.0, 100.0)
+    share = est["share_above"]
+    assert share.estimate == pytest.approx(0.25) and share.high - share.low < 1e-9
     inside = fleet_estimate(counts, spec=spec, survivors=40, edges=EDGES, threshold=92.5)
-    assert inside.share_above.low == pytest.approx(0.25) and inside.share_above.high == pytest.approx(0.25)
+    assert inside["share_above"].low == pytest.approx(0.25) and inside["share_above"].high == pytest.approx(0.25)
     with pytest.raises(ValueError, match="survivors"):
         fleet_estimate(counts, spec=spec, survivors=9, edges=EDGES)
     with pytest.raises(ValueError, match="edges"):
@@ -399,7 +401,7 @@ def test_percentile_interval_is_tight_for_the_least_favourable_fleet():
     hits = 0
     for _ in range(reps):
         noisy = counts + _summed_noise(spec, k, m, spec.hist_param, rng)
-        iv = fleet_estimate(noisy.tolist(), spec=spec, survivors=k, edges=edges).p50
+        iv = fleet_estimate(noisy.tolist(), spec=spec, survivors=k, edges=edges)["percentiles"]["p50"]
         hits += iv.low <= 45.5 <= iv.high
     assert abs(hits / reps - 0.95) <= 6 * math.sqrt(0.95 * 0.05 / reps), hits / reps
 
@@ -536,11 +538,12 @@ def test_a_figure_the_cohort_is_too_small_for_is_named():
     counts = [0] * 20
     counts[10] = 5
     est = fleet_estimate(counts, spec=spec, survivors=5, edges=EDGES)
-    assert set(est.uninformative) == {"p50", "p90", "p99", "share_above"}
+    assert set(est["cohort_too_small_for"]) == {"p50", "p90", "p99", "share_above"}
     exact = fleet_estimate(counts, spec=_spec("dlaplace", 0.001, 60.0, t=4, n_hist=20), survivors=5, edges=EDGES)
-    assert exact.uninformative == () and (exact.p50.low, exact.p50.high) == (50.0, 55.0)
-    assert secnoise.uninformative(secnoise.Interval(estimate=50, low=5, high=95), 0, 100)
-    assert not secnoise.uninformative(secnoise.Interval(estimate=50, low=6, high=95), 0, 100)
+    p50 = exact["percentiles"]["p50"]
+    assert exact["cohort_too_small_for"] == [] and (p50.low, p50.high) == (50.0, 55.0)
+    assert secnoise.uninformative(Interval(estimate=50, low=5, high=95), 0, 100)
+    assert not secnoise.uninformative(Interval(estimate=50, low=6, high=95), 0, 100)
 
 
 def test_collusion_loss_is_computed_from_the_exact_law():

@@ -16,11 +16,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from shared import identity, secagg
-from shared.ledger import load_spends
-from shared.schema import SCHEMA_DIR
-from shared.secagg import decode_vector
-from shared.secure_schema import Epoch, SecureAnswers, SecureUpload, b64_bytes, read_mac
+from shared.privacy.ledger import load_spends
+from shared.secure import identity, secagg
+from shared.wire.catalog import SCHEMA_DIR
+from shared.secure.secagg import decode_vector
+from shared.wire.secure_schema import Epoch, SecureAnswers, SecureUpload, b64_bytes, read_mac
 from tests.localnet.demo import REPO, install_tracker, secure_settings, site_paths
 from tests.localnet.network import LocalNetwork
 

@@ -13,9 +13,9 @@ import pytest
 
 import cpu_tracker_member.secure as msec
 from cpu_tracker_aggregator.secure import SecureAggregator, plan_epoch
-from shared import secagg
+from shared.secure import secagg
 from shared.logs import Problems
-from shared.secure_schema import Epoch, Inbox, RoundOutcomes, read_mac, read_signed
+from shared.wire.secure_schema import Epoch, Inbox, RoundOutcomes, read_mac, read_signed
 from shared.settings import Settings
 from tests.secure_harness import AGG, W, Net, t
 
@@ -154,7 +154,7 @@ def test_every_secure_release_is_charged_before_its_upload_and_the_day_budget_ho
     spends = [s for s in ledger.spends if s.mechanism.startswith("secure")]
     floor = secagg.lying_floor(3, e.degree)
     assert len(spends) == 1 and spends[0].unit == "cpu_day" and spends[0].survivors == floor
-    from shared.secnoise import epsilon_of, release_event
+    from shared.secure.secnoise import epsilon_of, release_event
 
     assert epsilon_of([release_event(e.noise, floor)] * per_day, e.delta) <= 0.5 * (1 + 1e-6)
     with pytest.raises(msec.DayBudgetExceeded):
@@ -164,7 +164,7 @@ def test_every_secure_release_is_charged_before_its_upload_and_the_day_budget_ho
 def test_the_day_unit_releases_every_5_minutes_the_mean_of_its_windows(tmp_path, monkeypatch):
     """cpu_day with 20 s windows: rounds of 300 s (288 a day), one upload per round, whose value is the mean of the
     round's 15 windows; the member keeps measuring every window."""
-    from shared.secure_schema import release_seconds
+    from shared.wire.secure_schema import release_seconds
 
     assert release_seconds("cpu_day", 20.0) == 300.0 and release_seconds("cpu_day", 7.0) == 301.0
     assert release_seconds("cpu_window", 20.0) == 20.0
@@ -280,7 +280,7 @@ def test_a_member_adding_garbage_makes_the_round_fail_not_published(tmp_path, mo
 
 
 def test_the_rounds_file_is_signed_and_names_no_member(tmp_path, monkeypatch):
-    from shared import identity
+    from shared.secure import identity
 
     net = Net(tmp_path, 5, monkeypatch)
     net.alive.discard(net.members[4])
@@ -371,8 +371,8 @@ def test_a_restarted_aggregator_does_not_take_its_cohorts_grant_for_an_exposure(
 def test_a_member_reads_an_epoch_of_ten_thousand_members_once(tmp_path, monkeypatch):
     """The compact epoch of 10,000 members (emails and a seed, no keys, no graph) is a few hundred KB, verified and
     parsed once."""
-    from shared import identity
-    from shared.secure_schema import signed_file
+    from shared.secure import identity
+    from shared.wire.secure_schema import signed_file
 
     net = Net(tmp_path, 3, monkeypatch)
     m = net.members[0]
@@ -394,7 +394,7 @@ def test_a_member_reads_an_epoch_of_ten_thousand_members_once(tmp_path, monkeypa
 def test_wrap_around_is_negligible_for_the_largest_sums(unit):
     """The bound in docs/secure-mode.md: 10,000 members' largest values plus 6 standard deviations of the summed
     noise (and of each histogram count) stay below 2^40, against the 2^64 modulus, so no honest sum ever wraps."""
-    from shared.secnoise import noise_sd
+    from shared.secure.secnoise import noise_sd
 
     settings = Settings(aggregator=AGG, mode="secure", interval_s=W, secure_unit=unit)
     e = plan_epoch(1, [f"x{i:05d}@example.org" for i in range(10_000)], settings, AGG, 0, t(0))
@@ -481,7 +481,7 @@ def test_a_member_joining_late_is_in_an_epoch_within_a_few_rounds(tmp_path, monk
 
 
 def test_a_ledger_edited_into_garbage_while_running_pauses_the_member_said_once(tmp_path, monkeypatch, caplog):
-    """The charge goes through the member's one ledger keeper (shared.ledger.LedgerKeeper): a ledger that turns
+    """The charge goes through the member's one ledger keeper (shared.privacy.ledger.LedgerKeeper): a ledger that turns
     unreadable mid-run pauses the rounds with one ERROR, never a traceback out of publish (before: LedgerCorrupt
     escaped the secure member and restarted the role)."""
     net = Net(tmp_path, 4, monkeypatch)

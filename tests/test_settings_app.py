@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.runner import acquire_lock
+from shared.host.runner import acquire_lock
 from shared.paths import Paths
 from shared.settings import Settings, SettingsError, load_settings, settings_warnings
 
@@ -84,7 +84,7 @@ def _workspace(tmp_path: Path, email: str = "m@x.org") -> Path:
 
 def _run(config: Path, app_dir: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(app_dir), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "shared.runner", *ROLE_MODULES, "--config", str(config), *args],
+    return subprocess.run([sys.executable, "-m", "shared.host.runner", *ROLE_MODULES, "--config", str(config), *args],
                           cwd=app_dir, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -122,7 +122,7 @@ def test_once_publishes_a_report(tmp_path):
 def test_an_unexpected_error_in_a_loop_is_logged_and_stops_the_run(caplog):
     import threading
 
-    from shared.worker import _guarded
+    from shared.host.worker import _guarded
 
     def member_loop():
         raise RuntimeError("boom")
@@ -143,7 +143,7 @@ def test_a_changed_settings_file_stops_the_run_for_a_reload(tmp_path, monkeypatc
     """The README promises settings changes are picked up within SETTINGS_POLL_S (10 s)."""
     import threading
 
-    import shared.worker as app
+    import shared.host.worker as app
 
     monkeypatch.setattr(app, "SETTINGS_POLL_S", 0.05)
     (tmp_path / "cpu_tracker.toml").write_text('aggregator = "a@x.org"\n')
@@ -358,7 +358,7 @@ def test_any_toml_document_gets_settings_or_a_sentence(tmp_path):
     from hypothesis import HealthCheck, given
     from hypothesis import settings as hyp_settings
 
-    from shared.safezone import parse_monitors
+    from shared.privacy.safezone import parse_monitors
 
     counts = {"accepted": 0, "refused": 0}
 

@@ -1,4 +1,4 @@
-"""Shamir over GF(2^127 - 1) (shared.shamir): the vectorised rebuild against the secrets and against FLINT's own
+"""Shamir over GF(2^127 - 1) (shared.secure.shamir): the vectorised rebuild against the secrets and against FLINT's own
 linear algebra, on random share sets and dropout patterns."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import flint
 import pytest
 
-from shared import shamir
+from shared.secure import shamir
 
 
 def _reference(shares: dict[int, int], threshold: int) -> int:

@@ -4,6 +4,7 @@ each process imports (the supervisor the standard library only; a worker only th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,9 +16,9 @@ import pytest
 
 from shared.logs import Problems
 from shared.paths import SETTINGS_FILE
-from shared.runner import ClientConfigError, load_client_config, load_workspace
-from shared.supervisor import (ENV_RETRY_S, WORKER_BACKOFF_S, Chore, CodeWatch, FileStamps, KeepWorker, PrepareEnv,
-                               WatchFiles)
+from shared.host.runner import ClientConfigError, load_client_config, load_workspace
+from shared.host.supervisor import (ENV_RETRY_S, WORKER_BACKOFF_S, Chore, CodeWatch, FileStamps, KeepWorker, PrepareEnv,
+                                    WatchFiles)
 from tests.localnet.demo import PACKAGES, copy_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +30,25 @@ def syftbox_view(config: Path | None) -> tuple[Path, str, str]:
 
     client = Client.load(config)
     return Path(client.workspace.data_dir), str(client.email), str(client.config.server_url)
+
+
+def syft_crypto_keys_file(data_dir: Path, server_url: str, email: str) -> Path:
+    """Where syft-crypto keeps a datasite's private keys: ``<data_dir>/../.syftbox/<8 hex of
+    sha256("<server_url>::<email>")>/pvt.jwks.json``, with the server URL as the SyftBox client holds it."""
+    partition = hashlib.sha256(f"{server_url}::{email}".encode()).hexdigest()[:8]
+    return data_dir.parent / ".syftbox" / partition / "pvt.jwks.json"
+
+
+@pytest.mark.parametrize("url", ["https://syftbox.net", "https://syftbox.net/", "HTTPS://SyftBox.NET",
+                                 "https://syftbox.net:443", "http://127.0.0.1:8080", "https://relay.example.org/v1/"])
+def test_the_key_folder_is_named_after_the_server_url_as_syftbox_holds_it(tmp_path, url):
+    """However the server URL is written in config.json (case, default port, trailing slash), the private-key file is
+    the one syft-crypto derives from the SyftBox client's own parsed URL, not from the text as written."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"email": "m@x.org", "server_url": url, "client_url": "http://127.0.0.1:2",
+                                  "data_dir": str(tmp_path / "data")}))
+    data_dir, email, server_url = syftbox_view(config)
+    assert load_workspace(str(config)).private_keys_file == syft_crypto_keys_file(data_dir, server_url, email)
 
 
 @pytest.mark.parametrize("layout", ["plain", "legacy_name", "sync_folder", "home", "relative", "from_env"])
@@ -54,9 +74,10 @@ def test_the_config_is_read_as_syftbox_reads_it(tmp_path, monkeypatch, layout):
         monkeypatch.setenv("SYFTBOX_CLIENT_CONFIG_PATH", str(given))
         given = None
     ours = load_client_config(None if given is None else str(given))
-    # the server URL as syftbox holds it (the private-key folder is named after it, as syft-crypto names it)
-    assert (ours.data_dir, ours.email, ours.server_url) == syftbox_view(given)
-    assert ours.server_url == "http://127.0.0.1:1/" and ours.data_dir.is_absolute()
+    data_dir, email, server_url = syftbox_view(given)
+    assert (ours.data_dir, ours.email) == (data_dir, email) and ours.data_dir.is_absolute()
+    # the private-key folder is named after the server URL as syftbox holds it, as syft-crypto names it
+    assert ours.workspace().private_keys_file == syft_crypto_keys_file(data_dir, server_url, email)
     assert load_workspace(None if given is None else str(given)).private == ours.data_dir / "private" / "cpu_tracker"
 
 
@@ -89,11 +110,11 @@ def new_modules(code: str, *args: str, cwd: Path = REPO) -> set[str]:
 
 
 def test_the_supervisor_imports_the_standard_library_only():
-    modules = new_modules("import shared.runner, shared.supervisor, shared.envs")
+    modules = new_modules("import shared.host.runner, shared.host.supervisor, shared.host.envs")
     third_party = sorted({m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"shared"})
     assert not third_party, f"the supervisor imports {third_party}"
     # shared.atomic is in (the lock file's private folder, 0700 whatever the umask, is its rule): 0.1 MB
-    assert not {"shared.settings", "shared.schema", "typing", "dataclasses"} & modules
+    assert not {"shared.settings", "shared.wire.schema", "typing", "dataclasses"} & modules
 
 
 @pytest.mark.parametrize("role, other", [("member", "cpu_tracker_aggregator"), ("aggregator", "cpu_tracker_member")])
@@ -101,7 +122,7 @@ def test_a_worker_imports_only_the_roles_it_runs(tmp_path, role, other):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "email": "m@x.org"}))
     code = ("import os\nos.environ.update(CPU_TRACKER_AGGREGATOR='a@x.org', CPU_TRACKER_INTERVAL_S='1', "
-            "CPU_TRACKER_TICK_S='1')\nfrom shared.worker import main\n"
+            "CPU_TRACKER_TICK_S='1')\nfrom shared.host.worker import main\n"
             "assert main(sys.argv[1:], roles=['cpu_tracker_member.member', 'cpu_tracker_aggregator.aggregator']) == 0")
     packages = {m.split(".")[0] for m in new_modules(code, "--config", str(config), "--once", "--role", role,
                                                      cwd=tmp_path)}
@@ -113,7 +134,7 @@ def test_the_stamps_follow_files_added_removed_and_renamed_without_listing_every
     folder = copy_app(tmp_path / "app")
     stamps = FileStamps(folder, PACKAGES, extra=(SETTINGS_FILE,))
     first = stamps.read()
-    assert "shared/runner.py" in first and "run.sh" in first and SETTINGS_FILE not in first
+    assert "shared/host/runner.py" in first and "run.sh" in first and SETTINGS_FILE not in first
     (folder / "shared" / "new_module.py").write_text("x = 1\n")
     (folder / "shared" / "sub").mkdir()
     (folder / "shared" / "sub" / "deep.py").write_text("y = 2\n")
@@ -130,8 +151,8 @@ def test_the_stamps_follow_files_added_removed_and_renamed_without_listing_every
 
     listed = []
     stamps._list = (lambda real: lambda: (listed.append(1), real())[1])(stamps._list)
-    (folder / "shared" / "runner.py").write_text("# edited in place\n")  # no folder changes: no listing
-    assert stamps.read()["shared/runner.py"] != third["shared/runner.py"] and not listed
+    (folder / "shared" / "host" / "runner.py").write_text("# edited in place\n")  # no folder changes: no listing
+    assert stamps.read()["shared/host/runner.py"] != third["shared/host/runner.py"] and not listed
 
 
 # -- the jobs ----------------------------------------------------------------------------------------------------
@@ -248,17 +269,17 @@ def test_the_watcher_asks_for_an_update_new_pins_or_a_new_worker(tmp_path, caplo
     assert "cpu_tracker.toml changed: starting the worker again" in caplog.text
     (folder / "pyproject.toml").write_text("# new pins\n")
     assert settle(20.0) is None and pins.pending  # the environment first
-    (folder / "shared" / "runner.py").write_text("# new code\n")
+    (folder / "shared" / "host" / "runner.py").write_text("# new code\n")
     assert settle(30.0) is None  # still waiting for the environment of the new pins
     pins.due = float("inf")  # (no build under way)
-    (folder / "shared" / "worker.py").write_text("# new code\n")
+    (folder / "shared" / "host" / "worker.py").write_text("# new code\n")
     assert settle(40.0) == "update"
     installed[0] = False
     assert job.run(50.0) == "removed"
 
 
 def test_the_supervisor_steps_through_its_jobs_on_the_clock_it_is_given(tmp_path, monkeypatch):
-    from shared.supervisor import Supervisor
+    from shared.host.supervisor import Supervisor
 
     folder = copy_app(tmp_path / "app")
     monkeypatch.chdir(folder)

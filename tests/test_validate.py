@@ -32,7 +32,7 @@ from cpu_tracker_aggregator.validate import (
     us,
 )
 from cpu_tracker_member.member import build_report
-from shared.schema import MemberReport
+from shared.wire.schema import MemberReport
 from shared.settings import Settings
 
 SETTINGS = Settings(aggregator="agg@example.org")

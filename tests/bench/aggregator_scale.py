@@ -91,7 +91,7 @@ def generate(root: Path, n: int, end: datetime) -> float:
 def write_history(root: Path, now: datetime) -> None:
     """A full history ending at ``now``: 24 h of 10 s ticks and 30 days of 5-minute points (as after 30 days)."""
     from shared.paths import Paths
-    from shared.schema import History, Series
+    from shared.wire.schema import History, Series
 
     t_end = int(now.timestamp())
     n_recent, n_coarse = 8640, 30 * 288

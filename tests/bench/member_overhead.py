@@ -47,7 +47,7 @@ def workspace(root: Path, email: str) -> Path:
 
 def fill_a_day(root: Path, email: str, until: datetime) -> None:
     """The ledger and raw file of a member that has run for 24 h, its last window ending at ``until``."""
-    from shared.ledger import Spend
+    from shared.privacy.ledger import Spend
     from shared.paths import Paths
 
     paths = Paths(root / "data", email)

@@ -26,7 +26,7 @@ GOAL_DIFF, GOAL_SCAN = 2048, 16384
 def prefilled(end: int, length_s: int):
     """A history of ``length_s`` seconds before ``end``: ticks for up to 24 h, 5-minute points for the rest."""
     from cpu_tracker_aggregator.dashboard import COARSE_STEP_S, RECENT_S
-    from shared.schema import History, Series
+    from shared.wire.schema import History, Series
 
     def series(times: list[int], resolution: float) -> Series:
         mean = [round(30 + 12 * math.sin(t / 3000), 3) for t in times]
@@ -45,7 +45,7 @@ def measure(length_s: int, work: Path) -> dict:
 
     from cpu_tracker_aggregator.dashboard import METHOD, add_point
     from cpu_tracker_aggregator.publish import Publisher
-    from shared.schema import AggregatorSettings, Counts, Dashboard, Estimate, PrivacySummary
+    from shared.wire.schema import AggregatorSettings, Counts, Dashboard, Estimate, PrivacySummary
     from shared.settings import Settings
 
     settings = Settings(aggregator="agg@bench.example.org")

@@ -1,5 +1,5 @@
-"""Private alerts, honestly: the safe-zone monitor (shared/safezone.py) against naive private monitors, every one
-charged in the same unit by the same arithmetic as the member's ledger, on CPU traces, many seeds.
+"""Private alerts, honestly: the safe-zone monitor (shared/privacy/safezone.py) against naive private monitors, every
+one charged in the same unit by the same arithmetic as the member's ledger, on CPU traces, many seeds.
 
 The unit is the ledger's: one second of a member's activity. A monitor's cost is what the member's ledger would
 record for it (``safezone.monitor_rows`` + ``heaviest_span``: the ledger's rolling-budget arithmetic): the most its
@@ -39,10 +39,11 @@ import numpy as np
 from scipy.special import expit
 
 from cpu_tracker_aggregator.alerts import FLAG_ALLOWANCE
-from shared import safezone as sz
-from shared.ledger import BudgetExceeded, Spend
-from shared.safezone import Lifecycle, MonitorSpec
-from shared.settings import DEFAULT_MONITOR_BUDGETS, Budget, Settings
+from shared.privacy import Budget
+from shared.privacy import safezone as sz
+from shared.privacy.ledger import BudgetExceeded, Spend
+from shared.privacy.safezone import Lifecycle, MonitorSpec
+from shared.settings import DEFAULT_MONITOR_BUDGETS, Settings
 from tests.bench.common import Result, Row
 from tests.bench.record_trace import DEFAULT as REAL_TRACE, load
 
@@ -402,7 +403,7 @@ def run(ctx) -> Result:
         f"{seeds} seeds per line (medians; correctness: the worst seed). Costs in the ledger's unit: 'per second' is "
         "the most a monitor's spends put on any one second of activity (what the per-instant budget and the "
         "member's cap check, by the ledger's arithmetic); 'whole day' what a member's whole UTC day of activity "
-        "loses (group privacy; for the safe zones the function the cpu_day check composes, shared.safezone."
+        "loses (group privacy; for the safe zones the function the cpu_day check composes, shared.privacy.safezone."
         "day_epsilon), counting a new generation each time one is exhausted.",
         "Contract: the published state equals [f(true average) >= T] in >= 99 % of rounds, either state accepted "
         "while the truth lies in [T - m, T). The naive monitors are tuned to it on each trace and seed (the smallest "

@@ -66,7 +66,7 @@ def product_epoch(unit: str, k: int):
 
 
 def releases(epoch) -> int:
-    from shared.secure_schema import releases_for
+    from shared.wire.secure_schema import releases_for
 
     return releases_for(epoch.unit, epoch.window_s)
 
@@ -75,7 +75,7 @@ def secure_rmse(epoch, k: int) -> float:
     """RMSE (points) of the network mean with k survivors, at most: the summed noise's exact sd and the stochastic
     rounding at its bound (1/4 unit^2 a member; 1/6 for evenly spread fractions), as the published interval takes it.
     The rounding matters only for the per-second unit, whose noise is small against one quantization step."""
-    from shared.secnoise import mean_standard_error
+    from shared.secure.secnoise import mean_standard_error
 
     return mean_standard_error(epoch.noise, k, epoch.scale)
 
@@ -132,7 +132,7 @@ def fleet(kind: str, k: int, rng: np.random.Generator, real: np.ndarray) -> np.n
 
 def summed_noise(epoch, k: int, srng: random.Random, real_shares: bool) -> list[int]:
     """The noise of k shares on each coordinate: k real shares, or a draw from the sum's law (module docstring)."""
-    from shared.secnoise import _discrete_gaussian, _neg_binomial, _share_var, sample_share
+    from shared.secure.secnoise import _discrete_gaussian, _neg_binomial, _share_var, sample_share
 
     spec = epoch.noise
     if real_shares:
@@ -177,7 +177,7 @@ class Cell:
 def simulate(unit: str, kind: str, k: int, trials: int, tut_trials: int, real: np.ndarray) -> Cell:
     from cpu_tracker_aggregator.secure import implausible
     from cpu_tracker_member.secure import bin_of
-    from shared.secnoise import fleet_estimate, fleet_mean, noise_sd, quantize
+    from shared.secure.secnoise import fleet_estimate, fleet_mean, noise_sd, quantize
 
     epoch = product_epoch(unit, k)
     seed = [SEED, UNITS.index(unit), FLEETS.index(kind), k]
@@ -211,14 +211,14 @@ def simulate(unit: str, kind: str, k: int, trials: int, tut_trials: int, real: n
         est = fleet_estimate(total[1:], spec=epoch.noise, survivors=k, edges=edges)
         xs = np.sort(x)
         for name, p in PERCENTILES:
-            iv = getattr(est, name)
-            if name in est.uninformative:
+            iv = est["percentiles"][name]
+            if name in est["cohort_too_small_for"]:
                 vague[name] += 1
                 continue
             hits[name][0] += iv.low <= xs[math.ceil(p * k - 1e-9) - 1] <= iv.high
             hits[name][1] += 1
             width[name] += iv.high - iv.low
-        share_hits += est.share_above.low <= float(np.mean(x >= 90)) <= est.share_above.high
+        share_hits += est["share_above"].low <= float(np.mean(x >= 90)) <= est["share_above"].high
     e = np.array(err)
     cell.rmse, cell.bias = float(np.sqrt(np.mean(e**2))), float(e.mean())
     cell.rmse_exact = math.sqrt(noise_sd(epoch.noise, k)[0] ** 2 + float(np.mean(rounding))) / (k * epoch.scale)
@@ -256,7 +256,7 @@ def trials_for(k: int, quick: bool) -> tuple[int, int]:
 def old_six_sigma_rule(total: np.ndarray, epoch, survivors: int) -> str | None:
     """The check before this issue (main at bb81b3c), kept here only as the baseline it is measured against: 6
     standard deviations of the noise on each coordinate, the counts' sum, and mean against histogram."""
-    from shared.secnoise import noise_sd
+    from shared.secure.secnoise import noise_sd
 
     sd_mean, sd_hist = noise_sd(epoch.noise, survivors)
     z, top = 6.0, (epoch.bounds[1] - epoch.bounds[0]) * epoch.scale * survivors
@@ -328,7 +328,7 @@ def collusion_epsilon(epoch, honest: int) -> float:
     on each coordinate, its pure epsilon from the exact pmf (mean, and two histogram coordinates), composed over the
     unit's releases by basic composition (exact for pure DP); dgaussian, KLS21's rho for the honest shares (tau term
     included) per part, composed by the RDP accountant at the epoch's delta."""
-    from shared.secnoise import _tau, epsilon_of, release_event
+    from shared.secure.secnoise import _tau, epsilon_of, release_event
 
     spec, reps = epoch.noise, releases(epoch)
     if honest >= spec.shares_for:
@@ -358,8 +358,8 @@ COLLUDING = (0.0, 0.1, 0.25, 0.5)  # c as a share of the cohort
 def collusion_table(sizes=KS) -> str:
     """Epsilon per unit against c colluding members, at the defaults: honest-but-curious aggregator (the sum of all
     k - c honest shares) / an aggregator that lies about dropouts (the lying floor minus c)."""
-    from shared import secagg
-    from shared.secure_schema import UNIT_WORDS
+    from shared.secure import secagg
+    from shared.wire.secure_schema import UNIT_WORDS
 
     lines = ["| unit (target epsilon) | k | t (lying floor) | "
              + " | ".join(f"c = {int(f * 100)} % of k" for f in COLLUDING) + " |",
@@ -387,7 +387,7 @@ def rank_half_width(epoch, k: int) -> float:
     """Half-width, in % of the fleet, of the count bounds at the middle edge (the p50's rank uncertainty)."""
     from statistics import NormalDist
 
-    from shared.secnoise import noise_sd
+    from shared.secure.secnoise import noise_sd
 
     z = NormalDist().inv_cdf(0.975)
     return 100 * z * noise_sd(epoch.noise, k)[1] * math.sqrt(epoch.bins / 4) / k
@@ -396,7 +396,7 @@ def rank_half_width(epoch, k: int) -> float:
 def operator_table(sizes=(10, 100, 1000, 10000)) -> str:
     """RMSE of the network mean (points) and the p50's rank half-width by unit and cohort size at the defaults, local
     beside secure (all k members survive), from the exact noise laws."""
-    from shared.secure_schema import UNIT_WORDS
+    from shared.wire.secure_schema import UNIT_WORDS
 
     lines = ["| unit (epsilon, releases a day) | mode | " + " | ".join(f"k = {k:,}" for k in sizes) + " |",
              "|---|---|" + "---|" * len(sizes)]
@@ -423,8 +423,8 @@ def _rank(half: float) -> str:
 def bins_table(real: np.ndarray, quick: bool) -> str:
     """Percentile coverage and width against the number of bins, whole-window unit at the defaults (shares for the
     lying floor), the summed noise drawn from its exact law: where the bins, not the noise, bound the intervals."""
-    from shared import secagg
-    from shared.secnoise import _neg_binomial, calibrate, fleet_estimate
+    from shared.secure import secagg
+    from shared.secure.secnoise import _neg_binomial, calibrate, fleet_estimate
 
     reps = 150 if quick else 500
     lines = [f"Bins against resolution (whole-window unit, epsilon 1.25, k survivors; {reps} fleets per cell): "
@@ -448,9 +448,9 @@ def bins_table(real: np.ndarray, quick: bool) -> str:
                     est = fleet_estimate(noisy, spec=spec, survivors=k, edges=edges)
                     xs = np.sort(x)
                     for name, p in PERCENTILES:
-                        if name in est.uninformative:
+                        if name in est["cohort_too_small_for"]:
                             continue
-                        iv = getattr(est, name)
+                        iv = est["percentiles"][name]
                         hit[name] += iv.low <= xs[math.ceil(p * k - 1e-9) - 1] <= iv.high
                         seen[name] += 1
                         width[name] += iv.high - iv.low
@@ -465,7 +465,7 @@ def bins_table(real: np.ndarray, quick: bool) -> str:
 # ---------------------------------------------------------------------------------------------------
 def run(ctx) -> Result:
     warnings.filterwarnings("ignore", module="diffprivlib")
-    from shared.secnoise import FALSE_REFUSAL
+    from shared.secure.secnoise import FALSE_REFUSAL
 
     res = Result("secure_accuracy", "Secure aggregation at the defaults: accuracy and coverage against local noise")
     real = np.clip(np.array(load(REAL_TRACE)[0]), 0, 100)

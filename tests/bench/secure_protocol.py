@@ -21,12 +21,12 @@ from pathlib import Path
 
 from cpu_tracker_aggregator.secure import plan_epoch
 from cpu_tracker_member.secure import SecureMember, epoch_epsilon
-from shared import identity, secagg
+from shared.secure import identity, secagg
 from shared.atomic import atomic_write_json
-from shared.ledger import Ledger, LedgerKeeper
+from shared.privacy.ledger import Ledger, LedgerKeeper
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.secure_schema import b64, epoch_hash, inbox_file, message, signed_file
+from shared.wire.secure_schema import b64, epoch_hash, inbox_file, message, signed_file
 from shared.settings import Settings
 from tests.bench.common import Result, Row
 

@@ -3,11 +3,12 @@
 
 The aggregator is the real one (``cpu_tracker_aggregator.secure.SecureAggregator``, its real tick): it enrols the
 members from their did.json and MAC'd join files, signs its epoch, reads and checks every upload, writes every inbox
-(O(degree) each), collects the views and reveals, rebuilds every seed in one vectorised pass (``shared.shamir``) and
-publishes the figure. The k members are simulated by ``Cohort``: real identity keys and did.json, real member-
-aggregator secrets, and per round an upload and an answers file per member written into the aggregator's mirror,
-built with the protocol's own primitives (``shared.secagg``), so the aggregator reads exactly what honest members send:
-the masked vector (its self mask from a real seed), the sealed shares, the view of the round just closed and the
+(O(degree) each), collects the views and reveals, rebuilds every seed in one vectorised pass
+(``shared.secure.shamir``) and publishes the figure. The k members are simulated by ``Cohort``: real identity keys and
+did.json, real member-aggregator secrets, and per round an upload and an answers file per member written into the
+aggregator's mirror,
+built with the protocol's own primitives (``shared.secure.secagg``), so the aggregator reads exactly what honest members
+send: the masked vector (its self mask from a real seed), the sealed shares, the view of the round just closed and the
 sealed reveal of the round before (real shares of every surviving neighbour's seed, real round keys with dropped
 ones). Three things the aggregator never opens are cheaper than a member would make them, so that 10,000 uploads are
 built in seconds: the pairwise masks between two survivors (which cancel in the sum) are random words that sum to
@@ -35,11 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from cpu_tracker_aggregator.secure import SecureAggregator
-from shared import identity, secagg
+from shared.secure import identity, secagg
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.schema import utc_now
-from shared.secure_schema import (
+from shared.wire.schema import utc_now
+from shared.wire.secure_schema import (
     SealedReveal,
     SecureAnswers,
     SecureJoin,
@@ -172,7 +173,7 @@ class InMemoryAggregator(SecureAggregator):
         return self.files.get(str(path))
 
     def _member_file(self, path, model, key, problem):
-        from shared.secure_schema import read_mac
+        from shared.wire.secure_schema import read_mac
 
         raw = self.files.get(path)
         hit = self._files.get(path)

@@ -188,7 +188,7 @@ class Driver:
         self.note("end of the soak: ledgers read; waiting for the aggregator to close what was charged")
 
     def ledgers(self) -> dict[str, list]:
-        from shared.ledger import load_spends
+        from shared.privacy.ledger import load_spends
 
         return {m: load_spends(p.ledger_file) for m, p in self.sites.items()}
 
@@ -199,7 +199,7 @@ def round_of(spend, interval: float) -> int:
 
 def budget_breaches(spends: list, budgets) -> list[str]:
     """Every rolling budget checked with each release as the newest (the ledger's own arithmetic)."""
-    from shared.ledger import BudgetExceeded, _arrays, check_budgets
+    from shared.privacy.ledger import BudgetExceeded, _arrays, check_budgets
 
     out = []
     ordered = sorted(spends, key=lambda s: s.window_end)
@@ -224,7 +224,7 @@ def save_watch(path: Path, w: Watch, plan: Plan) -> None:
 
 
 def load_saved(root: Path) -> tuple[Watch, dict[str, list], Plan]:
-    from shared.ledger import load_spends
+    from shared.privacy.ledger import load_spends
 
     doc = json.loads((root / "watch.json").read_text())
     plan = Plan(**doc.pop("plan"))

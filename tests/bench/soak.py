@@ -174,8 +174,8 @@ def soak_supervisor(work: Path, days: int) -> dict:
     import subprocess
 
     from shared.logs import setup_logging
-    from shared.runner import load_client_config
-    from shared.supervisor import WATCH_S, Chore, Supervisor, _relay
+    from shared.host.runner import load_client_config
+    from shared.host.supervisor import WATCH_S, Chore, Supervisor, _relay
     from tests.localnet.demo import copy_app
 
     app = copy_app(work / "app")

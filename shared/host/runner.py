@@ -3,11 +3,11 @@
 It knows no role by itself: callers hand it ``Role`` objects or name their modules. ``run.sh`` names the role
 modules on the command line and each role package's ``__main__`` passes its own, so ``shared`` never imports an app.
 
-    python -m shared.runner cpu_tracker_member.member cpu_tracker_aggregator.aggregator \\
+    python -m shared.host.runner cpu_tracker_member.member cpu_tracker_aggregator.aggregator \\
         [--config SYFTBOX_CONFIG] [--role member|aggregator|both] [--once]
 
-What ``run.sh`` starts is a small **supervisor** (``shared.supervisor``, standard library only) that runs the roles
-in a **worker** child process (``shared.worker``, also what ``--once`` and ``python -m cpu_tracker_member`` run
+What ``run.sh`` starts is a small **supervisor** (``shared.host.supervisor``, standard library only) that runs the roles
+in a **worker** child process (``shared.host.worker``, also what ``--once`` and ``python -m cpu_tracker_member`` run
 directly):
 
 - it never outlives its scheduler: when its parent (the SyftBox client) is gone it stops the worker and exits,
@@ -21,7 +21,7 @@ directly):
 - when its own code (``*.py`` of ``shared`` and the role packages, ``run.sh``) or its pins (``pyproject.toml``)
   change on disk it says so and starts again from ``run.sh``, preparing the new environment first while the
   running version keeps publishing; when the settings file changes the worker reloads it;
-- it records the environment it uses and removes the ones no copy of the app uses (``shared.envs``).
+- it records the environment it uses and removes the ones no copy of the app uses (``shared.host.envs``).
 
 This module holds what both processes share: the command line, ``Role``, the client config, the instance lock
 and the parent watch. It imports the standard library only, so the supervisor stays small.
@@ -108,14 +108,7 @@ def load_client_config(config: str | None = None, environ: dict[str, str] | None
     if not isinstance(data_dir, str) or not data_dir:
         raise ClientConfigError(f"{path}: data_dir must be a folder, got {data_dir!r}")
     return ClientConfig(path=path, data_dir=Path(data_dir).expanduser().resolve(), email=email,
-                        server_url=_as_syftbox_url(str(data.get("server_url") or DEFAULT_SERVER_URL)))
-
-
-def _as_syftbox_url(url: str) -> str:
-    """The server URL as the SyftBox client holds it (pydantic's ``AnyHttpUrl``: an empty path becomes ``/``), so the
-    private-key folder it names (``Paths.identity_dir``) is the one syft-crypto uses."""
-    scheme, sep, rest = url.partition("://")
-    return url + "/" if sep and "/" not in rest else url
+                        server_url=str(data.get("server_url") or DEFAULT_SERVER_URL))
 
 
 def load_workspace(config: str | None) -> Paths:
@@ -250,18 +243,18 @@ def parser(prog: str, forced_role: str | None = None) -> argparse.ArgumentParser
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m shared.runner ROLE_MODULE... [options]``: the role modules first, then the runner's options.
+    """``python -m shared.host.runner ROLE_MODULE... [options]``: the role modules first, then the runner's options.
     ``--once`` and ``--worker`` run the roles in this process; otherwise this process supervises a worker."""
     argv = sys.argv[1:] if argv is None else argv
     n = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
     if n == 0:
-        print("usage: python -m shared.runner ROLE_MODULE... [--config C] [--role R] [--once]", file=sys.stderr)
+        print("usage: python -m shared.host.runner ROLE_MODULE... [--config C] [--role R] [--once]", file=sys.stderr)
         return 2
     if "--once" in argv[n:] or "--worker" in argv[n:]:
-        from shared.worker import main
+        from shared.host.worker import main
 
         return main(argv[n:], roles=argv[:n])
-    from shared.supervisor import supervise
+    from shared.host.supervisor import supervise
 
     return supervise(argv[:n], argv[n:])
 

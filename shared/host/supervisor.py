@@ -1,5 +1,6 @@
-"""The supervisor ``run.sh`` starts (``python -m shared.runner ROLE_MODULE...``): one per datasite, standard library
-only, so that it stays small (about 13 MB) while the worker it keeps running carries the roles and their libraries.
+"""The supervisor ``run.sh`` starts (``python -m shared.host.runner ROLE_MODULE...``): one per datasite, standard
+library only, so that it stays small (about 13 MB) while the worker it keeps running carries the roles and their
+libraries.
 
 Its loop wakes every ``WATCH_S`` to see whether it must stop (a signal, its parent gone) and runs whichever of its
 small jobs is due, each a ``Job`` with its own period:
@@ -10,9 +11,9 @@ small jobs is due, each a ``Job`` with its own period:
   entry left ``apps/`` stops for good;
 - ``PrepareEnv``: the environment for new pins, built while the running version goes on;
 - ``Chore``: the environment record (hourly) and the removal of unused environments (daily), each in a short-lived
-  child process (``python -m shared.envs``) so that what they import never stays in the supervisor.
+  child process (``python -m shared.host.envs``) so that what they import never stays in the supervisor.
 
-The module docstring of ``shared.runner`` says what the whole process promises.
+The module docstring of ``shared.host.runner`` says what the whole process promises.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from collections.abc import Callable, Sequence
 from io import BufferedReader  # not typing (0.6 MB more in the supervisor)
 
 from shared import __version__
-from shared.envs import current_env
+from shared.host.envs import current_env
 from shared.logs import LogSink, Problems, setup_logging, write_raw
 from shared.paths import SETTINGS_FILE, Paths
-from shared.runner import (CONFIG_VAR, PARENT_VAR, RESTART_S, ClientConfig, ClientConfigError, Parent, app_dir,
-                           load_client_config, parser, private_tree_ready, wait_for_lock)
+from shared.host.runner import (CONFIG_VAR, PARENT_VAR, RESTART_S, ClientConfig, ClientConfigError, Parent, app_dir,
+                                load_client_config, parser, private_tree_ready, wait_for_lock)
 
 log = logging.getLogger("cpu_tracker")
 WATCH_S = 1.0  # how often the loop checks its parent and runs the jobs that are due
@@ -384,7 +385,7 @@ class Supervisor:
         self.code.files.read()  # the folders are listed once now: the first poll is a stat per file
         env = current_env()
         if env is not None:
-            envs = [sys.executable, "-m", "shared.envs"]
+            envs = [sys.executable, "-m", "shared.host.envs"]
             record = [*envs, "record", str(env), str(self.folder), str(paths.data_dir), "--pid", str(os.getpid())]
             clean = [*envs, "clean", str(env)]
             jobs += [Chore("env-record", record, now, RECORD_EVERY_S, self.problems, self._child_env(), self.folder),
@@ -414,7 +415,7 @@ class Supervisor:
         return {k: v for k, v in os.environ.items() if k != PARENT_VAR}
 
     def _spawn(self) -> subprocess.Popen:
-        argv = [sys.executable, "-m", "shared.runner", *self.modules, *self.argv, "--worker"]
+        argv = [sys.executable, "-m", "shared.host.runner", *self.modules, *self.argv, "--worker"]
         proc = subprocess.Popen(argv, cwd=self.folder, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env=self._child_env())
         threading.Thread(target=_relay, args=(proc.stdout,), name="relay", daemon=True).start()

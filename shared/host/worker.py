@@ -1,8 +1,8 @@
 """The worker: the roles the settings select for this datasite, each role's loop in a thread.
 
-The supervisor (``shared.supervisor``) starts it as ``python -m shared.runner ROLE_MODULE... --worker``; ``--once``
-and ``python -m cpu_tracker_member`` / ``cpu_tracker_aggregator`` run it directly. Under the supervisor the worker
-only runs the roles: the supervisor watches the settings file and starts a new worker when it changes. Run
+The supervisor (``shared.host.supervisor``) starts it as ``python -m shared.host.runner ROLE_MODULE... --worker``;
+``--once`` and ``python -m cpu_tracker_member`` / ``cpu_tracker_aggregator`` run it directly. Under the supervisor the
+worker only runs the roles: the supervisor watches the settings file and starts a new worker when it changes. Run
 directly, it re-reads the settings itself when their file changes (checked every ``SETTINGS_POLL_S``).
 A role is imported only when the settings select it, so a member's worker never loads the aggregator's libraries.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 from shared.atomic import remove_stale_temps
 from shared.logs import Problems, setup_logging
 from shared.paths import HISTORY_DIR, Paths
-from shared.runner import (EX_TEMPFAIL, RESTART_S, ClientConfigError, Parent, Role, acquire_lock, app_dir,
-                           load_workspace, lock_holder, parser, private_tree_ready, wait_for_lock)
+from shared.host.runner import (EX_TEMPFAIL, RESTART_S, ClientConfigError, Parent, Role, acquire_lock, app_dir,
+                                load_workspace, lock_holder, parser, private_tree_ready, wait_for_lock)
 from shared.settings import SETTINGS_FILE, Settings, SettingsError, load_settings
 
 log = logging.getLogger("cpu_tracker")

@@ -2,25 +2,23 @@
 
 Compatibility contract (as in google/differential-privacy's dp_event.py): fields are never removed or
 renamed, new fields are optional, meanings never change; ``schema_version`` changes only with a breaking
-change. Readers ignore fields they do not know. The committed JSON Schemas in ``shared/schemas/`` are
-generated from these models (``python -m shared.schema``) and a test fails when they differ.
+change. Readers ignore fields they do not know. The committed JSON Schemas in ``shared/wire/schemas/`` are
+generated from these models (``python -m shared.wire.catalog``) and a test fails when they differ.
 
 Times are tz-aware UTC, ISO 8601. A report names its release mechanism in ``release.mechanism``; a new
-mechanism (Gaussian, secure aggregation, histograms) is a new release model beside ``LaplaceRelease``.
+mechanism (Gaussian, secure aggregation, histograms) is a new release model beside ``LaplaceRelease``
+(``shared.privacy``, with the privacy units and ``CPU_BOUNDS``: the math returns it, this module carries it).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.paths import DASHBOARD_SCHEMA_FILE, REPORT_SCHEMA_FILE
-from shared.secnoise import Interval  # estimate, low, high: one interval model for every published figure
+from shared.privacy import CPU_BOUNDS, LEGACY_UNIT, SECOND_UNIT, Interval, LaplaceRelease, SecureUnit
 
 SCHEMA_VERSION = 1
 REPORT_KIND = "cpu_tracker.member_report"
@@ -28,14 +26,6 @@ DASHBOARD_KIND = "cpu_tracker.dashboard"
 CURRENT_KIND = "cpu_tracker.current"
 SEGMENT_KIND = "cpu_tracker.history_segment"
 INDEX_KIND = "cpu_tracker.history_index"
-SCHEMA_DIR = Path(__file__).parent / "schemas"
-CPU_BOUNDS = (0.0, 100.0)  # psutil.cpu_percent() is a percentage: every sample is clipped to these bounds
-# What a release's epsilon protects (its privacy unit), as every file and setting names it
-SECOND_UNIT = "cpu_second"  # any one second of the machine's CPU activity: local mode's unit, fixed
-WINDOW_UNIT = "cpu_window"  # secure mode: a member's whole window
-DAY_UNIT = "cpu_day"  # secure mode: a member's whole UTC day
-LEGACY_UNIT = "cpu_sample"  # before app 0.2: one sample of sample_period_s seconds
-SecureUnit = Literal[SECOND_UNIT, WINDOW_UNIT, DAY_UNIT]  # type: ignore[valid-type]  (names of literals)
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
@@ -88,19 +78,6 @@ class PrivacyUnit(_Wire):
     )
 
 
-class LaplaceRelease(_Wire):
-    """A value released with the Laplace mechanism (diffprivlib.mechanisms.Laplace, unbiased, delta = 0)."""
-
-    mechanism: Literal["laplace"] = "laplace"
-    value: float = Field(description="The released (noisy) mean, in percent. Not clamped: may leave the bounds.")
-    epsilon: float = Field(gt=0, description="Epsilon spent by this release, for the privacy unit.")
-    delta: float = Field(default=0.0, ge=0, le=0, description="Pure DP: always 0.")
-    sensitivity: float = Field(gt=0, description="L1 sensitivity of the mean: (upper - lower) / n_samples.")
-    noise_scale: float = Field(gt=0, description="Laplace scale b = sensitivity / epsilon.")
-    noise_std: float = Field(gt=0, description="Standard deviation of the noise, sqrt(2) * b.")
-    implementation: str = Field(default="", description="Library and version that drew the noise.")
-
-
 Release = LaplaceRelease  # becomes a discriminated union on `mechanism` when a second mechanism lands
 
 
@@ -120,7 +97,7 @@ class MemberReport(_Wire):
     release: Release
     privacy_unit: PrivacyUnit
     mode: Literal["local"] = Field(default="local", description="local: the member's own noisy release (a member in "
-                                   "secure mode writes round files instead, shared.secure_schema.SecureUpload).")
+                                   "secure mode writes round files instead, shared.wire.secure_schema.SecureUpload).")
     cpu: float | None = Field(default=None, description="Legacy (tutorial) key: equals release.value.")
     timestamp: str | None = Field(default=None, description="Legacy (tutorial) key: created_at, 'YYYY-MM-DD HH:MM:SS' UTC.")
 
@@ -354,31 +331,9 @@ class Current(_Figure):
     alerts: list[AlertState] | None = Field(default=None, description="Private alerts (safe zones), if any run.")
 
 
-def json_schemas() -> dict[str, dict]:
-    """The JSON Schemas of the wire formats, by file name."""
-    from shared import secure_schema as sec  # it builds on this module
-
-    return {
-        "secure_join.schema.json": sec.SecureJoin.model_json_schema(mode="serialization"),
-        "secure_epoch.schema.json": sec.Epoch.model_json_schema(mode="serialization"),
-        "secure_round.schema.json": sec.SecureUpload.model_json_schema(mode="serialization"),
-        "secure_answers.schema.json": sec.SecureAnswers.model_json_schema(mode="serialization"),
-        "secure_inbox.schema.json": sec.Inbox.model_json_schema(mode="serialization"),
-        "secure_rounds.schema.json": sec.RoundOutcomes.model_json_schema(mode="serialization"),
-        REPORT_SCHEMA_FILE: MemberReport.model_json_schema(mode="serialization"),
-        DASHBOARD_SCHEMA_FILE: Dashboard.model_json_schema(mode="serialization"),
-        "current.schema.json": Current.model_json_schema(mode="serialization"),
-        "history_segment.schema.json": Segment.model_json_schema(mode="serialization"),
-        "history_index.schema.json": HistoryIndex.model_json_schema(mode="serialization"),
-    }
-
-
-def schema_text(schema: dict) -> str:
-    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
-
-
 # ---------------------------------------------------------------------------------------------------
-# Private alerts (safe zones): shared/safezone.py, cpu_tracker_member/monitor.py, cpu_tracker_aggregator/alerts.py
+# Private alerts (safe zones): shared/privacy/safezone.py, cpu_tracker_member/monitor.py,
+# cpu_tracker_aggregator/alerts.py
 # ---------------------------------------------------------------------------------------------------
 MONITORS_KIND = "cpu_tracker.monitors"
 ZONES_KIND = "cpu_tracker.safe_zones"
@@ -476,18 +431,3 @@ class MonitorSignalsFile(_Wire):
 
 Dashboard.model_rebuild()
 Current.model_rebuild()
-_json_schemas_before_alerts = json_schemas
-
-
-def json_schemas() -> dict[str, dict]:  # noqa: F811  the wire formats above, with the private alerts' three
-    """The JSON Schemas of the wire formats, by file name (with the private alerts' files)."""
-    return {**_json_schemas_before_alerts(),
-            "monitors.schema.json": MonitorsFile.model_json_schema(mode="serialization"),
-            "safe_zones.schema.json": SafeZonesFile.model_json_schema(mode="serialization"),
-            "monitor_signals.schema.json": MonitorSignalsFile.model_json_schema(mode="serialization")}
-
-
-if __name__ == "__main__":  # regenerate the committed schemas
-    for name, schema in json_schemas().items():
-        (SCHEMA_DIR / name).write_text(schema_text(schema))
-        print(f"wrote {SCHEMA_DIR / name}")

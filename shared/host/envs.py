@@ -18,8 +18,8 @@ Removal renames the env to ``.trash-<name>`` first (one step: a half-deleted env
 
 The supervisor runs both in a short-lived child process, so that what they import never stays in it:
 
-    python -m shared.envs record ENV APP_DIR DATA_DIR --pid PID   # this copy's record, and ENV/.used touched
-    python -m shared.envs clean ENV                               # remove the unused envs beside ENV (kept)
+    python -m shared.host.envs record ENV APP_DIR DATA_DIR --pid PID   # this copy's record, and ENV/.used touched
+    python -m shared.host.envs clean ENV                               # remove the unused envs beside ENV (kept)
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     """The supervisor's chores (see the module docstring); a failure exits 1 with one line saying why."""
     from shared.logs import setup_logging
 
-    p = argparse.ArgumentParser(prog="python -m shared.envs")
+    p = argparse.ArgumentParser(prog="python -m shared.host.envs")
     sub = p.add_subparsers(dest="chore", required=True)
     rec = sub.add_parser("record")
     for name in ("env", "app_dir", "data_dir"):

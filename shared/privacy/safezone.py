@@ -52,8 +52,8 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.ledger import BudgetExceeded, worst_span
-from shared.schema import CPU_BOUNDS
+from shared.privacy.ledger import BudgetExceeded, worst_span
+from shared.privacy import CPU_BOUNDS
 
 Kind = Literal["mean", "imbalance"]
 State = Literal["ok", "firing"]
@@ -463,8 +463,8 @@ def monitor_rows(spends: Sequence, *, leave_out: str | None = None) -> tuple[np.
 
 def heaviest_span(starts: np.ndarray, ends: np.ndarray, eps: np.ndarray, horizon_s: float) -> float:
     """The most epsilon that the rows ([start, end), half-open) touching one closed span [t, t + H] add up to, over
-    every t: the ledger's rolling-budget arithmetic (``shared.ledger.worst_span``) taken over all spans, not only
-    those touching the last row. The maximum is reached with t just below some row's end e (slide t up to the
+    every t: the ledger's rolling-budget arithmetic (``shared.privacy.ledger.worst_span``) taken over all spans, not
+    only those touching the last row. The maximum is reached with t just below some row's end e (slide t up to the
     earliest end inside: nothing leaves), where the span holds the rows with end >= e and start < e + H."""
     if not len(starts):
         return 0.0

@@ -1,10 +1,15 @@
 """Privacy math, pure functions. Noise is drawn only in ``laplace_release`` (diffprivlib, imported lazily).
 
-Unit: one second of CPU activity (``shared.schema.SECOND_UNIT``), fixed: no setting moves it. A window of n whole seconds
-averages n one-second busy fractions clipped to [lower, upper]; changing any one second moves it by at most
+Unit: one second of CPU activity (``SECOND_UNIT``), fixed: no setting moves it. A window of n whole seconds averages n
+one-second busy fractions clipped to [lower, upper]; changing any one second moves it by at most
 (upper - lower) / n (the L1 sensitivity), so the Laplace mechanism with scale b = sensitivity / epsilon
 makes each release epsilon-DP for that unit (Dwork & Roth 2014, Thm 3.6). Activity lasting k seconds
 costs k * epsilon (group privacy, ibid. Thm 2.2), summed over releases (basic composition, Thm 3.14).
+
+Also here, below everything that names them: the privacy units every file and setting uses, ``CPU_BOUNDS`` and
+``clip_cpu``, the rolling budgets (``Budget``: set in the settings, enforced by ``ledger``), and the values the math
+returns that the wire formats carry as they are (``LaplaceRelease``, ``Interval``). Secure mode's noise is in
+``shared.secure.secnoise``; the ledger and the safe zones are this package's ``ledger`` and ``safezone``.
 """
 
 from __future__ import annotations
@@ -13,9 +18,43 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Literal, Sequence
 
-from shared.schema import CPU_BOUNDS, DAY_UNIT, LEGACY_UNIT, SECOND_UNIT, WINDOW_UNIT, LaplaceRelease
+from pydantic import BaseModel, ConfigDict, Field
+
+CPU_BOUNDS = (0.0, 100.0)  # psutil.cpu_percent() is a percentage: every sample is clipped to these bounds
+# What a release's epsilon protects (its privacy unit), as every file and setting names it
+SECOND_UNIT = "cpu_second"  # any one second of the machine's CPU activity: local mode's unit, fixed
+WINDOW_UNIT = "cpu_window"  # secure mode: a member's whole window
+DAY_UNIT = "cpu_day"  # secure mode: a member's whole UTC day
+LEGACY_UNIT = "cpu_sample"  # before app 0.2: one sample of sample_period_s seconds
+SecureUnit = Literal[SECOND_UNIT, WINDOW_UNIT, DAY_UNIT]  # type: ignore[valid-type]  (names of literals)
+# The values this math returns are written to the wire as they are (``shared.wire`` builds its files from them):
+# immutable, extra keys ignored when read back, NaN and infinities refused.
+_VALUE = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+
+class LaplaceRelease(BaseModel):
+    """A value released with the Laplace mechanism (diffprivlib.mechanisms.Laplace, unbiased, delta = 0)."""
+
+    model_config = _VALUE
+
+    mechanism: Literal["laplace"] = "laplace"
+    value: float = Field(description="The released (noisy) mean, in percent. Not clamped: may leave the bounds.")
+    epsilon: float = Field(gt=0, description="Epsilon spent by this release, for the privacy unit.")
+    delta: float = Field(default=0.0, ge=0, le=0, description="Pure DP: always 0.")
+    sensitivity: float = Field(gt=0, description="L1 sensitivity of the mean: (upper - lower) / n_samples.")
+    noise_scale: float = Field(gt=0, description="Laplace scale b = sensitivity / epsilon.")
+    noise_std: float = Field(gt=0, description="Standard deviation of the noise, sqrt(2) * b.")
+    implementation: str = Field(default="", description="Library and version that drew the noise.")
+
+
+class Interval(BaseModel):
+    model_config = _VALUE
+
+    estimate: float = Field(description="Point estimate.")
+    low: float = Field(description="Lower end of the interval.")
+    high: float = Field(description="Upper end of the interval.")
 
 
 def mean_sensitivity(lower: float, upper: float, n_samples: int) -> float:
@@ -76,7 +115,9 @@ def laplace_release(
 # ---------------------------------------------------------------------------------------------------
 # The privacy unit: one second of CPU activity, fixed, whatever the settings
 # ---------------------------------------------------------------------------------------------------
-UNIT_S = 1.0  # SECOND_UNIT's length (shared/schema.py names the units)
+UNIT_S = 1.0  # SECOND_UNIT's length
+DAY_S = 86400.0  # DAY_UNIT's length, and a day wherever the app counts in days
+MAX_HORIZON_S = 366 * DAY_S  # a year and a day: longer horizons mean nothing for a CPU tracker, and cost memory
 LEGACY_PERIOD_MAX_S = 0.1  # the old default period, the longest one an old ledger line is credited with
 COARSER_UNITS = (WINDOW_UNIT, DAY_UNIT)  # secure mode's units: a member's whole window, its whole UTC day
 
@@ -134,6 +175,38 @@ def activity_epsilon(activity_s: float, *, epsilon: float) -> float:
     split between two windows costs each its share, epsilon in total, since every window's sensitivity is
     100 / n for n whole seconds)."""
     return epsilon * activity_units(activity_s)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rolling budgets (set in the settings, enforced by the ledger)
+# ---------------------------------------------------------------------------------------------------
+class Budget(BaseModel):
+    """A rolling privacy budget: the epsilon summed over every release whose window touches any span of
+    ``horizon_s`` seconds never exceeds ``epsilon`` (in the fixed unit: one second of CPU activity)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    horizon_s: float = Field(
+        ge=0, le=MAX_HORIZON_S, description="Length of the rolling span in seconds (0: one instant; at most 366 days)."
+    )
+    epsilon: float = Field(gt=0, le=1e9, description="Most epsilon all releases touching such a span may spend.")
+
+
+def duration_words(seconds: float) -> str:
+    """``3600`` -> "1 hour", ``0`` -> "an instant", ``90`` -> "1.5 minutes": for messages and status."""
+    if seconds == 0:
+        return "an instant"
+    for size, name in ((DAY_S, "day"), (3600.0, "hour"), (60.0, "minute"), (1.0, "second")):
+        if seconds >= size:
+            n = seconds / size
+            return f"{n:.3g} {name}{'' if n == 1 else 's'}"
+    return f"{seconds:.3g} seconds"
+
+
+def budget_words(budget: Budget) -> str:
+    """A budget in plain words: "at most 1000 epsilon on any span of 1 hour"."""
+    where = "any single instant" if budget.horizon_s == 0 else f"any span of {duration_words(budget.horizon_s)}"
+    return f"at most {budget.epsilon:g} epsilon on {where}"
 
 
 # ---------------------------------------------------------------------------------------------------

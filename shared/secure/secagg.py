@@ -22,10 +22,10 @@ V and they believe the other survived, so neither reveals their round key: those
 the signers' uploads are in the sum too. A sum can only be unmasked over a closed set (each honest member in it has
 at least t neighbours in it, or t Sybils among its neighbours), of at least ``lying_floor(n, degree)`` members.
 
-Every primitive comes from a well-kept library: X25519, Ed25519 (views, in ``shared.identity``), HKDF-SHA256 and
+Every primitive comes from a well-kept library: X25519, Ed25519 (views, in ``shared.secure.identity``), HKDF-SHA256 and
 AES-256-GCM (sealed shares and reveals) from ``cryptography``; SHAKE-128 (the mask stream) from ``hashlib``; Shamir over
-GF(2^127 - 1) with python-flint's field arithmetic (``shared.shamir``); randomness from ``secrets``. Nothing here uses numpy's
-generators.
+GF(2^127 - 1) with python-flint's field arithmetic (``shared.secure.shamir``); randomness from ``secrets``. Nothing
+here uses numpy's generators.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shared import shamir
+from shared.secure import shamir
 
 MODULUS_BITS = 64  # arithmetic mod 2^64: numpy's uint64 wraps exactly there
 SEED_BYTES = shamir.SECRET_BYTES  # a self-mask seed: one element of GF(2^127 - 1)
@@ -203,13 +203,13 @@ seed_value = shamir.from_bytes  # and back (ValueError unless it is a field elem
 
 def split_seed(seed: int, n: int, threshold: int) -> list[int]:
     """The ``n`` Shamir shares of ``seed`` at x = 1..n (x = the holder's position in the dealer's sorted neighbour
-    list, plus one): any ``threshold`` rebuild it, fewer tell nothing (``shared.shamir``)."""
+    list, plus one): any ``threshold`` rebuild it, fewer tell nothing (``shared.secure.shamir``)."""
     return shamir.split(seed, n, threshold)
 
 
 def combine_seeds(share_sets: Sequence[Mapping[int, int]], threshold: int) -> list[int]:
     """Many seeds at once, each from at least ``threshold`` of its shares (x -> value), in one vectorised pass per
-    set of x's (``shared.shamir.combine``); ValueError for a seed with too few shares."""
+    set of x's (``shared.secure.shamir.combine``); ValueError for a seed with too few shares."""
     return shamir.combine(share_sets, threshold)
 
 

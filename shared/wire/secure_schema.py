@@ -1,11 +1,12 @@
 """Wire formats of secure aggregation, protocol version 2: who writes each file, who reads it, how it is signed.
 
-Same compatibility contract as ``shared.schema``: fields are never removed or renamed, new ones are optional,
+Same compatibility contract as ``shared.wire.schema``: fields are never removed or renamed, new ones are optional,
 ``schema_version`` changes only with a breaking change. Version 2 is one: files are signed, the epoch is compact and
 the consistency round is new, so a version-1 member refuses a version-2 epoch (and is told so in its log) and the
 reverse. Layout on SyftBox (``shared.paths``):
 
-- ``<member>/public/did.json``  the member's identity keys (``shared.identity``, syft-crypto's format), world-readable.
+- ``<member>/public/did.json``  the member's identity keys (``shared.secure.identity``, syft-crypto's format),
+  world-readable.
 - ``<member>/app_data/cpu_tracker/secure_join.json``  ``SecureJoin``, the aggregator only: "count me in".
 - ``<aggregator>/app_data/cpu_tracker_epoch/epoch.json``  ``Epoch``, the cohort only: members, graph seed, parameters.
 - ``<aggregator>/app_data/cpu_tracker_epoch/rounds.json``  ``RoundOutcomes``, the cohort only: no emails.
@@ -36,10 +37,10 @@ from pydantic import AwareDatetime, Field, PrivateAttr, field_validator, model_v
 from pydantic_core import to_json
 
 from shared.paths import is_datasite_email
-from shared.schema import CPU_BOUNDS, DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, SecureUnit, _Wire
-from shared.secagg import HASH_BYTES, MODULUS_BITS, PROTOCOL, neighbours_in, ring_order, shamir_threshold
-from shared.secnoise import NoiseSpec
-from shared.settings import DAY_S
+from shared.privacy import CPU_BOUNDS, DAY_S, DAY_UNIT, SECOND_UNIT, WINDOW_UNIT, SecureUnit
+from shared.wire.schema import _Wire
+from shared.secure.secagg import HASH_BYTES, MODULUS_BITS, PROTOCOL, neighbours_in, ring_order, shamir_threshold
+from shared.secure.secnoise import NoiseSpec
 
 JOIN_KIND = "cpu_tracker.secure_join"
 EPOCH_KIND = "cpu_tracker.secure_epoch"

@@ -34,9 +34,11 @@ import random
 from collections import Counter
 from functools import lru_cache
 from statistics import NormalDist
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from shared.privacy import CPU_BOUNDS, Interval, clip_cpu
 
 FAMILIES = ("dlaplace", "dgaussian")
 PLD_DISCRETIZATION = 1e-3  # dp-accounting PLD grid: pessimistic (losses rounded up); 288 releases compose in ~40 ms
@@ -371,18 +373,18 @@ def _discrete_gaussian(sigma2: float, rng) -> int:
 def quantize(value: float, scale: int, rng=None) -> int:
     """Unbiased stochastic rounding of value * scale: floor, plus 1 with the fractional part's probability.
 
-    ``value`` is clipped to the CPU bounds [0, 100] first, so the result is in [0, 100 * scale]. Its rounding error
-    has mean 0 and variance frac (1 - frac) <= 1/4 quantized units^2. Sensitivity: it is floor(v + U), U uniform;
-    with one U for two values, the results are at most ceil(|v - v'|) apart, so by joint convexity the noise sized
-    for ``mean_sensitivity = ceil(sensitivity in points * scale)`` covers the rounding too."""
+    ``value`` is clipped to ``CPU_BOUNDS`` first (``privacy.clip_cpu``), so the result is in [0, 100 * scale]. Its
+    rounding error has mean 0 and variance frac (1 - frac) <= 1/4 quantized units^2. Sensitivity: it is floor(v + U),
+    U uniform; with one U for two values, the results are at most ceil(|v - v'|) apart, so by joint convexity the noise
+    sized for ``mean_sensitivity = ceil(sensitivity in points * scale)`` covers the rounding too."""
     if not math.isfinite(value):
         raise ValueError(f"value must be finite, got value={value}")
     if not (isinstance(scale, int) and scale >= 1):
         raise ValueError(f"scale must be an integer >= 1, got scale={scale!r}")
     rng = _CSPRNG if rng is None else rng
-    v = min(max(value, 0.0), 100.0) * scale
+    v = clip_cpu(value) * scale
     low = math.floor(v)
-    return min(low + (rng.random() < v - low), 100 * scale)
+    return min(low + (rng.random() < v - low), int(CPU_BOUNDS[1]) * scale)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -435,33 +437,6 @@ def _z(level: float, kurtosis: float) -> float:
     return min(z + max(0.0, (z**3 - 3 * z) * kurtosis / 24), 1 / math.sqrt(1 - level))
 
 
-class Interval(BaseModel):
-    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
-
-    estimate: float = Field(description="Point estimate.")
-    low: float = Field(description="Lower end of the interval.")
-    high: float = Field(description="Upper end of the interval.")
-
-
-class FleetEstimate(BaseModel):
-    """Fleet percentiles (points of CPU) and the share of members at or above ``threshold`` (a fraction)."""
-
-    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
-
-    members: int = Field(description="Survivors whose histograms are in the sum.")
-    confidence: float = Field(description="Coverage each interval aims at (each on its own, not jointly).")
-    p50: Interval
-    p90: Interval
-    p99: Interval
-    threshold: float = Field(description="Threshold of share_above, points.")
-    share_above: Interval = Field(description="Fraction of members whose window mean is >= threshold.")
-    bin_count_sd: float = Field(description="Standard deviation of the noise of one bin count.")
-    max_bin_width: float = Field(description="Widest bin: the resolution of the percentiles.")
-    uninformative: tuple[str, ...] = Field(default=(), description="The figures (p50, p90, p99, share_above) whose "
-                                           "interval spans at least UNINFORMATIVE_SPAN of their whole range: the "
-                                           "cohort is too small for them, and their estimate says nothing.")
-
-
 UNINFORMATIVE_SPAN = 0.9  # an interval over 90 % of the range or more: a number there would mislead
 
 
@@ -494,8 +469,12 @@ def fleet_mean(mean_sum: int, *, spec: NoiseSpec, survivors: int, scale: int, co
 
 
 def fleet_estimate(hist_sum: Sequence[int], *, spec: NoiseSpec, survivors: int, edges: Sequence[float],
-                   threshold: float = 90.0, confidence: float = 0.95) -> FleetEstimate:
-    """DP fleet percentiles and the share at or above ``threshold`` from the noisy histogram sum (post-processing).
+                   threshold: float = 90.0, confidence: float = 0.95) -> dict[str, Any]:
+    """DP fleet percentiles and the share at or above ``threshold`` from the noisy histogram sum (post-processing), as
+    the fields of the published figure that hold them, by their names in its one model
+    (``shared.wire.schema.SecureFigure``): ``percentiles`` (p50, p90, p99: an ``Interval`` each, points),
+    ``share_above`` (an ``Interval``, a fraction), ``threshold``, and ``cohort_too_small_for`` (those of the four whose
+    interval spans at least ``UNINFORMATIVE_SPAN`` of its range: the cohort is too small for them).
 
     Counts: with the total known exactly (n survivors, one count each), the best linear estimate of the number of
     members below edge j is G_j = S_j + (j/m)(n - S_m) (S_j: noisy count of the j first bins, m bins), whose noise
@@ -555,8 +534,8 @@ def fleet_estimate(hist_sum: Sequence[int], *, spec: NoiseSpec, survivors: int, 
                "share_above": _share_above(threshold, edges, g, sd, z, n)}
     vague = tuple(name for name, iv in figures.items()
                   if uninformative(iv, *((0.0, 1.0) if name == "share_above" else (edges[0], edges[-1]))))
-    return FleetEstimate(members=n, confidence=confidence, threshold=threshold, bin_count_sd=sd_bin,
-                         max_bin_width=max(b - a for a, b in zip(edges, edges[1:])), uninformative=vague, **figures)
+    return {"percentiles": {q: figures[q] for q in ("p50", "p90", "p99")}, "share_above": figures["share_above"],
+            "threshold": threshold, "cohort_too_small_for": list(vague)}
 
 
 def _share_above(threshold: float, edges: list[float], g: list[float], sd: list[float], z: list[float],

@@ -16,7 +16,7 @@ mid-append) is cut off on open; any other unreadable line stops releases (the bu
 until the owner acts.
 
 Units: every line says its privacy unit. Budgets are checked in the fixed unit, one second of CPU activity
-(``shared.schema.SECOND_UNIT``); older lines in ``cpu_sample`` are converted conservatively
+(``shared.privacy.SECOND_UNIT``); older lines in ``cpu_sample`` are converted conservatively
 (``shared.privacy.epsilon_per_unit``).
 
 The file is the owner's alone: mode 0600 in a 0700 folder, whatever the umask, also after compaction.
@@ -47,9 +47,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from shared.atomic import PRIVATE, atomic_write_text, ensure_private_dir
 from shared.logs import Problems
-from shared.privacy import epsilon_per_unit
-from shared.schema import DAY_UNIT, LEGACY_UNIT, SECOND_UNIT, WINDOW_UNIT
-from shared.settings import MAX_HORIZON_S, Budget, budget_words
+from shared.privacy import (DAY_UNIT, LEGACY_UNIT, MAX_HORIZON_S, SECOND_UNIT, WINDOW_UNIT, Budget, budget_words,
+                            epsilon_per_unit)
 
 log = logging.getLogger("cpu_tracker.ledger")
 
