@@ -159,7 +159,7 @@ def test_an_aggregator_killed_mid_round_closes_every_round_members_charged(net):
     dash = secure_with(net, 5)
     epoch, _ = outcomes(net)
     procs = net.app_processes(AGG)
-    old = {p for p, (_, cmd) in procs.items() if "shared.runner" in cmd}
+    old = {p for p, (_, cmd) in procs.items() if ".runner " in cmd}  # shared.host.runner: supervisor, worker
     assert any("--worker" in procs[p][1] for p in old) and len(old) >= 2, procs  # the supervisor and its worker
     for pid in procs:
         os.kill(pid, signal.SIGKILL)

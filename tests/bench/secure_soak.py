@@ -136,7 +136,7 @@ class Driver:
     def app(self, email: str) -> tuple[list[int], list[int], list[int]]:
         """(supervisors, workers, all) of ``email``'s app processes."""
         procs = self.net.app_processes(email)
-        sups = [p for p, (_, cmd) in procs.items() if "shared.runner" in cmd and "--worker" not in cmd]
+        sups = [p for p, (_, cmd) in procs.items() if ".runner " in cmd and "--worker" not in cmd]
         workers = [p for p, (_, cmd) in procs.items() if "--worker" in cmd]
         return sups, workers, list(procs)
 
