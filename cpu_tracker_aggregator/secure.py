@@ -353,6 +353,12 @@ class SecureAggregator:
     _restored: bool = False
     _dirty: bool = False
 
+    def __post_init__(self) -> None:
+        # a restarted aggregator resumes its epoch at once, not at its first tick: the folder checks that run before
+        # that tick need the cohort (without it the cohort's own read grant looked like an exposure: issue 19's soak)
+        if self.paths.aggregator_secure_file.exists() and self._ready():
+            self._restore()
+
     def tick(self, now: datetime) -> bool:
         """One pass: epoch upkeep, close due rounds, collect views and reveals, unmask what can be, write the inboxes
         of the rounds that closed. True when the figure changed."""
@@ -362,7 +368,7 @@ class SecureAggregator:
         w = self.epoch.window_s if self.epoch else release_seconds(self.settings.secure_unit, self.settings.interval_s)
         current = math.floor(now.timestamp() / w)  # the round whose window is open now
         if not self._restored:
-            self._restore(current)
+            self._restore()
         self._epoch_upkeep(now, current)
         if self.epoch is None:
             return False
@@ -879,7 +885,7 @@ class SecureAggregator:
             return None
         return epoch if b64(epoch_hash(signed)) == h else None
 
-    def _restore(self, current: int) -> None:
+    def _restore(self) -> None:
         """Resume the saved epoch and rounds: rounds being unmasked continue (their uploads read again, their answers
         collected again), the others keep their outcome."""
         self._restored = True

@@ -1,12 +1,14 @@
 """Secure aggregation on a real network: a SyftBox relay server and 7 clients on 127.0.0.1 (5 members in secure
 mode, 1 member still in local mode, 1 aggregator: a network migrating), the app started by SyftBox's scheduler through
 run.sh, real identity keys (did.json), signed and MAC'd files, masks, shares and noise, real files synced through the
-relay. One member is killed mid-run."""
+relay. The aggregator is SIGKILLed mid-run and started again by SyftBox; one member is killed."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from shared.privacy.ledger import load_spends
 from shared.secure import identity, secagg
 from shared.wire.catalog import SCHEMA_DIR
 from shared.secure.secagg import decode_vector
@@ -127,6 +130,53 @@ def test_the_relay_holds_only_masked_words_and_sealed_reveals(net):
     assert not any(m in public for m in [*MEMBERS, LOCAL])  # nothing world-readable says who takes part
     outsider = site_paths(net, LOCAL)  # a local-mode member is not in the cohort: it cannot read the epoch
     assert not outsider.epoch_file(AGG).exists() and not outsider.rounds_file(AGG).exists()
+
+
+def charged_rounds(net) -> dict[int, int]:
+    """Round -> how many secure members charged it, from each member's own ledger."""
+    out: dict[int, int] = {}
+    for m in MEMBERS:
+        for s in load_spends(site_paths(net, m).ledger_file):
+            if s.mechanism.startswith("secure-"):
+                r = round(s.window_start.timestamp() / INTERVAL)
+                out[r] = out.get(r, 0) + 1
+    return out
+
+
+def outcomes(net) -> tuple[int | None, dict[int, str]]:
+    """The aggregator's epoch and every round's outcome, from its own record (private, kept across restarts)."""
+    try:
+        doc = json.loads(site_paths(net, AGG).aggregator_secure_file.read_text())
+    except (OSError, ValueError):
+        return None, {}
+    return doc["epoch"], {o["round"]: o["status"] for o in doc["outcomes"]}
+
+
+def test_an_aggregator_killed_mid_round_closes_every_round_members_charged(net):
+    """Issue 19's soak: an aggregator SIGKILLed (its supervisor and worker: a crash, as SyftBox sees it) is started
+    again by SyftBox's scheduler, resumes its epoch and gives every round a member charged, before or while it was
+    down, an outcome (published, refused or failed), without withdrawing its epoch; a figure follows."""
+    dash = secure_with(net, 5)
+    epoch, _ = outcomes(net)
+    procs = net.app_processes(AGG)
+    old = {p for p, (_, cmd) in procs.items() if ".runner " in cmd}  # shared.host.runner: supervisor, worker
+    assert any("--worker" in procs[p][1] for p in old) and len(old) >= 2, procs  # the supervisor and its worker
+    for pid in procs:
+        os.kill(pid, signal.SIGKILL)
+    net.wait_for(lambda: any("--worker" in cmd and p not in old for p, (_, cmd) in net.app_processes(AGG).items()),
+                 timeout=60, what="SyftBox to start the aggregator's run.sh again, and its worker")
+    charged = charged_rounds(net)  # every round charged so far, those uploaded while it was down included
+    assert charged and max(charged) >= dash["secure"]["round"]
+
+    def all_closed():
+        _, seen = outcomes(net)
+        return all(seen.get(r) in ("published", "refused", "failed") for r in charged) and seen
+    seen = net.wait_for(all_closed, timeout=90, what=f"an outcome for each of the charged rounds {sorted(charged)}")
+    assert outcomes(net)[0] == epoch  # resumed, not a new epoch
+    log = (net.sites[AGG].apps / "cpu_tracker" / "logs" / "cpu_tracker.log").read_text()  # this run's: truncated at start
+    assert "resumed epoch" in log and "withdrawn" not in log  # its epoch folder's own grant is no exposure
+    secure_with(net, 5, after_round=max(charged), timeout=90)  # and the rounds go on
+    print({r: seen[r] for r in sorted(charged)})
 
 
 def test_a_member_killed_mid_run_is_handled_within_four_intervals(net):

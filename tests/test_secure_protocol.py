@@ -340,6 +340,34 @@ def test_a_restarted_aggregator_resumes_its_epoch_and_closes_every_round_it_open
         assert later in outcomes, later  # every round the members charged has an outcome
 
 
+def test_a_restarted_aggregator_does_not_take_its_cohorts_grant_for_an_exposure(tmp_path, monkeypatch, caplog):
+    """Found by the real-network soak on protocol v2 (issue 19): the restarted aggregator checks its guarded folders
+    before its first tick, and the epoch it had not resumed yet gave an empty cohort, so the cohort's own read grant on
+    the epoch folder looked like an exposure: an ERROR telling the operator to remove that rule, and the epoch and
+    rounds files withdrawn (removed, so that the relay removes them too) until the tick wrote them again; a member
+    syncing in between has no epoch. Now the epoch is resumed when the aggregator starts: nothing withdrawn or said."""
+    from pathlib import Path
+
+    from cpu_tracker_aggregator.aggregator import Aggregator
+    from shared import permissions
+
+    net = Net(tmp_path, 5, monkeypatch)
+    net.step()
+    paths = net.agg.paths
+    before = {f: f.stat().st_ino for f in (paths.epoch_file(), paths.rounds_file())}
+    removed = []
+    real_withdraw = permissions.withdraw
+    monkeypatch.setattr(permissions, "withdraw", lambda files: (removed.extend(Path(f).name for f in files),
+                                                                real_withdraw(files))[1])
+    caplog.set_level(logging.INFO)
+    restarted = Aggregator(paths, Settings(aggregator=AGG, role="aggregator", mode="secure", interval_s=W),
+                           Problems(logging.getLogger("test.secure.restarted")))
+    restarted.tick(t(net.round * W + 1))
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "epoch.json" not in removed and paths.epoch_file().stat().st_ino == before[paths.epoch_file()]
+    assert restarted.features["secure"].rounds.epoch.epoch == net.agg.epoch.epoch
+
+
 def test_a_member_reads_an_epoch_of_ten_thousand_members_once(tmp_path, monkeypatch):
     """The compact epoch of 10,000 members (emails and a seed, no keys, no graph) is a few hundred KB, verified and
     parsed once."""
