@@ -109,8 +109,9 @@ class Member:
     def guard(self) -> PermissionGuard:
         """The check of every permission file that could expose the app's files (made once: it keeps caches)."""
         if self._guard is None:
+            report = self.paths.report_file().name
             self._guard = PermissionGuard(self.paths.my_datasite, self.paths.sync_state_file,
-                                          frozenset({self.paths.report_file().name}))
+                                          lambda name: name == report or self.paths.upload_round(name) is not None)
         return self._guard
 
     def own_folders(self) -> list[Path]:
@@ -176,6 +177,10 @@ class Member:
             "or spent until that is changed; releases then resume by themselves.", logging.ERROR)
         return False
 
+    def upload_delivered(self, path: Path) -> bool | None:
+        """Whether the relay holds the secure upload at ``path`` (``PermissionGuard.delivered``)."""
+        return self.guard().delivered(path)
+
     def delivered(self) -> bool:
         """False (said once) while the last report written has not reached the relay, by the SyftBox client's own
         record: the client is offline or the relay down, and a new release would replace it unseen (the client
@@ -197,7 +202,7 @@ class Member:
             names = os.listdir(p.upload_dir())
         except OSError:
             names = []
-        rounds = (int(n[1:-5]) for n in names if n.startswith("r") and n.endswith(".json") and n[1:-5].isdigit())
+        rounds = (r for n in names if (r := p.upload_round(n)) is not None)
         return files + [f for r in rounds if (f := p.upload_file(r)).name in names]
 
     def publish(self, raw_mean: float, start: datetime, end: datetime) -> MemberReport | None:

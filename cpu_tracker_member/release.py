@@ -71,7 +71,8 @@ class SecureRelease(Release):
         # imported only here: local mode never loads the cryptography and accounting
         from cpu_tracker_member.secure import SecureMember
 
-        self.secure = SecureMember(member.paths, member.settings, member.problems, member.keeper)
+        self.secure = SecureMember(member.paths, member.settings, member.problems, member.keeper,
+                                   member.upload_delivered)
         self.epsilon = member.settings.secure_target  # at most: the epoch's noise decides
 
     def start(self, stop: Event) -> None:

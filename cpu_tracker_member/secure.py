@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 from cryptography.exceptions import InvalidTag
@@ -254,6 +255,7 @@ class SecureMember:
     settings: Settings
     problems: Problems
     keeper: LedgerKeeper  # the member's ledger, and the one way every spender charges it
+    delivered: Callable[[Path], bool | None] = lambda path: None  # the relay holds this upload? (None: unknown)
     _me: identity.Identity | None = None
     _book: identity.KeyBook | None = None
     _agg: identity.PublicKeys | None = None
@@ -433,6 +435,12 @@ class SecureMember:
                                  "not taking part, so nothing is charged, until its inbox shows a round closed")
             return False
         self.problems.clear("unclosed", "secure mode: the aggregator closes rounds again: taking part")
+        if state.last_used >= 0 and self.delivered(self.paths.upload_file(state.last_used)) is False:
+            self.problems.report("undelivered", f"secure mode: the upload for round {state.last_used} has not reached "
+                                 "the relay yet (the SyftBox client is offline or the relay is down): not taking part, "
+                                 "so nothing is charged, until it has")
+            return False
+        self.problems.clear("undelivered", "secure mode: the relay has the last upload: taking part")
         peers = epoch.neighbours(self.paths.email)
         pairs = {p: self.pair(p) for p in peers}
         missing = [p for p, k in pairs.items() if k is None]

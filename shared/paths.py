@@ -284,6 +284,11 @@ class Paths(namedtuple("Paths", "data_dir email app_name server_url", defaults=(
     def upload_file(self, round_: int, member: str | None = None) -> Path:
         return self.upload_dir(member) / f"r{round_}.json"
 
+    @staticmethod
+    def upload_round(name: str) -> int | None:
+        """The round of an upload file's name (``upload_file``), None for any other name."""
+        return int(name[1:-5]) if name.startswith("r") and name.endswith(".json") and name[1:-5].isdigit() else None
+
     def answers_file(self, member: str | None = None) -> Path:
         """A member's signed views and sealed reveals of recent rounds, rewritten when it has new ones."""
         return self.upload_dir(member) / ANSWERS_FILE

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import yaml
 from wcmatch import fnmatch as wcfnmatch
@@ -337,9 +337,9 @@ class Synced:
 UPLOADED = {"CREATE_REMOTE", "MODIFY_REMOTE", "DELETE_REMOTE"}
 
 
-def parse_sync_state(raw: bytes, datasite: str, watch: frozenset[str] = frozenset()
+def parse_sync_state(raw: bytes, datasite: str, watch: Callable[[str], bool] = frozenset().__contains__
                      ) -> dict[tuple[str, ...], dict[str, Synced]] | None:
-    """The permission files (and the files named in ``watch``) of ``datasite`` in the client's
+    """The permission files (and the files whose names ``watch`` accepts) of ``datasite`` in the client's
     ``local_syncstate.json``, by folder (relative to the datasite) and name; None when the file is not the 0.4.0
     client's record (its size and types are not trusted)."""
     try:
@@ -366,11 +366,11 @@ def parse_sync_state(raw: bytes, datasite: str, watch: frozenset[str] = frozense
     return out
 
 
-def _ours_perm(key, datasite: str, watch: frozenset[str]) -> bool:
+def _ours_perm(key, datasite: str, watch: Callable[[str], bool]) -> bool:
     if not (isinstance(key, str) and key.startswith(datasite + "/")):
         return False
     name = key.rsplit("/", 1)[-1]
-    return is_permission_name(name) or name in watch
+    return is_permission_name(name) or watch(name)
 
 
 def _status(entry) -> tuple:
@@ -403,7 +403,7 @@ class PermissionGuard:
 
     datasite: Path  # the owner's own datasite folder: datasites/<email>
     sync_state_file: Path | None = None  # <data_dir>/plugins/local_syncstate.json
-    watch: frozenset[str] = frozenset()  # names of other files whose delivery ``delivered`` may be asked about
+    watch: Callable[[str], bool] = frozenset().__contains__  # other files ``delivered`` may be asked about, by name
     _listing: dict[str, tuple] = field(default_factory=dict)
     _files: dict[str, tuple] = field(default_factory=dict)
     _known: dict[str, PermFile] = field(default_factory=dict)
@@ -551,7 +551,7 @@ class PermissionGuard:
         return self._left_behind(here, rel, listing, self._sync_view()) is not None
 
     def delivered(self, path: Path) -> bool | None:
-        """Whether the relay holds the file now at ``path`` (one whose name is in ``watch``), by the client's record:
+        """Whether the relay holds the file now at ``path`` (one whose name ``watch`` accepts), by the client's record:
         True when it does, or when nothing is there; False while the version on disk has not been uploaded (the
         client offline, the relay down); None when there is no record (the Go client): unknown."""
         sync = self._sync_view()
@@ -615,7 +615,7 @@ class PermissionGuard:
         the client records it: its record keeps only each path's last action, and a later failed upload or deletion
         hides when the rules were applied."""
         for name, entry in synced.items():
-            if entry.status == "synced" and entry.at is not None and (
+            if is_permission_name(name) and entry.status == "synced" and entry.at is not None and (
                     entry.action in UPLOADED - {"DELETE_REMOTE"} or (name == SYFTPERM_FILE and
                                                                    entry.action == "DELETE_REMOTE")):
                 key = f"{here}/{name}"

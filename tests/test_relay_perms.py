@@ -401,3 +401,19 @@ def test_a_relay_outage_costs_a_member_at_most_one_release(world: World, caplog)
     world.client.sync()  # the relay is back: the one report written during the outage goes up
     assert [world.window() for _ in range(3)] == [True] * 3 and world.exposed() == []
     assert len(load_spends(world.paths.ledger_file)) == before + 4
+
+
+def test_the_member_reads_whether_a_secure_upload_reached_the_relay(world: World) -> None:
+    """Secure mode's per-round uploads (``r<round>.json``) are followed in the client's own record like the report:
+    not there while the client has not uploaded them (the relay down), there once it has."""
+    upload = world.paths.upload_file(7)
+    upload.parent.mkdir(parents=True, exist_ok=True)
+    upload.write_bytes(b'{"round": 7}')
+    world.member.guard().refresh()
+    assert world.member.upload_delivered(upload) is False
+    world.client.sync()
+    world.member.guard().refresh()
+    assert world.member.upload_delivered(upload) is True
+    upload.write_bytes(b'{"round": 7, "again": true}')  # a new version the relay has not got
+    world.member.guard().refresh()
+    assert world.member.upload_delivered(upload) is False

@@ -429,6 +429,29 @@ def test_nothing_is_charged_for_nothing_while_the_aggregator_is_away(tmp_path, m
     assert "unclosed" not in net.secure[m].problems.active and len(ledger.spends) > charged + msec.PAUSE_AFTER + 1
 
 
+def test_a_member_whose_last_upload_has_not_reached_the_relay_charges_nothing_more(tmp_path, monkeypatch):
+    """A relay outage costs a secure member at most its one upload the relay has not got (as in local mode): while
+    the client's record says the last upload has not reached the relay, the member does not take part (nothing
+    charged) and says so once; it resumes when the record shows it there."""
+    net = Net(tmp_path, 4, monkeypatch)
+    for _ in range(2):
+        net.step()
+    m = net.members[0]
+    member = net.secure[m]
+    ledger = member.keeper.ledger()
+    charged, last = len(ledger.spends), member._state.last_used
+    asked = []
+    member.delivered = lambda path: asked.append(path) or False  # the relay is down: nothing reaches it
+    for _ in range(4):
+        net.step()
+    assert len(ledger.spends) == charged and member._state.last_used == last
+    assert set(asked) == {member.paths.upload_file(last)} and "undelivered" in member.problems.active
+    assert all(len(net.secure[o].keeper.ledger().spends) > charged for o in net.members[1:])  # the others go on
+    member.delivered = lambda path: True  # back: the client uploaded it
+    net.step()
+    assert len(ledger.spends) == charged + 1 and "undelivered" not in member.problems.active
+
+
 def test_replace_file_keeps_an_inode_for_the_next_write_and_never_writes_through_a_planted_one(tmp_path):
     """The inbox writer (shared.atomic.replace_file): each write replaces the file whole (a reader holding the old one
     keeps it), reuses the inode it replaced as its next temp file, and never writes through a temp name someone
