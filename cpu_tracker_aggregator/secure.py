@@ -238,11 +238,12 @@ class Round:
     sealed: dict[str, bytes] = field(default_factory=dict)  # survivor -> its shares sealed for its neighbours
     views: dict[str, tuple[int, bytes, bytes]] = field(default_factory=dict)  # member -> its signed view, as sent
     packed: dict[str, bytes] = field(default_factory=dict)  # member -> that view as secagg.pack_views lays it out
-    shares: dict[str, dict[int, int]] = field(default_factory=dict)  # survivor -> x -> share of its seed
+    shares: dict[str, dict[int, int]] = field(default_factory=dict)  # the survivors (-> {}: shares are in bodies)
     keys: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (survivor, dropped) -> their round key
     need_keys: set[tuple[str, str]] = field(default_factory=set)
     revealed: set[str] = field(default_factory=set)
-    bodies: dict[str, bytes] = field(default_factory=dict)  # member -> its all-shares reveal, read at unmasking
+    bodies: dict[str, bytes] = field(default_factory=dict)  # member -> its shares, a block per neighbour (unmasking)
+    marks: dict[str, bytes] = field(default_factory=dict)  # member -> which of its blocks are shares, where not all are
     fresh: bool = False  # reveals arrived since the last attempt to unmask
     inbox_arrays: tuple | None = None  # what this pass's inboxes need, gathered for the whole cohort (_inbox_entry)
     status: str = "unmasking"  # or refused, then published | failed
@@ -266,59 +267,49 @@ class Round:
         return [m for m in self.epoch.cohort if m not in alive]
 
     def seed_shares(self) -> tuple[list[dict[int, int]], int]:
-        """For each survivor (in order), t shares of its seed, and how many survivors still lack shares. The shares
-        come from the all-shares reveals kept whole, gathered for every seed at once (the lowest t x's whose holder
-        sent one), and, for a seed whose holders revealed round keys too, from the shares filed as they came."""
-        t, size, cohort = self.epoch.threshold, secagg.SEED_BYTES, self.epoch.cohort
-        blocks, have = self.topo.gather(self.bodies, cohort, size)  # [i, c]: member i's share held by neighbour c
-        rows = np.array([self.topo.index[p] for p in self.survivors], dtype=np.int64)
-        whole = have[rows].all(axis=1) & np.array([not self.shares[p] for p in self.survivors], dtype=bool)
-        out: list[dict[int, int] | None] = [None] * len(rows)
-        if whole.any():  # every holder sent its share whole: x = 1..t for all of these seeds, in one pass
-            raw, read = blocks[rows[whole], :t].tobytes(), int.from_bytes
-            values = [read(raw[at:at + size], "big") for at in range(0, len(raw), size)]
-            xs = range(1, t + 1)
-            for n, k in enumerate(np.flatnonzero(whole).tolist()):
-                out[k] = dict(zip(xs, values[n * t:(n + 1) * t]))
-        lacking, degree = 0, self.topo.degree
-        for k, p in enumerate(self.survivors):
-            got = out[k]
-            if got is None or max(got.values()) >= shamir.PRIME:  # one by one, leaving out what is not a share
-                got, filed, i = {}, self.shares[p], int(rows[k])
-                row, raw = have[i].tolist(), blocks[i].tobytes()
-                for c in range(degree):  # the lowest t x's that have a share: seeds missing the same holders then
-                    x = c + 1  # share one set of Lagrange coefficients in shamir.combine
-                    if x in filed:
-                        got[x] = filed[x]
-                    elif row[c] and (value := int.from_bytes(raw[c * size:(c + 1) * size], "big")) < shamir.PRIME:
-                        got[x] = value
-                    else:
-                        continue
-                    if len(got) == t:
-                        break
-                out[k] = got
-            lacking += len(got) < t
-        return out, lacking
+        """For each survivor (in order), t shares of its seed (the lowest t x's whose holder revealed a share that is a
+        field element: seeds missing the same holders then share one set of Lagrange coefficients in
+        ``shamir.combine``), and how many survivors still lack shares. Gathered from every reveal at once
+        (``Topology.gather``), whether it held shares only or round keys too."""
+        t, size, cohort, topo = self.epoch.threshold, secagg.SEED_BYTES, self.epoch.cohort, self.topo
+        rows = np.array([topo.index[p] for p in self.survivors], dtype=np.int64)
+        blocks, have = topo.gather(self.bodies, cohort, size)  # [i, c]: member i's share held by neighbour c
+        blocks, ok = blocks[rows], have[rows]
+        if self.marks:  # a reveal with round keys too: only its blocks marked as shares are shares
+            ones = bytes([1]) * topo.degree
+            marks, _ = topo.gather({m: self.marks.get(m, ones) for m in self.bodies}, cohort, 1)
+            ok &= marks[rows, :, 0].astype(bool)
+        top = blocks[:, :, 0]  # a field element (below 2^127 - 1): its first byte under 0x7f, or 0x7f and not all ones
+        ok &= (top < 0x7F) | ((top == 0x7F) & (blocks[:, :, 1:] != 0xFF).any(axis=2))
+        taken = ok & (np.cumsum(ok, axis=1) <= t)  # the lowest t x's with a share
+        words = blocks[taken].view(">u8").reshape(-1, 2).tolist()
+        values = [hi << 64 | lo for hi, lo in words]
+        counts, first = taken.sum(axis=1).tolist(), taken[:, :t].all(axis=1).tolist()
+        out, at, full = [], 0, list(range(1, t + 1))
+        for k, n in enumerate(counts):
+            xs = full if first[k] else (np.flatnonzero(taken[k]) + 1).tolist()
+            out.append(dict(zip(xs, values[at:at + n])))
+            at += n
+        return out, sum(n < t for n in counts)
 
     def take_reveal(self, member: str, plain: bytes) -> None:
-        """File one member's reveal (``secagg.pack_reveal``, in its neighbour order). The common case, every entry a
-        share, is kept whole for ``seed_shares``; otherwise its shares of surviving neighbours' seeds (at the x each
-        dealer gave this member) and its round keys with dropped neighbours (from a survivor only) are filed now.
-        ValueError if malformed."""
-        nbrs, slots = self.topo.graph[member], self.topo.slot[member]
+        """File one member's reveal (``secagg.pack_reveal``, in its neighbour order): its shares, a block per neighbour
+        for ``seed_shares`` (with which blocks are shares, where not all are), and its round keys with dropped
+        neighbours (from a survivor only). ValueError if malformed: then nothing of it is filed."""
+        nbrs = self.topo.graph[member]
         d, w = len(nbrs), (len(nbrs) + 7) // 8
-        alive = self.shares
         if len(plain) == 8 + 2 * w + secagg.SEED_BYTES * d and plain[8:8 + w] == self.topo.all_bits \
                 and not any(plain[8 + w:8 + 2 * w]):
             self.bodies[member] = plain[8 + 2 * w:]
         else:
-            for k, (p, e) in enumerate(zip(nbrs, secagg.unpack_reveal(plain, d)[1])):
-                if isinstance(e, bytes):
-                    if member in alive and p not in alive:
-                        self.keys[(member, p)] = e
-                        self.need_keys.discard((member, p))
-                elif e is not None and p in alive:
-                    alive[p].setdefault(slots[k] + 1, e)
+            _, blocks, flags, keys = secagg.reveal_blocks(plain, d)
+            alive = self.shares
+            for k, key in keys.items():
+                p = nbrs[k]
+                if member in alive and p not in alive:
+                    self.keys[(member, p)] = key
+                    self.need_keys.discard((member, p))
+            self.bodies[member], self.marks[member] = blocks, flags
         self.revealed.add(member)
         self.fresh = True
 
@@ -733,7 +724,8 @@ class SecureAggregator:
         self.figure = secure_figure(e, rnd.number, total, len(rnd.survivors), list(self.recent))
 
     def _finish(self, rnd: Round, status: str) -> None:
-        rnd.total, rnd.sealed, rnd.views, rnd.packed, rnd.bodies, rnd.inbox_arrays = None, {}, {}, {}, {}, None
+        rnd.total, rnd.sealed, rnd.views, rnd.packed, rnd.bodies, rnd.marks = None, {}, {}, {}, {}, {}
+        rnd.inbox_arrays = None
         self._record(rnd, status)
 
     def _record(self, rnd: Round, status: str) -> None:
