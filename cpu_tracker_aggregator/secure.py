@@ -83,6 +83,7 @@ ABSENT_ROUNDS = 3  # a member missing from this many closed rounds in a row is l
 MEAN_FRACTION = 0.8  # of each release's epsilon, on the mean coordinate; the rest on the histogram
 RECENT = 12
 INBOX_ROUNDS = 3  # rounds one inbox carries at most: the newest closed one and those still waiting for its reveal
+NO_SHARE = bytes(secagg.SEED_BYTES)  # a reveal's block where its entry is not a share (Round.marks says which)
 NOISE_WORDS = {"dlaplace": "distributed discrete Laplace", "dgaussian": "distributed discrete Gaussian"}
 
 
@@ -131,19 +132,21 @@ def epoch_gap(epoch: Epoch) -> int:
     return max(2, math.ceil(min(600.0, 0.06 * len(epoch.cohort)) / epoch.window_s))
 
 
-def upload_problem(upload: SecureUpload, epoch: Epoch, h: bytes, member: str, round_: int) -> str | None:
-    """Why an upload cannot count for ``member`` in ``round_`` (None: it counts)."""
+def upload_parts(upload: SecureUpload, epoch: Epoch, h_text: str, member: str, round_: int
+                 ) -> tuple[np.ndarray, bytes] | str:
+    """The masked vector and the sealed shares' bytes of an upload that counts for ``member`` in ``round_`` (each
+    decoded once), else why it cannot count. ``h_text``: the epoch's hash in base64."""
     if upload.email != member:
         return "it names another member"
-    if upload.epoch != epoch.epoch or upload.epoch_hash != b64(h) or upload.round != round_:
+    if upload.epoch != epoch.epoch or upload.epoch_hash != h_text or upload.round != round_:
         return f"it is for epoch {upload.epoch} round {upload.round} (or another content of the epoch)"
     try:
-        secagg.decode_vector(upload.vector, epoch.dim)
-        if len(b64_bytes(upload.sealed)) != epoch.degree * secagg.SEALED_SHARE_BYTES:
-            return "its sealed shares are not one per neighbour"
+        vector, sealed = secagg.decode_vector(upload.vector, epoch.dim), b64_bytes(upload.sealed)
     except ValueError as e:
         return str(e)
-    return None
+    if len(sealed) != epoch.degree * secagg.SEALED_SHARE_BYTES:
+        return "its sealed shares are not one per neighbour"
+    return vector, sealed
 
 
 def implausible(total: np.ndarray, epoch: Epoch, survivors: int) -> str | None:
@@ -302,14 +305,14 @@ class Round:
                 and not any(plain[8 + w:8 + 2 * w]):
             self.bodies[member] = plain[8 + 2 * w:]
         else:
-            _, blocks, flags, keys = secagg.reveal_blocks(plain, d)
-            alive = self.shares
-            for k, key in keys.items():
-                p = nbrs[k]
-                if member in alive and p not in alive:
-                    self.keys[(member, p)] = key
+            entries, alive = secagg.unpack_reveal(plain, d)[1], self.shares
+            for p, e in zip(nbrs, entries):
+                if isinstance(e, bytes) and member in alive and p not in alive:
+                    self.keys[(member, p)] = e
                     self.need_keys.discard((member, p))
-            self.bodies[member], self.marks[member] = blocks, flags
+            share = [isinstance(e, int) for e in entries]
+            self.bodies[member] = b"".join(secagg.seed_bytes(e) if ok else NO_SHARE for e, ok in zip(entries, share))
+            self.marks[member] = bytes(share)
         self.revealed.add(member)
         self.fresh = True
 
@@ -621,17 +624,18 @@ class SecureAggregator:
         """Fix the round's survivors (the uploads seen, or ``survivors`` when restoring one) and sum their vectors."""
         epoch, r = rnd.epoch, rnd.number
         vectors = []
+        h_text = rnd.h_text
         for m in survivors if survivors is not None else epoch.cohort:
             up = self._read_upload(m, r)
-            problem = None if up is None else upload_problem(up, epoch, rnd.h, m, r)
-            if up is not None and problem is None:
-                vectors.append(b64_bytes(up.vector))
-                rnd.sealed[m] = b64_bytes(up.sealed)
+            parts = None if up is None else upload_parts(up, epoch, h_text, m, r)
+            if isinstance(parts, tuple):
+                vectors.append(parts[0])
+                rnd.sealed[m] = parts[1]
                 rnd.shares[m] = {}
                 self._absent[m] = 0
             else:
-                if problem:
-                    log.warning("secure round %d: %s's upload does not count: %s", r, m, problem)
+                if parts:
+                    log.warning("secure round %d: %s's upload does not count: %s", r, m, parts)
                 self._absent[m] = self._absent.get(m, 0) + 1
         rnd.survivors = sorted(rnd.shares)
         self.rounds[r] = rnd
@@ -645,8 +649,7 @@ class SecureAggregator:
             rnd.sealed.clear()
             self._record(rnd, "refused")
         else:
-            summed = np.frombuffer(b"".join(vectors), dtype="<u8").reshape(-1, epoch.dim)
-            rnd.total = summed.sum(axis=0, dtype=np.uint64)
+            rnd.total = np.sum(vectors, axis=0, dtype=np.uint64)
             alive = rnd.alive
             rnd.need_keys = {(i, d) for d in rnd.dropped for i in rnd.graph[d] if i in alive}
             self._record(rnd, "unmasking")

@@ -371,48 +371,28 @@ def pack_reveal(round_: int, entries: Sequence[int | bytes | None]) -> bytes:
 
 def unpack_reveal(raw: bytes, degree: int) -> tuple[int, list[int | bytes | None]]:
     """(round, entries) of ``pack_reveal`` for a member with ``degree`` neighbours; ValueError if malformed."""
-    round_, shares, is_share, keys = reveal_blocks(raw, degree)
-    return round_, [keys[k] if k in keys else int.from_bytes(shares[k * SEED_BYTES:(k + 1) * SEED_BYTES], "big")
-                    if is_share[k] else None for k in range(degree)]
-
-
-_PRIME_BYTES = seed_bytes(shamir.PRIME)  # a share's 16 big-endian bytes are a field element iff they sort below these
-_NO_SHARE = bytes(SEED_BYTES)
-
-
-def reveal_blocks(raw: bytes, degree: int) -> tuple[int, bytes, bytes, dict[int, bytes]]:
-    """``pack_reveal``'s layout without turning a share into a number: (round, the shares as ``degree`` blocks of
-    SEED_BYTES in neighbour order with zeros where an entry is not a share, one byte per entry that is 1 for a share,
-    the round keys by entry). ValueError if malformed, or if a share is not a field element."""
     width = (degree + 7) // 8
     if len(raw) < 8 + 2 * width:
         raise ValueError("a reveal is too short")
     round_ = int.from_bytes(raw[:8], "big")
     present = unpack_bits(raw[8:8 + width], degree)
     is_key = unpack_bits(raw[8 + width:8 + 2 * width], degree)
-    at, blocks, flags, keys = 8 + 2 * width, [], bytearray(degree), {}
-    for k, (p, is_k) in enumerate(zip(present, is_key)):
+    at, out = 8 + 2 * width, []
+    for p, k in zip(present, is_key):
         if not p:
-            if is_k:
+            if k:
                 raise ValueError("a reveal marks an absent entry as a key")
-            blocks.append(_NO_SHARE)
+            out.append(None)
             continue
-        size = KEY_BYTES if is_k else SEED_BYTES
+        size = KEY_BYTES if k else SEED_BYTES
         chunk = raw[at:at + size]
         if len(chunk) != size:
             raise ValueError("a reveal is cut short")
-        if is_k:
-            keys[k] = bytes(chunk)
-            blocks.append(_NO_SHARE)
-        elif chunk < _PRIME_BYTES:
-            blocks.append(chunk)
-            flags[k] = 1
-        else:
-            raise ValueError("not an element of GF(2^127 - 1)")
+        out.append(bytes(chunk) if k else seed_value(chunk))
         at += size
     if at != len(raw):
         raise ValueError("a reveal has trailing bytes")
-    return round_, b"".join(blocks), bytes(flags), keys
+    return round_, out
 
 
 def view_record(survivors: int, statuses: bytes, signature: bytes) -> bytes:
