@@ -285,8 +285,8 @@ class Round:
         top = blocks[:, :, 0]  # a field element (below 2^127 - 1): its first byte under 0x7f, or 0x7f and not all ones
         ok &= (top < 0x7F) | ((top == 0x7F) & (blocks[:, :, 1:] != 0xFF).any(axis=2))
         taken = ok & (np.cumsum(ok, axis=1) <= t)  # the lowest t x's with a share
-        words = blocks[taken].view(">u8").reshape(-1, 2).tolist()
-        values = [hi << 64 | lo for hi, lo in words]
+        words = blocks[taken].view(">u8").ravel().tolist()  # flat: a list per share would wake the garbage collector
+        values = [hi << 64 | lo for hi, lo in zip(words[0::2], words[1::2])]
         counts, first = taken.sum(axis=1).tolist(), taken[:, :t].all(axis=1).tolist()
         out, at, full = [], 0, list(range(1, t + 1))
         for k, n in enumerate(counts):

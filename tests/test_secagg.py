@@ -352,9 +352,10 @@ def test_gathered_reveals_take_only_real_shares_and_a_malformed_one_files_nothin
     from shared.settings import Settings
 
     settings = Settings(aggregator="agg@example.org", mode="secure")
+    rng = random.Random(61)
     epoch = plan_epoch(1, _members(60), settings, "agg@example.org", 0, datetime(2026, 1, 1, tzinfo=timezone.utc),
-                       seed=secrets.token_bytes(32))
-    topo, rng, t = Topology.of(epoch), random.Random(61), epoch.threshold
+                       seed=rng.randbytes(32))
+    topo, t = Topology.of(epoch), epoch.threshold
     gone = set(rng.sample(epoch.cohort, 2))
     alive = [m for m in epoch.cohort if m not in gone]
     rnd = Round(epoch, H, 7, topo, survivors=alive)
@@ -390,12 +391,12 @@ def test_gathered_reveals_take_only_real_shares_and_a_malformed_one_files_nothin
     assert liar not in rnd.bodies and not any(i == liar for i, _ in rnd.keys)
     assert (liar, next(p for p in topo.graph[liar] if p in gone)) in rnd.need_keys
     got, lacking = rnd.seed_shares()
-    assert lacking == 0
-    assert secagg.combine_seeds(got, t) == [seeds[m] for m in alive]
-    for m, g in zip(alive, got):  # the lowest t x's holding a real share from a reveal that was filed
-        real = [k + 1 for k, p in enumerate(topo.graph[m]) if p not in gone and p != liar and (p, m) not in missing
-                and not (p == sloppy and bad_x.get(m) == k + 1)]
-        assert sorted(g) == real[:t]
+    real = [[k + 1 for k, p in enumerate(topo.graph[m]) if p not in gone and p != liar and (p, m) not in missing
+             and not (p == sloppy and bad_x.get(m) == k + 1)] for m in alive]  # x's holding a real, filed share
+    assert [sorted(g) for g in got] == [xs[:t] for xs in real]  # the lowest t of them
+    assert lacking == sum(len(xs) < t for xs in real) < len(alive) // 10
+    enough = [k for k, xs in enumerate(real) if len(xs) >= t]
+    assert secagg.combine_seeds([got[k] for k in enough], t) == [seeds[alive[k]] for k in enough]
 
 
 def test_the_fast_inbox_encoder_writes_what_the_model_and_the_committed_schema_accept():
