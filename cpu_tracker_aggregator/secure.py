@@ -241,7 +241,7 @@ class Round:
     sealed: dict[str, bytes] = field(default_factory=dict)  # survivor -> its shares sealed for its neighbours
     views: dict[str, tuple[int, bytes, bytes]] = field(default_factory=dict)  # member -> its signed view, as sent
     packed: dict[str, bytes] = field(default_factory=dict)  # member -> that view as secagg.pack_views lays it out
-    shares: dict[str, dict[int, int]] = field(default_factory=dict)  # the survivors (-> {}: shares are in bodies)
+    shares: dict[str, None] = field(default_factory=dict)  # the survivors (their shares come in ``bodies``)
     keys: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (survivor, dropped) -> their round key
     need_keys: set[tuple[str, str]] = field(default_factory=set)
     revealed: set[str] = field(default_factory=set)
@@ -341,7 +341,6 @@ class SecureAggregator:
     _secrets: dict[str, tuple[bytes, dict[str, bytes]]] = field(default_factory=dict)
     _files: dict[str, tuple[tuple[int, int, int], object]] = field(default_factory=dict)
     _paths: dict[str, dict[str, str]] = field(default_factory=dict)
-    _answers_done: dict[str, object] = field(default_factory=dict)
     _graphs: dict[bytes, Topology] = field(default_factory=dict)
     _perms_done: set[str] = field(default_factory=set)
     _restored: bool = False
@@ -437,9 +436,11 @@ class SecureAggregator:
             return None
         return raw
 
-    def _member_file(self, path: str, model, key: bytes, problem: str):
+    def _member_file(self, path: str, model, key: bytes, problem: str, *, keep: bool = True):
         """A member's MAC'd file, parsed with ``model``; None when absent, refused or invalid (said once). Parsed
-        again only when its stat signature changes, so a tick costs one ``lstat`` per file that did not."""
+        again only when its stat signature changes, so a tick costs one ``lstat`` per file that did not. Unless
+        ``keep``, a file is returned once per version (None while unchanged) and not held: thousands of parsed files
+        kept from round to round made the garbage collector's full pass a tenth of a round at 10,000 members."""
         try:
             sig = signature(os.lstat(path))
         except OSError:
@@ -447,7 +448,7 @@ class SecureAggregator:
             return None
         hit = self._files.get(path)
         if hit is not None and hit[0] == sig:
-            return hit[1]
+            return hit[1] if keep else None
         raw, parsed = self._read_bytes(path), None
         if raw is not None:
             try:
@@ -456,7 +457,7 @@ class SecureAggregator:
             except (Refused, ValidationError) as e:
                 why = str(e) if isinstance(e, Refused) else e.errors()[0].get("msg")
                 self.problems.report(problem, f"secure mode: {path} is refused and left out ({why})")
-        self._files[path] = (sig, parsed)
+        self._files[path] = (sig, parsed if keep else None)
         return parsed
 
     def _topology(self, epoch: Epoch, h: bytes) -> Topology:
@@ -631,7 +632,7 @@ class SecureAggregator:
             if isinstance(parts, tuple):
                 vectors.append(parts[0])
                 rnd.sealed[m] = parts[1]
-                rnd.shares[m] = {}
+                rnd.shares[m] = None
                 self._absent[m] = 0
             else:
                 if parts:
@@ -667,10 +668,9 @@ class SecureAggregator:
         for m in sorted(members):
             keys = self._member_keys(m)
             ans = None if keys is None else self._member_file(self._where(m)["answers"], SecureAnswers,
-                                                             keys["answers"], f"answers-{m}")
-            if ans is None or self._answers_done.get(m) is ans or ans.email != m:
+                                                             keys["answers"], f"answers-{m}", keep=False)
+            if ans is None or ans.email != m:  # None also while unchanged: each version is taken once
                 continue
-            self._answers_done[m] = ans
             for v in ans.views:
                 rnd = open_rounds.get(v.round)
                 if rnd is not None and v.epoch_hash == h_texts[v.round] and m in rnd.shares and m not in rnd.views:

@@ -181,15 +181,15 @@ class InMemoryAggregator(SecureAggregator):
     def _read_bytes(self, path):
         return self.files.get(str(path))
 
-    def _member_file(self, path, model, key, problem):
+    def _member_file(self, path, model, key, problem, *, keep=True):
         from shared.wire.secure_schema import read_mac
 
         raw = self.files.get(path)
         hit = self._files.get(path)
         if hit is not None and hit[0] is raw:
-            return hit[1]
+            return hit[1] if keep else None
         parsed = None if raw is None else read_mac(raw, model, key)
-        self._files[path] = (raw, parsed)
+        self._files[path] = (raw, parsed if keep else None)
         return parsed
 
     def _member_keys(self, member):
