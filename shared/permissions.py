@@ -682,7 +682,8 @@ class PermissionGuard:
             names = cached[1]
         else:
             try:
-                names = sorted(e.name for e in os.scandir(folder) if is_permission_name(e.name))
+                # a tuple of strings, which the garbage collector stops tracking, unlike a list kept for each folder
+                names = tuple(sorted(e.name for e in os.scandir(folder) if is_permission_name(e.name)))
             except OSError as e:
                 return f"cannot be listed ({e.strerror or e}), so what its permission files grant is unknown"
             if st.st_ctime_ns < trusted:  # else listed again next period: a name added within the tick is seen then

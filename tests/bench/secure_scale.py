@@ -131,7 +131,9 @@ class Cohort:
         for i, m in enumerate(alive):
             seed = secagg.new_seed()
             self.seeds[r][m] = seed
-            self.shares[r][m] = secagg.split_seed(seed, e.degree, t)
+            # a tuple of ints, which the garbage collector stops tracking: the simulated members' state, which the
+            # product keeps in other processes, makes no work for the collector of the aggregator measured here
+            self.shares[r][m] = tuple(secagg.split_seed(seed, e.degree, t))
             x = [0] * dim
             x[0] = 30 + i % 41
             x[1 + min(e.bins - 1, x[0] * e.bins // 100)] = 1
