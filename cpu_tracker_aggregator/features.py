@@ -76,10 +76,26 @@ def member_folders(key: str, what: str, folder_of: Callable[[str], Path], file_o
     root = str(folder_of("x").parent)
     inside = str(file_of("x").relative_to(folder_of("x")))
     try:
-        names = [n for n in os.listdir(root) if is_datasite_email(n)]
+        names = sorted(os.listdir(root))
     except OSError:
         names = []
-    return Guarded(key, what, [(f"{root}/{m}", [m], [f"{root}/{m}/{inside}"]) for m in sorted(names)])
+    known = _MEMBER_FOLDERS.setdefault((root, inside), {})
+    if len(known) > 2 * len(names) + 1024:  # folders gone since: forget them
+        known.clear()
+    out = []
+    for m in names:
+        entry = known.get(m)
+        if entry is None:
+            if not is_datasite_email(m):
+                continue
+            entry = known[m] = (f"{root}/{m}", [m], [f"{root}/{m}/{inside}"])
+        out.append(entry)
+    return Guarded(key, what, out)
+
+
+_MEMBER_FOLDERS: dict[tuple[str, str], dict[str, tuple]] = {}  # (root, file inside) -> name -> its entry, built once:
+#                                                                 10,000 new ones a tick were kept long enough to make
+#                                                                 work for the garbage collector
 
 
 class SecureRounds(Feature):

@@ -83,6 +83,7 @@ ABSENT_ROUNDS = 3  # a member missing from this many closed rounds in a row is l
 MEAN_FRACTION = 0.8  # of each release's epsilon, on the mean coordinate; the rest on the histogram
 RECENT = 12
 INBOX_ROUNDS = 3  # rounds one inbox carries at most: the newest closed one and those still waiting for its reveal
+NO_SHARE = bytes(secagg.SEED_BYTES)  # a reveal's block where its entry is not a share (Round.marks says which)
 NOISE_WORDS = {"dlaplace": "distributed discrete Laplace", "dgaussian": "distributed discrete Gaussian"}
 
 
@@ -131,19 +132,21 @@ def epoch_gap(epoch: Epoch) -> int:
     return max(2, math.ceil(min(600.0, 0.06 * len(epoch.cohort)) / epoch.window_s))
 
 
-def upload_problem(upload: SecureUpload, epoch: Epoch, h: bytes, member: str, round_: int) -> str | None:
-    """Why an upload cannot count for ``member`` in ``round_`` (None: it counts)."""
+def upload_parts(upload: SecureUpload, epoch: Epoch, h_text: str, member: str, round_: int
+                 ) -> tuple[np.ndarray, bytes] | str:
+    """The masked vector and the sealed shares' bytes of an upload that counts for ``member`` in ``round_`` (each
+    decoded once), else why it cannot count. ``h_text``: the epoch's hash in base64."""
     if upload.email != member:
         return "it names another member"
-    if upload.epoch != epoch.epoch or upload.epoch_hash != b64(h) or upload.round != round_:
+    if upload.epoch != epoch.epoch or upload.epoch_hash != h_text or upload.round != round_:
         return f"it is for epoch {upload.epoch} round {upload.round} (or another content of the epoch)"
     try:
-        secagg.decode_vector(upload.vector, epoch.dim)
-        if len(b64_bytes(upload.sealed)) != epoch.degree * secagg.SEALED_SHARE_BYTES:
-            return "its sealed shares are not one per neighbour"
+        vector, sealed = secagg.decode_vector(upload.vector, epoch.dim), b64_bytes(upload.sealed)
     except ValueError as e:
         return str(e)
-    return None
+    if len(sealed) != epoch.degree * secagg.SEALED_SHARE_BYTES:
+        return "its sealed shares are not one per neighbour"
+    return vector, sealed
 
 
 def implausible(total: np.ndarray, epoch: Epoch, survivors: int) -> str | None:
@@ -238,11 +241,12 @@ class Round:
     sealed: dict[str, bytes] = field(default_factory=dict)  # survivor -> its shares sealed for its neighbours
     views: dict[str, tuple[int, bytes, bytes]] = field(default_factory=dict)  # member -> its signed view, as sent
     packed: dict[str, bytes] = field(default_factory=dict)  # member -> that view as secagg.pack_views lays it out
-    shares: dict[str, dict[int, int]] = field(default_factory=dict)  # survivor -> x -> share of its seed
+    shares: dict[str, None] = field(default_factory=dict)  # the survivors (their shares come in ``bodies``)
     keys: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (survivor, dropped) -> their round key
     need_keys: set[tuple[str, str]] = field(default_factory=set)
     revealed: set[str] = field(default_factory=set)
-    bodies: dict[str, bytes] = field(default_factory=dict)  # member -> its all-shares reveal, read at unmasking
+    bodies: dict[str, bytes] = field(default_factory=dict)  # member -> its shares, a block per neighbour (unmasking)
+    marks: dict[str, bytes] = field(default_factory=dict)  # member -> which of its blocks are shares, where not all are
     fresh: bool = False  # reveals arrived since the last attempt to unmask
     inbox_arrays: tuple | None = None  # what this pass's inboxes need, gathered for the whole cohort (_inbox_entry)
     status: str = "unmasking"  # or refused, then published | failed
@@ -266,59 +270,49 @@ class Round:
         return [m for m in self.epoch.cohort if m not in alive]
 
     def seed_shares(self) -> tuple[list[dict[int, int]], int]:
-        """For each survivor (in order), t shares of its seed, and how many survivors still lack shares. The shares
-        come from the all-shares reveals kept whole, gathered for every seed at once (the lowest t x's whose holder
-        sent one), and, for a seed whose holders revealed round keys too, from the shares filed as they came."""
-        t, size, cohort = self.epoch.threshold, secagg.SEED_BYTES, self.epoch.cohort
-        blocks, have = self.topo.gather(self.bodies, cohort, size)  # [i, c]: member i's share held by neighbour c
-        rows = np.array([self.topo.index[p] for p in self.survivors], dtype=np.int64)
-        whole = have[rows].all(axis=1) & np.array([not self.shares[p] for p in self.survivors], dtype=bool)
-        out: list[dict[int, int] | None] = [None] * len(rows)
-        if whole.any():  # every holder sent its share whole: x = 1..t for all of these seeds, in one pass
-            raw, read = blocks[rows[whole], :t].tobytes(), int.from_bytes
-            values = [read(raw[at:at + size], "big") for at in range(0, len(raw), size)]
-            xs = range(1, t + 1)
-            for n, k in enumerate(np.flatnonzero(whole).tolist()):
-                out[k] = dict(zip(xs, values[n * t:(n + 1) * t]))
-        lacking, degree = 0, self.topo.degree
-        for k, p in enumerate(self.survivors):
-            got = out[k]
-            if got is None or max(got.values()) >= shamir.PRIME:  # one by one, leaving out what is not a share
-                got, filed, i = {}, self.shares[p], int(rows[k])
-                row, raw = have[i].tolist(), blocks[i].tobytes()
-                for c in range(degree):  # the lowest t x's that have a share: seeds missing the same holders then
-                    x = c + 1  # share one set of Lagrange coefficients in shamir.combine
-                    if x in filed:
-                        got[x] = filed[x]
-                    elif row[c] and (value := int.from_bytes(raw[c * size:(c + 1) * size], "big")) < shamir.PRIME:
-                        got[x] = value
-                    else:
-                        continue
-                    if len(got) == t:
-                        break
-                out[k] = got
-            lacking += len(got) < t
-        return out, lacking
+        """For each survivor (in order), t shares of its seed (the lowest t x's whose holder revealed a share that is a
+        field element: seeds missing the same holders then share one set of Lagrange coefficients in
+        ``shamir.combine``), and how many survivors still lack shares. Gathered from every reveal at once
+        (``Topology.gather``), whether it held shares only or round keys too."""
+        t, size, cohort, topo = self.epoch.threshold, secagg.SEED_BYTES, self.epoch.cohort, self.topo
+        rows = np.array([topo.index[p] for p in self.survivors], dtype=np.int64)
+        blocks, have = topo.gather(self.bodies, cohort, size)  # [i, c]: member i's share held by neighbour c
+        blocks, ok = blocks[rows], have[rows]
+        if self.marks:  # a reveal with round keys too: only its blocks marked as shares are shares
+            ones = bytes([1]) * topo.degree
+            marks, _ = topo.gather({m: self.marks.get(m, ones) for m in self.bodies}, cohort, 1)
+            ok &= marks[rows, :, 0].astype(bool)
+        top = blocks[:, :, 0]  # a field element (below 2^127 - 1): its first byte under 0x7f, or 0x7f and not all ones
+        ok &= (top < 0x7F) | ((top == 0x7F) & (blocks[:, :, 1:] != 0xFF).any(axis=2))
+        taken = ok & (np.cumsum(ok, axis=1) <= t)  # the lowest t x's with a share
+        words = blocks[taken].view(">u8").ravel().tolist()  # flat: a list per share would wake the garbage collector
+        values = [hi << 64 | lo for hi, lo in zip(words[0::2], words[1::2])]
+        counts, first = taken.sum(axis=1).tolist(), taken[:, :t].all(axis=1).tolist()
+        out, at, full = [], 0, list(range(1, t + 1))
+        for k, n in enumerate(counts):
+            xs = full if first[k] else (np.flatnonzero(taken[k]) + 1).tolist()
+            out.append(dict(zip(xs, values[at:at + n])))
+            at += n
+        return out, sum(n < t for n in counts)
 
     def take_reveal(self, member: str, plain: bytes) -> None:
-        """File one member's reveal (``secagg.pack_reveal``, in its neighbour order). The common case, every entry a
-        share, is kept whole for ``seed_shares``; otherwise its shares of surviving neighbours' seeds (at the x each
-        dealer gave this member) and its round keys with dropped neighbours (from a survivor only) are filed now.
-        ValueError if malformed."""
-        nbrs, slots = self.topo.graph[member], self.topo.slot[member]
+        """File one member's reveal (``secagg.pack_reveal``, in its neighbour order): its shares, a block per neighbour
+        for ``seed_shares`` (with which blocks are shares, where not all are), and its round keys with dropped
+        neighbours (from a survivor only). ValueError if malformed: then nothing of it is filed."""
+        nbrs = self.topo.graph[member]
         d, w = len(nbrs), (len(nbrs) + 7) // 8
-        alive = self.shares
         if len(plain) == 8 + 2 * w + secagg.SEED_BYTES * d and plain[8:8 + w] == self.topo.all_bits \
                 and not any(plain[8 + w:8 + 2 * w]):
             self.bodies[member] = plain[8 + 2 * w:]
         else:
-            for k, (p, e) in enumerate(zip(nbrs, secagg.unpack_reveal(plain, d)[1])):
-                if isinstance(e, bytes):
-                    if member in alive and p not in alive:
-                        self.keys[(member, p)] = e
-                        self.need_keys.discard((member, p))
-                elif e is not None and p in alive:
-                    alive[p].setdefault(slots[k] + 1, e)
+            entries, alive = secagg.unpack_reveal(plain, d)[1], self.shares
+            for p, e in zip(nbrs, entries):
+                if isinstance(e, bytes) and member in alive and p not in alive:
+                    self.keys[(member, p)] = e
+                    self.need_keys.discard((member, p))
+            share = [isinstance(e, int) for e in entries]
+            self.bodies[member] = b"".join(secagg.seed_bytes(e) if ok else NO_SHARE for e, ok in zip(entries, share))
+            self.marks[member] = bytes(share)
         self.revealed.add(member)
         self.fresh = True
 
@@ -347,7 +341,6 @@ class SecureAggregator:
     _secrets: dict[str, tuple[bytes, dict[str, bytes]]] = field(default_factory=dict)
     _files: dict[str, tuple[tuple[int, int, int], object]] = field(default_factory=dict)
     _paths: dict[str, dict[str, str]] = field(default_factory=dict)
-    _answers_done: dict[str, object] = field(default_factory=dict)
     _graphs: dict[bytes, Topology] = field(default_factory=dict)
     _perms_done: set[str] = field(default_factory=set)
     _restored: bool = False
@@ -449,9 +442,11 @@ class SecureAggregator:
             return None
         return raw
 
-    def _member_file(self, path: str, model, key: bytes, problem: str):
+    def _member_file(self, path: str, model, key: bytes, problem: str, *, keep: bool = True):
         """A member's MAC'd file, parsed with ``model``; None when absent, refused or invalid (said once). Parsed
-        again only when its stat signature changes, so a tick costs one ``lstat`` per file that did not."""
+        again only when its stat signature changes, so a tick costs one ``lstat`` per file that did not. Unless
+        ``keep``, a file is returned once per version (None while unchanged) and not held: thousands of parsed files
+        kept from round to round made the garbage collector's full pass a tenth of a round at 10,000 members."""
         try:
             sig = signature(os.lstat(path))
         except OSError:
@@ -459,7 +454,7 @@ class SecureAggregator:
             return None
         hit = self._files.get(path)
         if hit is not None and hit[0] == sig:
-            return hit[1]
+            return hit[1] if keep else None
         raw, parsed = self._read_bytes(path), None
         if raw is not None:
             try:
@@ -468,7 +463,7 @@ class SecureAggregator:
             except (Refused, ValidationError) as e:
                 why = str(e) if isinstance(e, Refused) else e.errors()[0].get("msg")
                 self.problems.report(problem, f"secure mode: {path} is refused and left out ({why})")
-        self._files[path] = (sig, parsed)
+        self._files[path] = (sig, parsed if keep else None)
         return parsed
 
     def _topology(self, epoch: Epoch, h: bytes) -> Topology:
@@ -636,17 +631,18 @@ class SecureAggregator:
         """Fix the round's survivors (the uploads seen, or ``survivors`` when restoring one) and sum their vectors."""
         epoch, r = rnd.epoch, rnd.number
         vectors = []
+        h_text = rnd.h_text
         for m in survivors if survivors is not None else epoch.cohort:
             up = self._read_upload(m, r)
-            problem = None if up is None else upload_problem(up, epoch, rnd.h, m, r)
-            if up is not None and problem is None:
-                vectors.append(b64_bytes(up.vector))
-                rnd.sealed[m] = b64_bytes(up.sealed)
-                rnd.shares[m] = {}
+            parts = None if up is None else upload_parts(up, epoch, h_text, m, r)
+            if isinstance(parts, tuple):
+                vectors.append(parts[0])
+                rnd.sealed[m] = parts[1]
+                rnd.shares[m] = None
                 self._absent[m] = 0
             else:
-                if problem:
-                    log.warning("secure round %d: %s's upload does not count: %s", r, m, problem)
+                if parts:
+                    log.warning("secure round %d: %s's upload does not count: %s", r, m, parts)
                 self._absent[m] = self._absent.get(m, 0) + 1
         rnd.survivors = sorted(rnd.shares)
         self.rounds[r] = rnd
@@ -660,8 +656,7 @@ class SecureAggregator:
             rnd.sealed.clear()
             self._record(rnd, "refused")
         else:
-            summed = np.frombuffer(b"".join(vectors), dtype="<u8").reshape(-1, epoch.dim)
-            rnd.total = summed.sum(axis=0, dtype=np.uint64)
+            rnd.total = np.sum(vectors, axis=0, dtype=np.uint64)
             alive = rnd.alive
             rnd.need_keys = {(i, d) for d in rnd.dropped for i in rnd.graph[d] if i in alive}
             self._record(rnd, "unmasking")
@@ -679,10 +674,9 @@ class SecureAggregator:
         for m in sorted(members):
             keys = self._member_keys(m)
             ans = None if keys is None else self._member_file(self._where(m)["answers"], SecureAnswers,
-                                                             keys["answers"], f"answers-{m}")
-            if ans is None or self._answers_done.get(m) is ans or ans.email != m:
+                                                             keys["answers"], f"answers-{m}", keep=False)
+            if ans is None or ans.email != m:  # None also while unchanged: each version is taken once
                 continue
-            self._answers_done[m] = ans
             for v in ans.views:
                 rnd = open_rounds.get(v.round)
                 if rnd is not None and v.epoch_hash == h_texts[v.round] and m in rnd.shares and m not in rnd.views:
@@ -739,7 +733,8 @@ class SecureAggregator:
         self.figure = secure_figure(e, rnd.number, total, len(rnd.survivors), list(self.recent))
 
     def _finish(self, rnd: Round, status: str) -> None:
-        rnd.total, rnd.sealed, rnd.views, rnd.packed, rnd.bodies, rnd.inbox_arrays = None, {}, {}, {}, {}, None
+        rnd.total, rnd.sealed, rnd.views, rnd.packed, rnd.bodies, rnd.marks = None, {}, {}, {}, {}, {}
+        rnd.inbox_arrays = None
         self._record(rnd, status)
 
     def _record(self, rnd: Round, status: str) -> None:

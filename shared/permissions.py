@@ -411,7 +411,9 @@ class PermissionGuard:
     _odd_seen: dict[str, float] = field(default_factory=dict)
     _uploaded: dict[str, datetime] = field(default_factory=dict)
     _memo: dict[str, object] = field(default_factory=dict)
-    _verdicts: dict[tuple, tuple] = field(default_factory=dict)  # key -> (period, verdict, what it was decided from)
+    _verdicts: dict[tuple, tuple] = field(default_factory=dict)  # key -> (verdict, what it was decided from)
+    _judged: dict[tuple, int] = field(default_factory=dict)  # key -> the period it was last judged in (an int: no new
+    #                                                          object per folder per period for the garbage collector)
     _noted: set[tuple[str, ...]] = field(default_factory=set)
     _racy: set[str] = field(default_factory=set)  # folders listed this period with a file stamp too recent to trust
     _period: int = 0
@@ -461,18 +463,20 @@ class PermissionGuard:
         own = len(self._rel(top)) if top is not None else len(rel)
         key = (rel, allowed, own)
         kept = self._verdicts.get(key)
-        if kept is not None and kept[0] == self._period:
-            return kept[1]
+        if kept is not None and self._judged.get(key) == self._period:
+            return kept[0]
         distrust = self._distrust_this_period()
         if distrust is not None:  # fail closed: a forged record could hide what the relay holds
-            self._verdicts[key] = (self._period, distrust, None)
+            self._verdicts[key] = (distrust, None)
+            self._judged[key] = self._period
             return distrust
         sync = self._sync_this_period()
-        if kept is not None and kept[2] is not None and self._unchanged(rel, kept[2], sync):
-            self._verdicts[key] = (self._period, None, kept[2])
+        if kept is not None and kept[1] is not None and self._unchanged(rel, kept[1], sync):
+            self._judged[key] = self._period
             return None
         verdict = self._exposure(rel, allowed, own, sync)
-        self._verdicts[key] = (self._period, verdict, self._decided_from(rel, sync) if verdict is None else None)
+        self._verdicts[key] = (verdict, self._decided_from(rel, sync) if verdict is None else None)
+        self._judged[key] = self._period
         return verdict
 
     def _decided_from(self, rel: tuple[str, ...], sync) -> tuple | None:
@@ -701,7 +705,8 @@ class PermissionGuard:
             names = cached[1]
         else:
             try:
-                names = sorted(e.name for e in os.scandir(folder) if is_permission_name(e.name))
+                # a tuple of strings, which the garbage collector stops tracking, unlike a list kept for each folder
+                names = tuple(sorted(e.name for e in os.scandir(folder) if is_permission_name(e.name)))
             except OSError as e:
                 return f"cannot be listed ({e.strerror or e}), so what its permission files grant is unknown"
             if st.st_ctime_ns < trusted:  # else listed again next period: a name added within the tick is seen then

@@ -339,6 +339,66 @@ def test_the_aggregators_gathering_of_shares_rebuilds_every_survivors_seed(n, dr
         assert got == [{x: shares[m][x - 1] for x in range(1, t + 1)} for m in alive]
 
 
+def test_gathered_reveals_take_only_real_shares_and_a_malformed_one_files_nothing_of_its_sender():
+    """Every reveal is filed as a block per neighbour and gathered in one pass: the blocks of entries that are not shares
+    (a round key, a share that never arrived: zeros, which are a field element) are never taken as shares, a share
+    that is not a field element in an all-shares reveal is skipped alone, and a reveal with round keys too that holds
+    one is refused whole (a ValueError for its sender alone: none of its shares or keys filed), while every other
+    survivor's seed still rebuilds from the lowest t x's that hold a real share."""
+    from datetime import datetime, timezone
+
+    from cpu_tracker_aggregator.secure import Round, Topology, plan_epoch
+    from shared.secure import shamir
+    from shared.settings import Settings
+
+    settings = Settings(aggregator="agg@example.org", mode="secure")
+    rng = random.Random(61)
+    epoch = plan_epoch(1, _members(60), settings, "agg@example.org", 0, datetime(2026, 1, 1, tzinfo=timezone.utc),
+                       seed=rng.randbytes(32))
+    topo, t = Topology.of(epoch), epoch.threshold
+    gone = set(rng.sample(epoch.cohort, 2))
+    alive = [m for m in epoch.cohort if m not in gone]
+    rnd = Round(epoch, H, 7, topo, survivors=alive)
+    seeds = {m: secagg.new_seed() for m in alive}
+    shares = {m: secagg.split_seed(seeds[m], epoch.degree, t) for m in alive}
+    for m in alive:
+        rnd.shares[m] = {}
+    rnd.need_keys = {(i, d) for d in gone for i in topo.graph[d] if i not in gone}
+    missing = set(rng.sample([(j, p) for j in alive for p in topo.graph[j] if p in alive], 40))  # never arrived
+    liar = next(j for j in alive if any(p in gone for p in topo.graph[j]))  # its reveal holds keys too
+    sloppy = next(j for j in alive if not any(p in gone or (j, p) in missing for p in topo.graph[j]))  # all shares
+    bad_x = {}  # dealer -> the x whose share was not a field element
+    for j in alive:
+        entries = []
+        for k, p in enumerate(topo.graph[j]):
+            if p in gone:
+                entries.append(secagg.round_key(b"pair" + j.encode() + p.encode(), H, 7)[:32])
+            elif (j, p) in missing:
+                entries.append(None)
+            elif j in (liar, sloppy) and not any(e is not None and not isinstance(e, bytes) and e >= shamir.PRIME
+                                                 for e in entries):
+                entries.append(shamir.PRIME)  # 16 bytes, but not a field element
+                if j == sloppy:
+                    bad_x[p] = topo.slot[j][k] + 1
+            else:
+                entries.append(shares[p][topo.slot[j][k]])
+        if j == liar:
+            with pytest.raises(ValueError):
+                rnd.take_reveal(j, secagg.pack_reveal(7, entries))
+            rnd.revealed.add(j)  # as the aggregator does: that reveal is ignored, and said for that member alone
+        else:
+            rnd.take_reveal(j, secagg.pack_reveal(7, entries))
+    assert liar not in rnd.bodies and not any(i == liar for i, _ in rnd.keys)
+    assert (liar, next(p for p in topo.graph[liar] if p in gone)) in rnd.need_keys
+    got, lacking = rnd.seed_shares()
+    real = [[k + 1 for k, p in enumerate(topo.graph[m]) if p not in gone and p != liar and (p, m) not in missing
+             and not (p == sloppy and bad_x.get(m) == k + 1)] for m in alive]  # x's holding a real, filed share
+    assert [sorted(g) for g in got] == [xs[:t] for xs in real]  # the lowest t of them
+    assert lacking == sum(len(xs) < t for xs in real) < len(alive) // 10
+    enough = [k for k, xs in enumerate(real) if len(xs) >= t]
+    assert secagg.combine_seeds([got[k] for k in enough], t) == [seeds[alive[k]] for k in enough]
+
+
 def test_the_fast_inbox_encoder_writes_what_the_model_and_the_committed_schema_accept():
     import json
     from datetime import datetime, timezone

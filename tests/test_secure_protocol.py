@@ -482,6 +482,23 @@ def test_replace_file_keeps_an_inode_for_the_next_write_and_never_writes_through
     assert not any(p.name.endswith(".kept" + TEMP_SUFFIX) for p in tmp_path.iterdir())
 
 
+def test_replace_file_swaps_the_new_file_in_and_never_cuts_a_path_short(tmp_path):
+    """Where the system swaps two names atomically (Linux's renameat2, called through ctypes), a write swaps the new
+    file in and keeps the old inode under the temp name; a path the C call would cut at a null byte is refused, never
+    written somewhere shorter."""
+    from shared.atomic import TEMP_SUFFIX, replace_file
+
+    path = tmp_path / "inbox.json"
+    replace_file(path, b"one")
+    before = path.stat().st_ino
+    replace_file(path, b"two")
+    spare = tmp_path / f".inbox.json.next{TEMP_SUFFIX}"
+    assert path.read_bytes() == b"two" and spare.stat().st_ino == before and spare.stat().st_nlink == 1
+    with pytest.raises(ValueError):
+        replace_file(f"{path}\0.evil", b"three")
+    assert path.read_bytes() == b"two" and sorted(p.name for p in tmp_path.iterdir()) == [spare.name, path.name]
+
+
 def test_a_member_joining_late_is_in_an_epoch_within_a_few_rounds(tmp_path, monkeypatch):
     """A new epoch for a cohort change waits epoch_gap rounds (60 ms a member, at least 2 rounds: each epoch is a
     download for every member); a small cohort's late joiner is counted a few rounds later, not after 10 minutes."""

@@ -16,7 +16,11 @@ zero, the sealed shares and the view signatures are random bytes of their exact 
 carry no noise share. A round's aggregator time is its two ticks: the close (uploads read, inboxes written) and the
 next look at the answers (views and reveals collected, the round before unmasked and published), in steady state;
 each tick begins, as the aggregator's does (``Aggregator._withhold_exposed``), with the fail-closed check of every
-folder it guards (the epoch folder and every inbox folder: shared/permissions.py).
+folder it guards (the epoch folder and every inbox folder: shared/permissions.py). The product ticks every
+``tick_s`` (10 s by default); the bench lets ``permissions.RACY_NS`` (2 s) of wall time pass between the end of one
+tick and the start of the next (asleep: no CPU time), so that the guard meets the inbox folders as it does in the
+product, written more than 2 s before, and not as stamps too recent to trust (which void its kept verdicts and would
+never happen at the product's schedule). The CPU time measured is still all of each tick.
 
 At 100,000 the same aggregator code runs in-process (``InMemoryAggregator``): member files are bytes in a dict
 instead of files, and inboxes are built but not written; everything else is the real tick.
@@ -42,6 +46,7 @@ from cpu_tracker_aggregator.secure import SecureAggregator
 from shared.secure import identity, secagg
 from shared.logs import Problems
 from shared.paths import Paths
+from shared.permissions import RACY_NS
 from shared.wire.schema import utc_now
 from shared.wire.secure_schema import (
     SealedReveal,
@@ -58,6 +63,7 @@ from tests.bench.common import Result, Row
 AGG = "aggregator@bench.example.org"
 WINDOW_S = 20.0
 START = 4_000_000  # a round number far from 0
+SPACING_S = RACY_NS / 1e9 + 0.1  # wall time between two ticks (the product's: tick_s = 10 s), asleep
 
 
 def _t(seconds: float) -> datetime:
@@ -125,7 +131,9 @@ class Cohort:
         for i, m in enumerate(alive):
             seed = secagg.new_seed()
             self.seeds[r][m] = seed
-            self.shares[r][m] = secagg.split_seed(seed, e.degree, t)
+            # a tuple of ints, which the garbage collector stops tracking: the simulated members' state, which the
+            # product keeps in other processes, makes no work for the collector of the aggregator measured here
+            self.shares[r][m] = tuple(secagg.split_seed(seed, e.degree, t))
             x = [0] * dim
             x[0] = 30 + i % 41
             x[1 + min(e.bins - 1, x[0] * e.bins // 100)] = 1
@@ -175,15 +183,15 @@ class InMemoryAggregator(SecureAggregator):
     def _read_bytes(self, path):
         return self.files.get(str(path))
 
-    def _member_file(self, path, model, key, problem):
+    def _member_file(self, path, model, key, problem, *, keep=True):
         from shared.wire.secure_schema import read_mac
 
         raw = self.files.get(path)
         hit = self._files.get(path)
         if hit is not None and hit[0] is raw:
-            return hit[1]
+            return hit[1] if keep else None
         parsed = None if raw is None else read_mac(raw, model, key)
-        self._files[path] = (raw, parsed)
+        self._files[path] = (raw, parsed if keep else None)
         return parsed
 
     def _member_keys(self, member):
@@ -215,6 +223,12 @@ def run_cohort(work: Path, k: int, rounds: int, *, dropped: float = 0.0, in_memo
         agg = SecureAggregator(paths, settings, Problems(logging.getLogger("bench.secure")))
     guarding = Aggregator(paths, settings, agg.problems) if not in_memory else None
     guard_cpu: list[float] = []
+    last = [-1e9]  # when the last tick ended (time.monotonic)
+
+    def pause() -> None:
+        """With files, asleep until RACY_NS after the last tick ended (the product's ticks are tick_s apart)."""
+        if guarding is not None:
+            time.sleep(max(0.0, last[0] + SPACING_S - time.monotonic()))
 
     def tick(now: datetime) -> None:
         """The aggregator's tick as far as secure mode goes: the guarded folders checked, then the rounds."""
@@ -223,6 +237,7 @@ def run_cohort(work: Path, k: int, rounds: int, *, dropped: float = 0.0, in_memo
             guarding._withhold_exposed()
             guard_cpu.append(time.process_time() - c)
         agg.tick(now)
+        last[0] = time.monotonic()
 
     if guarding is not None:
         guarding.features["secure"].rounds = agg
@@ -236,10 +251,12 @@ def run_cohort(work: Path, k: int, rounds: int, *, dropped: float = 0.0, in_memo
     per_round, cpu_round, guard_round, published = [], [], [], []
     for r in range(e.first_round, e.first_round + rounds):
         cohort.uploads(r)
+        pause()
         t0, c0 = time.perf_counter(), time.process_time()
         tick(_t((r + 1) * w + e.deadline_s + 0.5))
         close_s, close_cpu = time.perf_counter() - t0, time.process_time() - c0
         cohort.answers(r)
+        pause()
         t0, c0 = time.perf_counter(), time.process_time()
         tick(_t((r + 1) * w + e.deadline_s + 1.5))
         look_s, look_cpu = time.perf_counter() - t0, time.process_time() - c0
