@@ -193,6 +193,9 @@ def test_the_secure_figure_reaches_prometheus_in_its_conventions(tmp_path, monke
         net.step()
     fig = net.agg.figure
     assert fig is not None
+    # 4 members: the noise spans about the whole range, so p90 is almost always too uncertain to show; flagged here
+    # whatever the noise drew (about 1 run in 20 it was not), so that the omission is always what is checked
+    fig = fig.model_copy(update={"cohort_too_small_for": sorted({*fig.cohort_too_small_for, "p90"})})
 
     class One:
         def collect(self):
@@ -205,7 +208,6 @@ def test_the_secure_figure_reaches_prometheus_in_its_conventions(tmp_path, monke
     assert samples[("cpu_tracker_secure_network_cpu_ratio", ())] == pytest.approx(fig.mean / 100)
     assert samples[("cpu_tracker_secure_network_cpu_ci95_high_ratio", ())] == pytest.approx(fig.ci95_high / 100)
     assert samples[("cpu_tracker_secure_survivors", ())] == fig.survivors == 4
-    assert "p90" in fig.cohort_too_small_for  # 4 members: the noise spans the whole range, so no number is exposed
     for q, iv in fig.percentiles.items():
         key = ("cpu_tracker_secure_fleet_cpu_percentile_ratio", (("bound", "estimate"), ("quantile", q[1:])))
         assert samples.get(key) == (None if q in fig.cohort_too_small_for else pytest.approx(iv.estimate / 100))
