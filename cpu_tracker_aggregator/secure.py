@@ -917,7 +917,7 @@ class SecureAggregator:
                     continue
                 gone = set(saved["dropped"])
                 self._close(rnd, [m for m in ep.cohort if m not in gone])
-        except (KeyError, TypeError, ValueError, ValidationError) as ex:
+        except (AttributeError, KeyError, TypeError, ValueError, ValidationError) as ex:  # any shape of JSON
             log.error("secure mode: %s does not hold a usable state (%s): starting afresh",
                       self.paths.aggregator_secure_file, ex)
             self.epoch = self.epoch_h = self._old = None

@@ -493,8 +493,8 @@ class SecureMember:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.paths.upload_file(r), body)
             for old in folder.glob("r*.json"):
-                stem = old.stem[1:]
-                if stem.isdigit() and int(stem) <= r - KEEP_UPLOADS:
+                round_ = self.paths.upload_round(old.name)
+                if round_ is not None and round_ <= r - KEEP_UPLOADS:
                     old.unlink(missing_ok=True)
         except OSError as e:
             self.problems.report("upload-write", f"cannot write the secure round file in {folder}: {e}. Free disk "

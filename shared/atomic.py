@@ -239,7 +239,7 @@ def check_trusted_file(path: Path) -> None:
     if st.st_uid not in (0, os.geteuid()):
         raise PrivateTreeError(errno.EPERM, f"belongs to uid {st.st_uid}, who could write anything in it: remove it "
                                "(the SyftBox client makes it again)", str(path))
-    if others_can_write(st):
+    if others_can_write(path, st):
         raise PrivateTreeError(errno.EPERM, f"can be written by other users (mode {stat.S_IMODE(st.st_mode):04o}): run "
                                f"`chmod go-w {path}`", str(path))
     _check_above(Path(path), "replace it with a forged one")
@@ -264,7 +264,7 @@ def _check_chain(child: Path, harm: str) -> None:
         except FileNotFoundError:
             child_uid = os.geteuid()  # made by this process, next
         ours = {0, os.geteuid()}
-        if others_can_write(st) and not (st.st_mode & stat.S_ISVTX and child_uid in ours):
+        if others_can_write(folder, st) and not (st.st_mode & stat.S_ISVTX and child_uid in ours):
             raise PrivateTreeError(
                 errno.EPERM, f"can be written by other users (mode {stat.S_IMODE(st.st_mode):04o}), who could then "
                 f"rename {child} and {harm}; run `chmod go-w {folder}`",
@@ -275,13 +275,21 @@ def _check_chain(child: Path, harm: str) -> None:
         child = folder
 
 
-def others_can_write(st: os.stat_result) -> bool:
-    """Whether a user but this one (or root) can write the file or folder ``st`` describes: everyone can, or a group
-    someone else is in can. A group only this user is in (the "user private group" Debian and Ubuntu give each user,
-    whose umask 002 makes folders 0775) is this user's own."""
+def others_can_write(path: Path | str, st: os.stat_result) -> bool:
+    """Whether a user but this one (or root) can write the file or folder at ``path`` (``st``: its stat): everyone
+    can, or a group someone else is in can. A group only this user is in (the "user private group" Debian and Ubuntu
+    give each user, whose umask 002 makes folders 0775) is this user's own, unless the file has an access ACL (its
+    group bits are then the ACL's mask: a named user may write)."""
     if st.st_mode & 0o002:
         return True
-    return bool(st.st_mode & 0o020) and not _own_group(st.st_gid)
+    return bool(st.st_mode & 0o020) and (not _own_group(st.st_gid) or _has_acl(path))
+
+
+def _has_acl(path: Path | str) -> bool:
+    try:
+        return "system.posix_acl_access" in os.listxattr(path)
+    except OSError as e:
+        return e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP)  # no extended attributes: no ACL; else unknown
 
 
 @lru_cache(maxsize=16)

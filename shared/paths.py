@@ -287,7 +287,9 @@ class Paths(namedtuple("Paths", "data_dir email app_name server_url", defaults=(
     @staticmethod
     def upload_round(name: str) -> int | None:
         """The round of an upload file's name (``upload_file``), None for any other name."""
-        return int(name[1:-5]) if name.startswith("r") and name.endswith(".json") and name[1:-5].isdigit() else None
+        digits = name[1:-5]  # ASCII only: str.isdigit also takes "²", which int() refuses
+        return int(digits) if name[:1] == "r" and name.endswith(".json") and digits.isascii() and digits.isdigit() \
+            else None
 
     def answers_file(self, member: str | None = None) -> Path:
         """A member's signed views and sealed reveals of recent rounds, rewritten when it has new ones."""

@@ -387,6 +387,9 @@ def _status(entry) -> tuple:
 # ---------------------------------------------------------------------------------------------------
 # The check, with its caches
 # ---------------------------------------------------------------------------------------------------
+FORGET_EVERY = 16  # periods: a kept verdict not asked for in this many is forgotten (each cohort keys its own)
+
+
 @dataclass
 class PermissionGuard:
     """Checks, before the app writes into one of its folders, every permission file that could let anyone but the
@@ -431,6 +434,10 @@ class PermissionGuard:
         self._noted.clear()
         self._racy.clear()
         self._period += 1
+        if self._period % FORGET_EVERY == 0:  # a verdict nobody asked for lately (an old cohort's epoch folder) goes
+            stale = [k for k, p in self._judged.items() if p < self._period - FORGET_EVERY]
+            for key in stale:
+                self._judged.pop(key, None), self._verdicts.pop(key, None)
 
     def __post_init__(self) -> None:
         self._root = os.fspath(self.datasite).rstrip("/")

@@ -292,3 +292,31 @@ def test_a_syftbox_folder_only_its_users_own_group_can_write_is_private_enough(s
     os.chown(data, -1, stranger[1])  # the stranger's own group: the stranger could rename private/ away
     _window(_member(paths), FakeWall())  # as the app starts again
     assert _all_spends(paths) == 1 and f"chmod go-w {data}" in caplog.text
+
+
+def _grant_acl(path: Path, uid: int) -> None:
+    """A POSIX access ACL letting ``uid`` write ``path`` (what `setfacl -m u:<uid>:rwx` writes): its group bits then
+    read as the ACL's mask, rwx, though the owning group may be the user's own."""
+    import struct
+
+    undefined = 0xFFFFFFFF
+    entries = [(0x01, 7, undefined), (0x02, 7, uid), (0x04, 5, undefined), (0x10, 7, undefined), (0x20, 5, undefined)]
+    os.setxattr(path, "system.posix_acl_access", struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e)
+                                                                                  for e in entries))
+
+
+def test_a_syftbox_folder_shared_through_an_acl_is_not_private(stranger, own_group, home, caplog) -> None:
+    """0775 with the user's own group, but the group bits are an ACL's mask letting the stranger write: not private."""
+    data = home / "SyftBox"
+    data.mkdir()
+    os.chown(data, -1, own_group)
+    try:
+        _grant_acl(data, stranger[0])
+    except OSError as e:
+        pytest.skip(f"this file system takes no ACL ({e}); the case was not run")
+    assert stat.S_IMODE(os.stat(data).st_mode) == 0o775
+    made = as_stranger(stranger, "import os, sys\nos.mkdir(sys.argv[1])\n", str(data / "planted"))
+    assert made.returncode == 0, made.stderr  # the stranger can write there indeed
+    paths = Paths(data, ME)
+    _window(_member(paths), FakeWall())
+    assert _all_spends(paths) == 0 and f"chmod go-w {data}" in caplog.text

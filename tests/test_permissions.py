@@ -25,6 +25,7 @@ from shared.permissions import (
     ensure_permissions,
     parse_permission_file,
     permission_files,
+    parse_sync_state,
     rule_readers,
 )
 from shared.settings import Settings
@@ -370,3 +371,25 @@ def test_a_client_record_owned_by_another_user_fails_closed(tmp_path) -> None:
     os.chown(record, 54321, 54321)
     why = PermissionGuard(datasite, record).exposure(folder, ["m@example.org"])
     assert why is not None and "belongs to uid 54321" in why
+
+
+def test_a_user_file_named_like_an_upload_with_other_digits_is_no_upload(tmp_path) -> None:
+    """``str.isdigit`` takes "²": a user's file `r².json` anywhere in the datasite must not stop the member."""
+    assert Paths.upload_round("r12.json") == 12 and Paths.upload_round("r².json") is None
+    raw = json.dumps({"states": {f"{AGG}/photos/r².json": {"hash": "x"}}, "status_info": {}}).encode()
+    assert parse_sync_state(raw, AGG, lambda name: Paths.upload_round(name) is not None) == {}
+
+
+def test_verdicts_nobody_asks_for_are_forgotten(tmp_path) -> None:
+    """Each cohort keys its own verdict on the epoch folder: an old cohort's is dropped, not kept for ever."""
+    datasite = tmp_path / "datasites" / AGG
+    folder = datasite.joinpath(*INBOX, "epoch")
+    ensure_permissions(folder, AGG, ["m@example.org"])
+    guard = PermissionGuard(datasite)
+    for cohort in range(50):
+        guard.exposure(folder, [f"m{cohort}@example.org"])
+        guard.refresh()
+    for _ in range(2 * permissions.FORGET_EVERY):
+        guard.exposure(folder, ["m49@example.org"])
+        guard.refresh()
+    assert len(guard._verdicts) == len(guard._judged) == 1

@@ -370,6 +370,26 @@ def test_a_restarted_aggregator_does_not_take_its_cohorts_grant_for_an_exposure(
     assert restarted.features["secure"].rounds.epoch.epoch == net.agg.epoch.epoch
 
 
+@pytest.mark.parametrize("reshape", ["rounds", "absent", "whole"])
+def test_an_aggregator_state_file_of_another_shape_starts_afresh(tmp_path, monkeypatch, caplog, reshape):
+    """Its own state file, valid JSON of another shape: the aggregator starts (local figure and all), says so once,
+    and begins a new epoch, rather than dying at every start."""
+    import json
+
+    from cpu_tracker_aggregator.aggregator import Aggregator
+
+    net = Net(tmp_path, 5, monkeypatch)
+    net.step()
+    paths = net.agg.paths
+    state = json.loads(paths.aggregator_secure_file.read_text())
+    assert reshape == "whole" or reshape in state
+    paths.aggregator_secure_file.write_text(json.dumps([] if reshape == "whole" else {**state, reshape: []}))
+    restarted = Aggregator(paths, Settings(aggregator=AGG, role="aggregator", mode="secure", interval_s=W),
+                           Problems(logging.getLogger("test.secure.shape")))
+    restarted.tick(t(net.round * W + 1))
+    assert "does not hold a usable state" in caplog.text and restarted.features["secure"].rounds.epoch is not None
+
+
 def test_a_member_reads_an_epoch_of_ten_thousand_members_once(tmp_path, monkeypatch):
     """The compact epoch of 10,000 members (emails and a seed, no keys, no graph) is a few hundred KB, verified and
     parsed once."""
