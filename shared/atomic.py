@@ -205,15 +205,18 @@ def secure_private_tree(root: Path, app_dir: Path) -> None:
     for dirpath, dirnames, filenames in os.walk(app_dir):  # does not follow symlinked folders: refused below
         for name in dirnames + filenames:
             path = Path(dirpath) / name
-            st = os.lstat(path)
-            if stat.S_ISDIR(st.st_mode):
-                _own_dir(path)
-            elif st.st_uid != os.geteuid() or stat.S_ISLNK(st.st_mode):
-                what = "a symlink" if stat.S_ISLNK(st.st_mode) else f"owned by uid {st.st_uid}"
-                raise PrivateTreeError(errno.EPERM, f"is {what} inside the app's private folder, so another user may "
-                                       "have put it there: remove it", str(path))
-            elif st.st_mode & 0o022:
-                os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022, follow_symlinks=False)
+            try:
+                st = os.lstat(path)
+                if stat.S_ISDIR(st.st_mode):
+                    _own_dir(path)
+                elif st.st_uid != os.geteuid() or stat.S_ISLNK(st.st_mode):
+                    what = "a symlink" if stat.S_ISLNK(st.st_mode) else f"owned by uid {st.st_uid}"
+                    raise PrivateTreeError(errno.EPERM, f"is {what} inside the app's private folder, so another user "
+                                           "may have put it there: remove it", str(path))
+                elif st.st_mode & 0o022:
+                    os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022, follow_symlinks=False)
+            except FileNotFoundError:  # gone since the listing (a temp file another role just renamed): no threat
+                continue
 
 
 def _own_dir(path: Path) -> None:

@@ -278,3 +278,27 @@ def test_every_charge_outcome_is_said_once_and_never_escapes(tmp_path, caplog):
         assert keeper.charge(spend(210, 220, eps=0.01), needs_s=1e6) is Charge.NOT_RECORDED
     assert caplog.text.count("less than the 1e+06 s") == 1
     assert keeper.charge(spend(210, 220, eps=0.01)) is Charge.CHARGED and "records spends again" in caplog.text
+
+
+def test_a_file_that_vanishes_while_the_private_tree_is_checked_is_no_threat(tmp_path, monkeypatch):
+    """The member and the aggregator share ``<data_dir>/private``: a temp file one of them renames away while the
+    other walks the tree (listed, then gone) must not make the tree unusable (the ledger then refused a window)."""
+    from pathlib import Path
+
+    from shared import atomic
+
+    root = tmp_path / "private"
+    app = root / "cpu_tracker"
+    (app / "aggregator").mkdir(parents=True)
+    gone = app / "aggregator" / ".history.json.x.tmp"
+    gone.write_text("{}")
+    real_lstat = os.lstat
+
+    def lstat(path, *a, **kw):
+        if Path(path) == gone:
+            gone.unlink(missing_ok=True)  # renamed away by the other role between the listing and this look
+        return real_lstat(path, *a, **kw)
+
+    monkeypatch.setattr(atomic.os, "lstat", lstat)
+    atomic.secure_private_tree(root, app)
+    assert mode(app) == 0o700
