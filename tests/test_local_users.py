@@ -151,8 +151,8 @@ def test_a_lock_another_user_holds_from_before_is_replaced(stranger, home, caplo
     assert stat.S_IMODE(os.stat(paths.lock_file).st_mode) == 0o600
 
 
-def _member(paths: Paths) -> Member:
-    s = Settings(aggregator=AGG, interval_s=1.0, budgets=(Budget(horizon_s=3600, epsilon=5.0),))
+def _member(paths: Paths, hourly_epsilon: float = 5.0) -> Member:
+    s = Settings(aggregator=AGG, interval_s=1.0, budgets=(Budget(horizon_s=3600, epsilon=hourly_epsilon),))
     return Member(paths, s, Problems(logging.getLogger("test.users")))
 
 
@@ -243,8 +243,7 @@ def test_a_client_record_another_user_forged_stops_releases_with_a_sentence(stra
     data = home / "SyftBox"
     data.mkdir(mode=0o755)
     paths = Paths(data, ME)
-    member = Member(paths, Settings(aggregator=AGG, interval_s=1.0, budgets=(Budget(horizon_s=3600, epsilon=50.0),)),
-                    Problems(logging.getLogger("test.users")))
+    member = _member(paths, hourly_epsilon=50.0)
     _window(member, FakeWall())
     assert paths.report_file().exists()
     spent = _all_spends(paths)
@@ -285,8 +284,7 @@ def test_a_syftbox_folder_only_its_users_own_group_can_write_is_private_enough(s
     os.chmod(data, 0o775)
     os.chown(data, -1, own_group)
     paths = Paths(data, ME)
-    member = Member(paths, Settings(aggregator=AGG, interval_s=1.0, budgets=(Budget(horizon_s=3600, epsilon=50.0),)),
-                    Problems(logging.getLogger("test.users")))
+    member = _member(paths, hourly_epsilon=50.0)
     _window(member, FakeWall())
     assert paths.report_file().exists() and _all_spends(paths) == 1
     os.chown(data, -1, stranger[1])  # the stranger's own group: the stranger could rename private/ away

@@ -335,10 +335,8 @@ def test_an_unchanged_folder_costs_its_stamps_once_a_period_and_no_new_verdict(t
 # ---------------------------------------------------------------------------------------------------
 # The client's record of what the relay holds is trusted only when no other local user could have written it
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("open_up", ["record", "plugins"])
-def test_a_client_record_others_can_write_fails_closed_until_fixed(tmp_path, open_up) -> None:
-    """A record another local user could forge could hide what the relay holds: while the record, or its folder, is
-    writable by others every folder counts as exposed, with the command that fixes it; fixed, the check is as before."""
+def _inbox_with_record(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """An aggregator's datasite with one safe inbox folder, and an empty client record (0644 in a 0755 folder)."""
     datasite = tmp_path / "datasites" / AGG
     folder = datasite.joinpath(*INBOX, "m@example.org")
     ensure_permissions(folder, AGG, ["m@example.org"])
@@ -346,6 +344,14 @@ def test_a_client_record_others_can_write_fails_closed_until_fixed(tmp_path, ope
     record.parent.mkdir(mode=0o755)
     record.write_text(json.dumps({"states": {}, "status_info": {}}))
     os.chmod(record, 0o644)
+    return datasite, folder, record
+
+
+@pytest.mark.parametrize("open_up", ["record", "plugins"])
+def test_a_client_record_others_can_write_fails_closed_until_fixed(tmp_path, open_up) -> None:
+    """A record another local user could forge could hide what the relay holds: while the record, or its folder, is
+    writable by others every folder counts as exposed, with the command that fixes it; fixed, the check is as before."""
+    datasite, folder, record = _inbox_with_record(tmp_path)
     guard = PermissionGuard(datasite, record)
     assert guard.exposure(folder, ["m@example.org"]) is None
     opened = record if open_up == "record" else record.parent
@@ -361,13 +367,7 @@ def test_a_client_record_others_can_write_fails_closed_until_fixed(tmp_path, ope
 def test_a_client_record_owned_by_another_user_fails_closed(tmp_path) -> None:
     if os.geteuid() != 0:
         pytest.skip("giving a file to another user needs root; this case was not run")
-    datasite = tmp_path / "datasites" / AGG
-    folder = datasite.joinpath(*INBOX, "m@example.org")
-    ensure_permissions(folder, AGG, ["m@example.org"])
-    record = tmp_path / "plugins" / "local_syncstate.json"
-    record.parent.mkdir(mode=0o755)
-    record.write_text(json.dumps({"states": {}, "status_info": {}}))
-    os.chmod(record, 0o644)
+    datasite, folder, record = _inbox_with_record(tmp_path)
     os.chown(record, 54321, 54321)
     why = PermissionGuard(datasite, record).exposure(folder, ["m@example.org"])
     assert why is not None and "belongs to uid 54321" in why
