@@ -420,8 +420,7 @@ class PermissionGuard:
     _noted: set[tuple[str, ...]] = field(default_factory=set)
     _racy: set[str] = field(default_factory=set)  # folders listed this period with a file stamp too recent to trust
     _period: int = 0
-    _period_sync: tuple = (-1, None)  # (period, the client's record as this period sees it)
-    _period_distrust: tuple = (-1, None)  # (period, why the client's record cannot be trusted this period)
+    _once: dict[str, object] = field(default_factory=dict)  # what is worked out once a period ("sync", "distrust")
     _evictions: int = 0  # contents forgotten from ``_known``: a kept verdict may have relied on one
     _rels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # folder -> its parts below the datasite
     _listed: dict[str, dict] = field(default_factory=dict)  # folder -> its last listing
@@ -431,6 +430,7 @@ class PermissionGuard:
         kept only while all it was decided from is unchanged. A folder is listed, and a folder judged for given
         readers, at most once a period."""
         self._memo.clear()
+        self._once.clear()
         self._noted.clear()
         self._racy.clear()
         self._period += 1
@@ -519,27 +519,30 @@ class PermissionGuard:
                 self._noted.add(rel[:depth])
                 self._note_uploads(self._join(rel[:depth]), sync.get(rel[:depth], {}))
 
+    def _once_a_period(self, name: str, compute):
+        if name not in self._once:
+            self._once[name] = compute()
+        return self._once[name]
+
     def _distrust_this_period(self) -> str | None:
         """Why the client's record of what the relay holds cannot be trusted (another local user could have written
         it, so it could hide what the relay holds), checked once a period; None when it can, or there is none."""
-        if self._period_distrust[0] != self._period:
-            why = None
-            if self.sync_state_file is not None:
-                try:
-                    check_trusted_file(self.sync_state_file)
-                except PrivateTreeError as e:
-                    why = (f"the SyftBox client's record of what the relay holds: {e}, so it cannot tell what the "
-                           "relay holds")
-                except OSError as e:
-                    why = f"the SyftBox client's record of what the relay holds cannot be checked ({e})"
-            self._period_distrust = (self._period, why)
-        return self._period_distrust[1]
+        return self._once_a_period("distrust", self._distrust)
+
+    def _distrust(self) -> str | None:
+        if self.sync_state_file is None:
+            return None
+        try:
+            check_trusted_file(self.sync_state_file)
+        except PrivateTreeError as e:
+            return f"the SyftBox client's record of what the relay holds: {e}, so it cannot tell what the relay holds"
+        except OSError as e:
+            return f"the SyftBox client's record of what the relay holds cannot be checked ({e})"
+        return None
 
     def _sync_this_period(self):
         """The client's record as this period sees it (read once a period: one snapshot for every folder)."""
-        if self._period_sync[0] != self._period:
-            self._period_sync = (self._period, self._sync_view())
-        return self._period_sync[1]
+        return self._once_a_period("sync", self._sync_view)
 
     def _exposure(self, rel: tuple[str, ...], allowed: frozenset[str], own: int, sync) -> str | None:
         if sync is not None:
