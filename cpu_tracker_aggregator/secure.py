@@ -83,7 +83,6 @@ ABSENT_ROUNDS = 3  # a member missing from this many closed rounds in a row is l
 MEAN_FRACTION = 0.8  # of each release's epsilon, on the mean coordinate; the rest on the histogram
 RECENT = 12
 INBOX_ROUNDS = 3  # rounds one inbox carries at most: the newest closed one and those still waiting for its reveal
-NO_SHARE = bytes(secagg.SEED_BYTES)  # a reveal's block where its entry is not a share (Round.marks says which)
 NOISE_WORDS = {"dlaplace": "distributed discrete Laplace", "dgaussian": "distributed discrete Gaussian"}
 
 
@@ -300,19 +299,15 @@ class Round:
         for ``seed_shares`` (with which blocks are shares, where not all are), and its round keys with dropped
         neighbours (from a survivor only). ValueError if malformed: then nothing of it is filed."""
         nbrs = self.topo.graph[member]
-        d, w = len(nbrs), (len(nbrs) + 7) // 8
-        if len(plain) == 8 + 2 * w + secagg.SEED_BYTES * d and plain[8:8 + w] == self.topo.all_bits \
-                and not any(plain[8 + w:8 + 2 * w]):
-            self.bodies[member] = plain[8 + 2 * w:]
-        else:
-            entries, alive = secagg.unpack_reveal(plain, d)[1], self.shares
-            for p, e in zip(nbrs, entries):
-                if isinstance(e, bytes) and member in alive and p not in alive:
-                    self.keys[(member, p)] = e
-                    self.need_keys.discard((member, p))
-            share = [isinstance(e, int) for e in entries]
-            self.bodies[member] = b"".join(secagg.seed_bytes(e) if ok else NO_SHARE for e, ok in zip(entries, share))
-            self.marks[member] = bytes(share)
+        _, blocks, marks, keys = secagg.unpack_reveal(plain, len(nbrs))
+        if keys and member in self.shares:
+            for i, key in keys.items():
+                if nbrs[i] not in self.shares:
+                    self.keys[(member, nbrs[i])] = key
+                    self.need_keys.discard((member, nbrs[i]))
+        self.bodies[member] = blocks
+        if 0 in marks:
+            self.marks[member] = marks
         self.revealed.add(member)
         self.fresh = True
 
@@ -815,9 +810,8 @@ class SecureAggregator:
         those that sent one, all gathered for the whole cohort once per pass (``Topology.gather``, ``spread``)."""
         topo = rnd.topo
         if rnd.inbox_arrays is None:
-            view_size = 4 + (topo.degree + 7) // 8 + 64
             sealed_rows, senders = topo.gather(rnd.sealed, rnd.epoch.cohort, secagg.SEALED_SHARE_BYTES)
-            view_rows, signers = topo.spread(rnd.packed, rnd.epoch.cohort, view_size)
+            view_rows, signers = topo.spread(rnd.packed, rnd.epoch.cohort, secagg.view_size(topo.degree))
             signed = signers & senders
             rnd.inbox_arrays = (sealed_rows, senders, view_rows, signed, senders.all(axis=1).tolist(),
                                 signed.all(axis=1).tolist(), signed.any(axis=1).tolist(), rnd.h_text)
@@ -827,12 +821,11 @@ class SecureAggregator:
             bits, sealed = topo.all_bits, b"" if m in rnd.views else sealed_rows[i].tobytes()
         else:
             alive = senders[i]
-            bits, sealed = secagg.pack_bits(alive.tolist()), b"" if m in rnd.views else sealed_rows[i][alive].tobytes()
-        if all_signed[i]:  # secagg.pack_views' layout, in one copy
+            bits, sealed = secagg.pack_bits(alive), b"" if m in rnd.views else sealed_rows[i][alive].tobytes()
+        if all_signed[i]:  # secagg.pack_views with every neighbour's view present, in one copy
             views = topo.all_bits + view_rows[i].tobytes()
         elif any_signed[i]:
-            views = secagg.pack_views([row.tobytes() if ok else None for row, ok in zip(view_rows[i], signed[i])],
-                                      topo.degree)
+            views = secagg.pack_views(signed[i], view_rows[i])
         else:
             views = b""
         return {"round": rnd.number, "epoch_hash": h_text, "status": "unmasking", "survived": m in rnd.shares,

@@ -39,6 +39,15 @@ from shared.wire.secure_schema import (
 )
 from shared.wire.schema import utc_now
 
+
+def reveal_entries(plain: bytes, degree: int) -> list[int | bytes | None]:
+    """A reveal's entries in its member's neighbour order (``secagg.pack_reveal``'s: a share as an int, a round key
+    as bytes, None for nothing), from the aggregator's own reading of it (``secagg.unpack_reveal``)."""
+    _, blocks, marks, keys = secagg.unpack_reveal(plain, degree)
+    size = secagg.SEED_BYTES
+    return [secagg.seed_value(blocks[size * i:size * (i + 1)]) if marks[i] else keys.get(i) for i in range(degree)]
+
+
 log = logging.getLogger("test.adversary")
 
 
@@ -59,7 +68,9 @@ def entry_for(rnd: Round, m: str, *, told_dropped: set[str] = frozenset(), withh
     known = {**rnd.views, **(views or {})}
     got = [secagg.view_record(*known[p]) if ok and p not in withheld and p in known else None
            for p, ok in zip(nbrs, statuses)]
-    packed = secagg.pack_views(got, rnd.epoch.degree) if any(v is not None for v in got) else b""
+    present = np.array([v is not None for v in got], dtype=bool)
+    rows = np.frombuffer(b"".join(v or bytes(secagg.view_size(rnd.epoch.degree)) for v in got), dtype=np.uint8)
+    packed = secagg.pack_views(present, rows.reshape(len(got), -1)) if present.any() else b""
     return InboxRound(round=rnd.number, epoch_hash=b64(rnd.h), status="unmasking", survived=m in rnd.shares,
                       survivors=len(rnd.shares) if survivors is None else survivors,
                       statuses=b64(secagg.pack_bits(statuses)), sealed=b64(sealed), views=b64(packed) if packed else "")
@@ -145,7 +156,7 @@ class Adversary:
         for (rr, hh, m), sealed in self.loot.items():
             if rr == r and hh == h:
                 plain = secagg.unseal(self.agg._member_keys(m)["reveal"], sealed, secagg.reveal_aad(h, r))
-                out[m] = secagg.unpack_reveal(plain, degree)[1]
+                out[m] = reveal_entries(plain, degree)
         return out
 
     def opened(self, r: int, h: bytes | None = None) -> dict[str, list[int]]:

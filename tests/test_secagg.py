@@ -12,6 +12,7 @@ from cryptography.exceptions import InvalidTag
 
 from shared.secure import secagg
 from shared.secure.identity import Identity, verify
+from tests.adversary import reveal_entries
 
 H = b"h" * 32  # an epoch hash
 
@@ -207,13 +208,44 @@ def test_bitmaps_views_and_reveals_pack_and_unpack():
     with pytest.raises(ValueError):
         secagg.unpack_bits(b"\x01" * 4, 28)  # a padding bit set
     entries = [secagg.new_seed(), None, secrets.token_bytes(32), secagg.new_seed()]
-    r, got = secagg.unpack_reveal(secagg.pack_reveal(9, entries), 4)
-    assert r == 9 and got == entries
+    r, blocks, marks, keys = secagg.unpack_reveal(secagg.pack_reveal(9, entries), 4)
+    assert r == 9 and marks == bytes([1, 0, 0, 1]) and keys == {2: entries[2]}
+    assert blocks == secagg.seed_bytes(entries[0]) + bytes(32) + secagg.seed_bytes(entries[3])
+    assert reveal_entries(secagg.pack_reveal(9, entries), 4) == entries
     views = [None, (5, b"\xa0", b"s" * 64), (4, b"\x40", b"t" * 64)]
     records = [None if v is None else secagg.view_record(*v) for v in views]
-    assert secagg.unpack_views(secagg.pack_views(records, 3), 3, 3) == views
+    rows = np.frombuffer(b"".join(r or bytes(secagg.view_size(3)) for r in records), dtype=np.uint8).reshape(3, -1)
+    assert secagg.unpack_views(secagg.pack_views(np.array([r is not None for r in records]), rows), 3, 3) == views
     with pytest.raises(ValueError):
         secagg.unpack_reveal(secagg.pack_reveal(9, entries) + b"x", 4)
+
+
+@pytest.mark.parametrize("degree", [1, 4, 8, 9, 28, 30])
+def test_a_reveal_reads_back_for_every_pattern_and_every_malformed_one_is_refused(degree):
+    """The aggregator's slicing reader against the packer on random mixes of shares, keys and gaps, and against each
+    way a member could send a reveal whose bitmaps and bytes disagree."""
+    rng = random.Random(degree)
+    for _ in range(200):
+        entries = [rng.choice([None, "share", "share", "share", "key"]) for _ in range(degree)]
+        entries = [secagg.new_seed() if e == "share" else secrets.token_bytes(32) if e == "key" else None
+                   for e in entries]
+        raw = secagg.pack_reveal(3, entries)
+        assert reveal_entries(raw, degree) == entries
+        for bad in (raw[:-1], raw + b"x", raw[:-16], raw + bytes(16)):
+            with pytest.raises(ValueError):
+                secagg.unpack_reveal(bad, degree)
+    width = (degree + 7) // 8
+    raw = secagg.pack_reveal(3, [None] * degree)
+    if 8 * width > degree:  # a padding bit set, in either bitmap
+        for at in (8 + width - 1, 8 + 2 * width - 1):
+            with pytest.raises(ValueError, match="padding"):
+                secagg.unpack_reveal(raw[:at] + bytes([raw[at] | 1]) + raw[at + 1:], degree)
+    key_of_absent = bytearray(raw)
+    key_of_absent[8 + width] |= 0x80  # the first entry marked a key, but absent
+    with pytest.raises(ValueError, match="absent"):
+        secagg.unpack_reveal(bytes(key_of_absent) + bytes(32), degree)
+    with pytest.raises(ValueError, match="short"):
+        secagg.unpack_reveal(raw[:8 + width], degree)
 
 
 def test_the_consistency_rule():
@@ -339,12 +371,11 @@ def test_the_aggregators_gathering_of_shares_rebuilds_every_survivors_seed(n, dr
         assert got == [{x: shares[m][x - 1] for x in range(1, t + 1)} for m in alive]
 
 
-def test_gathered_reveals_take_only_real_shares_and_a_malformed_one_files_nothing_of_its_sender():
+def test_gathered_reveals_take_only_real_shares_and_a_share_that_is_no_field_element_alone_is_skipped():
     """Every reveal is filed as a block per neighbour and gathered in one pass: the blocks of entries that are not shares
-    (a round key, a share that never arrived: zeros, which are a field element) are never taken as shares, a share
-    that is not a field element in an all-shares reveal is skipped alone, and a reveal with round keys too that holds
-    one is refused whole (a ValueError for its sender alone: none of its shares or keys filed), while every other
-    survivor's seed still rebuilds from the lowest t x's that hold a real share."""
+    (a round key, a share that never arrived: zeros, which are a field element) are never taken as shares, and a share
+    that is not a field element is skipped alone, whether its reveal holds shares only or round keys too (whose keys
+    still count), while every survivor's seed still rebuilds from the lowest t x's that hold a real share."""
     from datetime import datetime, timezone
 
     from cpu_tracker_aggregator.secure import Round, Topology, plan_epoch
@@ -365,9 +396,9 @@ def test_gathered_reveals_take_only_real_shares_and_a_malformed_one_files_nothin
         rnd.shares[m] = {}
     rnd.need_keys = {(i, d) for d in gone for i in topo.graph[d] if i not in gone}
     missing = set(rng.sample([(j, p) for j in alive for p in topo.graph[j] if p in alive], 40))  # never arrived
-    liar = next(j for j in alive if any(p in gone for p in topo.graph[j]))  # its reveal holds keys too
+    mixed = next(j for j in alive if any(p in gone for p in topo.graph[j]))  # its reveal holds keys too
     sloppy = next(j for j in alive if not any(p in gone or (j, p) in missing for p in topo.graph[j]))  # all shares
-    bad_x = {}  # dealer -> the x whose share was not a field element
+    bad_x = {}  # (holder, dealer) -> the x whose share was not a field element
     for j in alive:
         entries = []
         for k, p in enumerate(topo.graph[j]):
@@ -375,24 +406,18 @@ def test_gathered_reveals_take_only_real_shares_and_a_malformed_one_files_nothin
                 entries.append(secagg.round_key(b"pair" + j.encode() + p.encode(), H, 7)[:32])
             elif (j, p) in missing:
                 entries.append(None)
-            elif j in (liar, sloppy) and not any(e is not None and not isinstance(e, bytes) and e >= shamir.PRIME
-                                                 for e in entries):
+            elif j in (mixed, sloppy) and not any(e is not None and not isinstance(e, bytes) and e >= shamir.PRIME
+                                                  for e in entries):
                 entries.append(shamir.PRIME)  # 16 bytes, but not a field element
-                if j == sloppy:
-                    bad_x[p] = topo.slot[j][k] + 1
+                bad_x[(j, p)] = topo.slot[j][k] + 1
             else:
                 entries.append(shares[p][topo.slot[j][k]])
-        if j == liar:
-            with pytest.raises(ValueError):
-                rnd.take_reveal(j, secagg.pack_reveal(7, entries))
-            rnd.revealed.add(j)  # as the aggregator does: that reveal is ignored, and said for that member alone
-        else:
-            rnd.take_reveal(j, secagg.pack_reveal(7, entries))
-    assert liar not in rnd.bodies and not any(i == liar for i, _ in rnd.keys)
-    assert (liar, next(p for p in topo.graph[liar] if p in gone)) in rnd.need_keys
+        rnd.take_reveal(j, secagg.pack_reveal(7, entries))
+    assert {d for i, d in rnd.keys if i == mixed} == {p for p in topo.graph[mixed] if p in gone}
+    assert not any(i == mixed for i, _ in rnd.need_keys) and len(bad_x) == 2
     got, lacking = rnd.seed_shares()
-    real = [[k + 1 for k, p in enumerate(topo.graph[m]) if p not in gone and p != liar and (p, m) not in missing
-             and not (p == sloppy and bad_x.get(m) == k + 1)] for m in alive]  # x's holding a real, filed share
+    real = [[k + 1 for k, p in enumerate(topo.graph[m]) if p not in gone and (p, m) not in missing
+             and bad_x.get((p, m)) != k + 1] for m in alive]  # x's holding a real, filed share
     assert [sorted(g) for g in got] == [xs[:t] for xs in real]  # the lowest t of them
     assert lacking == sum(len(xs) < t for xs in real) < len(alive) // 10
     enough = [k for k, xs in enumerate(real) if len(xs) >= t]

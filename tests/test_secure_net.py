@@ -21,6 +21,7 @@ from shared.secure import identity, secagg
 from shared.wire.catalog import SCHEMA_DIR
 from shared.secure.secagg import decode_vector
 from shared.wire.secure_schema import Epoch, SecureAnswers, SecureUpload, b64_bytes, read_mac
+from tests.adversary import reveal_entries
 from tests.localnet.demo import REPO, install_tracker, secure_settings, site_paths
 from tests.localnet.network import LocalNetwork
 
@@ -121,7 +122,7 @@ def test_the_relay_holds_only_masked_words_and_sealed_reveals(net):
     for sr in answers.reveals:
         plain = secagg.unseal(secagg.reveal_key(secret), b64_bytes(sr.sealed),
                               secagg.reveal_aad(b64_bytes(sr.epoch_hash), sr.round))
-        _, entries = secagg.unpack_reveal(plain, epoch.degree)
+        entries = reveal_entries(plain, epoch.degree)
         for e in entries:
             raw = e if isinstance(e, bytes) else secagg.seed_bytes(e)
             assert raw not in relay_bytes and base64.b64encode(raw) not in relay_bytes

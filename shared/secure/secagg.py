@@ -299,13 +299,9 @@ def lying_floor(n: int, degree: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Bitmaps, views, reveals
 # ---------------------------------------------------------------------------------------------------
-def pack_bits(bits: Sequence[bool]) -> bytes:
+def pack_bits(bits: Sequence[bool] | np.ndarray) -> bytes:
     """Bits in order, most significant first, padded with zeros to whole bytes."""
-    out = bytearray((len(bits) + 7) // 8)
-    for i, bit in enumerate(bits):
-        if bit:
-            out[i // 8] |= 0x80 >> (i % 8)
-    return bytes(out)
+    return np.packbits(np.asarray(bits, dtype=bool), bitorder="big").tobytes()
 
 
 def unpack_bits(raw: bytes, n: int) -> list[bool]:
@@ -369,30 +365,46 @@ def pack_reveal(round_: int, entries: Sequence[int | bytes | None]) -> bytes:
     return round_.to_bytes(8, "big") + pack_bits(present) + pack_bits(is_key) + body
 
 
-def unpack_reveal(raw: bytes, degree: int) -> tuple[int, list[int | bytes | None]]:
-    """(round, entries) of ``pack_reveal`` for a member with ``degree`` neighbours; ValueError if malformed."""
+def unpack_reveal(raw: bytes, degree: int) -> tuple[int, bytes, bytes, dict[int, bytes]]:
+    """``pack_reveal``'s reveal for a member with ``degree`` neighbours, as the aggregator files it: (round, a block
+    of ``SEED_BYTES`` per neighbour in its order, holding the share where the entry is one and zeros elsewhere, a
+    byte per neighbour that is 1 where the block is a share, the round keys by neighbour position). Cut with a
+    slice per entry that is not a share (a reveal is mostly shares): no object per entry. ValueError if malformed.
+    A share's block is not checked to be a field element here (``seed_value`` does, or the caller in bulk)."""
     width = (degree + 7) // 8
-    if len(raw) < 8 + 2 * width:
+    head = 8 + 2 * width
+    if len(raw) < head:
         raise ValueError("a reveal is too short")
+    present, is_key = int.from_bytes(raw[8:8 + width], "big"), int.from_bytes(raw[8 + width:head], "big")
+    pad = 8 * width - degree
+    if (present | is_key) & ((1 << pad) - 1):
+        raise ValueError("a bitmap's padding bits must be zero")
+    if is_key & ~present:
+        raise ValueError("a reveal marks an absent entry as a key")
+    others = (((1 << degree) - 1) << pad) & ~(present & ~is_key)  # the entries that are not shares
+    if len(raw) != head + SEED_BYTES * (degree - others.bit_count()) + KEY_BYTES * is_key.bit_count():
+        raise ValueError("a reveal's length does not match its bitmaps")
     round_ = int.from_bytes(raw[:8], "big")
-    present = unpack_bits(raw[8:8 + width], degree)
-    is_key = unpack_bits(raw[8 + width:8 + 2 * width], degree)
-    at, out = 8 + 2 * width, []
-    for p, k in zip(present, is_key):
-        if not p:
-            if k:
-                raise ValueError("a reveal marks an absent entry as a key")
-            out.append(None)
-            continue
-        size = KEY_BYTES if k else SEED_BYTES
-        chunk = raw[at:at + size]
-        if len(chunk) != size:
-            raise ValueError("a reveal is cut short")
-        out.append(bytes(chunk) if k else seed_value(chunk))
-        at += size
-    if at != len(raw):
-        raise ValueError("a reveal has trailing bytes")
-    return round_, out
+    if not others:
+        return round_, raw[head:], b"\1" * degree, {}
+    blocks, marks, keys, at, done = [], bytearray(b"\1" * degree), {}, head, 0
+    while others:
+        top = others.bit_length() - 1
+        i = 8 * width - 1 - top  # the next entry that is not a share, in neighbour order
+        blocks.append(raw[at:at + SEED_BYTES * (i - done)])
+        at += SEED_BYTES * (i - done)
+        if is_key >> top & 1:
+            keys[i] = raw[at:at + KEY_BYTES]
+            at += KEY_BYTES
+        blocks.append(bytes(SEED_BYTES))
+        marks[i], done, others = 0, i + 1, others ^ (1 << top)
+    blocks.append(raw[at:])
+    return round_, b"".join(blocks), bytes(marks), keys
+
+
+def view_size(degree: int) -> int:
+    """The bytes of one ``view_record`` whose signer has ``degree`` neighbours."""
+    return 4 + (degree + 7) // 8 + 64
 
 
 def view_record(survivors: int, statuses: bytes, signature: bytes) -> bytes:
@@ -403,20 +415,20 @@ def view_record(survivors: int, statuses: bytes, signature: bytes) -> bytes:
     return survivors.to_bytes(4, "big") + statuses + signature
 
 
-def pack_views(records: Sequence[bytes | None], degree: int) -> bytes:
-    """Neighbours' signed views for one member's inbox, in its neighbour order: None for a neighbour without one, else
-    its ``view_record``. Layout: a bitmap of the present entries, then the records."""
-    size = 4 + (degree + 7) // 8 + 64
-    if any(r is not None and len(r) != size for r in records):
-        raise ValueError("a view record has the wrong length")
-    return pack_bits([r is not None for r in records]) + b"".join(r for r in records if r is not None)
+def pack_views(present: np.ndarray, records: np.ndarray) -> bytes:
+    """Neighbours' signed views for one member's inbox, in its neighbour order: ``records`` holds a row per neighbour
+    (its ``view_record`` where ``present``, anything elsewhere). Layout: a bitmap of the present entries, then their
+    records."""
+    if records.ndim != 2 or len(records) != len(present) or records.dtype != np.uint8:
+        raise ValueError("the view records must be a row of bytes per neighbour")
+    return pack_bits(present) + records[np.asarray(present, dtype=bool)].tobytes()
 
 
 def unpack_views(raw: bytes, n: int, degree: int) -> list[tuple[int, bytes, bytes] | None]:
     """The ``n`` entries of ``pack_views``; ValueError if malformed."""
     head, width = (n + 7) // 8, (degree + 7) // 8
     present = unpack_bits(raw[:head], n)
-    size, at, out = 4 + width + 64, head, []
+    size, at, out = view_size(degree), head, []
     for p in present:
         if not p:
             out.append(None)
