@@ -420,12 +420,13 @@ class SecureAggregator:
             }
         return hit
 
-    def _read_bytes(self, path) -> bytes | None:
+    def _read_bytes(self, path, st: os.stat_result | None = None) -> bytes | None:
         """A file in a member's datasite (``read_regular``: never blocks, a regular file only, never through a
-        symlink in its last component, size capped); None when absent or refused (said once). Every such file is
-        MAC'd or signed, so one reached through a symlinked folder is refused by its MAC, not trusted."""
+        symlink in its last component, size capped; ``st``: its ``lstat``, just taken); None when absent or refused
+        (said once). Every such file is MAC'd or signed, so one reached through a symlinked folder is refused by its
+        MAC, not trusted."""
         try:
-            raw = read_regular(path, MAX_MEMBER_FILE_BYTES + 1)
+            raw = read_regular(path, MAX_MEMBER_FILE_BYTES + 1, st=st)
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -443,14 +444,14 @@ class SecureAggregator:
         ``keep``, a file is returned once per version (None while unchanged) and not held: thousands of parsed files
         kept from round to round made the garbage collector's full pass a tenth of a round at 10,000 members."""
         try:
-            sig = signature(os.lstat(path))
+            st = os.lstat(path)
         except OSError:
             self._files.pop(path, None)
             return None
-        hit = self._files.get(path)
+        sig, hit = signature(st), self._files.get(path)
         if hit is not None and hit[0] == sig:
             return hit[1] if keep else None
-        raw, parsed = self._read_bytes(path), None
+        raw, parsed = self._read_bytes(path, st), None
         if raw is not None:
             try:
                 parsed = read_mac(raw, model, key)

@@ -390,15 +390,17 @@ def describe(mode: int) -> str:
     return "not a regular file"
 
 
-def read_regular(path: Path, limit: int, *, follow: bool = False) -> bytes:
+def read_regular(path: Path, limit: int, *, follow: bool = False, st: os.stat_result | None = None) -> bytes:
     """At most ``limit`` bytes of the regular file at ``path``, without ever blocking: for any file another process,
     app or user may create. Raises ``FileNotFoundError`` when nothing is there, ``NotRegularFile`` for a FIFO, a
     socket, a device or a folder (and for a symlink unless ``follow``), ``OSError`` when it cannot be read.
 
-    The path is checked with ``stat`` before it is opened (a device is never opened at all), opened with
-    ``O_NONBLOCK`` (a FIFO swapped in meanwhile cannot block the open) and ``O_NOFOLLOW`` unless ``follow``, and
-    the decision is taken again on ``fstat`` of what was opened."""
-    st = os.stat(path, follow_symlinks=follow)
+    The path is checked with ``stat`` before it is opened (a device is never opened at all; ``st``: the caller's own
+    ``stat`` of ``path``, just taken, following symlinks as ``follow`` says), opened with ``O_NONBLOCK`` (a FIFO
+    swapped in meanwhile cannot block the open) and ``O_NOFOLLOW`` unless ``follow``, and the decision is taken again
+    on ``fstat`` of what was opened."""
+    if st is None:
+        st = os.stat(path, follow_symlinks=follow)
     if not stat.S_ISREG(st.st_mode):
         raise NotRegularFile(errno.EINVAL, f"is {describe(st.st_mode)}, not a regular file", str(path))
     try:
@@ -411,14 +413,16 @@ def read_regular(path: Path, limit: int, *, follow: bool = False) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile(errno.EINVAL, f"is {describe(st.st_mode)}, not a regular file", str(path))
-        chunks, left = [], limit
+        chunks, left, want = [], limit, st.st_size + 1
         while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
+            ask = min(left, want)
+            chunk = os.read(fd, ask)
             chunks.append(chunk)
             left -= len(chunk)
-        return b"".join(chunks)
+            if len(chunk) < ask:  # a regular file's read comes back short only at its end: one read, as a rule
+                break
+            want = 1 << 20
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     finally:
         os.close(fd)
 

@@ -69,6 +69,36 @@ def test_read_regular_reads_at_most_the_limit(tmp_path: Path) -> None:
     assert len(read_regular(path, 2_500_001)) == 2_500_001 and read_regular(path, 10) == b"x" * 10
 
 
+def test_read_regular_reads_whole_a_file_that_grew_after_its_fstat_and_an_empty_one(tmp_path: Path, monkeypatch) -> None:
+    """One read of the size fstat gave, plus one byte, is taken for the whole file only when it comes back short."""
+    import shared.atomic as atomic
+
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    assert read_regular(path, 100) == b""
+    path.write_bytes(b"x" * 10)
+    real_fstat = os.fstat
+
+    def fstat_then_grow(fd):
+        st = real_fstat(fd)
+        with open(path, "ab") as f:
+            f.write(b"y" * 3_000_000)
+        return st
+
+    monkeypatch.setattr(atomic.os, "fstat", fstat_then_grow)
+    assert read_regular(path, 4_000_000) == b"x" * 10 + b"y" * 3_000_000
+
+
+def test_a_fifo_swapped_in_after_the_callers_own_stat_cannot_block_the_open(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    st = os.lstat(path)
+    path.unlink()
+    os.mkfifo(path)
+    with deadline(5), pytest.raises(NotRegularFile):
+        read_regular(path, 100, st=st)
+
+
 def test_a_fifo_swapped_in_after_the_check_cannot_block_the_open(tmp_path: Path, monkeypatch) -> None:
     """The stat sees a file, then a FIFO takes its place before the open: O_NONBLOCK and fstat still refuse it."""
     import shared.atomic as atomic

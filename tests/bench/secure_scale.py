@@ -180,7 +180,7 @@ class InMemoryAggregator(SecureAggregator):
     files: dict
     cohort: Cohort
 
-    def _read_bytes(self, path):
+    def _read_bytes(self, path, st=None):
         return self.files.get(str(path))
 
     def _member_file(self, path, model, key, problem, *, keep=True):
