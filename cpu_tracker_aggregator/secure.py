@@ -16,6 +16,7 @@ puts a member's email into a file anyone but that member or the aggregator reads
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import logging
 import math
@@ -753,7 +754,7 @@ class SecureAggregator:
         """Each cohort member's inbox, MAC'd for it. Permission files are written once per member and process; no
         fsync (an inbox is rewritten at the next close anyway). A folder whose permission files would let anyone
         else read it gets nothing: its inbox is withdrawn (said once) and written again once that is fixed."""
-        guard, exposed = guard_for(self.paths.my_datasite, self.paths.sync_state_file), []
+        guard, exposed, failed = guard_for(self.paths.my_datasite, self.paths.sync_state_file), [], []
         for m, body in self.inbox_bodies(now, current).items():
             where = self._where(m)  # plain strings: a Path per member per round was the round's largest cost
             why = withhold(guard, where["inbox_dir"], [m], [where["inbox"]])
@@ -766,11 +767,18 @@ class SecureAggregator:
                     ensure_permissions(self.paths.inbox_dir(m), self.paths.email, [m])
                     self._perms_done.add(m)
                 replace_file(where["inbox"], body)
-                self.problems.clear("inbox-write")
             except OSError as ex:
-                self.problems.report("inbox-write", f"secure mode: cannot write inboxes ({ex}); free disk space")
                 self._perms_done.discard(m)
-                return
+                if ex.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # no inbox can be written: stop here
+                    self.problems.report("inbox-write", f"secure mode: cannot write inboxes ({ex}); free disk space")
+                    return
+                failed.append(f"{where['inbox']} ({ex.strerror or ex})")  # this member's alone: the others go on
+        if failed:
+            self.problems.report("inbox-write", f"secure mode: cannot write {len(failed)} inbox(es), those members "
+                                 f"cannot answer until it is fixed: {', '.join(failed[:3])}"
+                                 f"{' ...' if len(failed) > 3 else ''}; remove what is in the way")
+        else:
+            self.problems.clear("inbox-write", "secure mode: every inbox written again")
         if exposed:
             self.problems.report("inbox-exposed", exposure_sentence(exposed, "inbox folders"), logging.ERROR)
         else:

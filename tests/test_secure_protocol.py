@@ -557,3 +557,24 @@ def test_a_ledger_edited_into_garbage_while_running_pauses_the_member_said_once(
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "ledger" in r.getMessage()]
     assert len(said) == 1 and "releases paused" in said[0], said
     assert net.upload(m, net.round - 1) is None  # nothing of a round is sent without its charge
+
+
+def test_a_folder_at_one_inbox_path_costs_that_member_its_inbox_alone(tmp_path, monkeypatch, caplog):
+    """Another app (or a user) leaves a folder where one member's inbox goes: that inbox cannot be written, said once
+    with its path, and every other member's inbox is still written at every close (the rounds go on)."""
+    net = Net(tmp_path, 4, monkeypatch)
+    net.step()
+    net.step()
+    p, victim = net.agg.paths, net.members[1]
+    p.inbox_file(victim).unlink()
+    p.inbox_file(victim).mkdir()
+    (p.inbox_file(victim) / "keep").write_text("not the aggregator's")
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        before = {m: p.inbox_file(m).read_bytes() for m in net.members if m != victim}
+        net.step()
+        assert all(p.inbox_file(m).read_bytes() != before[m] for m in before)
+    said = [r.getMessage() for r in caplog.records if str(p.inbox_file(victim)) in r.getMessage()]
+    assert len(said) == 1 and "inbox" in said[0], said
+    assert [f.read_text() for f in p.inbox_dir(victim).rglob("keep")] == ["not the aggregator's"]  # nothing lost
+    assert net.status(net.round - 2).status == "published"
