@@ -38,6 +38,7 @@ from tests.bench.common import (
     load_average,
     machine,
     remove_later,
+    speed_reference,
     write_report,
 )
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         args.result.write_text(json.dumps({**asdict(res)}, default=str))
         return 0
 
-    started, load_start = time.perf_counter(), load_average()
+    started, load_start, speed_start = time.perf_counter(), load_average(), speed_reference()
     work = args.work or Path(tempfile.mkdtemp(prefix="cpu_tracker_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     wanted = set(args.only or BENCHMARKS)
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             remove_later(work)
     meta = {"machine": machine(), "quick": args.quick, "seconds": time.perf_counter() - started,
             "command": "./run.sh bench" + (" --quick" if args.quick else ""), "load_start": load_start,
-            "load_end": load_average()}
+            "load_end": load_average(), "speed_start": speed_start, "speed_end": speed_reference()}
     text = write_report(args.out, meta, [results[n] for n in BENCHMARKS + OPT_IN if n in results])
     print(text)
     log(f"report written to {args.out / 'report.md'} and {args.out / 'report.json'}")

@@ -97,6 +97,16 @@ def load_average() -> str:
         return "?"
 
 
+def speed_reference() -> float:
+    """CPU seconds of a fixed pure-Python loop (10^7 additions): how fast this machine runs Python right now. Its
+    speed moves by tens of per cent from hour to hour (a shared host), so two runs' absolute times compare only
+    beside this figure."""
+    started, total = time.process_time(), 0
+    for i in range(10_000_000):
+        total += i
+    return time.process_time() - started
+
+
 def remove_later(path: Path) -> None:
     """Delete a large folder in the background (100,000-member trees take a minute to delete)."""
     if not path.exists():
@@ -243,6 +253,9 @@ def markdown(meta: dict, results: list[Result]) -> str:
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, Python {m['python']}, {m['os']}",
         f"- load average (1, 5, 15 min) at the start {meta['load_start']}, at the end {meta['load_end']}: the "
         "machine is shared, and other work running at the same time slows some figures",
+        f"- machine speed (a fixed pure-Python loop of 10^7 additions, CPU time; lower is faster): "
+        f"{meta.get('speed_start', float('nan')):.2f} s at the start, {meta.get('speed_end', float('nan')):.2f} s at "
+        "the end. Absolute times of two runs compare only beside it",
         f"- code: commit {m['commit']}",
         f"- goals met: **{met} of {len(rows_all)}**",
         "",
