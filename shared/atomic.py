@@ -81,12 +81,13 @@ def replace_file(path: Path | str, data: bytes, *, mode: int = PUBLIC) -> None:
     head, tail = os.path.split(path)
     nxt = os.path.join(head, f".{tail}.next{TEMP_SUFFIX}")
     kept = os.path.join(head, f".{tail}.kept{TEMP_SUFFIX}")
-    fd = _reusable(nxt, mode)
+    fd, size = _reusable(nxt, mode)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.ftruncate(fd, len(data))  # after the write: an inbox's size barely changes, so no block is freed
+        if size > len(data):  # after the write: an inbox's size barely changes, so no block is freed
+            os.ftruncate(fd, len(data))
     finally:
         os.close(fd)
     if _exchange(nxt, path):
@@ -138,14 +139,14 @@ def _exchange(a: str, b: str) -> bool:
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # linux/fcntl.h, linux/fs.h
 
 
-def _reusable(tmp: str, mode: int) -> int:
-    """A descriptor of ``tmp`` opened for writing: the kept inode when it is a regular file of ours with one link,
-    else a new file (created exclusively, never through a symlink)."""
+def _reusable(tmp: str, mode: int) -> tuple[int, int]:
+    """A descriptor of ``tmp`` opened for writing, and the size of what it holds: the kept inode when it is a regular
+    file of ours with one link, else a new file (created exclusively, never through a symlink)."""
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC)
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.getuid() and (st.st_mode & 0o7777) == mode:
-            return fd
+            return fd, st.st_size
         os.close(fd)
         os.unlink(tmp)
     except FileNotFoundError:
@@ -154,7 +155,7 @@ def _reusable(tmp: str, mode: int) -> int:
         os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, mode)
     os.fchmod(fd, mode)  # the umask filtered the mode given to open
-    return fd
+    return fd, 0
 
 
 def ensure_private_dir(folder: Path) -> None:

@@ -502,6 +502,9 @@ def test_replace_file_keeps_an_inode_for_the_next_write_and_never_writes_through
     replace_file(path, b"five")
     assert victim.read_bytes() == b"precious" and path.read_bytes() == b"five"
     assert not any(p.name.endswith(".kept" + TEMP_SUFFIX) for p in tmp_path.iterdir())
+    for size in (4400, 4399, 4400, 4401, 10, 0, 9000, 4400):  # a kept inode of another size: cut or grown to fit
+        replace_file(path, bytes([size % 251]) * size)
+        assert path.read_bytes() == bytes([size % 251]) * size
 
 
 def test_replace_file_swaps_the_new_file_in_and_never_cuts_a_path_short(tmp_path):
