@@ -59,6 +59,7 @@ from shared.wire.secure_schema import (
     UNIT_WORDS,
     Epoch,
     inbox_file,
+    inbox_round,
     Refused,
     RoundOutcome,
     RoundOutcomes,
@@ -802,9 +803,8 @@ class SecureAggregator:
                 if m not in rnd.graph or m in rnd.revealed:
                     continue
                 if rnd.status == "refused":
-                    entries.append({"round": rnd.number, "epoch_hash": rnd.h_text, "status": "refused",
-                                    "survived": False, "survivors": len(rnd.survivors), "statuses": "", "sealed": "",
-                                    "views": "", "reason": rnd.reason})
+                    entries.append(inbox_round(round=rnd.number, epoch_hash=rnd.h_text, status="refused",
+                                               survivors=len(rnd.survivors), reason=rnd.reason))
                 else:
                     entries.append(self._inbox_entry(rnd, m))
                 if len(entries) == INBOX_ROUNDS:
@@ -813,8 +813,8 @@ class SecureAggregator:
         return out
 
     @staticmethod
-    def _inbox_entry(rnd: Round, m: str) -> dict:
-        """What ``m`` is told of one round (``InboxRound``'s fields): statuses over its neighbours, the survivor count,
+    def _inbox_entry(rnd: Round, m: str) -> bytes:
+        """What ``m`` is told of one round (an ``InboxRound``, ``inbox_round``): statuses over its neighbours, the survivor count,
         the shares its surviving neighbours sealed for it (until its view shows it has them) and the signed views of
         those that sent one, all gathered for the whole cohort once per pass (``Topology.gather``, ``spread``)."""
         topo = rnd.topo
@@ -837,9 +837,8 @@ class SecureAggregator:
             views = secagg.pack_views(signed[i], view_rows[i])
         else:
             views = b""
-        return {"round": rnd.number, "epoch_hash": h_text, "status": "unmasking", "survived": m in rnd.shares,
-                "survivors": len(rnd.shares), "statuses": b64(bits), "sealed": b64(sealed),
-                "views": b64(views) if views else "", "reason": None}
+        return inbox_round(round=rnd.number, epoch_hash=h_text, status="unmasking", survived=m in rnd.shares,
+                           survivors=len(rnd.shares), statuses=bits, sealed=sealed, views=views)
 
     def _write_outcomes(self, now: datetime) -> None:
         """The recent rounds' outcomes, signed, for the cohort (beside the epoch, under its permission)."""

@@ -85,11 +85,11 @@ class LyingAggregator(SecureAggregator):
     withheld: dict[int, dict[str, set[str]]] = field(default_factory=dict)
     forged: dict[int, dict[str, tuple[int, bytes, bytes]]] = field(default_factory=dict)
 
-    def _inbox_entry(self, rnd: Round, m: str) -> dict:
+    def _inbox_entry(self, rnd: Round, m: str) -> bytes:
         r = rnd.number
         return entry_for(rnd, m, told_dropped=self.lies.get(r, {}).get(m, set()),
                          withheld=self.withheld.get(r, {}).get(m, set()), views=self.forged.get(r, {}),
-                         with_sealed=m not in rnd.views).model_dump()
+                         with_sealed=m not in rnd.views).model_dump_json().encode()
 
 
 class Adversary:

@@ -424,23 +424,26 @@ def test_gathered_reveals_take_only_real_shares_and_a_share_that_is_no_field_ele
     assert secagg.combine_seeds([got[k] for k in enough], t) == [seeds[alive[k]] for k in enough]
 
 
-def test_the_fast_inbox_encoder_writes_what_the_model_and_the_committed_schema_accept():
+@pytest.mark.parametrize("reason", ["2 of 12 members uploaded", 'quotes " and \\ and \n and é and \u2028'])
+def test_the_fast_inbox_encoder_writes_what_the_model_and_the_committed_schema_accept(reason):
     import json
     from datetime import datetime, timezone
 
     import jsonschema
 
     from shared.wire.catalog import SCHEMA_DIR
-    from shared.wire.secure_schema import Inbox, InboxRound, b64, inbox_file, read_mac
+    from shared.wire.secure_schema import Inbox, InboxRound, b64, inbox_file, inbox_round, read_mac
 
     key = secrets.token_bytes(32)
     now = datetime(2026, 1, 1, 12, 0, 1, 250000, tzinfo=timezone.utc)
-    entries = [{"round": 9, "epoch_hash": b64(H), "status": "unmasking", "survived": True, "survivors": 12,
-                "statuses": b64(b"\xf0"), "sealed": b64(secrets.token_bytes(128)), "views": "", "reason": None},
-               {"round": 8, "epoch_hash": b64(H), "status": "refused", "survived": False, "survivors": 2,
-                "statuses": "", "sealed": "", "views": "", "reason": "2 of 12 members uploaded"}]
-    raw = inbox_file("m@x.org", now, entries, key)
+    fields = [{"round": 9, "epoch_hash": b64(H), "status": "unmasking", "survived": True, "survivors": 12,
+               "statuses": b"\xf0", "sealed": secrets.token_bytes(128), "views": secrets.token_bytes(77)},
+              {"round": 8, "epoch_hash": b64(H), "status": "refused", "survivors": 2, "reason": reason},
+              {"round": 7, "epoch_hash": b64(H), "status": "unmasking", "survived": False, "survivors": 0}]
+    raw = inbox_file("m@x.org", now, [inbox_round(**f) for f in fields], key)
     parsed = read_mac(raw, Inbox, key)
-    assert parsed == Inbox(member="m@x.org", created_at=now, rounds=[InboxRound(**e) for e in entries],
+    as_text = [{k: b64(v) if isinstance(v, bytes) else v for k, v in f.items()} for f in fields]
+    assert parsed == Inbox(member="m@x.org", created_at=now, rounds=[InboxRound(**e) for e in as_text],
                            mac=parsed.mac)
+    assert parsed.rounds[1].reason == reason and parsed.rounds[2].sealed == ""
     jsonschema.validate(json.loads(raw), json.loads((SCHEMA_DIR / "secure_inbox.schema.json").read_text()))

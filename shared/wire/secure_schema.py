@@ -372,12 +372,29 @@ class Inbox(_Wire):
     mac: str = ""
 
 
-def inbox_file(member: str, created_at: datetime, rounds: list[dict], key: bytes) -> bytes:
-    """An ``Inbox`` file, MAC'd, from entries given as dicts of ``InboxRound``'s fields: the aggregator writes
-    thousands a round, and pydantic's encoder does it from plain dicts in a fifth of the time a model takes. The
-    member parses it with the model (``read_mac(raw, Inbox, key)``), and the tests check that both agree."""
-    body = to_json({"schema_version": 2, "kind": INBOX_KIND, "member": member, "created_at": created_at,
-                    "rounds": rounds})
+def inbox_round(*, round: int, epoch_hash: str, status: Literal["unmasking", "refused"], survived: bool = False,
+                survivors: int = 0, statuses: bytes = b"", sealed: bytes = b"", views: bytes = b"",
+                reason: str | None = None) -> bytes:
+    """One ``InboxRound`` (its fields, the bitmaps and blocks as raw bytes) as the JSON ``inbox_file`` puts together:
+    the aggregator writes 20,000 a round at 10,000 members, and joining bytes takes a third of the time pydantic's
+    encoder takes from a dict of base64 text. The member reads it with the model (``read_mac(raw, Inbox, key)``);
+    tests check that model and committed schema accept it and read back the same fields."""
+    return b"".join((
+        b'{"round":%d,"epoch_hash":"' % round, epoch_hash.encode(), b'","status":', _STATUS_JSON[status],
+        b',"survived":', b"true" if survived else b"false", b',"survivors":%d,"statuses":"' % survivors,
+        binascii.b2a_base64(statuses, newline=False), b'","sealed":"', binascii.b2a_base64(sealed, newline=False),
+        b'","views":"', binascii.b2a_base64(views, newline=False), b'","reason":',
+        b"null" if reason is None else to_json(reason), b"}",
+    ))
+
+
+_STATUS_JSON = {"unmasking": b'"unmasking"', "refused": b'"refused"'}
+
+
+def inbox_file(member: str, created_at: datetime, rounds: list[bytes], key: bytes) -> bytes:
+    """An ``Inbox`` file, MAC'd, from rounds encoded by ``inbox_round``."""
+    body = b"".join((b'{"schema_version":2,"kind":"', INBOX_KIND.encode(), b'","member":', to_json(member),
+                     b',"created_at":', to_json(created_at), b',"rounds":[', b",".join(rounds), b"]}"))
     return _with_trailer(body, "mac", hmac.digest(key, message(INBOX_KIND, body), "sha256"))
 
 

@@ -26,7 +26,7 @@ from shared.atomic import atomic_write_json
 from shared.privacy.ledger import Ledger, LedgerKeeper
 from shared.logs import Problems
 from shared.paths import Paths
-from shared.wire.secure_schema import b64, epoch_hash, inbox_file, message, signed_file
+from shared.wire.secure_schema import b64, epoch_hash, inbox_file, inbox_round, message, signed_file
 from shared.settings import Settings
 from tests.bench.common import Result, Row
 
@@ -99,7 +99,7 @@ def member_cost(work: Path, k: int, rounds: int) -> dict:
             "rounds_per_epoch": epoch.rounds, "bytes": sizes, "revealed": answered}
 
 
-def _entry(epoch, h, r, me, peers, pair, t, *, with_views: bool, ids=None) -> dict:
+def _entry(epoch, h, r, me, peers, pair, t, *, with_views: bool, ids=None) -> bytes:
     """Round r of the member's inbox as the aggregator writes it: its neighbours' sealed shares (first time) or their
     signed views (all survived)."""
     survivors = len(epoch.cohort)
@@ -112,9 +112,8 @@ def _entry(epoch, h, r, me, peers, pair, t, *, with_views: bool, ids=None) -> di
             bits = tuple(True for _ in epoch.neighbours(p))
             sig = ids[p].sign(secagg.view_message(secagg.View(h, r, p, survivors, bits)))
             views += secagg.view_record(survivors, secagg.pack_bits(bits), sig)
-    return {"round": r, "epoch_hash": b64(h), "status": "unmasking", "survived": True, "survivors": survivors,
-            "statuses": b64(secagg.pack_bits([True] * len(peers))), "sealed": b64(sealed),
-            "views": b64(views) if views else "", "reason": None}
+    return inbox_round(round=r, epoch_hash=b64(h), status="unmasking", survived=True, survivors=survivors,
+                       statuses=secagg.pack_bits([True] * len(peers)), sealed=sealed, views=views)
 
 
 def run(ctx) -> Result:
