@@ -4,6 +4,7 @@ an odd name, a ``{useremail}`` rule; what each kind of rule lets whom read (``ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -362,6 +363,26 @@ def test_a_client_record_others_can_write_fails_closed_until_fixed(tmp_path, ope
     os.chmod(opened, 0o644 if open_up == "record" else 0o755)
     guard.refresh()
     assert guard.exposure(folder, ["m@example.org"]) is None
+
+
+def test_a_client_record_others_can_write_vouches_for_no_delivery(tmp_path) -> None:
+    """Whatever a record another local user could have written says, no upload counts as delivered by it (so the
+    member charges nothing on its word), whichever is asked first: the exposure check or the delivery."""
+    datasite, folder, record = _inbox_with_record(tmp_path)
+    upload = folder / "r7.json"
+    upload.write_bytes(b"an upload")
+    digest = hashlib.sha256(b"an upload").hexdigest()
+    key = f"{AGG}/{'/'.join(INBOX)}/m@example.org/r7.json"
+    record.write_text(json.dumps({"states": {key: {"hash": digest}}, "status_info": {}}))
+    guard = PermissionGuard(datasite, record, watch=lambda name: name == "r7.json")
+    assert guard.delivered(upload) is True
+    os.chmod(record, 0o666)
+    guard.refresh()
+    assert guard.delivered(upload) is False and guard.needs_reset(folder) is False
+    assert guard.exposure(folder, ["m@example.org"]) is not None
+    os.chmod(record, 0o644)
+    guard.refresh()
+    assert guard.delivered(upload) is True and guard.exposure(folder, ["m@example.org"]) is None
 
 
 def test_a_client_record_owned_by_another_user_fails_closed(tmp_path) -> None:
