@@ -24,7 +24,7 @@ from shared.atomic import PRIVATE, atomic_write_json, atomic_write_text, remove_
 from shared.privacy.ledger import Charge, Ledger, LedgerKeeper, Spend, spent_per_budget
 from shared.logs import Hourly, Problems
 from shared.paths import Paths
-from shared.permissions import PermissionGuard, ensure_permissions, withdraw
+from shared.permissions import PermissionGuard, ensure_permissions, undelivered_causes, withdraw
 from shared.privacy import CPU_BOUNDS, SECOND_UNIT, UNIT_S, clip_cpu, laplace_release, window_sensitivity
 from shared.host.runner import Role
 from shared.wire.schema import MemberReport, PrivacyUnit, Window, utc_now
@@ -188,8 +188,8 @@ class Member:
         that one release. True again (said once) once it is there; always True without a record (the Go client)."""
         if self.guard().delivered(self.paths.report_file()) is False:
             self.problems.report("undelivered", f"the last report ({self.paths.report_file()}) has not reached the "
-                                 "relay yet (the SyftBox client is offline or the relay is down): no release is "
-                                 "spent until it has, since a new one would replace it unseen")
+                                 f"relay yet ({undelivered_causes(self.paths.sync_state_file)}): no release is spent "
+                                 "until it has, since a new one would replace it unseen")
             return False
         self.problems.clear("undelivered", "the relay has the last report: releases resume")
         return True

@@ -42,6 +42,7 @@ from shared.privacy.ledger import BudgetExceeded, Charge, LedgerKeeper, Spend
 from shared.privacy.safezone import day_epsilon as monitors_day_epsilon
 from shared.logs import Problems
 from shared.paths import Paths
+from shared.permissions import undelivered_causes
 from shared.privacy import CPU_BOUNDS, DAY_UNIT, clip_cpu
 from shared.wire.schema import utc_now
 from shared.secure.secnoise import NoiseSpec, epsilon_of, quantize, release_event, sample_share
@@ -437,7 +438,7 @@ class SecureMember:
         self.problems.clear("unclosed", "secure mode: the aggregator closes rounds again: taking part")
         if state.last_used >= 0 and self.delivered(self.paths.upload_file(state.last_used)) is False:
             self.problems.report("undelivered", f"secure mode: the upload for round {state.last_used} has not reached "
-                                 "the relay yet (the SyftBox client is offline or the relay is down): not taking part, "
+                                 f"the relay yet ({undelivered_causes(self.paths.sync_state_file)}): not taking part, "
                                  "so nothing is charged, until it has")
             return False
         self.problems.clear("undelivered", "secure mode: the relay has the last upload: taking part")
