@@ -823,13 +823,13 @@ def withdraw(files: Iterable[Path | str]) -> tuple[list[str], list[str]]:
     return removed, failed
 
 
-@lru_cache(maxsize=64)
 def undelivered_causes(sync_state_file: Path | None) -> str:
     """Why ``PermissionGuard.delivered`` can say False, and what to do, for a log line."""
     return (f"the SyftBox client is offline or the relay is down; or {sync_state_file} is an old record left by the "
             "Python client after a switch to the Go client, which never updates it: then remove that file")
 
 
+@lru_cache(maxsize=64)
 def guard_for(datasite: Path, sync_state_file: Path | None = None) -> PermissionGuard:
     """One guard per datasite in this process, shared by the parts of a role (its caches serve them all)."""
     return PermissionGuard(Path(datasite), sync_state_file)
