@@ -814,9 +814,10 @@ class SecureAggregator:
 
     @staticmethod
     def _inbox_entry(rnd: Round, m: str) -> bytes:
-        """What ``m`` is told of one round (an ``InboxRound``, ``inbox_round``): statuses over its neighbours, the survivor count,
-        the shares its surviving neighbours sealed for it (until its view shows it has them) and the signed views of
-        those that sent one, all gathered for the whole cohort once per pass (``Topology.gather``, ``spread``)."""
+        """What ``m`` is told of one round (an ``InboxRound``, encoded by ``inbox_round``): statuses over its
+        neighbours, the survivor count, the shares its surviving neighbours sealed for it (until its view shows it has
+        them) and the signed views of those that sent one, all gathered for the whole cohort once per pass
+        (``Topology.gather``, ``spread``)."""
         topo = rnd.topo
         if rnd.inbox_arrays is None:
             sealed_rows, senders = topo.gather(rnd.sealed, rnd.epoch.cohort, secagg.SEALED_SHARE_BYTES)

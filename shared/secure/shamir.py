@@ -86,8 +86,9 @@ def combine(share_sets: Sequence[Mapping[int, int]], threshold: int) -> list[int
             raise ValueError(f"secret {i} has {len(shares)} shares, fewer than the threshold {threshold}")
         groups[tuple(sorted(shares)[:threshold])].append(i)
     out = [0] * len(share_sets)
-    for xs, members in groups.items():  # Python's own integers: loading 150,000 values into a FLINT matrix took
-        total = [0] * len(members)  # five times the whole sum (0.14 s of 0.19 s at 10,000 secrets)
+    for xs, members in groups.items():
+        # in Python's own integers: loading 150,000 shares into a FLINT matrix took five times this whole sum
+        total = [0] * len(members)
         for x, c in zip(xs, lagrange_at_zero(xs)):
             total = [acc + c * share_sets[i][x] for acc, i in zip(total, members)]
         for i, secret in zip(members, total):

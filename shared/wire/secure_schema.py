@@ -372,6 +372,9 @@ class Inbox(_Wire):
     mac: str = ""
 
 
+_STATUS_JSON = {"unmasking": b'"unmasking"', "refused": b'"refused"'}
+
+
 def inbox_round(*, round: int, epoch_hash: str, status: Literal["unmasking", "refused"], survived: bool = False,
                 survivors: int = 0, statuses: bytes = b"", sealed: bytes = b"", views: bytes = b"",
                 reason: str | None = None) -> bytes:
@@ -380,15 +383,13 @@ def inbox_round(*, round: int, epoch_hash: str, status: Literal["unmasking", "re
     encoder takes from a dict of base64 text. The member reads it with the model (``read_mac(raw, Inbox, key)``);
     tests check that model and committed schema accept it and read back the same fields."""
     return b"".join((
-        b'{"round":%d,"epoch_hash":"' % round, epoch_hash.encode(), b'","status":', _STATUS_JSON[status],
+        b'{"round":%d,"epoch_hash":' % round, to_json(epoch_hash), b',"status":', _STATUS_JSON[status],
         b',"survived":', b"true" if survived else b"false", b',"survivors":%d,"statuses":"' % survivors,
         binascii.b2a_base64(statuses, newline=False), b'","sealed":"', binascii.b2a_base64(sealed, newline=False),
         b'","views":"', binascii.b2a_base64(views, newline=False), b'","reason":',
         b"null" if reason is None else to_json(reason), b"}",
     ))
 
-
-_STATUS_JSON = {"unmasking": b'"unmasking"', "refused": b'"refused"'}
 
 
 def inbox_file(member: str, created_at: datetime, rounds: list[bytes], key: bytes) -> bytes:
