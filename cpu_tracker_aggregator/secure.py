@@ -637,7 +637,7 @@ class SecureAggregator:
                 vectors.append(parts[0])
                 rnd.sealed[m] = parts[1]
                 rnd.shares[m] = None
-                self._absent[m] = 0
+                self._absent.pop(m, None)  # the absent only: a zero per member made the saved state 10,000 entries
             else:
                 if parts:
                     log.warning("secure round %d: %s's upload does not count: %s", r, m, parts)

@@ -76,7 +76,8 @@ def replace_file(path: Path | str, data: bytes, *, mode: int = PUBLIC) -> None:
     ``path`` held is kept (hard-linked aside before the rename) as the temp file of the next write; a temp file that
     is not a regular file of ours with one link (planted, or linked elsewhere) is replaced by a new one. Temp names
     end in ``TEMP_SUFFIX``: never synced. On Linux the new file and the old one swap names in one atomic step
-    (``renameat2`` with ``RENAME_EXCHANGE``: a third of the cost of the link and two renames it replaces)."""
+    (``renameat2`` with ``RENAME_EXCHANGE``: a third of the cost of the link and two renames it replaces). A folder at
+    ``path`` is left where it is: IsADirectoryError, as a rename over it would raise."""
     path = os.fspath(path)
     head, tail = os.path.split(path)
     nxt = os.path.join(head, f".{tail}.next{TEMP_SUFFIX}")
@@ -91,6 +92,9 @@ def replace_file(path: Path | str, data: bytes, *, mode: int = PUBLIC) -> None:
     finally:
         os.close(fd)
     if _exchange(nxt, path):
+        if stat.S_ISDIR(os.lstat(nxt).st_mode):  # a folder stood at ``path``: it goes back there, never moved aside
+            _exchange(nxt, path)
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         return
     try:
         os.link(path, kept, follow_symlinks=False)

@@ -524,6 +524,33 @@ def test_replace_file_swaps_the_new_file_in_and_never_cuts_a_path_short(tmp_path
     assert path.read_bytes() == b"two" and sorted(p.name for p in tmp_path.iterdir()) == [spare.name, path.name]
 
 
+def test_replace_file_leaves_a_folder_at_its_path_where_it_is(tmp_path):
+    """A folder where the file goes (left by another app or a user) is refused like a rename over it, and stays at
+    that path with what it holds: the swap that put it under the temp name is undone, so it is neither hidden nor in
+    the way of the next write once it is gone."""
+    import errno
+
+    from shared.atomic import TEMP_SUFFIX, replace_file
+
+    path = tmp_path / "inbox.json"
+    replace_file(path, b"one")
+    replace_file(path, b"two")
+    path.unlink()
+    path.mkdir()
+    (path / "keep").write_text("not ours")
+    for _ in range(2):
+        with pytest.raises(IsADirectoryError) as raised:
+            replace_file(path, b"three")
+        assert raised.value.errno == errno.EISDIR and raised.value.filename == str(path)
+        assert (path / "keep").read_text() == "not ours"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f".inbox.json.next{TEMP_SUFFIX}", path.name]
+        assert (tmp_path / f".inbox.json.next{TEMP_SUFFIX}").is_file()
+    (path / "keep").unlink()
+    path.rmdir()
+    replace_file(path, b"four")
+    assert path.read_bytes() == b"four"
+
+
 def test_a_member_joining_late_is_in_an_epoch_within_a_few_rounds(tmp_path, monkeypatch):
     """A new epoch for a cohort change waits epoch_gap rounds (60 ms a member, at least 2 rounds: each epoch is a
     download for every member); a small cohort's late joiner is counted a few rounds later, not after 10 minutes."""
@@ -579,5 +606,5 @@ def test_a_folder_at_one_inbox_path_costs_that_member_its_inbox_alone(tmp_path, 
         assert all(p.inbox_file(m).read_bytes() != before[m] for m in before)
     said = [r.getMessage() for r in caplog.records if str(p.inbox_file(victim)) in r.getMessage()]
     assert len(said) == 1 and "inbox" in said[0], said
-    assert [f.read_text() for f in p.inbox_dir(victim).rglob("keep")] == ["not the aggregator's"]  # nothing lost
+    assert (p.inbox_file(victim) / "keep").read_text() == "not the aggregator's"  # left where it was, whole
     assert net.status(net.round - 2).status == "published"
