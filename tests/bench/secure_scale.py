@@ -58,7 +58,7 @@ from shared.wire.secure_schema import (
     mac_file,
 )
 from shared.settings import Settings
-from tests.bench.common import Result, Row
+from tests.bench.common import Result, Row, speed_reference
 
 AGG = "aggregator@bench.example.org"
 WINDOW_S = 20.0
@@ -296,6 +296,11 @@ def _guard_words(f: dict) -> str:
     return "" if g is None else f"; of which the guarded folders' check at both ticks {g:.2f} s"
 
 
+def _speed_words(f: dict) -> str:
+    """The round in units of the machine's speed just before it (``speed_reference``): comparable across hours."""
+    return f"; {f['round_cpu_s'] / f['speed_s']:.1f} x the speed reference ({f['speed_s']:.2f} s just before)"
+
+
 def run(ctx) -> Result:
     res = Result("secure_scale", "Secure aggregation at fleet scale: the aggregator's time per round and the bytes "
                  "a round moves")
@@ -303,7 +308,9 @@ def run(ctx) -> Result:
     rounds = 4 if ctx.quick else 7  # the median of 4 steady-state rounds: a round's CPU time moves by ±15 % on this host
     figures = {}
     for k, mem in sizes:
+        speed = speed_reference()
         figures[(k, mem)] = f = run_cohort(ctx.work, k, rounds if k < 100_000 else 4, in_memory=mem, log=ctx.log)
+        f["speed_s"] = speed
         where = "in-process" if mem else "real files"
         goal = "<= 2 s" if k == 10_000 and not mem else ""
         res.rows.append(Row(f"aggregator CPU time per round, k = {k:,} ({where}; {f['degree']} neighbours, "
@@ -311,18 +318,20 @@ def run(ctx) -> Result:
                             (f["round_cpu_s"] <= 2.0) if goal else None,
                             f"median over the steady-state rounds; wall {f['round_s']:.2f} s (worst "
                             f"{f['round_worst_s']:.2f} s) on a shared machine; rounds published: "
-                            f"{len(f['published'])}{_guard_words(f)}"))
+                            f"{len(f['published'])}{_guard_words(f)}{_speed_words(f)}"))
         per_member, base = 1e6 * f["round_cpu_s"] / k, 1e3 * figures[(1000, False)]["round_cpu_s"]
         res.rows.append(Row(f"aggregator time per member per round, k = {k:,} ({where})", per_member, "µs",
                             "k = 1,000", base, "does not grow with k (<= 1.5 x)",
                             None if k == 1000 else per_member <= 1.5 * base,
                             f"epoch start (enrolment, signed epoch) {f['epoch_s']:.1f} s once an hour"))
+    speed = speed_reference()
     with_drop = run_cohort(ctx.work, 10_000 if not ctx.quick else 1000, rounds, dropped=0.01, log=ctx.log)
+    with_drop["speed_s"] = speed
     res.rows.append(Row(f"aggregator CPU time per round, k = {with_drop['k']:,} with 1 % dropped (real files)",
                         with_drop["round_cpu_s"], "s", "", None, "<= 2 s" if with_drop["k"] == 10_000 else "",
                         (with_drop["round_cpu_s"] <= 2.0) if with_drop["k"] == 10_000 else None,
                         f"wall {with_drop['round_s']:.2f} s; rounds published: {len(with_drop['published'])}"
-                        f"{_guard_words(with_drop)}"))
+                        f"{_guard_words(with_drop)}{_speed_words(with_drop)}"))
     big = figures[(10_000, False)]
     b = big["bytes"]
     up = b["upload"] + b["answers"]
