@@ -562,13 +562,14 @@ class PermissionGuard:
         listing = self._list(here)
         if not isinstance(listing, dict) or any(_odd(n) for n in listing) or self._distrust_this_period():
             return False  # an untrusted record says nothing (and ``exposure`` already fails closed on it)
-        return self._left_behind(here, rel, listing, self._sync_view()) is not None
+        return self._left_behind(here, rel, listing, self._sync_this_period()) is not None  # exposure's reading too
 
     def delivered(self, path: Path) -> bool | None:
         """Whether the relay holds the file now at ``path`` (one whose name ``watch`` accepts), by the client's record:
         True when it does, or when nothing is there; False while the version on disk has not been uploaded (the
         client offline, the relay down), or while the record cannot be trusted (another local user could have written
-        it: it cannot vouch for anything); None when there is no record (the Go client): unknown."""
+        it: it cannot vouch for anything); None when there is no record (the Go client): unknown. The record is read
+        afresh, not this period's snapshot: an upload is confirmed as soon as the client records it."""
         if self._distrust_this_period():
             return False
         sync = self._sync_view()
