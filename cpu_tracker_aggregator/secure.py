@@ -363,7 +363,7 @@ class SecureAggregator:
         if self.epoch is None:
             return False
         closed = self._close_due(now, current)
-        self._collect()
+        self._collect(closed)
         for r in sorted(self.rounds):
             if self.rounds[r].status == "unmasking":
                 self._try_unmask(self.rounds[r], current)
@@ -602,10 +602,10 @@ class SecureAggregator:
         self.problems.clear(f"upload-{member}")
         return up
 
-    def _close_due(self, now: datetime, current: int) -> bool:
+    def _close_due(self, now: datetime, current: int) -> list[int]:
         """Close every round whose deadline passed, from the last one closed on (across a restart too): a round whose
-        deadline passed while the aggregator was not running fails with that reason."""
-        closed = False
+        deadline passed while the aggregator was not running fails with that reason. The rounds closed (not failed)."""
+        closed = []
         for ep, h in [x for x in (self._old, (self.epoch, self.epoch_h)) if x is not None]:
             start = max(ep.first_round, current - 3 if self._last_closed is None else self._last_closed + 1)
             for r in range(start, min(current, ep.last_round() + 1)):
@@ -620,7 +620,7 @@ class SecureAggregator:
                     self._record(rnd, "failed")
                 else:
                     self._close(rnd)
-                    closed = True
+                    closed.append(r)
                 self._last_closed = r if self._last_closed is None else max(self._last_closed, r)
                 self._dirty = True
         return closed
@@ -662,9 +662,11 @@ class SecureAggregator:
                 log.info("secure round %d: %d survivors, %d dropped", r, len(rnd.survivors),
                          len(epoch.cohort) - len(rnd.survivors))
 
-    def _collect(self) -> None:
-        """Views and reveals from the answers files that changed, for the rounds being unmasked."""
-        open_rounds = {r: rnd for r, rnd in self.rounds.items() if rnd.status == "unmasking"}
+    def _collect(self, untold: Sequence[int]) -> None:
+        """Views and reveals from the answers files that changed, for the rounds being unmasked but those in
+        ``untold`` (closed in this tick: no member has its inbox yet, so no answer to it exists; each answers file
+        not looked at now is read at the next tick: a round's 10,000 ``lstat`` saved in steady state)."""
+        open_rounds = {r: rnd for r, rnd in self.rounds.items() if rnd.status == "unmasking" and r not in untold}
         if not open_rounds:
             return
         members = set().union(*(rnd.epoch.cohort for rnd in open_rounds.values()))
