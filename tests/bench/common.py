@@ -97,14 +97,14 @@ def load_average() -> str:
         return "?"
 
 
-def speed_reference() -> float:
-    """CPU seconds of a fixed pure-Python loop (10^7 additions): how fast this machine runs Python right now. Its
-    speed moves by tens of per cent from hour to hour (a shared host), so two runs' absolute times compare only
-    beside this figure."""
+def speed_reference(additions: int = 10_000_000) -> float:
+    """CPU seconds of a fixed pure-Python loop, per 10^7 additions (``additions`` of them run): how fast this machine
+    runs Python right now. Its speed moves by tens of per cent from hour to hour (a shared host), so two runs'
+    absolute times compare only beside this figure."""
     started, total = time.process_time(), 0
-    for i in range(10_000_000):
+    for i in range(additions):
         total += i
-    return time.process_time() - started
+    return (time.process_time() - started) * 10_000_000 / additions
 
 
 def remove_later(path: Path) -> None:

@@ -248,7 +248,7 @@ def run_cohort(work: Path, k: int, rounds: int, *, dropped: float = 0.0, in_memo
     e = agg.epoch
     assert e is not None and len(e.cohort) == k, "the aggregator planned no epoch"
     cohort.setup_epoch(e, agg.epoch_h)
-    per_round, cpu_round, guard_round, published = [], [], [], []
+    per_round, cpu_round, guard_round, published, speeds = [], [], [], [], []
     for r in range(e.first_round, e.first_round + rounds):
         cohort.uploads(r)
         pause()
@@ -264,6 +264,7 @@ def run_cohort(work: Path, k: int, rounds: int, *, dropped: float = 0.0, in_memo
             per_round.append(close_s + look_s)
             cpu_round.append(close_cpu + look_cpu)
             guard_round.append(sum(guard_cpu[-2:]))
+            speeds.append(speed_reference(1_000_000))  # untimed, between rounds: the host's speed now
         if agg.figure is not None and agg.figure.round == r - 1:
             published.append(r - 1)
         log(f"secure_scale: k={k} round {r}: close {close_s:.2f} s, answers and unmask {look_s:.2f} s")
@@ -284,7 +285,7 @@ def run_cohort(work: Path, k: int, rounds: int, *, dropped: float = 0.0, in_memo
     out = {"k": k, "degree": e.degree, "threshold": e.threshold, "round_s": float(np.median(per_round)),
            "round_worst_s": max(per_round), "round_cpu_s": float(np.median(cpu_round)), "epoch_s": epoch_s,
            "guard_cpu_s": float(np.median(guard_round)) if guard_round and guarding is not None else None,
-           "epoch_cpu_s": epoch_cpu, "published": published, "bytes": sizes,
+           "epoch_cpu_s": epoch_cpu, "published": published, "bytes": sizes, "speed_s": float(np.median(speeds)),
            "statuses": [x.status for x in agg.recent]}
     if not in_memory:
         shutil.rmtree(root, ignore_errors=True)
@@ -297,8 +298,9 @@ def _guard_words(f: dict) -> str:
 
 
 def _speed_words(f: dict) -> str:
-    """The round in units of the machine's speed just before it (``speed_reference``): comparable across hours."""
-    return f"; {f['round_cpu_s'] / f['speed_s']:.1f} x the speed reference ({f['speed_s']:.2f} s just before)"
+    """The round in units of the machine's speed during it (``speed_reference``, sampled after every steady-state
+    round: a sample taken minutes apart from the rounds missed the host's swings): comparable across hours."""
+    return f"; {f['round_cpu_s'] / f['speed_s']:.1f} x the speed reference ({f['speed_s']:.2f} s, between its rounds)"
 
 
 def run(ctx) -> Result:
@@ -308,9 +310,7 @@ def run(ctx) -> Result:
     rounds = 4 if ctx.quick else 7  # the median of 4 steady-state rounds: a round's CPU time moves by ±15 % on this host
     figures = {}
     for k, mem in sizes:
-        speed = speed_reference()
         figures[(k, mem)] = f = run_cohort(ctx.work, k, rounds if k < 100_000 else 4, in_memory=mem, log=ctx.log)
-        f["speed_s"] = speed
         where = "in-process" if mem else "real files"
         goal = "<= 2 s" if k == 10_000 and not mem else ""
         res.rows.append(Row(f"aggregator CPU time per round, k = {k:,} ({where}; {f['degree']} neighbours, "
@@ -324,9 +324,7 @@ def run(ctx) -> Result:
                             "k = 1,000", base, "does not grow with k (<= 1.5 x)",
                             None if k == 1000 else per_member <= 1.5 * base,
                             f"epoch start (enrolment, signed epoch) {f['epoch_s']:.1f} s once an hour"))
-    speed = speed_reference()
     with_drop = run_cohort(ctx.work, 10_000 if not ctx.quick else 1000, rounds, dropped=0.01, log=ctx.log)
-    with_drop["speed_s"] = speed
     res.rows.append(Row(f"aggregator CPU time per round, k = {with_drop['k']:,} with 1 % dropped (real files)",
                         with_drop["round_cpu_s"], "s", "", None, "<= 2 s" if with_drop["k"] == 10_000 else "",
                         (with_drop["round_cpu_s"] <= 2.0) if with_drop["k"] == 10_000 else None,
