@@ -608,3 +608,23 @@ def test_a_folder_at_one_inbox_path_costs_that_member_its_inbox_alone(tmp_path, 
     assert len(said) == 1 and "inbox" in said[0], said
     assert (p.inbox_file(victim) / "keep").read_text() == "not the aggregator's"  # left where it was, whole
     assert net.status(net.round - 2).status == "published"
+
+
+def test_only_absent_rounds_in_a_row_leave_a_member_out_of_the_next_epoch(tmp_path, monkeypatch):
+    """A member missing from ABSENT_ROUNDS closed rounds in a row is left out of the next epoch; a round it takes
+    part in between starts its count again (the aggregator keeps counts for the absent only)."""
+    from cpu_tracker_aggregator.secure import ABSENT_ROUNDS
+
+    net = Net(tmp_path, 6, monkeypatch)
+    m = net.members[2]
+    others = set(net.members) - {m}
+    for who in [others] * (ABSENT_ROUNDS - 1) + [set(net.members)] + [others] * (ABSENT_ROUNDS - 1):
+        net.step(who)
+    for _ in range(4):
+        net.step()
+    assert m in net.agg.epoch.cohort and net.upload(m, net.round - 1) is not None
+    first = net.agg.epoch.epoch
+    for _ in range(ABSENT_ROUNDS + 4):
+        net.step(others)
+    assert net.agg.epoch.epoch > first and m not in net.agg.epoch.cohort
+    assert sorted(net.agg.epoch.cohort) == sorted(others)

@@ -31,7 +31,7 @@ import hmac
 import math
 import re
 from datetime import datetime
-from typing import Callable, Literal, TypeVar
+from typing import Callable, Literal, TypeVar, get_args
 
 from pydantic import AwareDatetime, Field, PrivateAttr, field_validator, model_validator
 from pydantic_core import to_json
@@ -372,7 +372,10 @@ class Inbox(_Wire):
     mac: str = ""
 
 
-_STATUS_JSON = {"unmasking": b'"unmasking"', "refused": b'"refused"'}
+# the fixed parts of ``inbox_file``'s JSON, taken from the models once (their version, kind and status words)
+_INBOX_HEAD = b'{"schema_version":%d,"kind":%s,"member":' % (Inbox.model_fields["schema_version"].default,
+                                                              to_json(Inbox.model_fields["kind"].default))
+_STATUS_JSON = {s: to_json(s) for s in get_args(InboxRound.model_fields["status"].annotation)}
 
 
 def inbox_round(*, round: int, epoch_hash: str, status: Literal["unmasking", "refused"], survived: bool = False,
@@ -391,11 +394,10 @@ def inbox_round(*, round: int, epoch_hash: str, status: Literal["unmasking", "re
     ))
 
 
-
 def inbox_file(member: str, created_at: datetime, rounds: list[bytes], key: bytes) -> bytes:
     """An ``Inbox`` file, MAC'd, from rounds encoded by ``inbox_round``."""
-    body = b"".join((b'{"schema_version":2,"kind":"', INBOX_KIND.encode(), b'","member":', to_json(member),
-                     b',"created_at":', to_json(created_at), b',"rounds":[', b",".join(rounds), b"]}"))
+    body = b"".join((_INBOX_HEAD, to_json(member), b',"created_at":', to_json(created_at), b',"rounds":[',
+                     b",".join(rounds), b"]}"))
     return _with_trailer(body, "mac", hmac.digest(key, message(INBOX_KIND, body), "sha256"))
 
 
